@@ -1,0 +1,138 @@
+"""The Discrete Mamba-2 mixer that replaces attention in a Llamba block.
+
+    in_proj(u) -> [x (H*P) | B (G*N) | C (G*N) | z (H*P) | A_log (H)]
+    [x | B | C] <- causal depthwise conv (kernel 4, bias, no activation)
+    a = exp(-softplus(A_log));  S_t = a_t S_{t-1} + x_t B_t^T;  y_t = S_t C_t + D x_t
+    out = out_proj(y * silu(z + z_bias))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamba.model.cache import LlambaCache
+from llamba.model.config import LlambaConfig
+from llamba.ops.conv import causal_conv
+from llamba.ops.decode import mixer_step
+from llamba.ops.ssd import mixing_matrix, ssd_scan
+from llamba.ops.ssd.naive import state_dtype
+
+# silu(Z_BIAS_IDENTITY) == 1 (to 1e-12): a fresh mixer's gate passes y through unchanged.
+Z_BIAS_IDENTITY = 1.278464542761
+
+
+class DiscreteMamba2(nn.Module):
+    def __init__(self, config: LlambaConfig, layer_idx: int = 0):
+        super().__init__()
+        ssm = config.ssm_cfg
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.d_inner = config.d_inner
+        self.n_v_heads = config.n_v_heads
+        self.n_qk_heads = config.n_qk_heads
+        self.head_dim = config.head_dim
+        self.d_state = config.d_state
+        self.chunk_size = ssm["chunk_size"]
+        self.scan_backend = "auto"
+        bias = ssm["bias"]
+
+        self.in_proj = nn.Linear(
+            self.d_model, 2 * self.d_inner + 2 * self.n_qk_heads * self.d_state + self.n_v_heads, bias=bias)
+        # With a biased in_proj the z bias lives there; otherwise it is a parameter of its own (official layout).
+        self.z_bias = None if bias else nn.Parameter(torch.zeros(self.d_inner))
+        self.conv1d = nn.Conv1d(
+            config.conv_dim, config.conv_dim, kernel_size=ssm["d_conv"], groups=config.conv_dim, bias=ssm["conv_bias"])
+        self.D = nn.Parameter(torch.ones(self.n_v_heads))
+        self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias)
+
+    # -- pieces shared by every path ---------------------------------------------------------------------------
+    def _split_projection(self, u: torch.Tensor):
+        xBC, z, A_log = torch.split(
+            self.in_proj(u), [self.d_inner + 2 * self.n_qk_heads * self.d_state, self.d_inner, self.n_v_heads], dim=-1)
+        return xBC, z, A_log
+
+    def _split_xBC(self, xBC: torch.Tensor):
+        b, L, _ = xBC.shape
+        gn = self.n_qk_heads * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        return (x.reshape(b, L, self.n_v_heads, self.head_dim),
+                B.reshape(b, L, self.n_qk_heads, self.d_state),
+                C.reshape(b, L, self.n_qk_heads, self.d_state))
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        z_bias = self.z_bias if self.z_bias is not None else 0
+        return y * F.silu(z + z_bias)
+
+    def log_decay(self, A_log: torch.Tensor) -> torch.Tensor:
+        return -F.softplus(A_log.to(state_dtype(A_log.dtype)))
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        u: torch.Tensor,
+        cache: LlambaCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """u (batch, L, d_model). With a cache that has seen tokens, continues from its state; a single token
+        goes through the recurrent step. ``attention_mask`` (batch, L), 0 on left padding: padded tokens leave
+        the state untouched. ``seq_idx`` (batch, L): document index for packed sequences (state resets)."""
+        batch, length, _ = u.shape
+        xBC, z, A_log = self._split_projection(u)
+        continuing = cache is not None and cache.seen_tokens > 0
+
+        if continuing and length == 1 and attention_mask is None and seq_idx is None:
+            conv = self.conv1d
+            y = mixer_step(
+                xBC[:, 0], z[:, 0], A_log[:, 0], cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
+                conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads)
+            return self.out_proj(y[:, None])
+
+        keep = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask[:, -length:].to(xBC.dtype)[..., None]
+            xBC = xBC * keep  # padded tokens feed zeros to the convolution, like the start of a sequence
+        conv_state = cache.conv_states[self.layer_idx] if continuing else None
+        xBC, new_conv_state = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx)
+        x, B, C = self._split_xBC(xBC)
+        log_a = self.log_decay(A_log)
+        if keep is not None:
+            x = x * keep[..., None]              # ... write nothing to the state
+            log_a = log_a * keep.to(log_a.dtype)  # ... and do not decay it
+        initial_state = cache.ssm_states[self.layer_idx] if continuing else None
+        y, final_state = ssd_scan(
+            x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=self.chunk_size,
+            backend=self.scan_backend)
+        if cache is not None:
+            cache.conv_states[self.layer_idx].copy_(new_conv_state)
+            cache.ssm_states[self.layer_idx].copy_(final_state)
+        y = y + self.D.to(y.dtype)[:, None] * x
+        return self.out_proj(self._gate(y.reshape(batch, length, self.d_inner), z))
+
+    def mixing_matrix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixer's token-mixing matrix for input u (batch, L, d_model): (batch, H, L, L), D on the diagonal.
+
+        ``T @ x`` equals the scan output plus the D skip (before gate and out_proj); MOHAWK stage 1 aligns T
+        with the teacher's attention."""
+        xBC, _, A_log = self._split_projection(u)
+        xBC, _ = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, None, seq_idx)
+        _, B, C = self._split_xBC(xBC)
+        return mixing_matrix(B, C, self.log_decay(A_log), D=self.D, seq_idx=seq_idx, n_heads=self.n_v_heads)
+
+    @torch.no_grad()
+    def reset_parameters_to_identity(self) -> None:
+        """Llamba's initialisation: gate passes through (z rows 0, silu(z_bias) = 1), conv is the identity
+        (last tap 1, bias 0), D = 1. in_proj's x/B/C/A_log rows and out_proj keep their default init."""
+        z_rows = slice(self.d_inner + 2 * self.n_qk_heads * self.d_state, 2 * self.d_inner + 2 * self.n_qk_heads * self.d_state)
+        self.in_proj.weight[z_rows].zero_()
+        if self.z_bias is not None:
+            self.z_bias.fill_(Z_BIAS_IDENTITY)
+        else:
+            self.in_proj.bias[z_rows].fill_(Z_BIAS_IDENTITY)
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0
+        if self.conv1d.bias is not None:
+            self.conv1d.bias.zero_()
+        self.D.fill_(1.0)

@@ -1,0 +1,38 @@
+"""One decoding step of the whole Discrete Mamba-2 mixer after ``in_proj``: conv-state shift, conv, state
+update, output, D skip and gate. The PyTorch version here is the reference; on CUDA the fused Triton kernel
+(``llamba.ops.triton_decode``) replaces it with one launch for all heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llamba.ops.conv import conv_step
+from llamba.ops.ssd.naive import state_dtype
+from llamba.ops.ssd.recurrent import ssd_step
+
+
+def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
+    """xBC (b, conv_dim) raw in_proj rows; z (b, d_inner); A_log (b, H); conv_state (b, conv_dim, K-1) and
+    ssm_state (b, H, P, N) updated in place; z_bias (d_inner) or None. Returns the gated output (b, d_inner) before out_proj."""
+    batch, n_heads, head_dim, d_state = ssm_state.shape
+    d_inner = n_heads * head_dim
+    xBC = conv_step(xBC, conv_weight, conv_bias, conv_state)
+    x, B, C = torch.split(xBC, [d_inner, n_qk_heads * d_state, n_qk_heads * d_state], dim=-1)
+    x = x.reshape(batch, n_heads, head_dim)
+    log_a = -F.softplus(A_log.to(state_dtype(x.dtype)))
+    y = ssd_step(ssm_state, x, B.reshape(batch, n_qk_heads, d_state), C.reshape(batch, n_qk_heads, d_state), log_a)
+    y = y + D.to(y.dtype)[:, None] * x
+    return y.reshape(batch, d_inner) * F.silu(z if z_bias is None else z + z_bias)
+
+
+def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
+    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference."""
+    if xBC.is_cuda and xBC.dtype != torch.float64:
+        try:
+            from llamba.ops.triton_decode import mixer_step_triton
+        except ImportError:
+            pass
+        else:
+            return mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
+    return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)

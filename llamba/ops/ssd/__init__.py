@@ -1,0 +1,39 @@
+"""The Discrete Mamba-2 recurrence (``S_t = a_t S_{t-1} + x_t B_t^T``, ``y_t = S_t C_t``) in three equivalent forms.
+
+- ``naive``: the materialized mixing matrix and a token loop (references, MOHAWK stage 1);
+- ``chunk``: the chunked parallel scan in PyTorch (training, prefill, any device);
+- ``recurrent``: one token at a time with the state updated in place (decoding).
+``ssd_scan`` picks the fastest available implementation of the chunked scan for the inputs' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llamba.ops.ssd.chunk import ssd_chunk
+from llamba.ops.ssd.naive import mixing_matrix, ssd_loop, ssd_matrix
+from llamba.ops.ssd.recurrent import ssd_step
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    try:
+        from llamba.ops.ssd import triton_chunk  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto"):
+    """Chunked scan; returns (y, final_state). ``backend``: 'auto' (Triton on CUDA when installed), 'torch', 'triton'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64 and triton_available())
+    if use_triton:
+        from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+        return ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
+    return ssd_chunk(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
+
+
+__all__ = ["mixing_matrix", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step"]
