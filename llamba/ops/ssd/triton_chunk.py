@@ -1,0 +1,379 @@
+"""The chunked scan of ``llamba.ops.ssd.chunk.ssd_chunk`` as Triton kernels, forward and backward.
+
+Three kernels each way, over chunks of ``BT`` tokens (one program per batch row, head and chunk):
+
+    forward   chunk_local_state:  what each chunk adds to the state by its end    sum_j w_j x_j B_j^T
+              state_pass:         carry states across chunks (sequential over chunks, parallel over b, h, P)
+              chunk_output:       y = masked (C B^T * decay) x  +  exp(cs) * S_in C
+    backward  chunk_local_state:  (reversed) what each chunk's dy asks of its incoming state
+              state_pass:         (reversed) gradient of every chunk's outgoing state
+              chunk_backward:     dx, dB, dC, dlog_a from the recomputed intra-chunk matrices
+
+The forward keeps the incoming state of every chunk (float32) for the backward; the state is float32 everywhere,
+the matrix products take the inputs' dtype (bf16 on the tensor cores). Document resets (``seq_idx``) become masks:
+a token reads only tokens of its own document, and a chunk's incoming state reaches only tokens of the document
+it belongs to. ``chunk_size`` is accepted for interface compatibility; the result does not depend on it, so the
+kernels use their own tile size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamba.ops.ssd.naive import state_dtype
+
+BT = 64  # tokens per chunk (tile); the function computed does not depend on it
+
+
+@triton.jit
+def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Cumulative log-decay inside chunk c, and the document masks of its tokens."""
+    t = c * BT + tl.arange(0, BT)
+    la = tl.load(la_ptr + b * s_lab + t * s_lat + h, mask=t < L, other=0.0).to(tl.float32)
+    cs = tl.cumsum(la, axis=0)
+    cs_last = tl.sum(la, axis=0)
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b * s_sqb + t)
+        seq_last = tl.load(seq_ptr + b * s_sqb + c * BT + BT - 1)
+        prev = tl.load(seq_ptr + b * s_sqb + tl.maximum(c * BT - 1, 0))
+        to_end = seq == seq_last
+        from_start = seq == prev
+        carry = seq_last == prev
+    else:
+        seq = tl.zeros([BT], dtype=tl.int32)
+        to_end = t >= 0
+        from_start = t >= 0
+        carry = True
+    return t, cs, cs_last, seq, to_end, from_start, carry
+
+
+@triton.jit
+def _chunk_local_state_kernel(
+    v_ptr, k_ptr, la_ptr, seq_ptr, out_ptr,
+    L, H, HPG, P, N,
+    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
+    s_ob, s_oc, s_oh, s_op,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Forward: out[c] = sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T  (v = x, k = B).
+    Reverse:  out[c] = sum_i exp(cs_i)[from_start] dy_i C_i^T        (v = dy, k = C)."""
+    c, pid_p, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    if REVERSE:
+        w = tl.where(from_start, tl.exp(cs), 0.0)
+    else:
+        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    p = pid_p * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    tm = t < L
+    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
+    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
+    vw = (v.to(tl.float32) * w[:, None]).to(k.dtype)
+    s = tl.dot(tl.trans(vw), k, input_precision=PREC)  # (BP, BN)
+    o = out_ptr + b * s_ob + c * s_oc + h * s_oh + p[:, None] * s_op + n[None, :]
+    tl.store(o, s, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
+def _state_pass_kernel(
+    states_ptr, init_ptr, final_ptr, la_ptr, seq_ptr,
+    L, H, P, N, n_chunks,
+    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_lab, s_lat, s_sqb,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+):
+    """In place over ``states`` (b, chunks, H, P, N): reads each chunk's local term, writes the state entering it
+    (forward) or the gradient leaving it (reverse). cur <- local[c] + decay_c * cur, in chunk order or reversed."""
+    pid_p, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    p = pid_p * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    if HAS_INIT:
+        cur = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
+    else:
+        cur = tl.zeros([BP, BN], dtype=tl.float32)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i if REVERSE else i
+        _, _, cs_last, _, _, _, carry = _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+        decay = tl.where(carry, tl.exp(cs_last), 0.0)
+        ptr = states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
+        local = tl.load(ptr, mask=pn_mask, other=0.0)
+        tl.store(ptr, cur, mask=pn_mask)
+        cur = local + decay * cur
+    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+
+
+@triton.jit
+def _chunk_output_kernel(
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, states_ptr, y_ptr,
+    L, H, HPG, P, N,
+    s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
+    s_sb, s_sc, s_sh, s_sp, s_yb, s_yt, s_yh,
+    HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    c, pid_p, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    tm = t < L
+    n = tl.arange(0, BN)
+    p = pid_p * BP + tl.arange(0, BP)
+    tn_mask = tm[:, None] & (n[None, :] < N)
+    Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
+    Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
+    scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)  # (BT, BT): C_i . B_j
+    ii = tl.arange(0, BT)
+    keep = ii[:, None] >= ii[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq[:, None] == seq[None, :])
+    scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+    xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
+    y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
+    S_in = tl.load(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
+                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+    inter = tl.dot(Cb, tl.trans(S_in).to(Cb.dtype), input_precision=PREC)  # (BT, BP): S_in C_i
+    y += tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
+    tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=tm[:, None] & (p[None, :] < P))
+
+
+@triton.jit
+def _chunk_backward_kernel(
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, sin_ptr, g_ptr, dy_ptr,
+    dx_ptr, db_ptr, dc_ptr, dla_ptr,
+    L, H, HPG, P, N,
+    s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
+    s_sb, s_sc, s_sh, s_sp, s_dyb, s_dyt, s_dyh, s_dxb, s_dxt, s_dxh, s_dbb, s_dbt, s_dbh,
+    HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """One chunk of one head. With A = M * (C B^T) (M: masked decays), e_i = exp(cs_i)[from_start],
+    w_j = exp(cs_last - cs_j)[to_end], S_in the incoming state and G the gradient of the outgoing state:
+        dx = A^T dy + w * (B G^T)            dC = (M * dy x^T) B + e * (dy S_in)
+        dB = (M * dy x^T)^T C + w * (x G)    dcs from every exp(.), then dlog_a = reverse cumsum of dcs."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    tm = t < L
+    n = tl.arange(0, BN)
+    ii = tl.arange(0, BT)
+    tn_mask = tm[:, None] & (n[None, :] < N)
+    Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
+    Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
+    dt = Cb.dtype
+    e = tl.where(from_start, tl.exp(cs), 0.0)
+    w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    decay = tl.where(carry, tl.exp(cs_last), 0.0)
+    keep = ii[:, None] >= ii[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq[:, None] == seq[None, :])
+    M = tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+    A = tl.dot(Cb, tl.trans(Bb), input_precision=PREC) * M
+    A_t = tl.trans(A).to(dt)
+
+    dyx = tl.zeros([BT, BT], dtype=tl.float32)
+    dC = tl.zeros([BT, BN], dtype=tl.float32)
+    dB = tl.zeros([BT, BN], dtype=tl.float32)
+    dcs = tl.zeros([BT], dtype=tl.float32)
+    d_last = tl.zeros([BT], dtype=tl.float32)  # summed at the end: gradient of cs_last
+    d_decay = 0.0  # gradient of the chunk's total decay
+    for p0 in range(0, P, BP):
+        p = p0 + tl.arange(0, BP)
+        tp_mask = tm[:, None] & (p[None, :] < P)
+        pn_mask = (p[:, None] < P) & (n[None, :] < N)
+        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tp_mask, other=0.0).to(dt)
+        state_off = b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
+        Sp = tl.load(sin_ptr + state_off, mask=pn_mask, other=0.0)
+        Gp = tl.load(g_ptr + state_off, mask=pn_mask, other=0.0)
+        dyx += tl.dot(dyp, tl.trans(xp), input_precision=PREC)
+        dC += tl.dot(dyp, Sp.to(dt), input_precision=PREC)
+        dB += tl.dot(xp, Gp.to(dt), input_precision=PREC)
+        SC = tl.dot(Cb, tl.trans(Sp).to(dt), input_precision=PREC)  # (BT, BP): S_in C_i
+        dcs += e * tl.sum(dyp.to(tl.float32) * SC, axis=1)
+        BG = tl.dot(Bb, tl.trans(Gp).to(dt), input_precision=PREC)  # (BT, BP): G B_j
+        T = w * tl.sum(xp.to(tl.float32) * BG, axis=1)
+        dcs -= T
+        d_last += T
+        d_decay += tl.sum(tl.sum(Gp * Sp, axis=1), axis=0)
+        dxp = tl.dot(A_t, dyp, input_precision=PREC) + w[:, None] * BG
+        tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
+                 dxp.to(dx_ptr.dtype.element_ty), mask=tp_mask)
+    R = A * dyx
+    dcs += tl.sum(R, axis=1) - tl.sum(R, axis=0)
+    RM = (M * dyx).to(dt)
+    dC = dC * e[:, None] + tl.dot(RM, Bb, input_precision=PREC)
+    dB = dB * w[:, None] + tl.dot(tl.trans(RM), Cb, input_precision=PREC)
+    dcs += tl.where(ii == BT - 1, tl.sum(d_last, axis=0) + decay * d_decay, 0.0)
+    dla = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs  # d log_a_k = sum_{i >= k} dcs_i
+    grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
+    tl.store(dc_ptr + grad_off, dC, mask=tn_mask)
+    tl.store(db_ptr + grad_off, dB, mask=tn_mask)
+    tl.store(dla_ptr + b * s_lab + t * s_lat + h, dla, mask=tm)
+
+
+def _tiles(P: int, N: int) -> tuple[int, int]:
+    BN = max(16, triton.next_power_of_2(N))
+    BP = 64 if P % 64 == 0 else 32 if P % 32 == 0 else max(16, min(64, triton.next_power_of_2(P)))
+    return BP, BN
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _padded_seq(seq_idx: torch.Tensor | None, length: int, n_chunks: int) -> torch.Tensor | None:
+    """int32 (b, n_chunks*BT): the tail continues the last document, so it never looks like a boundary."""
+    if seq_idx is None:
+        return None
+    pad = n_chunks * BT - length
+    seq = seq_idx.to(torch.int32)
+    if pad:
+        seq = torch.cat([seq, seq[:, -1:].expand(-1, pad)], dim=1)
+    return seq.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _local_state(v, k, la, seq, n_chunks, H, HPG, reverse):
+    batch, length, _, P = v.shape
+    N = k.shape[-1]
+    BP, BN = _tiles(P, N)
+    out = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
+    grid = (n_chunks, triton.cdiv(P, BP), batch * H)
+    _chunk_local_state_kernel[grid](
+        v, k, la, seq if seq is not None else la, out,
+        length, H, HPG, P, N,
+        v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2), la.stride(0), la.stride(1),
+        seq.stride(0) if seq is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        REVERSE=reverse, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(v.dtype), num_warps=4)
+    return out
+
+
+def _state_pass(states, init, la, seq, reverse):
+    batch, n_chunks, H, P, N = states.shape
+    BP, BN = _tiles(P, N)
+    BP = min(BP, 32)  # more programs: this pass is sequential over chunks
+    final = torch.empty(batch, H, P, N, device=states.device, dtype=torch.float32)
+    init_ = init if init is not None else final
+    grid = (triton.cdiv(P, BP), batch * H)
+    _state_pass_kernel[grid](
+        states, init_, final, la, seq if seq is not None else la,
+        la.shape[1], H, P, N, n_chunks,
+        states.stride(0), states.stride(1), states.stride(2), states.stride(3),
+        init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
+        la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
+        REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, num_warps=4)
+    return final
+
+
+def _forward(x, B, C, la, seq, init):
+    batch, length, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    HPG = H // G
+    n_chunks = triton.cdiv(length, BT)
+    states = _local_state(x, B, la, seq, n_chunks, H, HPG, reverse=False)
+    final = _state_pass(states, init, la, seq, reverse=False)  # states now hold each chunk's incoming state
+    y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
+    BP, BN = _tiles(P, N)
+    grid = (n_chunks, triton.cdiv(P, BP), batch * H)
+    _chunk_output_kernel[grid](
+        x, B, C, la, seq if seq is not None else la, states, y,
+        length, H, HPG, P, N,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
+        C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
+        states.stride(0), states.stride(1), states.stride(2), states.stride(3), y.stride(0), y.stride(1), y.stride(2),
+        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=4)
+    return y, final, states
+
+
+def _backward(x, B, C, la, seq, states_in, dy, d_final):
+    batch, length, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    HPG = H // G
+    n_chunks = triton.cdiv(length, BT)
+    grads_out = _local_state(dy, C, la, seq, n_chunks, H, HPG, reverse=True)
+    d_init = _state_pass(grads_out, d_final, la, seq, reverse=True)  # now: gradient of each chunk's outgoing state
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dB_h = torch.empty(batch, length, H, N, device=x.device, dtype=torch.float32)
+    dC_h = torch.empty_like(dB_h)
+    dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
+    BP, BN = _tiles(P, N)
+    _chunk_backward_kernel[(n_chunks, batch * H)](
+        x, B, C, la, seq if seq is not None else la, states_in, grads_out, dy,
+        dx, dB_h, dC_h, dla,
+        length, H, HPG, P, N,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
+        C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
+        states_in.stride(0), states_in.stride(1), states_in.stride(2), states_in.stride(3),
+        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+        dB_h.stride(0), dB_h.stride(1), dB_h.stride(2),
+        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=8)
+    # Heads of one group share B and C: their gradients add up.
+    dB = dB_h.view(batch, length, G, HPG, N).sum(3)
+    dC = dC_h.view(batch, length, G, HPG, N).sum(3)
+    return dx, dB, dC, dla, d_init
+
+
+class _SSDChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, B, C, log_a, initial_state, seq_idx):
+        xc, Bc, Cc = (_last_dim_contiguous(t) for t in (x, B, C))
+        la = log_a.to(torch.float32)
+        la = la if la.stride(-1) == 1 else la.contiguous()
+        seq = _padded_seq(seq_idx, x.shape[1], triton.cdiv(x.shape[1], BT))
+        init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+        y, final, states = _forward(xc, Bc, Cc, la, seq, init)
+        ctx.save_for_backward(xc, Bc, Cc, la, seq, states)
+        ctx.dtypes = (log_a.dtype, initial_state.dtype if initial_state is not None else None)
+        ctx.has_init = initial_state is not None
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, d_final):
+        xc, Bc, Cc, la, seq, states = ctx.saved_tensors
+        dy = _last_dim_contiguous(dy.to(xc.dtype)) if dy is not None else torch.zeros_like(xc)
+        d_final = d_final.to(torch.float32).contiguous() if d_final is not None else None
+        dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final)
+        la_dtype, init_dtype = ctx.dtypes
+        d_init = d_init.to(init_dtype) if ctx.has_init else None
+        return dx, dB.to(Bc.dtype), dC.to(Cc.dtype), dla.to(la_dtype), d_init, None
+
+
+def ssd_chunk_triton(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    log_a: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same function as ``ssd_chunk``: returns (y like x, final_state (batch, H, P, N) float32). Differentiable in
+    x, B, C, log_a and initial_state."""
+    batch, length, H, P = x.shape
+    G = B.shape[2]
+    if H % G:
+        raise ValueError(f"value heads ({H}) must be a multiple of query/key groups ({G})")
+    if B.shape != C.shape or B.shape[:2] != (batch, length) or log_a.shape != (batch, length, H):
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, "
+                         f"log_a {tuple(log_a.shape)}")
+    if x.dtype == torch.float64:
+        raise ValueError("ssd_chunk_triton runs float16/bfloat16/float32; use ssd_chunk for float64")
+    if length == 0:
+        state = torch.zeros(batch, H, P, B.shape[-1], device=x.device, dtype=state_dtype(x.dtype))
+        return x.clone(), state if initial_state is None else state + initial_state.float()
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
