@@ -1,0 +1,99 @@
+"""One fused Triton kernel for a decoding step of the Discrete Mamba-2 mixer (after in_proj, before out_proj).
+
+One program per (batch row, query/key group): it convolves the group's B and C channels once (they are shared
+by the group's value heads, so only this program may shift their conv state), then for each of the group's heads
+convolves x, updates the float32 SSM state in place, reads it with C, adds D x and applies the gate. Per token the
+kernel reads and writes each state once, which is the bytes floor of the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_cc, HAS_BIAS: tl.constexpr):
+    """Width-4 causal conv of channels ``ch`` for one token; shifts their conv state in place. Returns float32,
+    rounded to the model dtype like the reference's conv output."""
+    row = cs_ptr + b * s_cb + ch * s_cc
+    s0 = tl.load(row + 0, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(row + 1, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(row + 2, mask=mask, other=0.0).to(tl.float32)
+    u_raw = tl.load(xbc_ptr + b * s_xb + ch, mask=mask, other=0.0)
+    u = u_raw.to(tl.float32)
+    out = (s0 * tl.load(w_ptr + ch * 4 + 0, mask=mask, other=0.0).to(tl.float32)
+           + s1 * tl.load(w_ptr + ch * 4 + 1, mask=mask, other=0.0).to(tl.float32)
+           + s2 * tl.load(w_ptr + ch * 4 + 2, mask=mask, other=0.0).to(tl.float32)
+           + u * tl.load(w_ptr + ch * 4 + 3, mask=mask, other=0.0).to(tl.float32))
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    tl.store(row + 0, s1.to(cs_ptr.dtype.element_ty), mask=mask)
+    tl.store(row + 1, s2.to(cs_ptr.dtype.element_ty), mask=mask)
+    tl.store(row + 2, u_raw.to(cs_ptr.dtype.element_ty), mask=mask)
+    return out.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _mixer_step_kernel(
+    xbc_ptr, z_ptr, alog_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
+    G, HPG, P, N, d_inner,
+    s_xb, s_zb, s_ab, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob,
+    HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+):
+    b, g = tl.program_id(0), tl.program_id(1)
+    n = tl.arange(0, BN)
+    n_mask = n < N
+    B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
+                       HAS_CONV_BIAS)
+    C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb, s_cc,
+                       HAS_CONV_BIAS)
+    for hh in range(HPG):
+        h = g * HPG + hh
+        A_log = tl.load(alog_ptr + b * s_ab + h).to(tl.float32)
+        log_a = -tl.where(A_log > 20.0, A_log, tl.log(1.0 + tl.exp(A_log)))  # -softplus, torch's threshold
+        a = tl.exp(log_a)
+        D = tl.load(d_ptr + h).to(tl.float32)
+        for p0 in range(0, P, BP):
+            p = p0 + tl.arange(0, BP)
+            p_mask = p < P
+            ch = h * P + p
+            x = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, ch, p_mask, s_xb, s_cb, s_cc, HAS_CONV_BIAS)
+            sp = ssm_ptr + b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
+            pn_mask = p_mask[:, None] & n_mask[None, :]
+            state = tl.load(sp, mask=pn_mask, other=0.0) * a + x[:, None] * B[None, :]
+            tl.store(sp, state, mask=pn_mask)
+            y = tl.sum(state * C[None, :], axis=1)
+            y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + D * x
+            z = tl.load(z_ptr + b * s_zb + ch, mask=p_mask, other=0.0).to(tl.float32)
+            if HAS_Z_BIAS:
+                z += tl.load(zbias_ptr + ch, mask=p_mask, other=0.0).to(tl.float32)
+            y = y * (z / (1.0 + tl.exp(-z)))
+            tl.store(out_ptr + b * s_ob + ch, y.to(out_ptr.dtype.element_ty), mask=p_mask)
+
+
+def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
+    """Same contract as ``llamba.ops.decode.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner), A_log (b, H);
+    conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place. Returns (b, d_inner)."""
+    batch, n_heads, head_dim, d_state = ssm_state.shape
+    d_inner = n_heads * head_dim
+    if conv_weight.shape[-1] != 4 or conv_state.shape[-1] != 3:
+        raise ValueError(f"the fused decode kernel handles d_conv=4 only (got {conv_weight.shape[-1]})")
+    if ssm_state.dtype != torch.float32 or ssm_state.stride(-1) != 1 or conv_state.stride(-1) != 1:
+        raise ValueError("ssm_state must be float32 and the states contiguous in their last dimension")
+    if xBC.stride(-1) != 1 or z.stride(-1) != 1:
+        xBC, z = xBC.contiguous(), z.contiguous()
+    weight = conv_weight.reshape(-1, 4)
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
+    BN = max(16, triton.next_power_of_2(d_state))
+    BP = min(32, triton.next_power_of_2(head_dim))
+    _mixer_step_kernel[(batch, n_qk_heads)](
+        xBC, z, A_log, conv_state, ssm_state, weight, conv_bias if conv_bias is not None else weight, D,
+        z_bias if z_bias is not None else D, out,
+        n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner,
+        xBC.stride(0), z.stride(0), A_log.stride(0), conv_state.stride(0), conv_state.stride(1),
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
+        HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, BP=BP, BN=BN, num_warps=4)
+    return out
