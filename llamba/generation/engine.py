@@ -1,0 +1,223 @@
+"""Batched generation for Llamba: one prefill, then a decode loop that is one captured CUDA graph per batch size.
+
+The recurrent cache has a constant size, so a decode step has fixed shapes and fixed addresses: it is captured
+once per (batch size, sampling settings) and replayed for every token. Everything a step needs (the last token,
+the write position, finished flags, the repetition-penalty set) lives in device tensors the graph updates
+itself, so the loop never waits on the GPU except every ``check_every`` tokens, when it looks whether all rows
+have finished and checks stop strings on the host. Off CUDA the same step runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llamba.generation.sampling import SamplingParams, select_tokens
+from llamba.model.cache import LlambaCache
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor   # (batch, prompt_len + n): prompt then new tokens, pad after each row's end
+    new_tokens: torch.Tensor  # (batch, n)
+    lengths: torch.Tensor     # (batch,) new tokens per row, the EOS or stop string's last token included
+
+
+def _row_view(cache: LlambaCache, rows: slice) -> LlambaCache:
+    """A cache over some batch rows of ``cache`` that writes straight into its buffers."""
+    view = LlambaCache.__new__(LlambaCache)
+    view.conv_states = cache.conv_states[:, rows]
+    view.ssm_states = cache.ssm_states[:, rows]
+    view.seen_tokens = 0
+    return view
+
+
+class Decoder:
+    """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting."""
+
+    def __init__(self, model, batch_size: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
+                 capacity: int, use_graph: bool):
+        self.model, self.params, self.pad_id = model, params, pad_id
+        device = model.backbone.embedding.weight.device
+        vocab = model.config.vocab_size
+        self.cache = model.allocate_cache(batch_size)
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.full((batch_size, capacity), pad_id, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+        self.seen = (torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)
+                     if params.repetition_penalty != 1.0 else None)
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    @property
+    def capacity(self) -> int:
+        return self.out.shape[1]
+
+    def _record(self, nxt: torch.Tensor) -> None:
+        """Write the chosen tokens at ``pos`` and update every per-row flag, all on the device."""
+        nxt = torch.where(self.finished, self.pad_id, nxt)
+        self.out.scatter_(1, self.pos.clamp(max=self.capacity - 1).expand(nxt.shape[0], 1), nxt[:, None])
+        if self.eos is not None:
+            self.finished |= torch.isin(nxt, self.eos)
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        self.tok.copy_(nxt)
+        self.pos += 1
+
+    def step(self) -> None:
+        logits = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
+        self._record(select_tokens(logits, self.seen, self.params))
+
+    def _capture(self) -> None:
+        # Warm-up and capture run real steps on scratch state; start() resets everything afterwards.
+        self.cache.seen_tokens = 1  # the mixers take the single-token recurrent path only for a continuing cache
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.step()
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill_rows: int) -> None:
+        """Prefill the cache with the (left-padded) prompts and choose each row's first new token."""
+        batch = input_ids.shape[0]
+        self.cache.reset()
+        self.out.fill_(self.pad_id)
+        self.finished.zero_()
+        self.pos.zero_()
+        logits = []
+        for r0 in range(0, batch, prefill_rows):
+            rows = slice(r0, min(batch, r0 + prefill_rows))
+            view = _row_view(self.cache, rows)
+            mask = attention_mask[rows] if attention_mask is not None else None
+            logits.append(self.model(input_ids=input_ids[rows], attention_mask=mask, past_key_values=view,
+                                     logits_to_keep=1).logits[:, -1])
+        self.cache.seen_tokens = input_ids.shape[1]
+        if self.seen is not None:
+            self.seen.zero_()
+            weight = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(torch.int32)
+            counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.seen.device)
+            self.seen.copy_(counts.scatter_add_(1, input_ids, weight) > 0)
+        self._record(select_tokens(torch.cat(logits), self.seen, self.params))
+
+    def advance(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+        self.cache.seen_tokens += 1
+
+
+def _stop_index(tokenizer, tokens: list[int], stop_strings: list[str], start: int) -> int | None:
+    """Index of the token that completes the first stop string, looking at tokens[start:] onwards."""
+    for k in range(start, len(tokens)):
+        text = tokenizer.decode(tokens[: k + 1], skip_special_tokens=False)
+        if any(s in text for s in stop_strings):
+            return k
+    return None
+
+
+_DECODERS_ATTR = "_llamba_decoders"
+
+
+def _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_graph) -> Decoder:
+    """Decoders (and their graphs) are kept on the model, one per batch size and setting, and reused."""
+    decoders = model.__dict__.setdefault(_DECODERS_ATTR, {})
+    key = (batch, params, eos_ids, pad_id, use_graph)
+    dec = decoders.get(key)
+    if dec is None or dec.capacity < max_new_tokens:
+        decoders.pop(key, None)
+        dec = Decoder(model, batch, params, eos_ids, pad_id, max(max_new_tokens, 256), use_graph)
+        decoders[key] = dec
+    return dec
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 128,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer=None,
+    use_cuda_graph: bool | None = None,
+    check_every: int = 16,
+    prefill_rows: int = 64,
+    seed: int | None = None,
+) -> GenerationOutput:
+    """Generate up to ``max_new_tokens`` for every row of a left-padded batch (``attention_mask`` 0 on padding).
+
+    Rows stop at an ``eos_token_id`` or once their text contains one of ``stop_strings`` (checked on the host
+    every ``check_every`` tokens, which needs ``tokenizer``; the tokens after the stop are replaced by padding).
+    ``use_cuda_graph``: default on for CUDA models. ``prefill_rows`` bounds how many rows prefill at once.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer (pass tokenizer=...)")
+    params = SamplingParams(bool(do_sample), float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0),
+                            float(min_p or 0.0), float(repetition_penalty or 1.0)).validate()
+    eos_ids = tuple(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())))
+    pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    device = model.backbone.embedding.weight.device
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    if use_cuda_graph is None:
+        use_cuda_graph = device.type == "cuda"
+    if seed is not None:
+        torch.manual_seed(seed)
+
+    batch = input_ids.shape[0]
+    dec = _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_cuda_graph)
+    dec.start(input_ids, attention_mask, prefill_rows)
+    stop_at: dict[int, int] = {}
+    checked = 0
+    for done in range(1, max_new_tokens + 1):
+        if done % check_every == 0 or done == max_new_tokens:
+            if stop_strings:
+                tokens = dec.out[:, :done].tolist()
+                for row in range(batch):
+                    if row in stop_at or bool(dec.finished[row]):
+                        continue
+                    k = _stop_index(tokenizer, tokens[row], stop_strings, checked)
+                    if k is not None:
+                        stop_at[row] = k
+                        dec.finished[row] = True
+                checked = done
+            if bool(dec.finished.all()):
+                break
+        if done < max_new_tokens:
+            dec.advance()
+    n = min(done, max_new_tokens)
+    new_tokens = dec.out[:, :n].clone()
+    for row, k in stop_at.items():
+        new_tokens[row, k + 1:] = pad_id
+    lengths = torch.full((batch,), n, dtype=torch.long, device=device)
+    if eos_ids:
+        is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=device))
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, n)
+        lengths = torch.minimum(lengths, first)
+    for row, k in stop_at.items():
+        lengths[row] = min(int(lengths[row]), k + 1)
+    return GenerationOutput(torch.cat([input_ids, new_tokens], dim=1), new_tokens, lengths)
