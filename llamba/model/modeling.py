@@ -186,6 +186,17 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=past_key_values, hidden_states=hidden_states)
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """On CUDA, greedy and sampled decoding run through ``llamba.generation`` (static cache, CUDA-graph decode
+        loop, on-device sampling); anything it does not support (beam search, streamers, custom processors, CPU)
+        goes to transformers' generate()."""
+        from llamba.generation import try_fast_generate
+
+        out = try_fast_generate(self, inputs, generation_config, kwargs)
+        if out is not None:
+            return out
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
         """First call: the whole (left-padded) prompt. Later calls: only the tokens the cache has not seen."""
