@@ -1,0 +1,162 @@
+"""Local benchmark files -> ``datasets.DatasetDict``, one loader per task.
+
+lm-eval calls these through ``custom_dataset`` (see ``tasks/*.yaml``) as ``loader(**metadata, **dataset_kwargs)``;
+``data_dir`` arrives through the TaskManager's metadata. Every loader returns documents in the shape its YAML
+template expects, and raises ``FileNotFoundError`` naming the missing file. File names and formats are listed in
+``DATA_FILES`` (and in ../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+import re
+from pathlib import Path
+
+import datasets
+
+# task -> files it reads, relative to the data dir (MMLU: a folder with test/ and dev/ CSVs per subject).
+DATA_FILES = {
+    "arc_easy": ["arc_easy.jsonl"],
+    "arc_challenge": ["arc_challenge.jsonl"],
+    "piqa": ["piqa_valid.jsonl", "piqa_valid_labels.lst"],
+    "hellaswag": ["hellaswag_val_full.txt.bz2"],
+    "winogrande": ["winogrande.jsonl"],
+    "openbookqa": ["openbookqa.jsonl"],
+    "lambada_openai": ["lambada_openai.jsonl"],
+    "gsm8k": ["gsm8k_test.jsonl", "gsm8k_train.jsonl"],
+    "mmlu": ["mmlu/test", "mmlu/dev"],
+}
+
+
+def _path(data_dir: str | Path | None, name: str) -> Path:
+    if data_dir is None:
+        raise ValueError("no data_dir: pass TaskManager(metadata={'data_dir': ...}) (llamba eval --data-dir)")
+    path = Path(data_dir).expanduser() / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (see ../shared/data/README.md for the expected files)")
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _split(split: str, docs: list[dict]) -> datasets.DatasetDict:
+    if not docs:
+        raise ValueError(f"no documents for split {split!r}")
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
+
+
+def _query_choices_gold(path: Path) -> list[dict]:
+    docs = _read_jsonl(path)
+    for i, d in enumerate(docs):
+        if not {"query", "choices", "gold"} <= d.keys() or not 0 <= int(d["gold"]) < len(d["choices"]):
+            raise ValueError(f"{path} line {i + 1}: expected {{'query', 'choices', 'gold' (index into choices)}}")
+    return [{"query": d["query"], "choices": list(d["choices"]), "gold": int(d["gold"])} for d in docs]
+
+
+def arc_easy(data_dir=None, **_) -> datasets.DatasetDict:
+    return _split("test", _query_choices_gold(_path(data_dir, "arc_easy.jsonl")))
+
+
+def arc_challenge(data_dir=None, **_) -> datasets.DatasetDict:
+    return _split("test", _query_choices_gold(_path(data_dir, "arc_challenge.jsonl")))
+
+
+def openbookqa(data_dir=None, **_) -> datasets.DatasetDict:
+    return _split("test", _query_choices_gold(_path(data_dir, "openbookqa.jsonl")))
+
+
+def piqa(data_dir=None, **_) -> datasets.DatasetDict:
+    docs = _read_jsonl(_path(data_dir, "piqa_valid.jsonl"))
+    labels_path = _path(data_dir, "piqa_valid_labels.lst")
+    labels = [int(x) for x in labels_path.read_text().split()]
+    if len(labels) != len(docs):
+        raise ValueError(f"{labels_path}: {len(labels)} labels for {len(docs)} PIQA questions")
+    return _split("validation", [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
+                                 for d, y in zip(docs, labels)])
+
+
+def _hellaswag_clean(text: str) -> str:
+    # lm-eval's hellaswag preprocess: WikiHow bracket artifacts out, double spaces collapsed.
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag(data_dir=None, **_) -> datasets.DatasetDict:
+    """6 lines per item: ``activity_label: ctx``, gold index, 4 endings (the file is already cleaned; cleaning
+    again is idempotent, and keeps the rule identical to lm-eval's for any leftover tag)."""
+    path = _path(data_dir, "hellaswag_val_full.txt.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().rstrip("\n").split("\n")
+    if len(lines) % 6:
+        raise ValueError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, gold, 4 endings)")
+    docs = []
+    for i in range(0, len(lines), 6):
+        gold = int(lines[i + 1])
+        if not 0 <= gold < 4:
+            raise ValueError(f"{path} line {i + 2}: gold index {gold} is not in 0..3")
+        docs.append({"query": _hellaswag_clean(lines[i]),
+                     "choices": [_hellaswag_clean(e) for e in lines[i + 2:i + 6]], "gold": gold})
+    return _split("validation", docs)
+
+
+def winogrande(data_dir=None, **_) -> datasets.DatasetDict:
+    """``{"context_options": [2 prefixes], "continuation": str, "gold": i}``: lm-eval's partial scoring (the two
+    sentence prefixes are the choices, the shared rest of the sentence is scored)."""
+    path = _path(data_dir, "winogrande.jsonl")
+    docs = _read_jsonl(path)
+    for i, d in enumerate(docs):
+        if not {"context_options", "continuation", "gold"} <= d.keys() or len(d["context_options"]) != 2:
+            raise ValueError(f"{path} line {i + 1}: expected {{'context_options': [2 prefixes], 'continuation', 'gold'}}")
+    return _split("validation", [{"context_options": list(d["context_options"]), "continuation": d["continuation"],
+                                  "gold": int(d["gold"])} for d in docs])
+
+
+def lambada_openai(data_dir=None, **_) -> datasets.DatasetDict:
+    docs = _read_jsonl(_path(data_dir, "lambada_openai.jsonl"))
+    return _split("test", [{"context": d["context"], "continuation": d["continuation"]} for d in docs])
+
+
+def gsm8k(data_dir=None, **_) -> datasets.DatasetDict:
+    splits = {}
+    for split, name in (("test", "gsm8k_test.jsonl"), ("train", "gsm8k_train.jsonl")):
+        splits[split] = datasets.Dataset.from_list(
+            [{"question": d["question"], "answer": d["answer"]} for d in _read_jsonl(_path(data_dir, name))])
+    return datasets.DatasetDict(splits)
+
+
+# -- MMLU: one CSV per subject under mmlu/test and mmlu/dev ------------------------------------------------------
+def _mmlu_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    want = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+    if not rows or list(rows[0].keys()) != want:
+        raise ValueError(f"{path}: expected a CSV with header {','.join(want)} and at least one row")
+    return [{"question": r["question"], "choices": [r[f"choice{k}"] for k in range(4)], "answer": int(r["answer"])}
+            for r in rows]
+
+
+def _mmlu_file(folder: Path, subject: str, split: str) -> Path:
+    for name in (f"{subject}.csv", f"{subject}_{split}.csv"):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder}/{subject}.csv not found (MMLU subject {subject!r}, split {split})")
+
+
+def mmlu_subjects(data_dir) -> list[str]:
+    """The subjects that have a test CSV, sorted."""
+    folder = _path(data_dir, "mmlu/test")
+    return sorted({re.sub(r"_test$", "", p.stem) for p in folder.glob("*.csv")})
+
+
+def mmlu(data_dir=None, subject: str | None = None, **_) -> datasets.DatasetDict:
+    if not subject:
+        raise ValueError("MMLU loader needs dataset_kwargs={'subject': ...}")
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_list(_mmlu_csv(_mmlu_file(_path(data_dir, f"mmlu/{split}"), subject, split)))
+        for split in ("test", "dev")})

@@ -1,0 +1,50 @@
+"""LlambaLM's cached-context scoring against one plain forward per request, on a tiny random model."""
+
+import random
+
+import pytest
+import torch
+
+from llamba.eval.lm import score_continuations, score_plain
+from llamba.model import LlambaConfig, LlambaForCausalLM
+
+
+def tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0) -> LlambaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
+    model = LlambaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # non-trivial conv, gate and decay so that every cache field matters
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.weight.normal_(0, 0.5)
+            layer.mixer.D.normal_(0, 1)
+    return model
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+def test_cached_context_scores_equal_plain_forward(dtype, tol):
+    model = tiny_llamba(dtype=dtype)
+    rng = random.Random(0)
+    vocab = model.config.vocab_size
+    # ragged contexts (1 to 23 tokens: left padding, conv state shorter than the kernel) and 1 to 4 ragged
+    # continuations each (1-token continuations skip the second forward; 2-token ones take the step path)
+    contexts = [[rng.randrange(vocab) for _ in range(n)] for n in (23, 1, 2, 9, 17)]
+    continuations = [[[rng.randrange(vocab) for _ in range(rng.choice([1, 2, 3, 7]))]
+                      for _ in range(rng.randint(1, 4))] for _ in contexts]
+    fast = score_continuations(model, contexts, continuations)
+    for ctx, conts, row in zip(contexts, continuations, fast):
+        assert len(row) == len(conts)
+        for cont, (ll, greedy) in zip(conts, row):
+            ref_ll, ref_greedy = score_plain(model, ctx, cont)
+            assert abs(ll - ref_ll) < tol * max(1.0, abs(ref_ll)), (ll, ref_ll)
+            assert greedy == ref_greedy
+
+
+def test_all_two_token_continuations_use_the_step_path():
+    model = tiny_llamba()
+    contexts = [[3, 4, 5, 6, 7], [9, 8]]
+    continuations = [[[1, 2], [2, 1]], [[5, 5]]]
+    fast = score_continuations(model, contexts, continuations)
+    for ctx, conts, row in zip(contexts, continuations, fast):
+        for cont, (ll, _) in zip(conts, row):
+            assert abs(ll - score_plain(model, ctx, cont)[0]) < 1e-9
