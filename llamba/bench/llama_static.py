@@ -1,0 +1,123 @@
+"""The strong Transformer baseline: a Llama (transformers weights) decoded with a preallocated KV cache.
+
+Prefill runs SDPA with a causal mask (flash kernels) and computes logits for the last position only; each decode
+step writes the new keys/values at a device-side position and attends over the cache with a mask, so the step
+has fixed shapes and can be ``torch.compile``d and captured as one CUDA graph, like the student's. Grouped
+queries are folded into the query length, so no key/value head is ever copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class StaticLlama:
+    def __init__(self, model, batch_size: int, max_len: int, compile: bool = False):
+        cfg = model.config
+        self.model, self.batch_size, self.max_len = model, batch_size, max_len
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
+        p = next(model.parameters())
+        shape = (cfg.num_hidden_layers, batch_size, self.n_kv, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        positions = torch.arange(max_len, device=p.device)
+        cos, sin = model.model.rotary_emb(self.k[0, :1, 0], positions[None])  # (1, max_len, head_dim)
+        self.cos, self.sin = cos[0].to(p.dtype), sin[0].to(p.dtype)
+        self.positions = positions
+        self.pos = torch.zeros(1, dtype=torch.long, device=p.device)  # next decode position
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        self._decode_logits = torch.compile(self._decode_logits_eager, dynamic=False) if compile else self._decode_logits_eager
+        self.graph = None
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.k.shape[0] * self.n_kv * self.head_dim * self.k.element_size()
+
+    def _qkv(self, attn, h, cos, sin):
+        b, T, _ = h.shape
+        q = attn.q_proj(h).view(b, T, self.n_q, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Prompts (b, T) of equal length into cache rows ``rows``; returns last-position logits (b, vocab)."""
+        rows = rows or slice(0, input_ids.shape[0])
+        T = input_ids.shape[1]
+        m = self.model.model
+        h = m.embed_tokens(input_ids)
+        cos, sin = self.cos[:T], self.sin[:T]
+        for i, layer in enumerate(m.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer.self_attn, x, cos, sin)
+            self.k[i, rows, :, :T] = k
+            self.v[i, rows, :, :T] = v
+            groups = self.n_q // self.n_kv
+            o = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True)
+            h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h[:, -1:]))[:, -1]
+
+    def _decode_logits_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        m = self.model.model
+        b = tok.shape[0]
+        h = m.embed_tokens(tok[:, None])
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        visible = (self.positions <= pos).view(1, 1, 1, -1)
+        groups = self.n_q // self.n_kv
+        for i, layer in enumerate(m.layers):
+            q, k, v = self._qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+            self.k[i].index_copy_(2, pos, k)
+            self.v[i].index_copy_(2, pos, v)
+            q = q.reshape(b, self.n_kv, groups, self.head_dim)  # query heads of a group become its query rows
+            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=visible)
+            h = h + layer.self_attn.o_proj(o.reshape(b, 1, self.n_q * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h))[:, -1]
+
+    def step(self) -> None:
+        """Greedy: next token from the current one, written back to ``tok``; advances ``pos``."""
+        logits = self._decode_logits(self.tok, self.pos)
+        self.tok.copy_(logits.argmax(-1))
+        self.pos += 1
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, prefill_rows: int = 64) -> None:
+        logits = []
+        for r0 in range(0, input_ids.shape[0], prefill_rows):
+            rows = slice(r0, min(input_ids.shape[0], r0 + prefill_rows))
+            logits.append(self.prefill(input_ids[rows], rows))
+        self.tok.copy_(torch.cat(logits).argmax(-1))
+        self.pos.fill_(input_ids.shape[1])
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Warm up (compiles) and capture one decode step; run before start(): it scribbles on the cache."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.pos.fill_(0)
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pos.fill_(0)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
