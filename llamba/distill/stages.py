@@ -1,0 +1,165 @@
+"""The three MOHAWK stages: what the teacher provides, what the student trains, and the loss.
+
+1. Matrix orientation: each student mixer, fed the teacher's (normed) input to its layer, materializes its mixing
+   matrix; loss = Frobenius norm of (student matrix - teacher attention) per (batch, head), averaged, summed over
+   layers. Only what shapes the matrix trains (in_proj, conv, D).
+2. Hidden-state alignment: each student block takes the teacher's input to its layer; loss = L2 norm per token of
+   (block output - teacher's output of that layer), averaged, summed over layers. Whole block, or mixer only.
+3. Knowledge distillation: the whole student end to end; loss = soft-target cross-entropy against the teacher's
+   logits at temperature tau (times tau^2 so gradients keep their size when tau changes).
+
+Each stage is an ``nn.Module`` whose forward returns the loss, so one DDP wrapper serves all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamba.distill.data import Batch
+
+STAGES = (1, 2, 3)
+STAGE_NAMES = {1: "matrix orientation", 2: "hidden-state alignment", 3: "knowledge distillation"}
+
+
+@dataclass
+class TeacherTargets:
+    hidden_in: tuple | None = None     # per layer: the hidden state entering that layer (b, L, d)
+    hidden_out: tuple | None = None    # per layer: that layer's output (b, L, d), before the final norm
+    attentions: tuple | None = None    # per layer: post-softmax attention (b, H, L, L), GQA expanded
+    logits: torch.Tensor | None = None
+
+
+def set_attention(teacher, implementation: str) -> None:
+    if getattr(teacher.config, "_attn_implementation", None) != implementation:
+        teacher.set_attn_implementation(implementation)
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batch: Batch, stage: int) -> TeacherTargets:
+    """Run the teacher on a packed batch. ``position_ids`` restart at each document, which makes transformers
+    build a block-diagonal causal mask: the teacher never attends across documents, like the student's resets."""
+    kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if stage == 3:
+        set_attention(teacher, "sdpa")
+        return TeacherTargets(logits=teacher(**kwargs).logits)
+    set_attention(teacher, "eager" if stage == 1 else "sdpa")
+    layers = teacher.model.layers
+    last = {}
+    # hidden_states[-1] is after the final norm, so the last layer's raw output is caught with a hook.
+    hook = layers[-1].register_forward_hook(lambda m, i, o: last.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    try:
+        out = teacher.model(**kwargs, output_hidden_states=True, output_attentions=stage == 1)
+    finally:
+        hook.remove()
+    hidden_in = tuple(out.hidden_states[: len(layers)])
+    return TeacherTargets(hidden_in=hidden_in, hidden_out=hidden_in[1:] + (last["out"],),
+                          attentions=tuple(out.attentions) if stage == 1 else None)
+
+
+def frobenius_loss(student_matrix: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """mean over (batch, head) of ||T - A||_F over the (L, L) matrices."""
+    diff = student_matrix - attention.to(student_matrix.dtype)
+    return diff.pow(2).sum(dim=(-2, -1)).sqrt().mean()
+
+
+def hidden_loss(student_out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of the L2 norm of the difference."""
+    return (student_out.float() - target.float()).norm(dim=-1).mean()
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """mean over tokens of -sum_v softmax(t / tau) log_softmax(s / tau), times tau^2."""
+    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(t * log_s).sum(-1).mean() * temperature ** 2
+
+
+class MatrixOrientation(nn.Module):
+    def __init__(self, student):
+        super().__init__()
+        self.layers = student.backbone.layers
+
+    def trainable(self):
+        for block in self.layers:  # out_proj and the gate do not shape the matrix: they wait for stage 2
+            yield from block.mixer.in_proj.parameters()
+            yield from block.mixer.conv1d.parameters()
+            yield block.mixer.D
+
+    def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        per_layer = []
+        for block, h, attention in zip(self.layers, targets.hidden_in, targets.attentions):
+            T = block.mixer.mixing_matrix(block.input_layernorm(h), seq_idx=seq_idx)
+            per_layer.append(frobenius_loss(T, attention))
+        return torch.stack(per_layer).sum(), per_layer
+
+
+class HiddenStateAlignment(nn.Module):
+    def __init__(self, student, mixer_only: bool = False):
+        super().__init__()
+        self.layers = student.backbone.layers
+        self.mixer_only = mixer_only
+
+    def trainable(self):
+        for block in self.layers:
+            yield from (block.mixer if self.mixer_only else block).parameters()
+
+    def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        per_layer = []
+        for block, h, target in zip(self.layers, targets.hidden_in, targets.hidden_out):
+            per_layer.append(hidden_loss(block(h, seq_idx=seq_idx), target))
+        return torch.stack(per_layer).sum(), per_layer
+
+
+class KnowledgeDistillation(nn.Module):
+    def __init__(self, student, temperature: float = 1.0, freeze_mlp: bool = False, freeze_embeddings: bool = False):
+        super().__init__()
+        self.student = student
+        self.temperature = temperature
+        self.freeze_mlp = freeze_mlp
+        self.freeze_embeddings = freeze_embeddings
+
+    def trainable(self):
+        frozen = set()
+        if self.freeze_mlp:
+            frozen |= {id(p) for block in self.student.backbone.layers for p in block.mlp.parameters()}
+        if self.freeze_embeddings:
+            frozen |= {id(p) for p in self.student.get_input_embeddings().parameters()}
+            frozen |= {id(p) for p in self.student.get_output_embeddings().parameters()}
+        return (p for p in self.student.parameters() if id(p) not in frozen)
+
+    def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor, input_ids: torch.Tensor):
+        logits = self.student(input_ids, seq_idx=seq_idx).logits
+        return soft_cross_entropy(logits, targets.logits, self.temperature), []
+
+
+def stage_module(stage: int, student, cfg: dict) -> nn.Module:
+    if stage == 1:
+        return MatrixOrientation(student)
+    if stage == 2:
+        return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False))
+    if stage == 3:
+        return KnowledgeDistillation(student, cfg.get("temperature", 1.0), cfg.get("freeze_mlp", False),
+                                     cfg.get("freeze_embeddings", False))
+    raise ValueError(f"unknown stage {stage}; stages are {STAGES}")
+
+
+def run_stage_module(module: nn.Module, stage: int, targets: TeacherTargets, batch: Batch):
+    if stage == 3:
+        return module(targets, batch.seq_idx, batch.input_ids)
+    return module(targets, batch.seq_idx)
+
+
+@torch.no_grad()
+def kl_and_nll(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """Sums over the batch's tokens: KL(teacher || student) per position, and next-token NLL of both models."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    nxt = input_ids[:, 1:, None]
+    return {"kl": kl.sum().item(), "kl_positions": kl.numel(),
+            "student_nll": -log_s[:, :-1].gather(-1, nxt).sum().item(),
+            "teacher_nll": -log_t[:, :-1].gather(-1, nxt).sum().item(), "nll_positions": nxt.numel()}
