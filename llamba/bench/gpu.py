@@ -1,0 +1,460 @@
+"""GPU throughput benchmark: the Llamba student against its Llama teacher, side by side in one process.
+
+Rivals: the student (CUDA-graph decode loop, fused Triton step, Triton chunked scan for prefill); the teacher as
+a strong static-KV-cache decode (SDPA, ``torch.compile``, one CUDA graph per step, last-position prefill logits);
+and plain ``transformers.generate`` as the common baseline. Every figure stands next to its floor: bytes moved per
+step over the measured copy bandwidth, and FLOPs over the measured bf16 matmul rate. Speed does not depend on the
+weights' values, so by default both models are built from the SmolLM2-135M shapes with random bf16 weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llamba.generation.engine import Decoder
+from llamba.generation.sampling import SamplingParams
+
+GREEDY = SamplingParams()
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                    tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _cuda_time(fn, repeats: int = 1) -> float:
+    """Seconds per call, timed with CUDA events after one warm call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def measure_hardware() -> dict:
+    n = 1 << 28  # 512 MiB of bf16 each way
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    t = _cuda_time(lambda: b.copy_(a), repeats=20)
+    bandwidth = 2 * a.nbytes / t / 1e9
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = _cuda_time(lambda: m @ m, repeats=10)
+    del a, b, m
+    _free()
+    return {"bandwidth_gbs": bandwidth, "matmul_tflops": 2 * 8192 ** 3 / t / 1e12}
+
+
+def param_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+def build_models(teacher_name: str | None, model_path: str | None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if teacher_name in (None, "random-smollm2-135m"):
+        torch.manual_seed(0)
+        teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16)
+        source = "LlamaForCausalLM from the SmolLM2-135M config, random bf16 weights"
+    else:
+        from llamba.teacher import load_teacher
+        teacher, _ = load_teacher(teacher_name, dtype=torch.bfloat16, device="cpu")
+        source = f"teacher {teacher_name}"
+    teacher = teacher.cuda().eval()
+    if model_path:
+        from llamba.checkpoint import load_model
+        student, _ = load_model(model_path, dtype=torch.bfloat16, device="cuda")
+        student_src = f"student {model_path}"
+    else:
+        from llamba.convert import student_from_teacher
+        student = student_from_teacher(teacher, d_state=64).to(torch.bfloat16)
+        student_src = "llamba.convert.student_from_teacher (identity init)"
+    return teacher, student.cuda().eval(), f"{source}; {student_src}"
+
+
+# -- one measurement each -----------------------------------------------------------------------------------
+def _prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), device="cuda")
+
+
+def student_decode(student, batch, prompt, new_tokens, prefill_rows=64) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    dec = Decoder(student, batch, GREEDY, (), 0, new_tokens, use_graph=True)
+    ids = _prompts(batch, prompt, student.config.vocab_size)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec.start(ids, None, prefill_rows)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    steps = new_tokens - 1
+    t = _cuda_time(lambda: [dec.advance() for _ in range(steps)]) if steps else float("nan")
+    out = {"prefill_s": prefill_s, "decode_tok_s": batch * steps / t, "step_ms": t / steps * 1e3,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "state_bytes_per_seq": dec.cache.nbytes() // batch}
+    del dec, ids
+    _free()
+    return out
+
+
+def teacher_decode(teacher, batch, prompt, new_tokens, compile_step, prefill_rows=64) -> dict:
+    from llamba.bench.llama_static import StaticLlama
+
+    torch.cuda.reset_peak_memory_stats()
+    st = StaticLlama(teacher, batch, prompt + new_tokens, compile=compile_step)
+    st.capture()
+    ids = _prompts(batch, prompt, teacher.config.vocab_size)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    st.start(ids, prefill_rows)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    steps = new_tokens - 1
+    t = _cuda_time(lambda: [st.advance() for _ in range(steps)])
+    out = {"prefill_s": prefill_s, "decode_tok_s": batch * steps / t, "step_ms": t / steps * 1e3,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "kv_bytes_per_token": st.kv_bytes_per_token()}
+    del st, ids
+    _free()
+    return out
+
+
+def hf_generate(teacher, batch, prompt, new_tokens) -> dict:
+    ids = _prompts(batch, prompt, teacher.config.vocab_size)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=0)
+    torch.cuda.reset_peak_memory_stats()
+    teacher.generate(ids[:, :16], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    teacher.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    out = {"total_s": total, "new_tok_s": batch * new_tokens / total, "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30}
+    _free()
+    return out
+
+
+def prefill_rates(teacher, student, contexts=(2048, 8192), tokens=16384) -> list[dict]:
+    from llamba.bench.llama_static import StaticLlama
+
+    rows = []
+    for T in contexts:
+        batch = max(1, tokens // T)
+        ids = _prompts(batch, T, student.config.vocab_size)
+        cache = student.allocate_cache(batch)
+
+        def run_student():
+            cache.reset()
+            student(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+
+        with torch.no_grad():
+            ts = _cuda_time(run_student, repeats=3)
+        del cache
+        st = StaticLlama(teacher, batch, T)
+        with torch.no_grad():
+            tt = _cuda_time(lambda: st.prefill(ids), repeats=3)
+        del st
+        _free()
+        rows.append({"context": T, "batch": batch, "student_tok_s": batch * T / ts, "teacher_tok_s": batch * T / tt})
+    return rows
+
+
+# -- floors ---------------------------------------------------------------------------------------------------
+def decode_floor(hw, weight_bytes, n_params, batch, per_seq_bytes, attn_flops_per_seq=0.0) -> float:
+    """Tokens/s if the step only moved its bytes (weights once + per-sequence state or KV) at the measured
+    bandwidth, or only did its matmul FLOPs at the measured rate, whichever is slower."""
+    t_bytes = (weight_bytes + batch * per_seq_bytes) / (hw["bandwidth_gbs"] * 1e9)
+    t_flops = batch * (2 * n_params + attn_flops_per_seq) / (hw["matmul_tflops"] * 1e12)
+    return batch / max(t_bytes, t_flops)
+
+
+def student_step_bytes(student) -> int:
+    """Per sequence and token: read and write the SSM state and the conv state, write one row of logits."""
+    cfg = student.config
+    state = cfg.n_layer * (cfg.n_v_heads * cfg.head_dim * cfg.d_state * 4 + cfg.conv_dim * 3 * 2)
+    return 2 * state + cfg.vocab_size * 2
+
+
+def teacher_step_bytes(teacher, context: float) -> float:
+    cfg = teacher.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hd * 2
+    return per_token * (context + 1) + cfg.vocab_size * 2
+
+
+def teacher_attn_flops(teacher, context: float) -> float:
+    cfg = teacher.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 4 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * context
+
+
+# -- the whole run --------------------------------------------------------------------------------------------
+def run_benchmark(args) -> dict:
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = 64
+    torch.backends.cuda.matmul.allow_tf32 = True
+    hw = measure_hardware()
+    teacher, student, source = build_models(args.teacher, args.model)
+    results = {
+        "command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "models": source, "hardware": hw,
+        "student_params": param_count(student), "teacher_params": param_count(teacher),
+    }
+    import transformers
+    import triton
+    results["transformers"], results["triton"] = transformers.__version__, triton.__version__
+    sw, tw = param_bytes(student), param_bytes(teacher)
+    sn, tn = param_count(student), param_count(teacher)
+    s_seq = student_step_bytes(student)
+    new = args.new_tokens
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    if not args.skip_kernels:
+        from llamba.bench.kernels import bench_decode_step, bench_scan
+        results["scan"] = bench_scan()
+        log("scan", results["scan"])
+        results["decode_step"] = bench_decode_step(hw["bandwidth_gbs"])
+        log("decode step", results["decode_step"])
+
+    # Decode throughput per batch size.
+    results["decode"] = []
+    for prompt in args.prompts:
+        for who in ("student", "teacher"):
+            for batch in args.batches:
+                row = {"model": who, "prompt": prompt, "batch": batch, "new_tokens": new}
+                try:
+                    if who == "student":
+                        row.update(student_decode(student, batch, prompt, new))
+                        row["floor_tok_s"] = decode_floor(hw, sw, sn, batch, s_seq)
+                    else:
+                        row.update(teacher_decode(teacher, batch, prompt, new, not args.no_compile))
+                        ctx = prompt + new / 2
+                        row["floor_tok_s"] = decode_floor(hw, tw, tn, batch, teacher_step_bytes(teacher, ctx),
+                                                          teacher_attn_flops(teacher, ctx))
+                    row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+                except torch.OutOfMemoryError:
+                    row["oom"] = True
+                    _free()
+                log(row)
+                results["decode"].append(row)
+                if row.get("oom"):
+                    break
+
+    # Plain transformers.generate, the common baseline.
+    results["hf_generate"] = []
+    for prompt, batch in args.hf_configs:
+        row = {"prompt": prompt, "batch": batch, "new_tokens": new}
+        try:
+            row.update(hf_generate(teacher, batch, prompt, new))
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+            _free()
+        log("hf", row)
+        results["hf_generate"].append(row)
+
+    # Prefill.
+    results["prefill"] = prefill_rates(teacher, student)
+    for row in results["prefill"]:
+        T = row["context"]
+        # Chunked scan, per token and head: C B^T and the masked product (2 * 64 * (N + P)), two state products (4 P N).
+        cfg = student.config
+        scan_per_token = cfg.n_layer * cfg.n_v_heads * (2 * 64 * (cfg.d_state + cfg.head_dim) + 4 * cfg.head_dim * cfg.d_state)
+        flops_s = 2 * sn * T + scan_per_token * T
+        flops_t = 2 * tn * T + 2 * teacher.config.num_hidden_layers * teacher.config.hidden_size * T * T
+        row["student_floor_tok_s"] = T / (flops_s / (hw["matmul_tflops"] * 1e12))
+        row["teacher_floor_tok_s"] = T / (flops_t / (hw["matmul_tflops"] * 1e12))
+    log("prefill", results["prefill"])
+
+    # Decode at batch 16 as the context grows.
+    results["context_sweep"] = []
+    for ctx in args.contexts:
+        row = {"context": ctx, "batch": 16, "new_tokens": args.sweep_new_tokens}
+        try:
+            s = student_decode(student, 16, ctx, args.sweep_new_tokens)
+            row["student_tok_s"], row["student_peak_gib"] = s["decode_tok_s"], s["peak_gib"]
+            row["student_floor_tok_s"] = decode_floor(hw, sw, sn, 16, s_seq)
+            t = teacher_decode(teacher, 16, ctx, args.sweep_new_tokens, not args.no_compile)
+            row["teacher_tok_s"], row["teacher_peak_gib"] = t["decode_tok_s"], t["peak_gib"]
+            c = ctx + args.sweep_new_tokens / 2
+            row["teacher_floor_tok_s"] = decode_floor(hw, tw, tn, 16, teacher_step_bytes(teacher, c), teacher_attn_flops(teacher, c))
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+            _free()
+        log("sweep", row)
+        results["context_sweep"].append(row)
+
+    results["largest_batch"] = largest_batch(student, teacher, args, results["decode"])
+    log("largest", results["largest_batch"])
+    return results
+
+
+def largest_batch(student, teacher, args, decode_rows) -> dict:
+    """Largest batch whose peak memory (weights, cache, prefill and decode working memory) stays within the
+    budget at prompt 2048: a line through two measured peaks predicts it, one real run checks it."""
+    budget = args.memory_budget_gib
+    prompt = max(args.prompts)
+    out = {"budget_gib": budget, "prompt": prompt, "new_tokens": 16}
+    for who in ("student", "teacher"):
+        rows = [r for r in decode_rows if r["model"] == who and r["prompt"] == prompt and not r.get("oom") and r["batch"] >= 8]
+        if len(rows) < 2:
+            continue
+        (b1, m1), (b2, m2) = (rows[-2]["batch"], rows[-2]["peak_gib"]), (rows[-1]["batch"], rows[-1]["peak_gib"])
+        slope = (m2 - m1) / (b2 - b1)
+        guess = int((budget - (m1 - slope * b1)) / slope) // 8 * 8
+        entry = {"predicted": guess, "gib_per_seq": slope}
+        for _ in range(4):
+            try:
+                if who == "student":
+                    r = student_decode(student, guess, prompt, 16)
+                else:
+                    r = teacher_decode(teacher, guess, prompt, 16, not args.no_compile)
+                if r["peak_gib"] <= budget:
+                    entry.update(batch=guess, peak_gib=r["peak_gib"], decode_tok_s=r["decode_tok_s"])
+                    break
+            except torch.OutOfMemoryError:
+                _free()
+            guess = int(guess * 0.93) // 8 * 8
+        out[who] = entry
+    if "batch" in out.get("student", {}) and "batch" in out.get("teacher", {}):
+        out["ratio"] = out["student"]["batch"] / out["teacher"]["batch"]
+    return out
+
+
+# -- reporting ------------------------------------------------------------------------------------------------
+def _fmt(x, digits=0):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def to_markdown(r: dict) -> str:
+    hw = r["hardware"]
+    lines = [f"# GPU benchmark: Llamba student vs Llama teacher ({r['device']})", "",
+             f"- command: `{r['command']}`", f"- date: {r['date']}; torch {r['torch']}, triton {r.get('triton')}, "
+             f"transformers {r.get('transformers')}", f"- models: {r['models']} ({r['student_params']:,} / "
+             f"{r['teacher_params']:,} parameters, student / teacher)",
+             f"- measured: copy bandwidth {hw['bandwidth_gbs']:.0f} GB/s, bf16 matmul {hw['matmul_tflops']:.0f} TFLOP/s; "
+             "floors = max(bytes / bandwidth, FLOPs / matmul rate)", ""]
+    if "scan" in r:
+        lines += ["## Mixer: chunked scan (bf16, d_state = head dim) and fused decode step", "",
+                  "| shape | ours fwd ms | fla chunk_simple_gla fwd ms | fla / ours | ours bwd ms | bwd / fwd | rel diff vs fla |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in r["scan"]:
+            lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {_fmt(s.get('fla_fwd_ms'), 3)} | "
+                         f"{_fmt(s.get('fla_over_ours'), 2)} | {s['ours_bwd_ms']:.3f} | {s['bwd_over_fwd']:.2f} | "
+                         f"{s.get('rel_diff_vs_fla', s.get('fla_error', '-'))} |")
+        lines += ["", "| decode step batch (H9 P64 N64) | ms | bytes floor ms | / floor | torch reference ms |",
+                  "|---|---|---|---|---|"]
+        for s in r["decode_step"]:
+            lines.append(f"| {s['batch']} | {s['ms']:.4f} | {s['floor_ms']:.4f} | {s['over_floor']:.2f} | {s['torch_ms']:.3f} |")
+        lines.append("")
+    lines += ["## Decode tokens/s (greedy, CUDA graphs both sides)", "",
+              "| prompt | batch | student tok/s | floor | teacher (compiled, static KV) tok/s | floor | student / teacher | peak GiB s / t |",
+              "|---|---|---|---|---|---|---|---|"]
+    by = {(d["model"], d["prompt"], d["batch"]): d for d in r["decode"]}
+    for (who, prompt, batch), d in by.items():
+        if who != "student":
+            continue
+        t = by.get(("teacher", prompt, batch), {})
+        ratio = d.get("decode_tok_s", 0) / t["decode_tok_s"] if t.get("decode_tok_s") and d.get("decode_tok_s") else None
+        lines.append(f"| {prompt} | {batch} | {_fmt(d.get('decode_tok_s'))}{' OOM' if d.get('oom') else ''} | "
+                     f"{_fmt(d.get('floor_tok_s'))} | {_fmt(t.get('decode_tok_s'))}{' OOM' if t.get('oom') else ''} | "
+                     f"{_fmt(t.get('floor_tok_s'))} | {_fmt(ratio, 2)} | {_fmt(d.get('peak_gib'), 1)} / {_fmt(t.get('peak_gib'), 1)} |")
+    if r.get("hf_generate"):
+        lines += ["", "Plain `transformers.generate` (teacher, dynamic cache, eager), new tokens per second end to end:", "",
+                  "| prompt | batch | tok/s | peak GiB |", "|---|---|---|---|"]
+        for h in r["hf_generate"]:
+            lines.append(f"| {h['prompt']} | {h['batch']} | {_fmt(h.get('new_tok_s'))}{' OOM' if h.get('oom') else ''} | {_fmt(h.get('peak_gib'), 1)} |")
+    lines += ["", "## Prefill tokens/s", "", "| context | batch | student | floor | teacher | floor |", "|---|---|---|---|---|---|"]
+    for p in r["prefill"]:
+        lines.append(f"| {p['context']} | {p['batch']} | {_fmt(p['student_tok_s'])} | {_fmt(p['student_floor_tok_s'])} | "
+                     f"{_fmt(p['teacher_tok_s'])} | {_fmt(p['teacher_floor_tok_s'])} |")
+    lines += ["", "## Decode at batch 16 as the context grows", "",
+              "| context | student tok/s | floor | teacher tok/s | floor | student / teacher |", "|---|---|---|---|---|---|"]
+    for c in r["context_sweep"]:
+        ratio = c["student_tok_s"] / c["teacher_tok_s"] if c.get("teacher_tok_s") else None
+        lines.append(f"| {c['context']} | {_fmt(c.get('student_tok_s'))} | {_fmt(c.get('student_floor_tok_s'))} | "
+                     f"{_fmt(c.get('teacher_tok_s'))}{' OOM' if c.get('oom') else ''} | {_fmt(c.get('teacher_floor_tok_s'))} | {_fmt(ratio, 2)} |")
+    lb = r.get("largest_batch", {})
+    if lb:
+        lines += ["", f"## Largest batch in {lb['budget_gib']} GiB (prompt {lb['prompt']}, weights included)", "",
+                  "| model | batch | peak GiB | GiB per sequence | decode tok/s there |", "|---|---|---|---|---|"]
+        for who in ("student", "teacher"):
+            e = lb.get(who, {})
+            lines.append(f"| {who} | {_fmt(e.get('batch'))} | {_fmt(e.get('peak_gib'), 2)} | {_fmt(e.get('gib_per_seq'), 4)} | {_fmt(e.get('decode_tok_s'))} |")
+        if "ratio" in lb:
+            lines.append(f"\nstudent / teacher largest batch: {lb['ratio']:.1f}x")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, axes = plt.subplots(1, len(set(d["prompt"] for d in r["decode"])), figsize=(11, 4), squeeze=False)
+    for ax, prompt in zip(axes[0], sorted(set(d["prompt"] for d in r["decode"]))):
+        for who, style in (("student", "o-"), ("teacher", "s-")):
+            rows = [d for d in r["decode"] if d["model"] == who and d["prompt"] == prompt and d.get("decode_tok_s")]
+            ax.plot([d["batch"] for d in rows], [d["decode_tok_s"] for d in rows], style, label=who)
+            ax.plot([d["batch"] for d in rows], [d["floor_tok_s"] for d in rows], style[0] + ":", alpha=0.5, label=f"{who} floor")
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"prompt {prompt}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "bench-h100-decode.png")
+    fig.savefig(paths[-1], dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [c for c in r["context_sweep"] if c.get("student_tok_s")]
+    ax.plot([c["context"] for c in rows], [c["student_tok_s"] for c in rows], "o-", label="student")
+    ax.plot([c["context"] for c in rows if c.get("teacher_tok_s")], [c["teacher_tok_s"] for c in rows if c.get("teacher_tok_s")], "s-", label="teacher")
+    ax.set(xscale="log", yscale="log", xlabel="context", ylabel="decode tokens/s (batch 16)", title="decode vs context")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "bench-h100-context.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("the GPU benchmark needs CUDA; use --device cpu for the CPU benchmark")
+    results = run_benchmark(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=1))
+    md = to_markdown(results)
+    out.with_suffix(".md").write_text(md)
+    plot(results, out.parent)
+    print(md)
+    return 0

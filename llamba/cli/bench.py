@@ -1,0 +1,60 @@
+"""``llamba bench``: throughput of a Llamba student against its Transformer teacher, on the GPU or the CPU."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """'512x1,512x32' -> [(512, 1), (512, 32)] (prompt x batch)."""
+    try:
+        return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PROMPTxBATCH pairs like 512x8,2048x1, got {text!r}") from None
+
+
+def register(parser) -> None:
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--model", default=None,
+                        help="student checkpoint (default on the GPU: convert the teacher with student_from_teacher)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher name or path (default on the GPU: the SmolLM2-135M shapes with random bf16 "
+                             "weights, 'random-smollm2-135m': speed does not depend on the weights)")
+    parser.add_argument("--contexts", type=_ints, default=None,
+                        help="context lengths (GPU: the batch-16 decode sweep, default 1024,...,32768)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per measurement")
+    parser.add_argument("--quant", nargs="*", default=[], help="CPU only: quantized variants to include")
+    parser.add_argument("--out", default=None, help="output path without suffix (writes .json and .md, plots beside)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads")
+    gpu = parser.add_argument_group("GPU options")
+    gpu.add_argument("--batches", type=_ints, default=[1, 8, 32, 128, 256, 512, 1024])
+    gpu.add_argument("--prompts", type=_ints, default=[512, 2048], help="prompt lengths for the batch sweep")
+    gpu.add_argument("--hf-configs", type=_pairs, default=[(512, 1), (512, 32), (512, 128), (2048, 1), (2048, 32)],
+                     help="PROMPTxBATCH pairs for plain transformers.generate")
+    gpu.add_argument("--sweep-new-tokens", type=int, default=64)
+    gpu.add_argument("--memory-budget-gib", type=float, default=16.0)
+    gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
+    gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the teacher's decode step")
+
+
+def run(args) -> int:
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2")
+    if args.device == "cpu":
+        from llamba.bench import cpu
+
+        return int(cpu.main(args) or 0)
+    from llamba.bench import gpu
+
+    if args.contexts is None:
+        args.contexts = [1024, 2048, 4096, 8192, 16384, 32768]
+    if args.out is None:
+        args.out = "results/bench-h100"
+    return gpu.main(args)

@@ -1,0 +1,257 @@
+"""GPU kernels against the float64 reference paths (skipped without CUDA), and the GPU-free logic around them:
+sampling against naive and transformers' processors, the generation engine's eager path against
+transformers.generate, and the benchmark's static-KV Llama against the transformers forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamba.generation import generate
+from llamba.generation.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k,
+                                        apply_top_p, process_logits, select_tokens)
+from llamba.model import LlambaConfig, LlambaForCausalLM
+from llamba.ops.decode import mixer_step_torch
+from llamba.ops.ssd import ssd_loop
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# -- GPU kernels ----------------------------------------------------------------------------------------------
+SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state
+    (2, 200, 4, 2, 64, 64, True, True),
+    (1, 130, 2, 1, 96, 64, False, True),
+    (2, 64, 2, 2, 128, 128, True, False),
+    (1, 1, 3, 3, 64, 64, False, False),
+    (1, 333, 6, 3, 64, 128, False, True),
+]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SCAN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_scan_matches_float64_loop(case, dtype):
+    from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+
+    b, L, H, G, P, N, with_seq, with_init = case
+    dev = "cuda"
+    x = torch.randn(b, L, H, P, device=dev).to(dtype)
+    B = (torch.randn(b, L, G, N, device=dev) / N ** 0.5).to(dtype)
+    C = (torch.randn(b, L, G, N, device=dev) / N ** 0.5).to(dtype)
+    la = -F.softplus(torch.randn(b, L, H, device=dev))
+    s0 = torch.randn(b, H, P, N, device=dev) if with_init else None
+    seq = torch.cumsum((torch.rand(b, L, device=dev) < 0.02).long(), 1) if with_seq else None
+    ref_in = [t.double().requires_grad_() for t in (x, B, C, la)] + ([s0.double().requires_grad_()] if with_init else [])
+    y_ref, s_ref = ssd_loop(*ref_in[:4], initial_state=ref_in[4] if with_init else None, seq_idx=seq)
+    dy, ds = torch.randn_like(y_ref), torch.randn_like(s_ref)
+    ((y_ref * dy).sum() + (s_ref * ds).sum()).backward()
+
+    ins = [t.clone().requires_grad_() for t in (x, B, C, la)] + ([s0.clone().requires_grad_()] if with_init else [])
+    y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq)
+    assert y.dtype == dtype and s.dtype == torch.float32 and y.shape == x.shape
+    ((y.float() * dy.float()).sum() + (s * ds.float()).sum()).backward()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert rel(y, y_ref) < tol
+    assert rel(s, s_ref) < tol
+    for name, got, want in zip("x B C log_a init".split(), ins, ref_in):
+        assert torch.isfinite(got.grad).all(), name
+        assert rel(got.grad, want.grad) < tol * (2 if name == "log_a" else 1), name
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_decode_step_matches_float64(shape, dtype):
+    from llamba.ops.triton_decode import mixer_step_triton
+
+    b, H, G, P, N = shape
+    d_inner, dev = H * P, "cuda"
+    conv_dim = d_inner + 2 * G * N
+    xBC, z = torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype)
+    A_log = torch.randn(b, H, device=dev).to(dtype)
+    conv_state = torch.randn(b, conv_dim, 3, device=dev).to(dtype)
+    ssm_state = torch.randn(b, H, P, N, device=dev)
+    w, bias = torch.randn(conv_dim, 1, 4, device=dev).to(dtype), torch.randn(conv_dim, device=dev).to(dtype)
+    D, z_bias = torch.randn(H, device=dev).to(dtype), torch.randn(d_inner, device=dev).to(dtype)
+    for zb in (z_bias, None):
+        cs_ref, ss_ref = conv_state.double(), ssm_state.double()
+        ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), cs_ref, ss_ref, w.double(), bias.double(),
+                               D.double(), None if zb is None else zb.double(), G)
+        cs, ss = conv_state.clone(), ssm_state.clone()
+        out = mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, zb, G)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel(out, ref) < tol and rel(ss, ss_ref) < tol and rel(cs, cs_ref) == 0
+
+
+def tiny_student(seed=0, **ssm):
+    torch.manual_seed(seed)
+    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=97, mlp_cfg={"intermediate_size": 96},
+                       ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, **ssm})
+    return LlambaForCausalLM(cfg).eval()
+
+
+def left_padded(batch=3, length=9, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = 0
+    return ids, mask
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_graph_generation_matches_eager_and_transformers():
+    model = tiny_student().cuda()
+    ids, mask = left_padded()
+    ids, mask = ids.cuda(), mask.cuda()
+    graph = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2)
+    eager = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2, use_cuda_graph=False)
+    ref = super(LlambaForCausalLM, model).generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                                     repetition_penalty=1.2, pad_token_id=0)
+    assert torch.equal(graph.new_tokens, eager.new_tokens)
+    assert torch.equal(graph.sequences, ref)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.2), ref)
+
+
+# -- sampling (CPU) -------------------------------------------------------------------------------------------
+def naive_keep_top_p(probs_row: list[float], p: float) -> set[int]:
+    order = sorted(range(len(probs_row)), key=lambda i: -probs_row[i])
+    keep, total = set(), 0.0
+    for i in order:
+        if total < p:
+            keep.add(i)
+        total += probs_row[i]
+    return keep
+
+
+def test_processors_match_naive_and_transformers():
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    ids = torch.randint(0, 50, (6, 12))
+    seen = torch.zeros(6, 50, dtype=torch.bool).scatter_(1, ids, True)
+
+    pen = apply_repetition_penalty(logits, seen, 1.7)
+    for r in range(6):
+        for v in range(50):
+            x = logits[r, v].item()
+            want = (x / 1.7 if x > 0 else x * 1.7) if seen[r, v] else x
+            assert pen[r, v].item() == pytest.approx(want, rel=1e-6)
+    assert torch.allclose(pen, RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone()))
+
+    topk = apply_top_k(logits, 7)
+    for r in range(6):
+        kept = set(torch.nonzero(torch.isfinite(topk[r])).flatten().tolist())
+        assert kept == set(torch.argsort(logits[r], descending=True)[:7].tolist())
+    assert torch.equal(topk, TopKLogitsWarper(7)(ids, logits.clone()))
+
+    for p in (0.3, 0.9):
+        topp = apply_top_p(logits, p)
+        probs = logits.softmax(-1)
+        for r in range(6):
+            assert set(torch.nonzero(torch.isfinite(topp[r])).flatten().tolist()) == naive_keep_top_p(probs[r].tolist(), p)
+        assert torch.equal(topp, TopPLogitsWarper(p)(ids, logits.clone()))
+
+    minp = apply_min_p(logits, 0.1)
+    probs = logits.softmax(-1)
+    for r in range(6):
+        want = {v for v in range(50) if probs[r, v] >= 0.1 * probs[r].max()}
+        assert set(torch.nonzero(torch.isfinite(minp[r])).flatten().tolist()) == want
+    assert torch.equal(minp, MinPLogitsWarper(0.1)(ids, logits.clone()))
+
+    # The whole chain: penalty, temperature, top-k, top-p, min-p, in transformers' order.
+    params = SamplingParams(True, 0.7, 20, 0.8, 0.05, 1.3)
+    got = process_logits(logits, seen, params)
+    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()) / 0.7
+    for warper in (TopKLogitsWarper(20), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        want = warper(ids, want)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)])
+
+
+def test_sampling_draws_from_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).expand(40000, -1)
+    params = SamplingParams(do_sample=True, temperature=1.5)
+    tokens = select_tokens(logits, None, params)
+    freq = torch.bincount(tokens, minlength=5).double() / tokens.numel()
+    assert torch.allclose(freq, (logits[0] / 1.5).softmax(-1).double(), atol=0.01)
+    greedy = select_tokens(torch.randn(4, 30), None, SamplingParams())
+    assert greedy.shape == (4,)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0).validate()
+
+
+# -- the engine's eager path (CPU) ----------------------------------------------------------------------------
+def test_engine_matches_transformers_generate_on_cpu():
+    model = tiny_student()
+    ids, mask = left_padded()
+    for kwargs in ({}, {"repetition_penalty": 1.5}):
+        ours = generate(model, ids, mask, max_new_tokens=10, **kwargs)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, **kwargs)
+        assert torch.equal(ours.sequences, ref)
+        assert ours.lengths.tolist() == [10, 10, 10]
+
+
+def test_engine_eos_and_stop_strings_per_row():
+    model = tiny_student()
+    ids, mask = left_padded()
+    free = generate(model, ids, mask, max_new_tokens=12).new_tokens
+    eos = int(free[0, 3])  # row 0 meets it at position 3 at the latest
+    out = generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, check_every=4)
+    for row in range(3):
+        hits = (free[row] == eos).nonzero().flatten().tolist()
+        n = hits[0] + 1 if hits else 12
+        assert out.lengths[row].item() == n
+        assert torch.equal(out.new_tokens[row, :n], free[row, :n])
+        assert (out.new_tokens[row, n:] == 0).all()
+
+    class Digits:  # a tokenizer whose text is the token ids, space separated
+        def decode(self, tokens, skip_special_tokens=False):
+            return " ".join(str(t) for t in tokens)
+
+    stop = f"{int(free[1, 4])} {int(free[1, 5])}"
+    out = generate(model, ids, mask, max_new_tokens=12, stop_strings=[stop], tokenizer=Digits(), pad_token_id=0,
+                   check_every=3)
+    text = Digits().decode(free[1].tolist())
+    first = next(k for k in range(12) if stop in Digits().decode(free[1, : k + 1].tolist()))
+    assert stop in text and out.lengths[1].item() == first + 1
+    assert torch.equal(out.new_tokens[1, : first + 1], free[1, : first + 1]) and (out.new_tokens[1, first + 1:] == 0).all()
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, ids, mask, max_new_tokens=2, stop_strings=["x"])
+
+
+# -- the benchmark's strong baseline (CPU) --------------------------------------------------------------------
+def test_static_llama_matches_transformers_forward():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamba.bench.llama_static import StaticLlama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=16, rope_theta=100000.0, tie_word_embeddings=True,
+                      max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (3, 9))
+    st = StaticLlama(model, 3, 16)
+    with torch.no_grad():
+        st.start(ids, prefill_rows=2)
+        seq = torch.cat([ids, st.tok[:, None]], 1)
+        for _ in range(5):
+            logits = st._decode_logits(st.tok, st.pos)
+            full = model(seq).logits[:, -1]
+            assert torch.allclose(logits, full, atol=1e-4)
+            st.tok.copy_(torch.randint(0, 128, (3,)))  # any next token: the cache must follow it
+            st.pos += 1
+            seq = torch.cat([seq, st.tok[:, None]], 1)
