@@ -1,0 +1,1 @@
+"""Throughput benchmarks: ``gpu`` (student vs teacher on one GPU) and ``cpu``."""
