@@ -98,8 +98,14 @@ def run_suite(lm, specs: list[str | dict], data_dir: str | Path, limit: int | fl
               batch_size: int = 1, log_samples: bool = False) -> dict:
     """Run lm-eval on ``lm`` (an lm-eval ``LM``: ``LlambaLM`` or ``HFLM``); returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
+    from lm_eval.tasks._index import TaskIndex
 
-    return simple_evaluate(model=lm, tasks=specs, task_manager=task_manager(data_dir), limit=limit,
+    manager = task_manager(data_dir)
+    # lm-eval 0.4.13 pushes an inline group dict's own keys ("group", "task") down into its member tasks when the
+    # dict is passed as a task spec; building the Group through the manager's factory without overrides avoids it.
+    specs = [manager._factory.build(TaskIndex.entry_from_config(s), overrides=None, registry=manager._index)
+             if isinstance(s, dict) else s for s in specs]
+    return simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
                            batch_size=batch_size, log_samples=log_samples, bootstrap_iters=0)
 
 
