@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 LLAMA_FAMILY = ("llama",)  # model_type values whose blocks are Llama blocks (SmolLM2 and Llama-3.x are "llama")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -72,10 +73,17 @@ def fetch_known_teacher(name: str) -> Path:
     return target
 
 
+def converted_folder(name: str) -> Path:
+    """Where a known teacher is kept as a plain HF folder after its first (slow) GGUF load."""
+    return cache_dir() / name / "hf"
+
+
 def resolve_teacher(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a known name, a GGUF file, or a HF folder."""
     name = str(name_or_path)
     if name in KNOWN_TEACHERS:
+        if (converted_folder(name) / "READY").exists():
+            return converted_folder(name), None
         gguf = fetch_known_teacher(name)
         return gguf.parent, gguf.name
     path = Path(name).expanduser()
@@ -134,4 +142,29 @@ def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu",
     check_llama_family(load_teacher_config(name_or_path))
     kwargs = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-    return model.to(device).eval(), load_tokenizer(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    if gguf and str(name_or_path) in KNOWN_TEACHERS and dtype == torch.float32:
+        _keep_converted(str(name_or_path), model, tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def _keep_converted(name: str, model, tokenizer) -> None:
+    """Save the dequantized teacher as safetensors + tokenizer.json: later loads take a second, not half a minute."""
+    target = converted_folder(name)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix="hf-"))
+    try:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain tensors, so write them.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "READY").touch()
+        os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

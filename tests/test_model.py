@@ -1,0 +1,166 @@
+"""The whole Llamba model: cache paths, generation, checkpoints in the official format, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llamba.checkpoint import load_model, load_student, save_student
+from llamba.model import Z_BIAS_IDENTITY, LlambaConfig, LlambaForCausalLM
+
+
+def tiny_config(**overrides):
+    base = dict(d_model=64, n_layer=2, vocab_size=101, pad_vocab_size_multiple=8, tie_embeddings=True,
+                mlp_cfg={"intermediate_size": 96}, ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 16})
+    base.update(overrides)
+    return LlambaConfig(**base)
+
+
+def tiny_model(dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = LlambaForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+    with torch.no_grad():  # non-trivial mixers: random D, z_bias, conv bias
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_silu_of_identity_bias_is_one():
+    assert abs(torch.nn.functional.silu(torch.tensor(Z_BIAS_IDENTITY, dtype=torch.float64)).item() - 1) < 1e-11
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_equals_prefill_then_decode(tied):
+    model = tiny_model(tie_embeddings=tied)
+    ids = torch.randint(0, 101, (3, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(3)
+        pieces = [model(ids[:, :17], past_key_values=cache).logits]
+        pieces.append(model(ids[:, 17:30], past_key_values=cache).logits)  # a second prefill continues the first
+        pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(30, 40)]
+    assert full.shape == (3, 40, 101)  # padded vocabulary rows are cut off
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+    assert cache.get_seq_length() == 40
+
+
+def test_cache_is_constant_size():
+    model = tiny_model()
+    cache = model.allocate_cache(2)
+    size = cache.nbytes()
+    with torch.no_grad():
+        model(torch.randint(0, 101, (2, 300)), past_key_values=cache)
+    assert cache.nbytes() == size and cache.ssm_states.dtype == torch.float64
+
+
+def test_float32_state_for_bfloat16_model():
+    model = tiny_model(dtype=torch.bfloat16)
+    cache = model.allocate_cache(1)
+    assert cache.ssm_states.dtype == torch.float32 and cache.conv_states.dtype == torch.bfloat16
+
+
+def test_generate_matches_manual_greedy_and_padding_does_not_leak():
+    model = tiny_model()
+    ids = torch.randint(1, 101, (2, 9))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    manual = ids
+    with torch.no_grad():
+        for _ in range(6):
+            manual = torch.cat([manual, model(manual).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, manual)
+    # A short prompt left-padded in a batch gives what it gives alone.
+    short = ids[1:, :4]
+    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.tensor([[1] * 9, [0] * 5 + [1] * 4])
+    both = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(both[1, 5:], alone[0]) and torch.equal(both[0], out[0])
+
+
+def test_save_load_roundtrip_is_bit_exact(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    save_student(model, None, tmp_path)
+    loaded = load_student(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    ids = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+OFFICIAL_KEYS = {
+    "backbone.embedding.weight", "backbone.final_layernorm.weight", "lm_head.weight",
+    *(f"backbone.layers.{i}.{name}" for i in range(2) for name in (
+        "input_layernorm.weight", "post_attention_layernorm.weight", "mixer.in_proj.weight", "mixer.z_bias",
+        "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.D", "mixer.out_proj.weight",
+        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")),
+}
+
+
+def write_cartesia_checkpoint(folder, model, config_dict):
+    """What a cartesia-ai/Llamba-* folder looks like: their config.json fields and key names, no model_type."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_dict))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (config_dict["tie_embeddings"] and k == "lm_head.weight")}
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def official_config(tied):
+    return {"d_model": 64, "n_layer": 2, "vocab_size": 101, "tie_embeddings": tied, "pad_vocab_size_multiple": 8,
+            "lm_head_bias": False, "norm_epsilon": 1e-5,
+            "mlp_cfg": {"intermediate_size": 96, "bias": False, "act_fn": "silu"},
+            "ssm_cfg": {"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, "expand": 1, "chunk_size": 16,
+                        "activation": "identity", "bias": False}}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_official_format_loads_unchanged(tmp_path, tied):
+    model = tiny_model(dtype=torch.float32, tie_embeddings=tied)
+    expected_keys = OFFICIAL_KEYS if not tied else OFFICIAL_KEYS - {"lm_head.weight"}
+    assert set(model.state_dict()) - ({"lm_head.weight"} if tied else set()) == expected_keys
+    write_cartesia_checkpoint(tmp_path, model, official_config(tied))
+    loaded, tokenizer = load_model(str(tmp_path))
+    assert tokenizer is None and isinstance(loaded, LlambaForCausalLM)
+    ids = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_head_dim_96():
+    model = tiny_model(d_model=192, ssm_cfg={"d_state": 32, "n_v_heads": 2, "n_qk_heads": 1, "chunk_size": 16})
+    assert model.config.head_dim == 96
+    ids = torch.randint(0, 101, (1, 25))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(1)
+        steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(25)]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-10
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    cfg = official_config(True)
+    write_cartesia_checkpoint(tmp_path, model, cfg)
+    cfg["ssm_cfg"]["d_state"] = 8  # config now disagrees with the weights
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"weight 'backbone\.layers\.0\.mixer\.\S+' has shape \(128,?.*implies \(96,?"):
+        load_student(tmp_path)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(official_config(True)))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle"):
+        load_student(tmp_path)
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_bad_config_is_explained():
+    with pytest.raises(ValueError, match="n_v_heads"):
+        tiny_config(ssm_cfg={"d_state": 16, "n_v_heads": 3, "n_qk_heads": 2})
