@@ -29,6 +29,9 @@ def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_
            + u * tl.load(w_ptr + ch * 4 + 3, mask=mask, other=0.0).to(tl.float32))
     if HAS_BIAS:
         out += tl.load(bias_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    # Small vectors are replicated across warps: every replica must have read the old window before any
+    # thread overwrites it, or a late replica computes with the shifted state.
+    tl.debug_barrier()
     tl.store(row + 0, s1.to(cs_ptr.dtype.element_ty), mask=mask)
     tl.store(row + 1, s2.to(cs_ptr.dtype.element_ty), mask=mask)
     tl.store(row + 2, u_raw.to(cs_ptr.dtype.element_ty), mask=mask)

@@ -311,6 +311,8 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
     dC_h = torch.empty_like(dB_h)
     dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
     BP, BN = _tiles(P, N)
+    if BN > 64 or x.element_size() == 4:
+        BP = min(BP, 32)
     _chunk_backward_kernel[(n_chunks, batch * H)](
         x, B, C, la, seq if seq is not None else la, states_in, grads_out, dy,
         dx, dB_h, dC_h, dla,
@@ -320,7 +322,8 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
         states_in.stride(0), states_in.stride(1), states_in.stride(2), states_in.stride(3),
         dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
         dB_h.stride(0), dB_h.stride(1), dB_h.stride(2),
-        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=8)
+        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=8,
+        num_stages=1)  # pipelining the short P loop only multiplies shared memory (fp32 states, N = 128)
     # Heads of one group share B and C: their gradients add up.
     dB = dB_h.view(batch, length, G, HPG, N).sum(3)
     dC = dC_h.view(batch, length, G, HPG, N).sum(3)
