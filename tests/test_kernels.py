@@ -117,7 +117,9 @@ def test_cuda_graph_generation_matches_eager_and_transformers():
     eager = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2, use_cuda_graph=False)
     ref = super(LlambaForCausalLM, model).generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                                      repetition_penalty=1.2, pad_token_id=0)
+    compiled = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2, compile=True)
     assert torch.equal(graph.new_tokens, eager.new_tokens)
+    assert torch.equal(compiled.new_tokens, eager.new_tokens)
     assert torch.equal(graph.sequences, ref)
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.2), ref)
 

@@ -35,9 +35,11 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
-def _cuda_time(fn, repeats: int = 1) -> float:
-    """Seconds per call, timed with CUDA events after one warm call."""
-    fn()
+def _cuda_time(fn, repeats: int = 1, warm: bool = True) -> float:
+    """Seconds per call, timed with CUDA events (after one warm call unless ``warm=False``: decode loops are
+    warm from their capture, and a second pass would run past the cache)."""
+    if warm:
+        fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -103,9 +105,9 @@ def _prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), device="cuda")
 
 
-def student_decode(student, batch, prompt, new_tokens, prefill_rows=64) -> dict:
+def student_decode(student, batch, prompt, new_tokens, compile_step, prefill_rows=64) -> dict:
     torch.cuda.reset_peak_memory_stats()
-    dec = Decoder(student, batch, GREEDY, (), 0, new_tokens, use_graph=True)
+    dec = Decoder(student, batch, GREEDY, (), 0, new_tokens, use_graph=True, compile=compile_step)
     ids = _prompts(batch, prompt, student.config.vocab_size)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def student_decode(student, batch, prompt, new_tokens, prefill_rows=64) -> dict:
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     steps = new_tokens - 1
-    t = _cuda_time(lambda: [dec.advance() for _ in range(steps)]) if steps else float("nan")
+    t = _cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False)
     out = {"prefill_s": prefill_s, "decode_tok_s": batch * steps / t, "step_ms": t / steps * 1e3,
            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "state_bytes_per_seq": dec.cache.nbytes() // batch}
     del dec, ids
@@ -134,7 +136,7 @@ def teacher_decode(teacher, batch, prompt, new_tokens, compile_step, prefill_row
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     steps = new_tokens - 1
-    t = _cuda_time(lambda: [st.advance() for _ in range(steps)])
+    t = _cuda_time(lambda: [st.advance() for _ in range(steps)], warm=False)
     out = {"prefill_s": prefill_s, "decode_tok_s": batch * steps / t, "step_ms": t / steps * 1e3,
            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "kv_bytes_per_token": st.kv_bytes_per_token()}
     del st, ids
@@ -251,7 +253,7 @@ def run_benchmark(args) -> dict:
                 row = {"model": who, "prompt": prompt, "batch": batch, "new_tokens": new}
                 try:
                     if who == "student":
-                        row.update(student_decode(student, batch, prompt, new))
+                        row.update(student_decode(student, batch, prompt, new, not args.no_compile))
                         row["floor_tok_s"] = decode_floor(hw, sw, sn, batch, s_seq)
                     else:
                         row.update(teacher_decode(teacher, batch, prompt, new, not args.no_compile))
@@ -297,7 +299,7 @@ def run_benchmark(args) -> dict:
     for ctx in args.contexts:
         row = {"context": ctx, "batch": 16, "new_tokens": args.sweep_new_tokens}
         try:
-            s = student_decode(student, 16, ctx, args.sweep_new_tokens)
+            s = student_decode(student, 16, ctx, args.sweep_new_tokens, not args.no_compile)
             row["student_tok_s"], row["student_peak_gib"] = s["decode_tok_s"], s["peak_gib"]
             row["student_floor_tok_s"] = decode_floor(hw, sw, sn, 16, s_seq)
             t = teacher_decode(teacher, 16, ctx, args.sweep_new_tokens, not args.no_compile)
@@ -332,7 +334,7 @@ def largest_batch(student, teacher, args, decode_rows) -> dict:
         for _ in range(4):
             try:
                 if who == "student":
-                    r = student_decode(student, guess, prompt, 16)
+                    r = student_decode(student, guess, prompt, 16, not args.no_compile)
                 else:
                     r = teacher_decode(teacher, guess, prompt, 16, not args.no_compile)
                 if r["peak_gib"] <= budget:

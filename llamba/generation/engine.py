@@ -15,6 +15,7 @@ import torch
 
 from llamba.generation.sampling import SamplingParams, select_tokens
 from llamba.model.cache import LlambaCache
+from llamba.ops.decode import mixer_step
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Decoder:
     """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting."""
 
     def __init__(self, model, batch_size: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
-                 capacity: int, use_graph: bool):
+                 capacity: int, use_graph: bool, compile: bool = False):
         self.model, self.params, self.pad_id = model, params, pad_id
         device = model.backbone.embedding.weight.device
         vocab = model.config.vocab_size
@@ -50,6 +51,7 @@ class Decoder:
         self.seen = (torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)
                      if params.repetition_penalty != 1.0 else None)
         self.graph = None
+        self._logits = torch.compile(self._decode_logits) if compile else self._decode_logits
         if use_graph:
             self._capture()
 
@@ -68,13 +70,26 @@ class Decoder:
         self.tok.copy_(nxt)
         self.pos += 1
 
+    def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        """The model's single-token recurrent path (what ``model(tok, past_key_values=cache)`` runs for a
+        continuing cache), written with tensors only so that ``torch.compile`` sees one graph."""
+        backbone = self.model.backbone
+        h = backbone.embedding(tok[:, None])
+        for i, layer in enumerate(backbone.layers):
+            mixer = layer.mixer
+            xBC, z, A_log = mixer._split_projection(layer.input_layernorm(h))
+            y = mixer_step(xBC[:, 0], z[:, 0], A_log[:, 0], self.cache.conv_states[i], self.cache.ssm_states[i],
+                           mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.z_bias, mixer.n_qk_heads)
+            h = h + mixer.out_proj(y[:, None])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(backbone.final_layernorm(h))[:, -1, : self.model.config.vocab_size]
+
     def step(self) -> None:
-        logits = self.model(input_ids=self.tok[:, None], past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
+        logits = self._logits(self.tok)
         self._record(select_tokens(logits, self.seen, self.params))
 
     def _capture(self) -> None:
-        # Warm-up and capture run real steps on scratch state; start() resets everything afterwards.
-        self.cache.seen_tokens = 1  # the mixers take the single-token recurrent path only for a continuing cache
+        # Warm-up (and compilation) and capture run real steps on scratch state; start() resets everything.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -128,14 +143,14 @@ def _stop_index(tokenizer, tokens: list[int], stop_strings: list[str], start: in
 _DECODERS_ATTR = "_llamba_decoders"
 
 
-def _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_graph) -> Decoder:
+def _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_graph, compile=False) -> Decoder:
     """Decoders (and their graphs) are kept on the model, one per batch size and setting, and reused."""
     decoders = model.__dict__.setdefault(_DECODERS_ATTR, {})
-    key = (batch, params, eos_ids, pad_id, use_graph)
+    key = (batch, params, eos_ids, pad_id, use_graph, compile)
     dec = decoders.get(key)
     if dec is None or dec.capacity < max_new_tokens:
         decoders.pop(key, None)
-        dec = Decoder(model, batch, params, eos_ids, pad_id, max(max_new_tokens, 256), use_graph)
+        dec = Decoder(model, batch, params, eos_ids, pad_id, max(max_new_tokens, 256), use_graph, compile)
         decoders[key] = dec
     return dec
 
@@ -161,12 +176,14 @@ def generate(
     check_every: int = 16,
     prefill_rows: int = 64,
     seed: int | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generate up to ``max_new_tokens`` for every row of a left-padded batch (``attention_mask`` 0 on padding).
 
     Rows stop at an ``eos_token_id`` or once their text contains one of ``stop_strings`` (checked on the host
     every ``check_every`` tokens, which needs ``tokenizer``; the tokens after the stop are replaced by padding).
-    ``use_cuda_graph``: default on for CUDA models. ``prefill_rows`` bounds how many rows prefill at once.
+    ``use_cuda_graph``: default on for CUDA models. ``compile``: also ``torch.compile`` the decode step (fewer,
+    fused kernels; costs a compilation per new batch size). ``prefill_rows`` bounds how many rows prefill at once.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)}")
@@ -189,7 +206,7 @@ def generate(
         torch.manual_seed(seed)
 
     batch = input_ids.shape[0]
-    dec = _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_cuda_graph)
+    dec = _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_cuda_graph, compile)
     dec.start(input_ids, attention_mask, prefill_rows)
     stop_at: dict[int, int] = {}
     checked = 0
