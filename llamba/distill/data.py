@@ -237,6 +237,7 @@ def prepare_data(sources: dict[str, list[str]], tokenizer, out_dir, max_tokens: 
             if not batch:
                 exhausted = True
                 break
+            done = False
             for ids in tokenize_documents(tokenizer, batch):
                 which = split
                 if holdout and split == "train" and state["documents"] % 100 == 0 and state["tokens"]["val"] < val_cap:
@@ -245,10 +246,14 @@ def prepare_data(sources: dict[str, list[str]], tokenizer, out_dir, max_tokens: 
                 state["tokens"][which] += len(ids)
                 added[which] += len(ids)
                 state["documents"] += 1
+                # Stop at the document that reaches the cap, whatever was read ahead: the next run restarts
+                # right after it, so growing a budget in steps gives the same shards as one big run.
+                done = cap is not None and state["tokens"][split] >= cap and state["tokens"]["val"] >= val_cap
+                if done:
+                    break
             if sum(b.size for b in buffers[split]) >= shard_tokens:
                 flush(split)
-            done = cap is not None and state["tokens"][split] >= cap
-            if done and state["tokens"]["val"] >= val_cap:
+            if done:
                 break
         flush("train")
         flush("val")

@@ -60,6 +60,11 @@ def teacher_targets(teacher, batch: Batch, stage: int) -> TeacherTargets:
                           attentions=tuple(out.attentions) if stage == 1 else None)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for losses (bf16 under autocast); a float64 model stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def frobenius_loss(student_matrix: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """mean over (batch, head) of ||T - A||_F over the (L, L) matrices."""
     diff = student_matrix - attention.to(student_matrix.dtype)
@@ -68,13 +73,13 @@ def frobenius_loss(student_matrix: torch.Tensor, attention: torch.Tensor) -> tor
 
 def hidden_loss(student_out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean over tokens of the L2 norm of the difference."""
-    return (student_out.float() - target.float()).norm(dim=-1).mean()
+    return (_wide(student_out) - _wide(target).to(_wide(student_out).dtype)).norm(dim=-1).mean()
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """mean over tokens of -sum_v softmax(t / tau) log_softmax(s / tau), times tau^2."""
-    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_s = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
+    t = F.softmax(_wide(teacher_logits).to(log_s.dtype) / temperature, dim=-1)
     return -(t * log_s).sum(-1).mean() * temperature ** 2
 
 
