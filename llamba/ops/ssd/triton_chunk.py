@@ -1,13 +1,12 @@
 """The chunked scan of ``llamba.ops.ssd.chunk.ssd_chunk`` as Triton kernels, forward and backward.
 
-Three kernels each way, over chunks of ``BT`` tokens (one program per batch row, head and chunk):
+Two kernels each way, over chunks of ``BT`` tokens:
 
-    forward   chunk_local_state:  what each chunk adds to the state by its end    sum_j w_j x_j B_j^T
-              state_pass:         carry states across chunks (sequential over chunks, parallel over b, h, P)
-              chunk_output:       y = masked (C B^T * decay) x  +  exp(cs) * S_in C
-    backward  chunk_local_state:  (reversed) what each chunk's dy asks of its incoming state
-              state_pass:         (reversed) gradient of every chunk's outgoing state
-              chunk_backward:     dx, dB, dC, dlog_a from the recomputed intra-chunk matrices
+    forward   chunk_states:    carry the state through the chunks (sequential over chunks, one program per
+                               batch row, head and state tile), adding what each chunk writes: sum_j w_j x_j B_j^T
+              chunk_output:    per chunk, y = masked (C B^T * decay) x  +  exp(cs) * S_in C
+    backward  chunk_states:    reversed: the gradient of every chunk's outgoing state
+              chunk_backward:  per chunk, dx, dB, dC, dlog_a from the recomputed intra-chunk matrices
 
 The forward keeps the incoming state of every chunk (float32) for the backward; the state is float32 everywhere,
 the matrix products take the inputs' dtype (bf16 on the tensor cores). Document resets (``seq_idx``) become masks:
@@ -50,50 +49,25 @@ def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.const
 
 
 @triton.jit
-def _chunk_local_state_kernel(
-    v_ptr, k_ptr, la_ptr, seq_ptr, out_ptr,
-    L, H, HPG, P, N,
+def _chunk_states_kernel(
+    v_ptr, k_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
+    L, H, HPG, P, N, n_chunks,
     s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
-    s_ob, s_oc, s_oh, s_op,
-    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr,
+    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Forward: out[c] = sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T  (v = x, k = B).
-    Reverse:  out[c] = sum_i exp(cs_i)[from_start] dy_i C_i^T        (v = dy, k = C)."""
-    c, pid_p, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """One (BP, BN) tile of the state, carried through the chunks: cur <- decay_c * cur + local_c.
+
+    Forward (v = x, k = B, chunks in order): local_c = sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T, and
+    ``states[c]`` receives the state entering chunk c. Reverse (v = dy, k = C, chunks backwards):
+    local_c = sum_i exp(cs_i)[from_start] dy_i C_i^T, and ``states[c]`` receives the gradient of the state
+    leaving chunk c. ``final`` gets the last state (forward) or the initial state's gradient (reverse)."""
+    pid_p, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     g = h // HPG
-    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-    if REVERSE:
-        w = tl.where(from_start, tl.exp(cs), 0.0)
-    else:
-        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
     p = pid_p * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    tm = t < L
-    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
-    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
-    vw = (v.to(tl.float32) * w[:, None]).to(k.dtype)
-    s = tl.dot(tl.trans(vw), k, input_precision=PREC)  # (BP, BN)
-    o = out_ptr + b * s_ob + c * s_oc + h * s_oh + p[:, None] * s_op + n[None, :]
-    tl.store(o, s, mask=(p[:, None] < P) & (n[None, :] < N))
-
-
-@triton.jit
-def _state_pass_kernel(
-    states_ptr, init_ptr, final_ptr, la_ptr, seq_ptr,
-    L, H, P, N, n_chunks,
-    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_lab, s_lat, s_sqb,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-):
-    """In place over ``states`` (b, chunks, H, P, N): reads each chunk's local term, writes the state entering it
-    (forward) or the gradient leaving it (reverse). cur <- local[c] + decay_c * cur, in chunk order or reversed."""
-    pid_p, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    p = pid_p * BP + tl.arange(0, BP)
-    n = tl.arange(0, BN)
+    n = pid_n * BN + tl.arange(0, BN)
     pn_mask = (p[:, None] < P) & (n[None, :] < N)
     if HAS_INIT:
         cur = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
@@ -101,12 +75,18 @@ def _state_pass_kernel(
         cur = tl.zeros([BP, BN], dtype=tl.float32)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        _, _, cs_last, _, _, _, carry = _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-        decay = tl.where(carry, tl.exp(cs_last), 0.0)
-        ptr = states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
-        local = tl.load(ptr, mask=pn_mask, other=0.0)
-        tl.store(ptr, cur, mask=pn_mask)
-        cur = local + decay * cur
+        t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+        if REVERSE:
+            w = tl.where(from_start, tl.exp(cs), 0.0)
+        else:
+            w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+        tm = t < L
+        v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
+        k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
+        local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)  # (BP, BN)
+        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :], cur, mask=pn_mask)
+        cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
     tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
 
 
@@ -246,37 +226,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _local_state(v, k, la, seq, n_chunks, H, HPG, reverse):
+def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
     batch, length, _, P = v.shape
     N = k.shape[-1]
-    BP, BN = _tiles(P, N)
-    out = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
-    grid = (n_chunks, triton.cdiv(P, BP), batch * H)
-    _chunk_local_state_kernel[grid](
-        v, k, la, seq if seq is not None else la, out,
-        length, H, HPG, P, N,
+    BP, BN = 32, min(64, max(16, triton.next_power_of_2(N)))  # small tiles: many programs for a sequential loop
+    states = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
+    final = torch.empty(batch, H, P, N, device=v.device, dtype=torch.float32)
+    init_ = init if init is not None else final
+    grid = (triton.cdiv(P, BP), triton.cdiv(N, BN), batch * H)
+    _chunk_states_kernel[grid](
+        v, k, la, seq if seq is not None else la, init_, states, final,
+        length, H, HPG, P, N, n_chunks,
         v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2), la.stride(0), la.stride(1),
         seq.stride(0) if seq is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        REVERSE=reverse, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(v.dtype), num_warps=4)
-    return out
-
-
-def _state_pass(states, init, la, seq, reverse):
-    batch, n_chunks, H, P, N = states.shape
-    BP, BN = _tiles(P, N)
-    BP = min(BP, 32)  # more programs: this pass is sequential over chunks
-    final = torch.empty(batch, H, P, N, device=states.device, dtype=torch.float32)
-    init_ = init if init is not None else final
-    grid = (triton.cdiv(P, BP), batch * H)
-    _state_pass_kernel[grid](
-        states, init_, final, la, seq if seq is not None else la,
-        la.shape[1], H, P, N, n_chunks,
         states.stride(0), states.stride(1), states.stride(2), states.stride(3),
         init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
-        la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
-        REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, num_warps=4)
-    return final
+        REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN,
+        PREC=_precision(v.dtype), num_warps=4, num_stages=2)
+    return states, final
 
 
 def _forward(x, B, C, la, seq, init):
@@ -284,8 +251,7 @@ def _forward(x, B, C, la, seq, init):
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
-    states = _local_state(x, B, la, seq, n_chunks, H, HPG, reverse=False)
-    final = _state_pass(states, init, la, seq, reverse=False)  # states now hold each chunk's incoming state
+    states, final = _chunk_states(x, B, la, seq, init, n_chunks, H, HPG, reverse=False)  # state entering each chunk
     y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
     BP, BN = _tiles(P, N)
     grid = (n_chunks, triton.cdiv(P, BP), batch * H)
@@ -304,8 +270,7 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
-    grads_out = _local_state(dy, C, la, seq, n_chunks, H, HPG, reverse=True)
-    d_init = _state_pass(grads_out, d_final, la, seq, reverse=True)  # now: gradient of each chunk's outgoing state
+    grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)  # d state leaving each chunk
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dB_h = torch.empty(batch, length, H, N, device=x.device, dtype=torch.float32)
     dC_h = torch.empty_like(dB_h)
