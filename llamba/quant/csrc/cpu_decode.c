@@ -1,0 +1,298 @@
+/* One decoding step of a Llamba student on the CPU: every layer, the final norm and the head in one call,
+ * writing only into caller-owned buffers (workspace, recurrent state, logits), so a token allocates nothing.
+ * Plain C with OpenMP, loaded through ctypes (llamba/quant/kernels.py): it builds in about a second and needs
+ * no torch headers.
+ *
+ * A linear's weights come in one of three formats:
+ *   bits 32: float32 (N, K)
+ *   bits 4:  uint8 (N, K/2); per group of G inputs w = scale * q + min with q in [0, 15]; inside every 32-wide
+ *            block byte j holds q[j] (low nibble) and q[j + 16] (high nibble)
+ *   bits 8:  int8 (N, K); w = scale * q + min with q in [-128, 127]
+ * scale and min are float16 (N, K / G), G a multiple of 32. The slow twin of everything here is
+ * llamba/quant/reference.py (dequantize, then a float64 matmul).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef struct {
+  const void* data;
+  const uint16_t* scale;
+  const uint16_t* min;
+  const float* bias; /* NULL when absent */
+  int64_t bits, n, k, group;
+} Linear;
+
+typedef struct {
+  const float* input_norm;
+  Linear in_proj;
+  const float* conv_weight; /* (conv_dim, width) */
+  const float* conv_bias;   /* NULL when absent */
+  const float* D;           /* (H) */
+  const float* z_bias;      /* (d_inner) or NULL */
+  Linear out_proj;
+  const float* post_norm;
+  Linear gate, up, down;
+} Layer;
+
+typedef struct {
+  int64_t n_layer, d_model, d_inner, n_heads, n_groups, head_dim, d_state, width, inter;
+  float eps;
+  const Layer* layers;
+  Linear embedding; /* used as a table: one row per token */
+  const float* final_norm;
+  Linear head;
+} Model;
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0) {
+    if (man == 0) bits = sign;
+    else { /* subnormal: renormalise */
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; exp--; }
+      bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+  } else if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
+  else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+static float row_f32(const float* w, const float* x, int64_t k) {
+  float s = 0.f;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= k; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < k; ++i) s += w[i] * x[i];
+  return s;
+}
+
+/* The min term of every row is min_g * (sum of x over group g): computed once per input, not per row. */
+static float row_q4(const uint8_t* q, const uint16_t* scale, const uint16_t* min, const float* x, const float* xsum,
+                    int64_t k, int64_t group) {
+  float bias = 0.f;
+#ifdef __AVX512F__
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < k / group; ++g) {
+    __m512 t = _mm512_setzero_ps();
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32) {
+      __m128i bytes = _mm_loadu_si128((const __m128i*)(q + b / 2));
+      __m128i lo = _mm_and_si128(bytes, low4);
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), _mm512_loadu_ps(x + b), t);
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), _mm512_loadu_ps(x + b + 16), t);
+    }
+    acc = _mm512_fmadd_ps(t, _mm512_set1_ps(half_to_float(scale[g])), acc);
+    bias += half_to_float(min[g]) * xsum[g];
+  }
+  return _mm512_reduce_add_ps(acc) + bias;
+#else
+  float s = 0.f;
+  for (int64_t g = 0; g < k / group; ++g) {
+    float t = 0.f;
+    for (int64_t b = g * group; b < (g + 1) * group; b += 32)
+      for (int j = 0; j < 16; ++j) {
+        uint8_t byte = q[b / 2 + j];
+        t += (float)(byte & 0x0F) * x[b + j] + (float)(byte >> 4) * x[b + j + 16];
+      }
+    s += t * half_to_float(scale[g]);
+    bias += half_to_float(min[g]) * xsum[g];
+  }
+  return s + bias;
+#endif
+}
+
+static float row_q8(const int8_t* q, const uint16_t* scale, const uint16_t* min, const float* x, const float* xsum,
+                    int64_t k, int64_t group) {
+  float bias = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < k / group; ++g) {
+    __m512 t = _mm512_setzero_ps();
+    for (int64_t b = g * group; b < (g + 1) * group; b += 16) {
+      __m128i bytes = _mm_loadu_si128((const __m128i*)(q + b));
+      t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), _mm512_loadu_ps(x + b), t);
+    }
+    acc = _mm512_fmadd_ps(t, _mm512_set1_ps(half_to_float(scale[g])), acc);
+    bias += half_to_float(min[g]) * xsum[g];
+  }
+  return _mm512_reduce_add_ps(acc) + bias;
+#else
+  float s = 0.f;
+  for (int64_t g = 0; g < k / group; ++g) {
+    float t = 0.f;
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) t += (float)q[i] * x[i];
+    s += t * half_to_float(scale[g]);
+    bias += half_to_float(min[g]) * xsum[g];
+  }
+  return s + bias;
+#endif
+}
+
+/* y = W x (+ bias). xsum: scratch of K / 32 floats. Output rows are split across the OpenMP threads. */
+static void gemv(const Linear* l, const float* x, float* y, float* xsum) {
+  const int64_t k = l->k, n = l->n;
+  if (l->bits != 32)
+    for (int64_t g = 0; g < k / l->group; ++g) {
+      float s = 0.f;
+      for (int64_t i = g * l->group; i < (g + 1) * l->group; ++i) s += x[i];
+      xsum[g] = s;
+    }
+  const int64_t groups = l->bits == 32 ? 0 : k / l->group;
+#pragma omp parallel for schedule(static) if (n >= 256)
+  for (int64_t r = 0; r < n; ++r) {
+    float v;
+    if (l->bits == 32) v = row_f32((const float*)l->data + r * k, x, k);
+    else if (l->bits == 4)
+      v = row_q4((const uint8_t*)l->data + r * k / 2, l->scale + r * groups, l->min + r * groups, x, xsum, k, l->group);
+    else
+      v = row_q8((const int8_t*)l->data + r * k, l->scale + r * groups, l->min + r * groups, x, xsum, k, l->group);
+    y[r] = l->bias ? v + l->bias[r] : v;
+  }
+}
+
+/* Row `row` of a (possibly quantized) table, dequantized: the embedding lookup. */
+static void table_row(const Linear* l, int64_t row, float* out) {
+  const int64_t k = l->k;
+  if (l->bits == 32) {
+    memcpy(out, (const float*)l->data + row * k, k * sizeof(float));
+    return;
+  }
+  const int64_t groups = k / l->group;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t g = i / l->group;
+    int code;
+    if (l->bits == 8) code = ((const int8_t*)l->data)[row * k + i];
+    else {
+      const int64_t j = i % 32;
+      const uint8_t byte = ((const uint8_t*)l->data)[row * k / 2 + (i - j) / 2 + j % 16];
+      code = j < 16 ? (byte & 0x0F) : (byte >> 4);
+    }
+    out[i] = half_to_float(l->scale[row * groups + g]) * (float)code + half_to_float(l->min[row * groups + g]);
+  }
+}
+
+static void rms_norm(const float* x, const float* w, float* out, int64_t d, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float r = 1.f / sqrtf(ss / (float)d + eps);
+  for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+int64_t llamba_workspace_floats(const Model* m) {
+  const int64_t conv_dim = m->d_inner + 2 * m->n_groups * m->d_state;
+  const int64_t proj_dim = conv_dim + m->d_inner + m->n_heads;
+  return 3 * m->d_model + proj_dim + conv_dim + m->d_inner + 2 * m->inter + max3(m->d_model, m->d_inner, m->inter) / 32 + 1;
+}
+
+/* conv_states (n_layer, conv_dim, width - 1) and ssm_states (n_layer, H, P, N), float32, updated in place;
+ * logits receives head->n floats. Returns 0, or -1 for a token id outside the embedding. */
+int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float* ssm_states, float* work, float* logits) {
+  const int64_t d = m->d_model, d_inner = m->d_inner, H = m->n_heads, G = m->n_groups, P = m->head_dim,
+                N = m->d_state, width = m->width, inter = m->inter;
+  const int64_t conv_dim = d_inner + 2 * G * N, proj_dim = conv_dim + d_inner + H, heads_per_group = H / G;
+  if (token < 0 || token >= m->embedding.n) return -1;
+
+  float* ws = work;
+  float* h = ws;    ws += d;
+  float* xn = ws;   ws += d;
+  float* proj = ws; ws += proj_dim;
+  float* xbc = ws;  ws += conv_dim;
+  float* y = ws;    ws += d_inner;
+  float* gu = ws;   ws += 2 * inter;
+  float* out = ws;  ws += d;
+  float* xsum = ws;
+
+  table_row(&m->embedding, token, h);
+  for (int64_t li = 0; li < m->n_layer; ++li) {
+    const Layer* L = &m->layers[li];
+
+    /* Discrete Mamba-2 mixer */
+    rms_norm(h, L->input_norm, xn, d, m->eps);
+    gemv(&L->in_proj, xn, proj, xsum);
+    float* cs = conv_states + li * conv_dim * (width - 1);
+    for (int64_t c = 0; c < conv_dim; ++c) { /* depthwise causal conv over [x | B | C], window shifted in place */
+      float* st = cs + c * (width - 1);
+      const float* wc = L->conv_weight + c * width;
+      float acc = L->conv_bias ? L->conv_bias[c] : 0.f;
+      for (int64_t j = 0; j < width - 1; ++j) acc += wc[j] * st[j];
+      acc += wc[width - 1] * proj[c];
+      for (int64_t j = 0; j + 1 < width - 1; ++j) st[j] = st[j + 1];
+      st[width - 2] = proj[c];
+      xbc[c] = acc;
+    }
+    const float *x = xbc, *B = xbc + d_inner, *C = xbc + d_inner + G * N;
+    const float *z = proj + conv_dim, *A_log = proj + conv_dim + d_inner;
+    float* S = ssm_states + li * H * P * N;
+#pragma omp parallel for schedule(static)
+    for (int64_t hh = 0; hh < H; ++hh) { /* S = a S + x B^T;  y = S C + D x;  y *= silu(z + z_bias) */
+      const float a = expf(-softplus(A_log[hh]));
+      const float* Bg = B + (hh / heads_per_group) * N;
+      const float* Cg = C + (hh / heads_per_group) * N;
+      for (int64_t p = 0; p < P; ++p) {
+        float* Sp = S + (hh * P + p) * N;
+        const float xv = x[hh * P + p];
+        float acc = 0.f;
+        for (int64_t n = 0; n < N; ++n) {
+          Sp[n] = a * Sp[n] + xv * Bg[n];
+          acc += Sp[n] * Cg[n];
+        }
+        const int64_t i = hh * P + p;
+        y[i] = (acc + L->D[hh] * xv) * silu(z[i] + (L->z_bias ? L->z_bias[i] : 0.f));
+      }
+    }
+    gemv(&L->out_proj, y, out, xsum);
+    for (int64_t i = 0; i < d; ++i) h[i] += out[i];
+
+    /* SwiGLU MLP */
+    rms_norm(h, L->post_norm, xn, d, m->eps);
+    gemv(&L->gate, xn, gu, xsum);
+    gemv(&L->up, xn, gu + inter, xsum);
+    for (int64_t i = 0; i < inter; ++i) gu[i] = silu(gu[i]) * gu[inter + i];
+    gemv(&L->down, gu, out, xsum);
+    for (int64_t i = 0; i < d; ++i) h[i] += out[i];
+  }
+  rms_norm(h, m->final_norm, xn, d, m->eps);
+  gemv(&m->head, xn, logits, xsum);
+  return 0;
+}
+
+/* y (M, N) = x (M, K) W^T (+ bias), row by row: the quantized linear for a few rows, and what the tests check. */
+void llamba_linear_rows(const Linear* l, const float* x, int64_t rows, float* y, float* xsum) {
+  for (int64_t r = 0; r < rows; ++r) gemv(l, x + r * l->k, y + r * l->n, xsum);
+}
+
+int llamba_has_avx512(void) {
+#ifdef __AVX512F__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+void llamba_set_threads(int n) { omp_set_num_threads(n); }
+int llamba_get_threads(void) { return omp_get_max_threads(); }
+#else
+void llamba_set_threads(int n) { (void)n; }
+int llamba_get_threads(void) { return 1; }
+#endif

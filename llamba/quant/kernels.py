@@ -1,0 +1,94 @@
+"""The compiled CPU decode kernels (``csrc/cpu_decode.c``): built on first use with the system C compiler (about a
+second), cached by source hash, loaded through ctypes. No torch headers, no ninja.
+
+``-march=native`` turns on the AVX-512 paths where the CPU has them (a portable scalar path otherwise). Without a
+compiler ``load_kernels()`` returns None and callers fall back to PyTorch ops (``llamba.quant.reference``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.c"
+_errors: list[str] = []
+
+c_float_p = ctypes.POINTER(ctypes.c_float)
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("min", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("bits", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("in_proj", Linear), ("conv_weight", ctypes.c_void_p),
+                ("conv_bias", ctypes.c_void_p), ("D", ctypes.c_void_p), ("z_bias", ctypes.c_void_p),
+                ("out_proj", Linear), ("post_norm", ctypes.c_void_p), ("gate", Linear), ("up", Linear), ("down", Linear)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layer", "d_model", "d_inner", "n_heads", "n_groups", "head_dim", "d_state", "width", "inter")] + [
+                ("eps", ctypes.c_float), ("layers", ctypes.POINTER(Layer)), ("embedding", Linear),
+                ("final_norm", ctypes.c_void_p), ("head", Linear)]
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    base = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", str(SOURCE), "-o", str(out), "-lm"]
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    for extra in (["-march=native"], []):  # some compilers / CPUs refuse -march=native
+        cmd = base[:1] + extra + base[1:]
+        cmd[cmd.index(str(out))] = str(tmp)
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp, out)  # atomic: parallel test workers may build at the same time
+            return
+    raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels():
+    """The ctypes library, or None (``kernel_error()`` says why) when it cannot be built."""
+    try:
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+        cache = Path(os.environ.get("LLAMBA_KERNEL_CACHE", Path.home() / ".cache" / "llamba" / "kernels"))
+        cache.mkdir(parents=True, exist_ok=True)
+        lib_path = cache / f"cpu_decode-{digest}.so"
+        if not lib_path.exists():
+            _compile(lib_path)
+        lib = ctypes.CDLL(str(lib_path))
+    except Exception as err:  # noqa: BLE001 - any build failure means "use the PyTorch fallback"
+        _errors.append(f"{type(err).__name__}: {err}")
+        return None
+    lib.llamba_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, c_float_p, c_float_p, c_float_p, c_float_p]
+    lib.llamba_decode_step.restype = ctypes.c_int
+    lib.llamba_linear_rows.argtypes = [ctypes.POINTER(Linear), c_float_p, ctypes.c_int64, c_float_p, c_float_p]
+    lib.llamba_linear_rows.restype = None
+    lib.llamba_workspace_floats.argtypes = [ctypes.POINTER(Model)]
+    lib.llamba_workspace_floats.restype = ctypes.c_int64
+    lib.llamba_set_threads.argtypes = [ctypes.c_int]
+    return lib
+
+
+def kernel_error() -> str | None:
+    return _errors[-1] if _errors else None
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def fptr(t: torch.Tensor):
+    assert t.dtype == torch.float32 and t.is_contiguous()
+    return ctypes.cast(t.data_ptr(), c_float_p)

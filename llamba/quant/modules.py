@@ -1,0 +1,95 @@
+"""Drop-in quantized replacements for a student's ``nn.Linear`` and ``nn.Embedding`` modules.
+
+A few rows (decoding) go through the compiled kernel; many rows (prefill, perplexity) dequantize the weight once
+per call and use PyTorch's float32 GEMM, which is faster than any per-row kernel for large batches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamba.quant import kernels
+from llamba.quant.reference import QuantizedWeight, dequantize, quantize_weight
+
+KERNEL_MAX_ROWS = 8  # up to this many rows the kernel beats dequantize + GEMM (measured: bench/cpu.py --micro)
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits = qw.bits
+        self.out_features, self.in_features = qw.shape
+        self.register_buffer("data", qw.data)
+        self.register_buffer("scale", qw.scale)
+        self.register_buffer("min", qw.min)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "QuantizedLinear":
+        return cls(quantize_weight(linear.weight, bits, group_size), linear.bias)
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        return QuantizedWeight(self.data, self.scale, self.min, self.bits)
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+    def c_linear(self) -> kernels.Linear:
+        return kernels.Linear(self.data.data_ptr(), self.scale.data_ptr(), self.min.data_ptr(), kernels.ptr(self.bias),
+                              self.bits, self.out_features, self.in_features, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        lib = kernels.load_kernels() if rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 else None
+        if lib is None or torch.is_grad_enabled() and x.requires_grad:
+            return F.linear(x, dequantize(self.weight_q, x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x2 = x.reshape(rows, self.in_features).contiguous()
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        xsum = torch.empty(self.in_features // 32 + 1, dtype=torch.float32)
+        lib.llamba_linear_rows(ctypes.byref(self.c_linear()), kernels.fptr(x2), rows, kernels.fptr(y), kernels.fptr(xsum))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table stored like a quantized linear (one row per token); tied models share the head's table."""
+
+    def __init__(self, table: QuantizedLinear):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        return self.table.weight_q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantize(self.weight_q, torch.float32, rows=flat).reshape(*ids.shape, self.table.in_features)
+
+
+def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None) -> None:
+    """Replace the student's linears (in place) by quantized ones. ``head_bits``: bits for the head and embedding
+    (None: same as ``bits``; 32: keep them float32). A tied model keeps one shared table for both."""
+    head_bits = bits if head_bits is None else head_bits
+    for layer in model.backbone.layers:
+        mixer, mlp = layer.mixer, layer.mlp
+        for parent, name in ((mixer, "in_proj"), (mixer, "out_proj"), (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")):
+            setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), bits, group_size))
+    if head_bits == 32:
+        return
+    tied = model.lm_head.weight is model.backbone.embedding.weight
+    head = QuantizedLinear.from_linear(model.lm_head, head_bits, group_size)
+    model.lm_head = head
+    if tied:
+        model.backbone.embedding = QuantizedEmbedding(head)
+    else:
+        emb = model.backbone.embedding
+        model.backbone.embedding = QuantizedEmbedding(QuantizedLinear(quantize_weight(emb.weight, head_bits, group_size)))

@@ -1,0 +1,138 @@
+"""``CpuDecoder``: prompt prefill through the model's chunked scan, then one compiled call per generated token.
+
+Everything a token touches is allocated once here: the recurrent cache (float32 conv and SSM state, constant
+size), the kernel's workspace and the logits buffer. Resident memory therefore does not depend on the context
+length; the prompt is prefilled in fixed-size pieces so that peak memory does not either.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from llamba.model import LlambaCache
+from llamba.quant import kernels
+from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
+
+PREFILL_CHUNK = 512  # tokens per prefill piece: big enough for fast GEMMs, small enough to keep memory flat
+
+
+def _c_linear(module: nn.Module, keep: list) -> kernels.Linear:
+    if isinstance(module, QuantizedLinear):
+        return module.c_linear()
+    weight = module.weight.detach()
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        raise ValueError("the CPU runtime runs float32 or quantized students; load the model with dtype=torch.float32")
+    bias = None if module.bias is None else module.bias.detach()
+    keep.append(weight)
+    return kernels.Linear(weight.data_ptr(), None, None, kernels.ptr(bias), 32, weight.shape[0], weight.shape[1], 0)
+
+
+def _c_table(embedding: nn.Module, keep: list) -> kernels.Linear:
+    if isinstance(embedding, QuantizedEmbedding):
+        return embedding.table.c_linear()
+    weight = embedding.weight.detach()
+    keep.append(weight)
+    return kernels.Linear(weight.data_ptr(), None, None, None, 32, weight.shape[0], weight.shape[1], 0)
+
+
+def _f(t: torch.Tensor | None, keep: list) -> int | None:
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype != torch.float32:
+        raise ValueError(f"the CPU runtime needs float32 parameters, got {t.dtype}")
+    t = t.contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+class CpuDecoder:
+    """Greedy or sampled generation with a (quantized or float32) Llamba student on the CPU, batch 1."""
+
+    def __init__(self, model, threads: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        self.lib = kernels.load_kernels()
+        if self.lib is None:
+            raise RuntimeError(f"the CPU decode kernel could not be built ({kernels.kernel_error()}); "
+                               "install a C compiler (gcc or clang) or set CC")
+        self.model = model.eval()
+        self.config = cfg = model.config
+        self.prefill_chunk = prefill_chunk
+        if threads:
+            torch.set_num_threads(threads)
+            self.lib.llamba_set_threads(threads)
+        keep: list = []  # tensors whose memory the C structs point into
+        layers = (kernels.Layer * cfg.n_layer)()
+        for i, block in enumerate(model.backbone.layers):
+            mixer, mlp = block.mixer, block.mlp
+            conv = mixer.conv1d
+            layers[i] = kernels.Layer(
+                _f(block.input_layernorm.weight, keep), _c_linear(mixer.in_proj, keep),
+                _f(conv.weight.reshape(conv.weight.shape[0], -1), keep), _f(conv.bias, keep), _f(mixer.D, keep),
+                _f(mixer.z_bias, keep), _c_linear(mixer.out_proj, keep), _f(block.post_attention_layernorm.weight, keep),
+                _c_linear(mlp.gate_proj, keep), _c_linear(mlp.up_proj, keep), _c_linear(mlp.down_proj, keep))
+        self.c_model = kernels.Model(
+            cfg.n_layer, cfg.d_model, cfg.d_inner, cfg.n_v_heads, cfg.n_qk_heads, cfg.head_dim, cfg.d_state,
+            cfg.ssm_cfg["d_conv"], cfg.mlp_cfg["intermediate_size"], cfg.norm_epsilon, layers,
+            _c_table(model.backbone.embedding, keep), _f(model.backbone.final_layernorm.weight, keep),
+            _c_linear(model.lm_head, keep))
+        self._keep, self._layers = keep, layers
+        self.cache = LlambaCache(cfg, 1, dtype=torch.float32)
+        self.workspace = torch.zeros(self.lib.llamba_workspace_floats(ctypes.byref(self.c_model)))
+        self.logits_buf = torch.zeros(self.c_model.head.n)
+        self.logits = self.logits_buf[: cfg.vocab_size]
+        self._next = torch.zeros((), dtype=torch.long)
+        self._args = (ctypes.byref(self.c_model), kernels.fptr(self.cache.conv_states), kernels.fptr(self.cache.ssm_states),
+                      kernels.fptr(self.workspace), kernels.fptr(self.logits_buf))
+
+    def state_nbytes(self) -> int:
+        return self.cache.nbytes() + self.workspace.nbytes + self.logits_buf.nbytes
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed a prompt (1, L) or (L,) through the chunked scan, in pieces; returns the last position's logits."""
+        ids = input_ids.reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("empty prompt: give at least one token")
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            piece = ids[:, start:start + self.prefill_chunk]
+            out = self.model(piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.logits.copy_(out.logits[0, -1])
+        return self.logits
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one token; returns the next-token logits (a view of a buffer that the next step overwrites)."""
+        lib, (model, conv, ssm, work, logits) = self.lib, self._args
+        if lib.llamba_decode_step(model, int(token), conv, ssm, work, logits) != 0:
+            raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
+        self.cache.seen_tokens += 1
+        return self.logits
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None, callback=None) -> list[int]:
+        """Prefill, then decode up to ``max_new_tokens`` (greedy when temperature is 0). ``callback(token)`` streams."""
+        self.reset()
+        logits = self.prefill(input_ids)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = self._pick(logits, temperature, generator)
+            out.append(token)
+            if callback is not None:
+                callback(token)
+            if token == eos_token_id:
+                break
+            logits = self.step(token)
+        return out
+
+    def _pick(self, logits: torch.Tensor, temperature: float, generator) -> int:
+        if temperature <= 0:
+            torch.argmax(logits, dim=0, out=self._next)
+            return int(self._next)
+        probs = torch.softmax(logits / temperature, dim=0)
+        return int(torch.multinomial(probs, 1, generator=generator))
