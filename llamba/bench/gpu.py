@@ -236,7 +236,12 @@ def run_benchmark(args) -> dict:
     sn, tn = param_count(student), param_count(teacher)
     s_seq = student_step_bytes(student)
     new = args.new_tokens
-    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    partial = Path(args.out).with_suffix(".partial.json")
+
+    def log(*a):  # progress, and the results so far on disk in case the run is cut short
+        print(*a, flush=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=1))
 
     if not args.skip_kernels:
         from llamba.bench.kernels import bench_decode_step, bench_scan

@@ -35,7 +35,7 @@ class StaticLlama:
         self.positions = positions
         self.pos = torch.zeros(1, dtype=torch.long, device=p.device)  # next decode position
         self.tok = torch.zeros(batch_size, dtype=torch.long, device=p.device)
-        self._decode_logits = torch.compile(self._decode_logits_eager) if compile else self._decode_logits_eager
+        self._decode_logits = torch.compile(self._decode_logits_eager, dynamic=True) if compile else self._decode_logits_eager
         self.graph = None
 
     def kv_bytes_per_token(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from llamba.generation.sampling import SamplingParams, select_tokens
 from llamba.model.cache import LlambaCache
@@ -34,6 +35,36 @@ def _row_view(cache: LlambaCache, rows: slice) -> LlambaCache:
     return view
 
 
+def _rms_norm(h, weight, eps: float):
+    x = h.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits):
+    return torch.split(F.linear(_rms_norm(h, norm_w, eps), in_w, in_b), splits, dim=-1)
+
+
+def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b):
+    h = h + F.linear(y, out_w, out_b)
+    u = _rms_norm(h, norm_w, eps)
+    return h + F.linear(F.silu(F.linear(u, gate_w, gate_b)) * F.linear(u, up_w, up_b), down_w, down_b)
+
+
+def _logits_head(h, norm_w, eps, lm_w, lm_b, vocab: int):
+    return F.linear(_rms_norm(h, norm_w, eps), lm_w, lm_b)[:, -1, :vocab]
+
+
+_COMPILED = None
+
+
+def _compiled_pieces():
+    """The three pieces compiled once per process, dynamic in the batch size (the Triton step stays outside)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = tuple(torch.compile(f, dynamic=True) for f in (_mixer_inputs, _block_tail, _logits_head))
+    return _COMPILED
+
+
 class Decoder:
     """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting."""
 
@@ -51,7 +82,10 @@ class Decoder:
         self.seen = (torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)
                      if params.repetition_penalty != 1.0 else None)
         self.graph = None
-        self._logits = torch.compile(self._decode_logits) if compile else self._decode_logits
+        mixer = model.backbone.layers[0].mixer
+        self._splits = [mixer.d_inner + 2 * mixer.n_qk_heads * mixer.d_state, mixer.d_inner, mixer.n_v_heads]
+        self._pieces = (_compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head))
+        self._logits = self._decode_logits
         if use_graph:
             self._capture()
 
@@ -72,17 +106,23 @@ class Decoder:
 
     def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
         """The model's single-token recurrent path (what ``model(tok, past_key_values=cache)`` runs for a
-        continuing cache), written with tensors only so that ``torch.compile`` sees one graph."""
-        backbone = self.model.backbone
+        continuing cache). Between the fused Triton mixer steps, each piece is a function of tensors only, so
+        with ``compile`` one compiled kernel set serves every layer and batch size."""
+        backbone, (pre, tail, head) = self.model.backbone, self._pieces
         h = backbone.embedding(tok[:, None])
         for i, layer in enumerate(backbone.layers):
-            mixer = layer.mixer
-            xBC, z, A_log = mixer._split_projection(layer.input_layernorm(h))
+            mixer, mlp = layer.mixer, layer.mlp
+            norm = layer.input_layernorm
+            xBC, z, A_log = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits)
             y = mixer_step(xBC[:, 0], z[:, 0], A_log[:, 0], self.cache.conv_states[i], self.cache.ssm_states[i],
                            mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.z_bias, mixer.n_qk_heads)
-            h = h + mixer.out_proj(y[:, None])
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(backbone.final_layernorm(h))[:, -1, : self.model.config.vocab_size]
+            norm2 = layer.post_attention_layernorm
+            h = tail(h, y[:, None], mixer.out_proj.weight, mixer.out_proj.bias, norm2.weight, norm2.eps,
+                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                     mlp.down_proj.weight, mlp.down_proj.bias)
+        final = backbone.final_layernorm
+        return head(h, final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
+                    self.model.config.vocab_size)
 
     def step(self) -> None:
         logits = self._logits(self.tok)

@@ -203,7 +203,7 @@ def _chunk_backward_kernel(
 
 def _tiles(P: int, N: int) -> tuple[int, int]:
     BN = max(16, triton.next_power_of_2(N))
-    BP = 64 if P % 64 == 0 else 32 if P % 32 == 0 else max(16, min(64, triton.next_power_of_2(P)))
+    BP = 64 if P >= 64 else max(16, triton.next_power_of_2(P))  # P = 96: two tiles, the second half masked
     return BP, BN
 
 
@@ -276,8 +276,8 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
     dC_h = torch.empty_like(dB_h)
     dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
     BP, BN = _tiles(P, N)
-    if BN > 64 or x.element_size() == 4:
-        BP = min(BP, 32)
+    if x.element_size() == 4 and (BN > 64 or P % 64):
+        BP = 32  # float32 operands double the shared memory
     _chunk_backward_kernel[(n_chunks, batch * H)](
         x, B, C, la, seq if seq is not None else la, states_in, grads_out, dy,
         dx, dB_h, dC_h, dla,
