@@ -34,9 +34,10 @@ def make_corpus(folder, n_docs: int = 400, n_val: int = 40, seed: int = 0) -> Pa
 
 
 def make_teacher(folder, corpus: Path | None = None, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                 vocab: int = 320, seed: int = 0, init_std: float = 0.2) -> Path:
-    """A random LlamaForCausalLM with a byte-level BPE trained on ``corpus`` (or on WORDS), saved as a HF folder.
-    ``init_std`` well above the usual 0.02 makes attention peaked, so distilling it is not trivial."""
+                 vocab: int = 320, seed: int = 0, init_std: float = 0.02, train_steps: int = 0) -> Path:
+    """A LlamaForCausalLM with a byte-level BPE trained on ``corpus`` (or on WORDS), saved as a HF folder.
+    ``train_steps`` > 0 trains it on the corpus first (next-token loss), so its attention has real structure
+    to distill rather than random patterns."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -57,5 +58,22 @@ def make_teacher(folder, corpus: Path | None = None, layers: int = 2, hidden: in
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
                          initializer_range=init_std)
     model = LlamaForCausalLM(config)
+    if train_steps and corpus is not None:
+        _pretrain(model, tok, texts, train_steps, seed)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def _pretrain(model, tok, texts: list[str], steps: int, seed: int, seq_len: int = 64, batch: int = 16) -> None:
+    stream = torch.tensor([i for t in texts for i in tok(t).input_ids + [tok.eos_token_id]])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=g)
+        ids = torch.stack([stream[s:s + seq_len] for s in starts])
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()

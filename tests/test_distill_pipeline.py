@@ -1,0 +1,123 @@
+"""The whole distillation pipeline on a tiny trained teacher: every stage lowers its loss, the distilled student's
+KL to the teacher ends far below the initialised student's, and a run killed twice resumes to the same weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamba.distill import trainer
+from llamba.distill.pipeline import Options, run
+from llamba.distill.recipes import load_recipe
+from llamba.distill.report import read_metrics
+from llamba.distill.testing import make_corpus, make_teacher
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny matrices: one thread is several times faster than two, and immune to a busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_recipe() -> dict:
+    """The smoke preset, shrunk to the tiny teacher."""
+    r = load_recipe("smoke")
+    r.update(d_state=16, seq_len=64, micro_batch=4, batch_tokens=256, eval_tokens=2048, checkpoint_every=5)
+    r["stages"] = {1: {"tokens": 2048, "lr": 1e-2}, 2: {"tokens": 4096, "lr": 1e-2}, 3: {"tokens": 16384, "lr": 1e-2}}
+    return r
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("distill-pipeline")
+    corpus = make_corpus(root / "corpus", n_docs=300, n_val=30)
+    teacher = make_teacher(root / "teacher", corpus, train_steps=200)  # a teacher with structure worth distilling
+    summary = run(Options(teacher=str(teacher), out=root / "ref", recipe=tiny_recipe(), data=str(corpus), sample_tokens=8))
+    return root, corpus, teacher, summary
+
+
+def test_end_to_end_lowers_every_loss_and_kl(setup):
+    root, _, _, summary = setup
+    rows = read_metrics(root / "ref" / "metrics.jsonl")
+    assert sorted(rows) == [1, 2, 3]
+    for stage, r in rows.items():
+        first = sum(x["loss"] for x in r[:3]) / 3
+        last = sum(x["loss"] for x in r[-3:]) / 3
+        assert last < 0.9 * first, f"stage {stage}: loss {first:.3f} -> {last:.3f}"
+    init, final = summary["eval"]["init"], summary["eval"]["final"]
+    assert final["kl_per_token"] < 0.25 * init["kl_per_token"], (init, final)
+    assert final["student_ppl"] < init["student_ppl"]
+    for name in ("summary.json", "summary.md", "loss_stage1.png", "loss_stage3.png", "init_eval.json"):
+        assert (root / "ref" / name).exists(), name
+    assert any((root / "ref" / "tensorboard").iterdir())
+    assert "distilled student" in (root / "ref" / "summary.md").read_text()
+    assert isinstance(summary["sample"]["student"], str)
+
+
+def test_rerun_skips_finished_stages(setup):
+    root, corpus, teacher, summary = setup
+    again = run(Options(teacher=str(teacher), out=root / "ref", recipe=tiny_recipe(), data=str(corpus), sample_tokens=0))
+    assert again["stages"] == summary["stages"] and again["eval"]["final"] == summary["eval"]["final"]
+
+
+def test_kill_and_resume_gives_the_same_weights(setup, monkeypatch):
+    """Killed in stage 2 (between checkpoints) and again in stage 3; the same command finishes identically."""
+    root, corpus, teacher, _ = setup
+    out = root / "killed"
+    data = root / "ref" / "data"  # the prepared folder: also checks that --data accepts one
+
+    class Killed(BaseException):
+        pass
+
+    def die(code):  # what os._exit would leave on disk, without losing the test process
+        raise Killed
+
+    monkeypatch.setattr(trainer.os, "_exit", die)
+    for crash in ("2:8", "3:13"):
+        monkeypatch.setenv(trainer.CRASH_ENV, crash)
+        with pytest.raises(Killed):
+            run(Options(teacher=str(teacher), out=out, recipe=tiny_recipe(), data=str(data), sample_tokens=0))
+    monkeypatch.delenv(trainer.CRASH_ENV)
+    run(Options(teacher=str(teacher), out=out, recipe=tiny_recipe(), data=str(data), sample_tokens=0))
+    ref = load_file(str(root / "ref" / "stage3" / "final" / "model.safetensors"))
+    got = load_file(str(out / "stage3" / "final" / "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    # the resumed stages logged their lost steps again; the plot keeps one value per step
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows[3]] == list(range(1, 65))
+
+
+def test_nan_steps_are_skipped_then_stop(setup, monkeypatch):
+    root, corpus, teacher, _ = setup
+    real = trainer.run_stage_module
+    calls = {"n": 0}
+
+    def poisoned(bad):
+        def f(*args):
+            calls["n"] += 1
+            loss, parts = real(*args)
+            return (loss * float("nan") if bad(calls["n"]) else loss), parts
+        return f
+
+    def go(name):
+        return run(Options(teacher=str(teacher), out=root / name, recipe=tiny_recipe(), data=str(root / "ref" / "data"),
+                           stages=(3,), student=str(root / "ref" / "init"), sample_tokens=0))
+
+    monkeypatch.setattr(trainer, "run_stage_module", poisoned(lambda n: n == 2))  # one bad micro-batch: skipped
+    summary = go("nan-once")
+    assert torch.isfinite(torch.tensor(summary["eval"]["final"]["kl_per_token"]))
+    lines = [json.loads(x) for x in (root / "nan-once" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 64 and sum(not torch.isfinite(torch.tensor(x["loss"])) for x in lines) == 1
+
+    calls["n"] = 0
+    monkeypatch.setattr(trainer, "run_stage_module", poisoned(lambda n: n >= 2))  # keeps failing: stop
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"):
+        go("nan-always")
+    lines = (root / "nan-always" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # one good step, two skipped ones; the third bad one stops the run
