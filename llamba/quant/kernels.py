@@ -41,13 +41,13 @@ class Model(ctypes.Structure):
                 ("final_norm", ctypes.c_void_p), ("head", Linear)]
 
 
-def _compile(out: Path) -> None:
+def _compile(out: Path, portable: bool) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     base = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", str(SOURCE), "-o", str(out), "-lm"]
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    for extra in (["-march=native"], []):  # some compilers / CPUs refuse -march=native
+    for extra in ([] if portable else ["-march=native"], []):  # some compilers / CPUs refuse -march=native
         cmd = base[:1] + extra + base[1:]
         cmd[cmd.index(str(out))] = str(tmp)
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,15 +58,16 @@ def _compile(out: Path) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernels():
-    """The ctypes library, or None (``kernel_error()`` says why) when it cannot be built."""
+def load_kernels(portable: bool = False):
+    """The ctypes library, or None (``kernel_error()`` says why) when it cannot be built. ``portable``: without
+    ``-march=native``, i.e. the scalar C path (what a CPU without AVX-512 runs; the tests check it too)."""
     try:
         digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
         cache = Path(os.environ.get("LLAMBA_KERNEL_CACHE", Path.home() / ".cache" / "llamba" / "kernels"))
         cache.mkdir(parents=True, exist_ok=True)
-        lib_path = cache / f"cpu_decode-{digest}.so"
+        lib_path = cache / f"cpu_decode-{digest}{'-portable' if portable else ''}.so"
         if not lib_path.exists():
-            _compile(lib_path)
+            _compile(lib_path, portable)
         lib = ctypes.CDLL(str(lib_path))
     except Exception as err:  # noqa: BLE001 - any build failure means "use the PyTorch fallback"
         _errors.append(f"{type(err).__name__}: {err}")

@@ -1,0 +1,199 @@
+"""The quantized CPU runtime: weight formats, kernels against their dequantize-then-float64 twin, the compiled
+decode step against the model's own forward, flat memory, and the single-file artifact."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+
+import pytest
+import torch
+
+from llamba.model import LlambaConfig, LlambaForCausalLM
+from llamba.quant import kernels, load_for_cpu, quantize_student
+from llamba.quant.modules import QuantizedLinear, quantize_model
+from llamba.quant.reference import (
+    dequantize, linear_reference, pack_int4, quantize_weight, unpack_int4)
+from llamba.quant.runtime import CpuDecoder
+
+pytestmark = pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}")
+
+
+def tiny_student(seed: int = 0, tied: bool = True) -> LlambaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, tie_embeddings=tied,
+                       mlp_cfg={"intermediate_size": 96}, ssm_cfg={"d_state": 32, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 16})
+    model = LlambaForCausalLM(cfg).eval()
+    with torch.no_grad():  # move every parameter off its special init value so each one matters
+        for mixer in (layer.mixer for layer in model.backbone.layers):
+            mixer.D.normal_()
+            mixer.conv1d.bias.normal_(0, 0.1)
+            mixer.z_bias.normal_()
+        for layer in model.backbone.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_error_within_half_step(bits):
+    w = torch.randn(48, 128) * torch.rand(48, 1)
+    qw = quantize_weight(w, bits, 32)
+    step = qw.scale.float().repeat_interleave(32, dim=1)
+    err = (dequantize(qw) - w).abs()
+    assert (err <= step / 2 + 1e-3 * w.abs().max()).all()  # + float16 rounding of min
+    assert qw.data.dtype == (torch.uint8 if bits == 4 else torch.int8)
+
+
+def test_int4_packing_roundtrip():
+    q = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+def test_bad_group_size_is_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_weight(torch.randn(4, 96), 4, 64)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+@pytest.mark.parametrize("bits,group", [(32, 0), (8, 32), (8, 64), (4, 32), (4, 64)])
+def test_kernel_matches_dequantize_then_matmul(bits, group, portable):
+    lib = kernels.load_kernels(portable=portable)
+    torch.manual_seed(bits + group)
+    n, k, rows = 300, 192, 3  # n >= 256: the threaded path
+    w, bias, x = torch.randn(n, k), torch.randn(n), torch.randn(rows, k)
+    if bits == 32:
+        c_lin, ref = kernels.Linear(w.data_ptr(), None, None, bias.data_ptr(), 32, n, k, 0), linear_reference(x, w, bias)
+    else:
+        lin = QuantizedLinear(quantize_weight(w, bits, group), bias)
+        c_lin, ref = lin.c_linear(), linear_reference(x, lin.weight_q, bias)
+    y, xsum = torch.empty(rows, n), torch.empty(k // 32 + 1)
+    lib.llamba_linear_rows(ctypes.byref(c_lin), kernels.fptr(x), rows, kernels.fptr(y), kernels.fptr(xsum))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_decoder_matches_model_forward(quant):
+    """Chunked prefill in odd-sized pieces, then compiled steps, equals one forward of the same (quantized) model."""
+    model = tiny_student()
+    quantize_student(model, quant)
+    ids = torch.randint(0, 100, (1, 41))
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+    dec = CpuDecoder(model, prefill_chunk=7)
+    got = [dec.prefill(ids[:, :23]).clone()]
+    for t in range(23, 40):
+        got.append(dec.step(int(ids[0, t])).clone())
+    torch.testing.assert_close(torch.stack(got), ref[22:40], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant,tol", [("int8", 0.02), ("int4", 0.15)])
+def test_quantized_logits_close_to_float(quant, tol):
+    """Random weights and random token ids: the relative logit error stays small (int8 tighter than int4)."""
+    model = tiny_student(seed=1)
+    quantized = copy.deepcopy(model)
+    quantize_student(quantized, quant, head_bits=8 if quant == "int4" else None)
+    ids = torch.randint(0, 100, (2, 50))
+    with torch.no_grad():
+        full, q = model(ids).logits, quantized(ids).logits
+    rel = ((q - full).norm() / full.norm()).item()
+    assert rel < tol, rel
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def test_decode_step_allocates_nothing():
+    model = tiny_student()
+    quantize_student(model, "int4")
+    dec = CpuDecoder(model)
+    dec.prefill(torch.randint(0, 100, (1, 9)))
+    buffers = [t.data_ptr() for t in (dec.logits, dec.cache.conv_states, dec.cache.ssm_states, dec.workspace)]
+    for t in range(200):  # warm up
+        dec.step(t % 100)
+    before = _rss_kib()
+    for t in range(3000):
+        dec.step(t % 100)
+    assert _rss_kib() - before < 512
+    assert buffers == [t.data_ptr() for t in (dec.logits, dec.cache.conv_states, dec.cache.ssm_states, dec.workspace)]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.step(104)
+
+
+@pytest.mark.parametrize("quant,tied", [("int4", True), ("int8", False), ("none", True)])
+def test_artifact_roundtrip(tmp_path, quant, tied):
+    from llamba.quant.artifact import load_artifact, save_artifact
+
+    model = tiny_student(tied=tied)
+    settings = quantize_student(model, quant)
+    path = save_artifact(model, None, tmp_path / "m.safetensors", settings)
+    loaded, tokenizer, got = load_artifact(path)
+    assert got == settings and tokenizer is None
+    ids = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    dec = load_for_cpu(path, quant)
+    with torch.no_grad():
+        torch.testing.assert_close(dec.prefill(ids), model(ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="was quantized as"):
+        load_for_cpu(path, "int8" if quant != "int8" else "int4")
+
+
+def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from llamba.quant.artifact import load_artifact, save_artifact
+
+    model = tiny_student()
+    path = save_artifact(model, None, tmp_path / "m.safetensors", quantize_student(model, "int4"))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped bit pattern inside the tensor data
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        load_artifact(bad)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_artifact(cut)
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    for change, message in (({"format_version": "0"}, "format version"),
+                            ({"format": "other"}, "not a llamba CPU artifact")):
+        other = tmp_path / "other.safetensors"
+        save_file(tensors, str(other), metadata={**meta, **change})
+        with pytest.raises(ValueError, match=message):
+            load_artifact(other)
+    config = json.loads(meta["config"])
+    config["mlp_cfg"]["intermediate_size"] = 128
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(ValueError, match="does not match"):
+        load_artifact(wrong)
+
+
+def test_quantize_cli_writes_a_loadable_file(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llamba.checkpoint import save_student
+    from llamba.cli import main
+
+    vocab = {f"w{i}": i for i in range(100)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1")
+    save_student(tiny_student(), tokenizer, tmp_path / "student")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "student"), "--bits", "4", "--out", str(out)]) == 0
+    dec = load_for_cpu(out / "model.cpu.safetensors")
+    assert dec.quant["quant"] == "int4" and dec.tokenizer.eos_token == "w1"
+    ids = dec.tokenizer("w5 w7 w9", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[5, 7, 9]]
+    assert len(dec.generate(ids, 5)) == 5
+    assert main(["quantize", str(tmp_path / "nothing"), "--out", str(out)]) == 2
