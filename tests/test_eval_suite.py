@@ -90,7 +90,7 @@ def test_every_task_runs_through_lm_eval_for_teacher_and_student(models, capsys)
     rc = main(["eval", "--models", str(root / "teacher"), str(root / "student"), "--tasks", "paper,ppl",
                "--data-dir", str(root / "data"), "--limit", "3", "--out", str(out), "--batch-size", "4",
                "--device", "cpu", "--ppl-text", str(root / "data" / "heldout.txt"), "--ppl-tokens", "256",
-               "--ppl-seq-len", "32"])
+               "--ppl-seq-len", "32", "--max-gen-toks", "24"])
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     want = {"arc_easy acc", "arc_easy acc_norm", "arc_challenge acc_norm", "piqa acc", "winogrande acc",

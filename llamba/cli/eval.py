@@ -23,6 +23,7 @@ def register(parser) -> None:
     parser.add_argument("--limit", type=float, default=None, help="examples per task (quick runs); a fraction if < 1")
     parser.add_argument("--out", default="runs/eval", help="folder for eval.md, eval.json, eval.png")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-gen-toks", type=int, default=None, help="generation cap for GSM8K (lm-eval: 256)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -95,7 +96,7 @@ def run(args) -> int:
         rows[name] = {}
         if specs:
             results = run_suite(_lm(model, tok, args.batch_size), specs, args.data_dir, limit=limit,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, max_gen_toks=args.max_gen_toks)
             rows[name] = table_rows(results)
             raw[name] = {k: results.get(k) for k in ("results", "groups", "n-samples", "versions", "n-shot")}
         if want_ppl:

@@ -51,7 +51,7 @@ def token_windows(docs: list[str], tokenizer, n_tokens: int, seq_len: int) -> to
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
     """(batch, L-1, V) float32 log-probs of the next token at every position but the last."""
     device = next(model.parameters()).device
-    return F.log_softmax(model(ids.to(device)).logits[:, :-1].float(), dim=-1).cpu()
+    return F.log_softmax(model(ids.to(device)).logits[:, :-1].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -64,8 +64,8 @@ def perplexity_and_kl(models: dict[str, torch.nn.Module], windows: torch.Tensor,
     count = 0
     for start in tqdm(range(0, len(windows), batch_size), desc="ppl/KL windows", disable=not progress):
         ids = windows[start: start + batch_size]
-        target = ids[:, 1:, None]
         teacher = _log_probs(models[names[0]], ids)
+        target = ids[:, 1:, None].to(teacher.device)
         if teacher.shape[-1] <= int(windows.max()):
             raise ValueError(f"{names[0]} has a {teacher.shape[-1]}-token vocabulary, smaller than the text's ids")
         for name in names:

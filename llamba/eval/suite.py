@@ -95,7 +95,7 @@ def task_manager(data_dir: str | Path):
 
 
 def run_suite(lm, specs: list[str | dict], data_dir: str | Path, limit: int | float | None = None,
-              batch_size: int = 1, log_samples: bool = False) -> dict:
+              batch_size: int = 1, log_samples: bool = False, max_gen_toks: int | None = None) -> dict:
     """Run lm-eval on ``lm`` (an lm-eval ``LM``: ``LlambaLM`` or ``HFLM``); returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks._index import TaskIndex
@@ -106,7 +106,8 @@ def run_suite(lm, specs: list[str | dict], data_dir: str | Path, limit: int | fl
     specs = [manager._factory.build(TaskIndex.entry_from_config(s), overrides=None, registry=manager._index)
              if isinstance(s, dict) else s for s in specs]
     return simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit,
-                           batch_size=batch_size, log_samples=log_samples, bootstrap_iters=0)
+                           batch_size=batch_size, log_samples=log_samples, bootstrap_iters=0,
+                           gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
 
 
 def table_rows(results: dict) -> dict[str, float]:
