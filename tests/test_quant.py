@@ -197,3 +197,9 @@ def test_quantize_cli_writes_a_loadable_file(tmp_path):
     assert ids.tolist() == [[5, 7, 9]]
     assert len(dec.generate(ids, 5)) == 5
     assert main(["quantize", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    file = str(out / "model.cpu.safetensors")
+    assert main(["generate", "--model", file, "--prompt", "w5 w7", "--max-new-tokens", "3", "--device", "cpu",
+                 "--no-chat-template"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "student"), "--quant", "int8", "--prompt", "w5",
+                 "--max-new-tokens", "2", "--device", "cpu", "--no-chat-template"]) == 0
+    assert main(["generate", "--model", file, "--quant", "int8", "--prompt", "w5", "--device", "cpu"]) == 2

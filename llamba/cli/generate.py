@@ -21,6 +21,8 @@ def register(parser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                        help="CPU runtime (llamba.quant): a student folder quantized on load, or a `llamba quantize` file")
     add_model_args(parser)
 
 
@@ -39,6 +41,10 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
+    if args.quant is not None or str(args.model).endswith(".safetensors"):
+        from llamba.quant.generate import generate_cpu
+
+        return generate_cpu(args)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     if tokenizer is None:
