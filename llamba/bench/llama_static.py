@@ -2,14 +2,16 @@
 
 Prefill runs SDPA with a causal mask (flash kernels) and computes logits for the last position only; each decode
 step writes the new keys/values at a device-side position and attends over the cache with a mask, so the step
-has fixed shapes and can be ``torch.compile``d and captured as one CUDA graph, like the student's. Grouped
-queries are folded into the query length, so no key/value head is ever copied.
+has fixed shapes and is captured as one CUDA graph, like the student's; its dense pieces are the same compiled
+functions as the student's. Grouped queries are folded into the query length, so no key/value head is copied.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from llamba.generation.engine import _block_tail, _compiled_pieces, _logits_head, _mixer_inputs
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,14 @@ class StaticLlama:
         self.positions = positions
         self.pos = torch.zeros(1, dtype=torch.long, device=p.device)  # next decode position
         self.tok = torch.zeros(batch_size, dtype=torch.long, device=p.device)
-        self._decode_logits = torch.compile(self._decode_logits_eager, dynamic=True) if compile else self._decode_logits_eager
+        # q, k and v projections as one matrix (attention biases are not supported: Llama has none).
+        attns = [layer.self_attn for layer in model.model.layers]
+        if any(a.q_proj.bias is not None for a in attns):
+            raise ValueError("StaticLlama supports Llama attention without biases")
+        self.qkv_weights = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attns]
+        self._splits = [self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self._pieces = _compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head)
+        self._decode_logits = self._decode_logits_eager
         self.graph = None
 
     def kv_bytes_per_token(self) -> int:
@@ -69,25 +78,34 @@ class StaticLlama:
         return self.model.lm_head(m.norm(h[:, -1:]))[:, -1]
 
     def _decode_logits_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token for every row. The dense pieces are the very functions the student's decode step uses
+        (RMSNorm + one fused projection; out-projection + residual + RMSNorm + SwiGLU + residual; head), compiled
+        once when ``compile``; attention runs as two cuBLAS batched products over the cache, left uncompiled
+        because Inductor lowered its 3-row products to reductions 10x slower."""
         m = self.model.model
+        pre, tail, head = self._pieces
         b = tok.shape[0]
         h = m.embed_tokens(tok[:, None])
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
         visible = (self.positions <= pos).view(1, 1, 1, -1)
         groups = self.n_q // self.n_kv
         for i, layer in enumerate(m.layers):
-            q, k, v = self._qkv(layer.self_attn, layer.input_layernorm(h), cos, sin)
+            norm, mlp = layer.input_layernorm, layer.mlp
+            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits)
+            q = _rotate(q.view(b, 1, self.n_q, self.head_dim).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
             self.k[i].index_copy_(2, pos, k)
-            self.v[i].index_copy_(2, pos, v)
+            self.v[i].index_copy_(2, pos, v.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2))
             q = q.reshape(b, self.n_kv, groups, self.head_dim)  # query heads of a group become its query rows
-            # Two batched products over the cache (read once each); SDPA with a mask and 3 query rows fell back
-            # to a kernel 50x slower than this on the H100.
             scores = torch.matmul(q, self.k[i].transpose(-1, -2)).float() * self.head_dim ** -0.5
             probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype)
-            o = torch.matmul(probs, self.v[i])
-            h = h + layer.self_attn.o_proj(o.reshape(b, 1, self.n_q * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h))[:, -1]
+            o = torch.matmul(probs, self.v[i]).reshape(b, 1, self.n_q * self.head_dim)
+            norm2, o_proj = layer.post_attention_layernorm, layer.self_attn.o_proj
+            h = tail(h, o, o_proj.weight, o_proj.bias, norm2.weight, norm2.variance_epsilon,
+                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                     mlp.down_proj.weight, mlp.down_proj.bias)
+        return head(h, m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight, self.model.lm_head.bias,
+                    self.model.config.vocab_size)
 
     def step(self) -> None:
         """Greedy: next token from the current one, written back to ``tok``; advances ``pos``."""
