@@ -269,8 +269,8 @@ def run_benchmark(args) -> dict:
                 except torch.OutOfMemoryError:
                     row["oom"] = True
                     _free()
-                log(row)
                 results["decode"].append(row)
+                log(row)
                 if row.get("oom"):
                     break
 
@@ -283,8 +283,8 @@ def run_benchmark(args) -> dict:
         except torch.OutOfMemoryError:
             row["oom"] = True
             _free()
-        log("hf", row)
         results["hf_generate"].append(row)
+        log("hf", row)
 
     # Prefill.
     results["prefill"] = prefill_rates(teacher, student)
@@ -314,8 +314,8 @@ def run_benchmark(args) -> dict:
         except torch.OutOfMemoryError:
             row["oom"] = True
             _free()
-        log("sweep", row)
         results["context_sweep"].append(row)
+        log("sweep", row)
 
     results["largest_batch"] = largest_batch(student, teacher, args, results["decode"])
     log("largest", results["largest_batch"])
