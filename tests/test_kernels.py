@@ -18,6 +18,15 @@ from llamba.ops.ssd import ssd_loop
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """These CPU tests multiply tiny matrices: thread hand-offs cost more than the work (40x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
