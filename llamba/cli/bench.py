@@ -29,10 +29,14 @@ def register(parser) -> None:
                              "weights, 'random-smollm2-135m': speed does not depend on the weights)")
     parser.add_argument("--contexts", type=_ints, default=None,
                         help="context lengths (GPU: the batch-16 decode sweep, default 1024,...,32768)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per measurement")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per measurement (default: 256 on the GPU, the CPU benchmark's own)")
     parser.add_argument("--quant", nargs="*", default=[], help="CPU only: quantized variants to include")
     parser.add_argument("--out", default=None, help="output path without suffix (writes .json and .md, plots beside)")
     parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads")
+    parser.add_argument("--repeats", type=int, default=None, help="CPU only: timed rounds per measurement")
+    parser.add_argument("--rivals", nargs="*", default=None, help="CPU only: rivals (llama.cpp, transformers)")
+    parser.add_argument("--ppl-tokens", type=int, default=0, help="CPU only: also measure perplexity on this many tokens")
     gpu = parser.add_argument_group("GPU options")
     gpu.add_argument("--batches", type=_ints, default=[1, 8, 32, 128, 256, 512, 1024])
     gpu.add_argument("--prompts", type=_ints, default=[512, 2048], help="prompt lengths for the batch sweep")
@@ -45,7 +49,7 @@ def register(parser) -> None:
 
 
 def run(args) -> int:
-    if args.new_tokens < 2:
+    if args.new_tokens is not None and args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2")
     if args.device == "cpu":
         from llamba.bench import cpu
@@ -55,6 +59,8 @@ def run(args) -> int:
 
     if args.contexts is None:
         args.contexts = [1024, 2048, 4096, 8192, 16384, 32768]
+    if args.new_tokens is None:
+        args.new_tokens = 256
     if args.out is None:
         args.out = "results/bench-h100"
     return gpu.main(args)
