@@ -23,7 +23,7 @@ DATA = os.environ.get("DATA_DIR", "../shared/data/eval")
 
 
 def main(out: str, tasks: list[str]) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 1)))
     model, tokenizer = load_teacher("smollm2-135m", dtype=torch.bfloat16)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32, softmax_dtype="float32")
     for task in tasks:
