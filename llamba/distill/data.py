@@ -108,10 +108,15 @@ def find_sources(data: str) -> dict[str, list[str]]:
 
 
 # -- tokenizer identity ------------------------------------------------------------------------------------------
+PROBE = "Tokenizer probe: naïve café, 1,234.5 — ¿qué? \n\tdef f(x):\n    return x**2  # 東京 🙂 <|endoftext|>"
+
+
 def tokenizer_hash(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return hashlib.sha256(f"{blob}|eos={tokenizer.eos_token_id}".encode()).hexdigest()[:16]
+    """What the tokens mean, not how the tokenizer file is serialized (that changes between transformers versions,
+    and shards prepared on one machine must be usable on another): vocabulary, EOS, and the ids of a probe text."""
+    probe = tokenizer(PROBE, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id, probe])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def token_dtype(vocab_size: int):

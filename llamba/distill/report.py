@@ -98,3 +98,27 @@ def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
             md.append(f"- {who}: `{text!r}`")
     (out_dir / "summary.md").write_text("\n".join(md) + "\n")
     return out_dir / "summary.json", out_dir / "summary.md"
+
+
+def write_results(run_dir, prefix) -> tuple[Path, Path]:
+    """Copy a finished run's summary to ``PREFIX.json`` / ``PREFIX.md`` (e.g. results/distill-smollm2-135m)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(prefix) + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    j, m = write_summary(tmp, summary)
+    out_j, out_m = Path(str(prefix) + ".json"), Path(str(prefix) + ".md")
+    j.replace(out_j)
+    m.replace(out_m)
+    tmp.rmdir()
+    return out_j, out_m
+
+
+if __name__ == "__main__":  # python -m llamba.distill.report RUN_DIR PREFIX
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m llamba.distill.report RUN_DIR PREFIX   (writes PREFIX.json and PREFIX.md)")
+    for path in write_results(sys.argv[1], sys.argv[2]):
+        print(path)
