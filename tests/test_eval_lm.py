@@ -48,3 +48,20 @@ def test_all_two_token_continuations_use_the_step_path():
     for ctx, conts, row in zip(contexts, continuations, fast):
         for cont, (ll, _) in zip(conts, row):
             assert abs(ll - score_plain(model, ctx, cont)[0]) < 1e-9
+
+
+def test_batched_cached_generation_equals_greedy_without_cache():
+    from llamba.eval.lm import generate_tokens
+
+    model = tiny_llamba()
+    prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]  # ragged: left padding in the prefill
+    got = generate_tokens(model, prompts, max_new=6)
+    for prompt, tokens in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]
+    # a row that finishes stops growing while the others go on
+    stopped = generate_tokens(model, prompts, max_new=6, finished=lambda toks: len(toks) == 2)
+    assert [len(t) for t in stopped] == [2, 2, 2] and stopped[0] == got[0][:2]

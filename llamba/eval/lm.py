@@ -204,34 +204,46 @@ class LlambaLM(TemplateLM):
             until.append(eos_text)
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
+        if not kwargs.pop("do_sample", False):
+            temperature = 0.0
 
-        ids, mask = _left_pad([self.tok_encode(p) for p in prompts], 0, self.device)
-        cache = self.model.allocate_cache(len(prompts))
-        logits = self.model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        generated: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for _ in range(max_new):
-            if sample:
-                nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            for b, t in enumerate(nxt.tolist()):
-                if done[b]:
-                    continue
-                generated[b].append(t)
-                text = self.tok_decode(generated[b])
-                done[b] = t == self.eot_token_id or any(s in text for s in until)
-            if all(done):
-                break
-            logits = self.model(nxt[:, None], past_key_values=cache).logits[:, -1]
+        def finished(tokens: list[int]) -> bool:
+            return tokens[-1] == self.eot_token_id or any(s in self.tok_decode(tokens) for s in until)
+
         out = []
-        for g in generated:
-            text = self.tok_decode(g)
+        for tokens in generate_tokens(self.model, [self.tok_encode(p) for p in prompts], max_new, finished,
+                                      temperature):
+            text = self.tok_decode(tokens)
             for stop in until:  # as HFLM: cut at every stop sequence
                 text = text.split(stop)[0]
             out.append(text)
         return out
+
+
+@torch.no_grad()
+def generate_tokens(model: LlambaForCausalLM, prompts: list[list[int]], max_new: int, finished=None,
+                    temperature: float = 0.0) -> list[list[int]]:
+    """Batched decoding from the cache: the prompts are prefilled together (left-padded), then one token per step
+    for every row. Greedy at temperature 0. A row stops once ``finished(its tokens)`` says so."""
+    device = model.backbone.embedding.weight.device
+    ids, mask = _left_pad(prompts, 0, device)
+    cache = model.allocate_cache(len(prompts))
+    logits = model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new):
+        if temperature > 0:
+            nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
+        else:
+            nxt = logits.argmax(-1)
+        for b, t in enumerate(nxt.tolist()):
+            if not done[b]:
+                generated[b].append(t)
+                done[b] = finished is not None and finished(generated[b])
+        if all(done):
+            break
+        logits = model(nxt[:, None], past_key_values=cache).logits[:, -1]
+    return generated
 
 
 def _dtype(dtype) -> torch.dtype | None:
