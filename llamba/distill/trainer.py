@@ -130,6 +130,11 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     params = list({id(p): p for p in module.trainable()}.values())  # tied weights once
     for p in params:
         p.requires_grad_(True)
+    low = cfg.get("frozen_dtype") if d.device.type == "cuda" else None
+    if low:  # frozen weights need no fp32 master copy: halve their memory (the 8B recipe's stage 3)
+        for p in student.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(getattr(torch, low))
     student.train()
     if cfg.get("activation_checkpointing") and stage in (2, 3):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,6 +229,8 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     wall = time.perf_counter() - t_start
     _checkpointing_off(student)
     student.requires_grad_(False)
+    if low:
+        student.float()
     student.eval()
     return {"steps": steps, "tokens": steps * step_tokens, "first_loss": history["first_loss"],
             "last_loss": last_loss, "wall_s": wall, "tokens_per_s": (steps - start) * step_tokens / max(wall, 1e-9)}
