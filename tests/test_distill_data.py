@@ -138,3 +138,26 @@ def test_packed_windows(tiny, tmp_path):
     assert batch.input_ids[1].tolist() == stream[96:128].tolist()
     with pytest.raises(ValueError, match="fewer than"):
         PackedTokens(tmp_path, "val", 10**6)
+
+
+def test_every_recipe_loads_and_flags_override():
+    from llamba.cli import distill as cli
+    from llamba.distill.recipes import available, load_recipe, stage_config
+
+    assert {"smoke", "smollm2-135m", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"} <= set(available())
+    for name in available():
+        r = load_recipe(name)
+        for s in (1, 2, 3):
+            cfg = stage_config(r, s)
+            assert cfg["tokens"] > 0 and cfg["lr"] > 0 and isinstance(cfg["lr"], float)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+    args = parser.parse_args(["--out", "x", "--recipe", "smollm2-135m", "--stage3-tokens", "1e6", "--seq-len", "256",
+                              "--freeze-mlp"])
+    r = cli.build_recipe(args)
+    assert stage_config(r, 3)["tokens"] == 1_000_000 and stage_config(r, 3)["freeze_mlp"]
+    assert stage_config(r, 1)["seq_len"] == 256  # a flag for all stages beats the recipe's per-stage value
+    with pytest.raises(FileNotFoundError, match="built-in"):
+        load_recipe("no-such-recipe")

@@ -121,3 +121,14 @@ def test_nan_steps_are_skipped_then_stop(setup, monkeypatch):
         go("nan-always")
     lines = (root / "nan-always" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # one good step, two skipped ones; the third bad one stops the run
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_run(setup, tmp_path):
+    """The CUDA path: bf16 teacher, bf16 autocast over fp32 weights, fused AdamW, Triton scan when installed."""
+    root, _, teacher, ref = setup
+    s = run(Options(teacher=str(teacher), out=tmp_path / "cuda", recipe=tiny_recipe(), data=str(root / "ref" / "data"),
+                    device="cuda", sample_tokens=8))
+    assert s["eval"]["final"]["kl_per_token"] < 0.25 * s["eval"]["init"]["kl_per_token"]
+    assert s["eval"]["final"]["kl_per_token"] < 2 * ref["eval"]["final"]["kl_per_token"] + 0.05

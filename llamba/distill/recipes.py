@@ -24,7 +24,7 @@ def available() -> list[str]:
 
 def load_recipe(name_or_path: str) -> dict:
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix not in (".yaml", ".yml"):  # a built-in name ("llama-3.2-1b" has a dot but is no file)
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"recipe {name_or_path!r}: not found (built-in: {', '.join(available())}, or a .yaml path)")

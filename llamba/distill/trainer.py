@@ -38,7 +38,8 @@ def param_groups(params, weight_decay: float):
     """Weight decay on matrices only; norms, biases, D and A stay undecayed."""
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
