@@ -334,7 +334,8 @@ def to_markdown(result: dict) -> str:
         lines += ["## perplexity", "", f"{p['tokens']} tokens of {p['file']} (windows of {p['window']}), same student as above.", "",
                   "| model | perplexity | vs float32 |", "|---|---|---|"]
         for name, v in p["values"].items():
-            lines.append(f"| {name} | {v:.3f} | {100 * (v / p['values']['student-none'] - 1):+.2f}% |")
+            base = p["values"]["student-none" if name.startswith("student") else "teacher-none"]
+            lines.append(f"| {name} | {v:.3f} | {100 * (v / base - 1):+.2f}% |")
         lines.append("")
     if result["skipped"]:
         lines += ["Skipped: " + "; ".join(f"{k}: {v}" for k, v in result["skipped"].items()), ""]
@@ -366,18 +367,27 @@ def plot(result: dict, path: Path) -> None:
 
 
 def perplexity_block(student: str, teacher: str, quants: list[str], n_tokens: int, window: int = 1024) -> dict:
-    import torch
+    """Validation perplexity of the student at each quantization, and of the teacher with the same weight format
+    applied to all of its linears (a trained network: the format's accuracy does not hinge on the student's training)."""
+    import copy
 
-    from llamba.quant import load_for_cpu
-    from llamba.quant.perplexity import corpus_tokens, perplexity
-    from llamba.teacher import load_tokenizer
+    from llamba.quant import DEFAULT_HEAD_BITS, load_for_cpu
+    from llamba.quant.perplexity import corpus_tokens, perplexity, quantize_all_linears
+    from llamba.teacher import load_teacher
 
     data = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "corpus" / "gutenberg-val.jsonl.xz"
-    tokens = corpus_tokens(data, load_tokenizer(teacher), n_tokens)
+    teacher_model, tokenizer = load_teacher(teacher)
+    tokens = corpus_tokens(data, tokenizer, n_tokens)
     values = {}
     for q in quants:
         values[f"student-{q}"] = perplexity(load_for_cpu(student, q).model, tokens, window)
         print(f"perplexity student-{q}: {values[f'student-{q}']:.3f}", flush=True)
+    variants = [(q, {"none": 32, "int8": 8, "int4": 4}[q], DEFAULT_HEAD_BITS[q]) for q in quants] + [("int4-head4", 4, 4)]
+    for name, bits, head_bits in variants:
+        model = copy.deepcopy(teacher_model)
+        quantize_all_linears(model, bits, 32, head_bits)
+        values[f"teacher-{name}"] = perplexity(model, tokens, window)
+        print(f"perplexity teacher-{name}: {values[f'teacher-{name}']:.3f}", flush=True)
     return {"file": "gutenberg-val.jsonl.xz", "tokens": n_tokens, "window": window, "values": values}
 
 

@@ -39,3 +39,19 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024) -> float:
         nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
     return math.exp(nll / count)
+
+
+def quantize_all_linears(model, bits: int, group_size: int = 32, head_bits: int = 8) -> None:
+    """Any model (e.g. the Llama teacher): every ``nn.Linear`` becomes a ``QuantizedLinear`` (the head with
+    ``head_bits``). The accuracy of the weight format on a trained network, independent of the student's training."""
+    from torch import nn
+
+    from llamba.quant.modules import QuantizedLinear
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                b = head_bits if child is head else bits
+                if b != 32:
+                    setattr(parent, name, QuantizedLinear.from_linear(child, b, group_size))
