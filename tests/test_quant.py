@@ -203,3 +203,27 @@ def test_quantize_cli_writes_a_loadable_file(tmp_path):
     assert main(["generate", "--model", str(tmp_path / "student"), "--quant", "int8", "--prompt", "w5",
                  "--max-new-tokens", "2", "--device", "cpu", "--no-chat-template"]) == 0
     assert main(["generate", "--model", file, "--quant", "int8", "--prompt", "w5", "--device", "cpu"]) == 2
+
+
+@pytest.mark.slow
+def test_quantized_logits_close_on_real_text():
+    """The real teacher on real validation text, all linears in our formats: next-token choices barely move."""
+    from pathlib import Path
+
+    from llamba.quant.perplexity import corpus_tokens, quantize_all_linears
+    from llamba.teacher import load_teacher
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "gutenberg-val.jsonl.xz"
+    if not data.exists():
+        pytest.skip(f"{data} missing")
+    teacher, tokenizer = load_teacher("smollm2-135m")
+    ids = corpus_tokens(data, tokenizer, 128)[None]
+    with torch.no_grad():
+        full = teacher(ids).logits[0]
+        for quant, bits, max_rel, min_agree in (("int8", 8, 0.03, 0.97), ("int4", 4, 0.08, 0.9)):
+            model = copy.deepcopy(teacher)
+            quantize_all_linears(model, bits, 32, head_bits=8)
+            q = model(ids).logits[0]
+            rel = ((q - full).norm() / full.norm()).item()
+            agree = (q.argmax(-1) == full.argmax(-1)).float().mean().item()
+            assert rel < max_rel and agree > min_agree, (quant, rel, agree)
