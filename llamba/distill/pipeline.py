@@ -88,13 +88,15 @@ def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: i
     with open(path, "a") as f:
         while have < n_tokens:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            ids = torch.full((batch, 1), start, device=device)
+            rows = max(1, min(batch, -(-(n_tokens - have) // (length // 2))))
+            ids = torch.full((rows, 1), start, device=device)
             out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=True,
                                    temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.eos_token_id)
             for row in out[:, 1:]:
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                f.write(json.dumps({"text": text, "tokens": len(row), "source": "teacher-samples"}) + "\n")
-                have += len(row)
+                text = tokenizer.decode(row, skip_special_tokens=True)  # stops at EOS; padding after it drops
+                n = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
+                f.write(json.dumps({"text": text, "tokens": n, "source": "teacher-samples"}) + "\n")
+                have += n
     return path
 
 
