@@ -64,13 +64,20 @@ class LlamaCppSystem:
         self.llm = Llama(self.gguf, n_ctx=len(ids) + 1024, n_threads=self.threads, n_threads_batch=self.threads,
                          n_batch=PREFILL_CHUNK, n_ubatch=PREFILL_CHUNK, verbose=False)
         self.llm.eval(list(ids))
-        self.next = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        self.next = self._greedy()
+
+    def _greedy(self) -> int:
+        """Argmax of the last position's logits, read in place (eval no longer copies them without logits_all)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(logits.argmax())
 
     def decode(self, n: int) -> None:
         llm, tok = self.llm, self.next
         for _ in range(n):
             llm.eval([tok])
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = self._greedy()
         self.next = tok
 
 
