@@ -15,7 +15,7 @@ phase=${1:?usage: gpu_run.sh distill SECONDS | eval}
 case $phase in
   distill)
     timeout --signal=KILL "${2:-540}" python3 -m llamba.cli distill --teacher smollm2-135m --data "$HOME/data/corpus" \
-      --out "$RUN" --stage1-tokens 4e6 --stage2-tokens 8e6 --stage3-tokens 32e6 --max-tokens 46e6 \
+      --out "$RUN" --stage1-tokens 4e6 --stage2-tokens 8e6 --stage3-tokens ${STAGE3_TOKENS:-16e6} --max-tokens 46e6 \
       --checkpoint-every 10 2>&1 | grep --line-buffered -v "it/s\]$" | tee -a "$OUT/distill.log"
     echo "distill exit: ${PIPESTATUS[0]}"
     ;;
