@@ -164,3 +164,12 @@ def test_missing_checkpoint_folder(tmp_path):
 def test_bad_config_is_explained():
     with pytest.raises(ValueError, match="n_v_heads"):
         tiny_config(ssm_cfg={"d_state": 16, "n_v_heads": 3, "n_qk_heads": 2})
+
+
+def test_auto_classes_load_a_saved_student(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(dtype=torch.float32)
+    save_student(model, None, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, LlambaForCausalLM)

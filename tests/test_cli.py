@@ -1,0 +1,24 @@
+"""The `llamba` command line: convert and generate on the real teacher, and one-line errors for bad input."""
+
+from llamba.cli import main
+
+
+def test_convert_then_generate(tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", "smollm2-135m", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "student: 158,171,598 parameters" in err
+    assert main(["generate", "--model", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert "new tokens" in capsys.readouterr().err
+
+
+def test_teacher_generates_paris(capsys):
+    assert main(["generate", "--model", "smollm2-135m", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_bad_model_path_is_one_clear_line(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamba generate: error:") and "nope" in err and "Traceback" not in err
