@@ -19,6 +19,9 @@ def register(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument("--stop", action="append", default=None, help="stop string; repeat for several (EOS always stops)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
@@ -56,7 +59,11 @@ def run(args) -> int:
     inputs = encode_prompts(tokenizer, prompts, chat=not args.no_chat_template).to(device)
     torch.manual_seed(args.seed)
     sampling = {"do_sample": False} if args.temperature <= 0 else {
-        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
+    if args.repetition_penalty:
+        sampling["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        sampling.update(stop_strings=args.stop, tokenizer=tokenizer)
     start = time.perf_counter()
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **sampling)
