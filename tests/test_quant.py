@@ -141,6 +141,27 @@ def test_artifact_roundtrip(tmp_path, quant, tied):
         load_for_cpu(path, "int8" if quant != "int8" else "int4")
 
 
+def test_int4_mixers_with_int8_mlps_roundtrip(tmp_path):
+    """The mixed format (--bits 4 --mlp-bits 8): per-linear widths survive the artifact and the compiled decoder."""
+    from llamba.quant.artifact import load_artifact, save_artifact
+
+    model = tiny_student()
+    settings = quantize_student(model, "int4", mlp_bits=8)
+    layer = model.backbone.layers[0]
+    assert (layer.mixer.in_proj.bits, layer.mixer.out_proj.bits, layer.mlp.down_proj.bits) == (4, 4, 8)
+    path = save_artifact(model, None, tmp_path / "m.safetensors", settings)
+    loaded, _, got = load_artifact(path)
+    assert got["mlp_bits"] == 8 and loaded.backbone.layers[1].mlp.up_proj.bits == 8
+    ids = torch.randint(0, 100, (1, 20))
+    dec = load_for_cpu(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(dec.prefill(ids), model(ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+        step = dec.step(7).clone()  # the compiled step, with 4- and 8-bit linears side by side
+        torch.testing.assert_close(step, model(torch.cat([ids, torch.tensor([[7]])], 1)).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open

@@ -75,14 +75,19 @@ class QuantizedEmbedding(nn.Module):
         return dequantize(self.weight_q, torch.float32, rows=flat).reshape(*ids.shape, self.table.in_features)
 
 
-def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None) -> None:
+def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None,
+                   mlp_bits: int | None = None) -> None:
     """Replace the student's linears (in place) by quantized ones. ``head_bits``: bits for the head and embedding
-    (None: same as ``bits``; 32: keep them float32). A tied model keeps one shared table for both."""
+    (None: same as ``bits``; 32: keep them float32). ``mlp_bits``: bits for the MLPs (None: same as ``bits``).
+    A tied model keeps one shared table for both."""
     head_bits = bits if head_bits is None else head_bits
+    mlp_bits = bits if mlp_bits is None else mlp_bits
     for layer in model.backbone.layers:
         mixer, mlp = layer.mixer, layer.mlp
-        for parent, name in ((mixer, "in_proj"), (mixer, "out_proj"), (mlp, "gate_proj"), (mlp, "up_proj"), (mlp, "down_proj")):
-            setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), bits, group_size))
+        for parent, name, b in ((mixer, "in_proj", bits), (mixer, "out_proj", bits), (mlp, "gate_proj", mlp_bits),
+                                (mlp, "up_proj", mlp_bits), (mlp, "down_proj", mlp_bits)):
+            if b < 32:
+                setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))
     if head_bits == 32:
         return
     tied = model.lm_head.weight is model.backbone.embedding.weight
