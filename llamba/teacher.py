@@ -118,20 +118,26 @@ def check_llama_family(config) -> None:
                          f"LlamaForCausalLM teachers (model_type in {LLAMA_FAMILY})")
 
 
-def load_teacher_config(name_or_path):
+def _config_at(folder: Path, gguf: str | None):
     from transformers import AutoConfig
 
-    folder, gguf = resolve_teacher(name_or_path)
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
     check_llama_family(config)
     return config
 
 
-def load_tokenizer(name_or_path):
+def _tokenizer_at(folder: Path, gguf: str | None):
     from transformers import AutoTokenizer
 
-    folder, gguf = resolve_teacher(name_or_path)
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+
+
+def load_teacher_config(name_or_path):
+    return _config_at(*resolve_teacher(name_or_path))
+
+
+def load_tokenizer(name_or_path):
+    return _tokenizer_at(*resolve_teacher(name_or_path))
 
 
 def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu", attn_implementation: str = "sdpa"):
@@ -139,10 +145,11 @@ def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu",
     from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_teacher(name_or_path)
-    check_llama_family(load_teacher_config(name_or_path))
+    config = _config_at(folder, gguf)  # refuses a non-Llama teacher before any weight is read
     kwargs = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-    tokenizer = load_tokenizer(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    tokenizer = _tokenizer_at(folder, gguf)
     if gguf and str(name_or_path) in KNOWN_TEACHERS and dtype == torch.float32:
         _keep_converted(str(name_or_path), model, tokenizer)
     return model.to(device).eval(), tokenizer
