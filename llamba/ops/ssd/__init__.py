@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from llamba.ops.ssd.chunk import ssd_chunk
@@ -17,9 +19,10 @@ from llamba.ops.ssd.recurrent import ssd_step
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
-        from llamba.ops.ssd import triton_chunk  # noqa: F401
+        from llamba.ops.ssd import triton_chunk  # noqa: F401  (checked once: this runs per layer per forward)
     except ImportError:
         return False
     return torch.cuda.is_available()
