@@ -33,7 +33,8 @@ PIECE_CHARS = 16_384  # long documents are tokenized in pieces (cut at newlines)
 
 
 # -- reading documents ---------------------------------------------------------------------------------------------
-def _open_text(path: Path):
+def open_text(path: Path):
+    """A text file, plain or .xz / .gz / .zst compressed, opened for reading."""
     name = path.name
     if name.endswith(".xz"):
         return lzma.open(path, "rt", encoding="utf-8")
@@ -74,10 +75,10 @@ def iter_documents(source: str, skip: int = 0) -> Iterator[str]:
         return
     if ".txt" in path.name:
         if skip == 0:
-            with _open_text(path) as f:
+            with open_text(path) as f:
                 yield f.read()
         return
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for i, line in enumerate(f):
             if i < skip or not line.strip():
                 continue

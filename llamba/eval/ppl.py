@@ -7,8 +7,6 @@ each other model's at the same position, window by window, so no logits are ever
 
 from __future__ import annotations
 
-import json
-import lzma
 import math
 from pathlib import Path
 
@@ -16,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llamba.distill.data import iter_documents, open_text
+
 def read_documents(path: str | Path, max_chars: int | None = None) -> list[str]:
     """``{"text": ...}`` JSON lines (``.xz`` or plain), or a plain text file as one document."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: held-out text not found (pass --ppl-text FILE: .jsonl[.xz] or .txt)")
-    opener = lzma.open if path.suffix == ".xz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        if ".jsonl" not in path.name:
+    if ".jsonl" not in path.name:
+        with open_text(path) as f:
             return [f.read()]
-        docs = [json.loads(line)["text"] for line in f if line.strip()]
+    docs = list(iter_documents(str(path)))
     return [d[:max_chars] for d in docs] if max_chars else docs
 
 

@@ -3,10 +3,7 @@ the quantization (int4 / int8 within 3% / 1% of the float32 student)."""
 
 from __future__ import annotations
 
-import json
-import lzma
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +11,13 @@ import torch.nn.functional as F
 
 def corpus_tokens(path, tokenizer, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of the documents in ``path`` (.jsonl or .jsonl.xz, ``{"text": ...}`` per line)."""
-    path = Path(path)
-    opener = lzma.open if path.suffix == ".xz" else open
+    from llamba.distill.data import iter_documents
+
     ids: list[int] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            ids.extend(tokenizer(json.loads(line)["text"][: 8 * n_tokens])["input_ids"])
-            if len(ids) >= n_tokens:
-                break
+    for text in iter_documents(str(path)):
+        ids.extend(tokenizer(text[: 8 * n_tokens])["input_ids"])
+        if len(ids) >= n_tokens:
+            break
     if len(ids) < n_tokens:
         raise ValueError(f"{path} holds only {len(ids)} tokens, fewer than the {n_tokens} asked for")
     return torch.tensor(ids[:n_tokens])
