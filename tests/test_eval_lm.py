@@ -81,7 +81,7 @@ def test_padded_scoring_on_cuda_matches_the_pytorch_scan(dtype):
     continuations = [[[rng.randrange(500) for _ in range(k)] for k in (1, 2, 3)] for _ in contexts]
     fast = score_continuations(model, contexts, continuations)
     for layer in model.backbone.layers:
-        layer.mixer.scan_backend = "torch"
+        layer.mixer.kernel_backend = "torch"
     ref = score_continuations(model, contexts, continuations)
     for row, ref_row in zip(fast, ref):
         for (ll, _), (ref_ll, _) in zip(row, ref_row):

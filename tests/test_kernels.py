@@ -1,8 +1,13 @@
-"""GPU kernels against the float64 reference paths (skipped without CUDA), and the GPU-free logic around them:
-sampling against naive and transformers' processors, the generation engine's eager path against
-transformers.generate, and the benchmark's static-KV Llama against the transformers forward."""
+"""GPU kernels against the float64 reference paths, and the GPU-free logic around them: sampling against naive and
+transformers' processors, the generation engine's eager path against transformers.generate, and the benchmark's
+static-KV Llama against the transformers forward.
+
+The kernel tests (marker ``triton``) run natively on CUDA; without CUDA, test_kernels_interpreted.py runs them
+again in a subprocess under Triton's CPU interpreter (``TRITON_INTERPRET=1``), float32 only."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +21,12 @@ from llamba.ops.decode import mixer_step_torch
 from llamba.ops.ssd import ssd_loop
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+triton_kernel = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETING),
+                                   reason="needs CUDA (test_kernels_interpreted.py runs it on CPU)")
+# bf16 arithmetic is emulated unreliably by the interpreter: those cases need the real hardware
+KERNEL_DTYPES = [torch.float32] + ([] if INTERPRETING else [torch.bfloat16])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,15 +52,18 @@ SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state
 ]
 
 
-@cuda
-@pytest.mark.gpu
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("case", SCAN_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_scan_matches_float64_loop(case, dtype):
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("forward", ["two-kernel", "fused"])
+def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
+    from llamba.ops.ssd import triton_chunk
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
     b, L, H, G, P, N, with_seq, with_init = case
-    dev = "cuda"
+    dev = DEV
     x = torch.randn(b, L, H, P, device=dev).to(dtype)
     B = (torch.randn(b, L, G, N, device=dev) / N ** 0.5).to(dtype)
     C = (torch.randn(b, L, G, N, device=dev) / N ** 0.5).to(dtype)
@@ -71,17 +85,20 @@ def test_triton_scan_matches_float64_loop(case, dtype):
     for name, got, want in zip("x B C log_a init".split(), ins, ref_in):
         assert torch.isfinite(got.grad).all(), name
         assert rel(got.grad, want.grad) < tol * (2 if name == "log_a" else 1), name
+    with torch.no_grad():  # inference keeps no per-chunk snapshots; the result is the same
+        y_inf, s_inf = ssd_chunk_triton(x, B, C, la, initial_state=s0, seq_idx=seq)
+    assert torch.equal(y_inf, y.detach()) and torch.equal(s_inf, s.detach())
 
 
-@cuda
-@pytest.mark.gpu
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_decode_step_matches_float64(shape, dtype):
     from llamba.ops.triton_decode import mixer_step_triton
 
     b, H, G, P, N = shape
-    d_inner, dev = H * P, "cuda"
+    d_inner, dev = H * P, DEV
     conv_dim = d_inner + 2 * G * N
     xBC, z = torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype)
     A_log = torch.randn(b, H, device=dev).to(dtype)
@@ -97,6 +114,37 @@ def test_triton_decode_step_matches_float64(shape, dtype):
         out = mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, zb, G)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert rel(out, ref) < tol and rel(ss, ss_ref) < tol and rel(cs, cs_ref) == 0
+
+
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("length", [1, 2, 5, 70])
+@pytest.mark.parametrize("width", [4, 2])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_causal_conv_matches_float64(length, width, dtype):
+    """The fused prefill conv against the PyTorch conv on the masked input, with and without a conv state, with and
+    without left padding (x channels zeroed there, the state shifted over padded inputs as zeros)."""
+    from llamba.ops.conv import causal_conv
+    from llamba.ops.triton_conv import causal_conv_triton
+
+    batch, channels, x_channels = 3, 200, 72  # channels: not a multiple of the kernel's tile
+    xBC = torch.randn(batch, length, channels, device=DEV).to(dtype)
+    weight = torch.randn(channels, 1, width, device=DEV).to(dtype)
+    bias = torch.randn(channels, device=DEV).to(dtype)
+    mask = torch.ones(batch, length, dtype=torch.long, device=DEV)
+    mask[1, : length // 2] = 0
+    mask[2, : length - 1] = 0
+    for state in (None, torch.randn(batch, channels, width - 1, device=DEV).to(dtype)):
+        for attention_mask in (None, mask):
+            keep = (attention_mask if attention_mask is not None else torch.ones_like(mask)).double()[..., None]
+            ref, ref_state = causal_conv(xBC.double() * keep, weight.double(), bias.double(),
+                                         None if state is None else state.double())
+            ref[..., :x_channels] *= keep
+            out, new_state = causal_conv_triton(xBC, weight, bias, state, attention_mask, x_channels=x_channels)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert out.shape == xBC.shape and out.dtype == dtype and out.is_contiguous()
+            assert rel(out, ref) < tol
+            assert rel(new_state, ref_state) < tol
 
 
 def tiny_student(seed=0, **ssm):

@@ -244,11 +244,9 @@ def run_benchmark(args) -> dict:
         partial.write_text(json.dumps(results, indent=1))
 
     if not args.skip_kernels:
-        from llamba.bench.kernels import bench_decode_step, bench_scan
-        results["scan"] = bench_scan()
-        log("scan", results["scan"])
-        results["decode_step"] = bench_decode_step(hw["bandwidth_gbs"])
-        log("decode step", results["decode_step"])
+        from llamba.bench.kernels import run_all
+        results["kernels"] = run_all(hw["bandwidth_gbs"])
+        log("kernels", results["kernels"])
 
     # Decode throughput per batch size.
     results["decode"] = []
@@ -369,19 +367,11 @@ def to_markdown(r: dict) -> str:
              f"{r['teacher_params']:,} parameters, student / teacher)",
              f"- measured: copy bandwidth {hw['bandwidth_gbs']:.0f} GB/s, bf16 matmul {hw['matmul_tflops']:.0f} TFLOP/s; "
              "floors = max(bytes / bandwidth, FLOPs / matmul rate)", ""]
-    if "scan" in r:
-        lines += ["## Mixer: chunked scan (bf16, d_state = head dim) and fused decode step", "",
-                  "| shape | ours fwd ms | fla chunk_simple_gla fwd ms | fla / ours | ours bwd ms | bwd / fwd | rel diff vs fla |",
-                  "|---|---|---|---|---|---|---|"]
-        for s in r["scan"]:
-            lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {_fmt(s.get('fla_fwd_ms'), 3)} | "
-                         f"{_fmt(s.get('fla_over_ours'), 2)} | {s['ours_bwd_ms']:.3f} | {s['bwd_over_fwd']:.2f} | "
-                         f"{s.get('rel_diff_vs_fla', s.get('fla_error', '-'))} |")
-        lines += ["", "| decode step batch (H9 P64 N64) | ms | bytes floor ms | / floor | torch reference ms |",
-                  "|---|---|---|---|---|"]
-        for s in r["decode_step"]:
-            lines.append(f"| {s['batch']} | {s['ms']:.4f} | {s['floor_ms']:.4f} | {s['over_floor']:.2f} | {s['torch_ms']:.3f} |")
-        lines.append("")
+    if "kernels" in r:
+        from llamba.bench.kernels import to_markdown as kernels_markdown
+
+        lines += ["## Mixer kernels: chunked scan (bf16, d_state = head dim), prefill conv, fused decode step", ""]
+        lines += kernels_markdown(r["kernels"]) + [""]
     lines += ["## Decode tokens/s (greedy, CUDA graphs both sides)", "",
               "| prompt | batch | student tok/s | floor | teacher (compiled, static KV) tok/s | floor | student / teacher | peak GiB s / t |",
               "|---|---|---|---|---|---|---|---|"]

@@ -1,22 +1,34 @@
 """Mixer-level GPU timings: our chunked scan against flash-linear-attention's ``chunk_simple_gla`` (same
-recurrence: q=C, k=B, v=x, g=log_a, scale=1), our backward against our forward, and the fused decode step
-against its bytes floor. Every timing is checked for agreement first."""
+recurrence: q=C, k=B, v=x, g=log_a, scale=1), our backward against our forward, the fused prefill convolution
+against the PyTorch path it replaces, and the fused decode step against its bytes floor. Every timing is checked
+for agreement first.
+
+The decode step is timed inside a CUDA graph (``do_bench_cudagraph``), as the decode loop runs it: launched one by
+one from Python, a 10-microsecond kernel measures the launch, not the kernel (both are reported)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
+from llamba.ops.conv import causal_conv
 from llamba.ops.decode import mixer_step_torch
 from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+from llamba.ops.triton_conv import causal_conv_triton
 from llamba.ops.triton_decode import mixer_step_triton
 
 SCAN_SHAPES = [(8, 2048, 9, 64), (8, 4096, 32, 64), (16, 2048, 32, 128)]  # (batch, T, heads, head dim = d_state)
+CONV_SHAPES = [(8, 2048, 576 + 2 * 576), (8, 4096, 2048 + 2 * 2048)]  # (batch, T, channels): SmolLM2, Llama-1B
+DECODE_BATCHES = (64, 256, 1024)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _scan_inputs(batch, T, H, D, device, grad=False):
@@ -28,6 +40,8 @@ def _scan_inputs(batch, T, H, D, device, grad=False):
 
 
 def bench_scan(device="cuda") -> list[dict]:
+    """Forward (inference, as fla's forward is timed) and, for training, forward with the state snapshots kept
+    for the backward, then the backward alone."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError as err:  # the rival is optional: report its absence rather than skip silently
@@ -39,26 +53,59 @@ def bench_scan(device="cuda") -> list[dict]:
         ours_fwd = lambda: ssd_chunk_triton(x, B, C, log_a)  # noqa: E731
         with torch.no_grad():
             y, _ = ours_fwd()
-            row["ours_fwd_ms"] = do_bench(ours_fwd, warmup=25, rep=100, return_mode="median")
+            row["ours_fwd_ms"] = _ms(ours_fwd)
         if chunk_simple_gla is not None:
             fla_fwd = lambda: chunk_simple_gla(C, B, x, g=log_a, scale=1.0, output_final_state=True)  # noqa: E731
             with torch.no_grad():
                 y_fla, _ = fla_fwd()
-                row["fla_fwd_ms"] = do_bench(fla_fwd, warmup=25, rep=100, return_mode="median")
+                row["fla_fwd_ms"] = _ms(fla_fwd)
             row["rel_diff_vs_fla"] = _rel(y, y_fla)
             row["fla_over_ours"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
         else:
             row["fla_error"] = fla_error
-        # Backward alone: gradients of a fixed forward graph, retained between repetitions.
         xg, Bg, Cg, lag = (t.detach().requires_grad_() for t in (x, B, C, log_a))
+        row["ours_train_fwd_ms"] = _ms(lambda: ssd_chunk_triton(xg, Bg, Cg, lag))
+        # Backward alone: gradients of a fixed forward graph, retained between repetitions.
         yg, sg = ssd_chunk_triton(xg, Bg, Cg, lag)
         dy = torch.randn_like(yg)
         bwd = lambda: torch.autograd.grad((yg, sg), (xg, Bg, Cg, lag), (dy, torch.zeros_like(sg)), retain_graph=True)  # noqa: E731
-        row["ours_bwd_ms"] = do_bench(bwd, warmup=25, rep=100, return_mode="median")
+        row["ours_bwd_ms"] = _ms(bwd)
         row["bwd_over_fwd"] = row["ours_bwd_ms"] / row["ours_fwd_ms"]
+        row["bwd_over_train_fwd"] = row["ours_bwd_ms"] / row["ours_train_fwd_ms"]
         rows.append(row)
         del x, B, C, log_a, xg, Bg, Cg, lag, yg, sg, dy
         torch.cuda.empty_cache()
+    return rows
+
+
+def bench_conv(bandwidth_gbs: float, device="cuda") -> list[dict]:
+    """The prefill convolution with a padding mask, fused kernel against the PyTorch path of the mixer (mask,
+    channel-major conv1d, copies that make x/B/C contiguous for the scan)."""
+    rows = []
+    for batch, T, channels in CONV_SHAPES:
+        x_ch = channels // 3
+        xBC = torch.randn(batch, T, channels, device=device, dtype=torch.bfloat16)
+        w = torch.randn(channels, 1, 4, device=device, dtype=torch.bfloat16)
+        bias = torch.randn(channels, device=device, dtype=torch.bfloat16)
+        mask = torch.ones(batch, T, dtype=torch.long, device=device)
+        mask[0, : T // 2] = 0
+
+        def torch_path():
+            keep = mask.to(xBC.dtype)[..., None]
+            out, state = causal_conv(xBC * keep, w, bias)
+            x = (out[..., :x_ch] * keep).contiguous()
+            return x, out[..., x_ch:].contiguous(), state
+
+        fused = lambda: causal_conv_triton(xBC, w, bias, None, mask, x_channels=x_ch)  # noqa: E731
+        ref_x, ref_bc, _ = torch_path()
+        out, _ = fused()
+        row = {"shape": f"B{batch} T{T} ch{channels}", "rel_err": max(_rel(out[..., :x_ch], ref_x),
+                                                                        _rel(out[..., x_ch:], ref_bc))}
+        row["torch_ms"], row["fused_ms"] = _ms(torch_path), _ms(fused)
+        row["speedup"] = row["torch_ms"] / row["fused_ms"]
+        row["bytes"] = 2 * xBC.nbytes + mask.nbytes  # read the input once, write the output once
+        row["fused_over_bytes_floor"] = row["fused_ms"] / (row["bytes"] / (bandwidth_gbs * 1e9) * 1e3)
+        rows.append(row)
     return rows
 
 
@@ -67,7 +114,7 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
     rows = []
     d_inner = heads * head_dim
     conv_dim = d_inner + 2 * groups * d_state
-    for batch in (64, 256, 1024):
+    for batch in DECODE_BATCHES:
         dt = torch.bfloat16
         xBC = torch.randn(batch, conv_dim, device=device, dtype=dt)
         z = torch.randn(batch, d_inner, device=device, dtype=dt)
@@ -84,7 +131,9 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
                                D.double(), z_bias.double(), groups)
         out = mixer_step_triton(*args)
         row = {"batch": batch, "rel_err_out": _rel(out, ref), "rel_err_state": _rel(ssm_state, ref_ss)}
-        row["ms"] = do_bench(lambda: mixer_step_triton(*args), warmup=25, rep=100, return_mode="median")
+        step = lambda: mixer_step_triton(*args)  # noqa: E731
+        row["ms"] = do_bench_cudagraph(step, rep=100, return_mode="median")
+        row["launched_ms"] = _ms(step)
         moved = (2 * ssm_state.nbytes + 2 * conv_state.nbytes + xBC.nbytes + z.nbytes + A_log.nbytes
                  + batch * d_inner * 2)
         row["bytes"] = moved
@@ -94,3 +143,28 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
         row["torch_ms"] = do_bench(torch_step, warmup=10, rep=50, return_mode="median")
         rows.append(row)
     return rows
+
+
+def run_all(bandwidth_gbs: float) -> dict:
+    return {"scan": bench_scan(), "conv": bench_conv(bandwidth_gbs), "decode_step": bench_decode_step(bandwidth_gbs)}
+
+
+def to_markdown(r: dict) -> list[str]:
+    lines = ["| shape | ours fwd ms | fla chunk_simple_gla fwd ms | fla / ours | ours training fwd ms | ours bwd ms | "
+             "bwd / fwd | bwd / training fwd | rel diff vs fla |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in r["scan"]:
+        lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {s.get('fla_fwd_ms', float('nan')):.3f} | "
+                     f"{s.get('fla_over_ours', float('nan')):.2f} | {s['ours_train_fwd_ms']:.3f} | {s['ours_bwd_ms']:.3f} | "
+                     f"{s['bwd_over_fwd']:.2f} | {s['bwd_over_train_fwd']:.2f} | {s.get('rel_diff_vs_fla', float('nan')):.1e} |")
+    if r.get("conv"):
+        lines += ["", "| prefill conv (masked, bf16) | PyTorch path ms | fused kernel ms | speedup | fused / bytes floor |",
+                  "|---|---|---|---|---|"]
+        for c in r["conv"]:
+            lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['fused_ms']:.3f} | {c['speedup']:.2f} | "
+                         f"{c['fused_over_bytes_floor']:.2f} |")
+    lines += ["", "| decode step batch (H9 P64 N64) | ms (CUDA graph) | bytes floor ms | / floor | ms launched one by one "
+              "| torch reference ms |", "|---|---|---|---|---|---|"]
+    for s in r["decode_step"]:
+        lines.append(f"| {s['batch']} | {s['ms']:.4f} | {s['floor_ms']:.4f} | {s['over_floor']:.2f} | "
+                     f"{s['launched_ms']:.4f} | {s['torch_ms']:.3f} |")
+    return lines

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from llamba.generation.sampling import SamplingParams, select_tokens
 from llamba.model.cache import LlambaCache
+from llamba.model.mixer import split_in_proj
 from llamba.ops.decode import mixer_step
 
 
@@ -41,7 +42,7 @@ def _rms_norm(h, weight, eps: float):
 
 
 def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits):
-    return torch.split(F.linear(_rms_norm(h, norm_w, eps), in_w, in_b), splits, dim=-1)
+    return split_in_proj(_rms_norm(h, norm_w, eps), in_w, in_b, splits[0], splits[1])
 
 
 def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b):

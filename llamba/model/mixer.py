@@ -16,11 +16,23 @@ from llamba.model.cache import LlambaCache
 from llamba.model.config import LlambaConfig
 from llamba.ops.conv import causal_conv
 from llamba.ops.decode import mixer_step
-from llamba.ops.ssd import mixing_matrix, ssd_scan
+from llamba.ops.ssd import mixing_matrix, ssd_scan, use_triton
 from llamba.ops.ssd.naive import state_dtype
 
 # silu(Z_BIAS_IDENTITY) == 1 (to 1e-12): a fresh mixer's gate passes y through unchanged.
 Z_BIAS_IDENTITY = 1.278464542761
+
+
+def split_in_proj(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d_xbc: int, d_inner: int):
+    """in_proj(u) as (xBC, z, A_log). The A_log rows (one per head) seldom leave the output width a multiple of 8,
+    and cuBLAS then takes a slow unaligned kernel (an order of magnitude slower on an H100 at the SmolLM2
+    student's shapes) whose output rows are misaligned for every kernel after it. So the [xBC | z] rows get a GEMM
+    of their own, and the few A_log rows another."""
+    main = d_xbc + d_inner
+    xBCz = F.linear(u, weight[:main], None if bias is None else bias[:main])
+    A_log = F.linear(u, weight[main:], None if bias is None else bias[main:])
+    xBC, z = xBCz.split([d_xbc, d_inner], dim=-1)
+    return xBC, z, A_log
 
 
 class DiscreteMamba2(nn.Module):
@@ -35,7 +47,7 @@ class DiscreteMamba2(nn.Module):
         self.head_dim = config.head_dim
         self.d_state = config.d_state
         self.chunk_size = ssm["chunk_size"]
-        self.scan_backend = "auto"
+        self.kernel_backend = "auto"  # prefill kernels: 'auto' (Triton on CUDA), 'torch' or 'triton' (ops.ssd.BACKENDS)
         bias = ssm["bias"]
 
         self.in_proj = nn.Linear(
@@ -49,9 +61,10 @@ class DiscreteMamba2(nn.Module):
 
     # -- pieces shared by every path ---------------------------------------------------------------------------
     def _split_projection(self, u: torch.Tensor):
-        xBC, z, A_log = torch.split(
-            self.in_proj(u), [self.d_inner + 2 * self.n_qk_heads * self.d_state, self.d_inner, self.n_v_heads], dim=-1)
-        return xBC, z, A_log
+        d_xbc = self.d_inner + 2 * self.n_qk_heads * self.d_state
+        if isinstance(self.in_proj, nn.Linear):
+            return split_in_proj(u, self.in_proj.weight, self.in_proj.bias, d_xbc, self.d_inner)
+        return torch.split(self.in_proj(u), [d_xbc, self.d_inner, self.n_v_heads], dim=-1)  # a quantized stand-in
 
     def _split_xBC(self, xBC: torch.Tensor):
         b, L, _ = xBC.shape
@@ -90,21 +103,31 @@ class DiscreteMamba2(nn.Module):
                 conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads)
             return self.out_proj(y[:, None])
 
-        keep = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            keep = attention_mask[:, -length:].to(xBC.dtype)[..., None]
-            xBC = xBC * keep  # padded tokens feed zeros to the convolution, like the start of a sequence
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
-        xBC, new_conv_state = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx)
-        x, B, C = self._split_xBC(xBC)
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        inference = not (torch.is_grad_enabled() and xBC.requires_grad)
+        if inference and seq_idx is None and use_triton(xBC, self.kernel_backend):
+            from llamba.ops.triton_conv import causal_conv_triton
+
+            # one kernel convolves in in_proj's layout (x, B, C become views) and masks the padding
+            xBC, new_conv_state = causal_conv_triton(xBC, self.conv1d.weight, self.conv1d.bias, conv_state,
+                                                     attention_mask if padded else None, x_channels=self.d_inner)
+            x, B, C = self._split_xBC(xBC)
+        else:
+            keep = attention_mask[:, -length:].to(xBC.dtype)[..., None] if padded else None
+            if padded:
+                xBC = xBC * keep  # padded tokens feed zeros to the convolution, like the start of a sequence
+            xBC, new_conv_state = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, conv_state, seq_idx)
+            x, B, C = self._split_xBC(xBC)
+            if padded:
+                x = x * keep[..., None]  # ... and write nothing to the state
         log_a = self.log_decay(A_log)
-        if keep is not None:
-            x = x * keep[..., None]              # ... write nothing to the state
-            log_a = log_a * keep.to(log_a.dtype)  # ... and do not decay it
+        if padded:
+            log_a = log_a * attention_mask[:, -length:, None].to(log_a.dtype)  # ... nor decay it
         initial_state = cache.ssm_states[self.layer_idx] if continuing else None
         y, final_state = ssd_scan(
             x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=self.chunk_size,
-            backend=self.scan_backend)
+            backend=self.kernel_backend)
         if cache is not None:
             cache.conv_states[self.layer_idx].copy_(new_conv_state)
             cache.ssm_states[self.layer_idx].copy_(final_state)

@@ -28,15 +28,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
-def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto"):
-    """Chunked scan; returns (y, final_state). ``backend``: 'auto' (Triton on CUDA when installed), 'torch', 'triton'."""
+def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether ``backend`` ('auto': Triton on CUDA when installed, 'torch', 'triton') means the Triton kernels for x."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
-    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64 and triton_available())
-    if use_triton:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    return backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64 and triton_available())
+
+
+def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto"):
+    """Chunked scan; returns (y, final_state). ``backend``: see ``use_triton``."""
+    if use_triton(x, backend):
         from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
         return ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
     return ssd_chunk(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
 
 
-__all__ = ["mixing_matrix", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step"]
+__all__ = ["mixing_matrix", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step", "use_triton"]

@@ -1,21 +1,26 @@
 """The chunked scan of ``llamba.ops.ssd.chunk.ssd_chunk`` as Triton kernels, forward and backward.
 
-Two kernels each way, over chunks of ``BT`` tokens:
+Over chunks of ``BT`` tokens:
 
     forward   chunk_states:    carry the state through the chunks (sequential over chunks, one program per
                                batch row, head and state tile), adding what each chunk writes: sum_j w_j x_j B_j^T
               chunk_output:    per chunk, y = masked (C B^T * decay) x  +  exp(cs) * S_in C
+           or fused_forward:   both in one pass, chunk after chunk, the state held in registers (when batch x heads
+                               fills the GPU: reads x, B and C once)
     backward  chunk_states:    reversed: the gradient of every chunk's outgoing state
               chunk_backward:  per chunk, dx, dB, dC, dlog_a from the recomputed intra-chunk matrices
 
-The forward keeps the incoming state of every chunk (float32) for the backward; the state is float32 everywhere,
-the matrix products take the inputs' dtype (bf16 on the tensor cores). Document resets (``seq_idx``) become masks:
-a token reads only tokens of its own document, and a chunk's incoming state reaches only tokens of the document
-it belongs to. ``chunk_size`` is accepted for interface compatibility; the result does not depend on it, so the
+The carried state is float32; the per-chunk snapshots that pass between kernels (the state entering each chunk,
+the gradient leaving it) are stored in bf16 for bf16 inputs: they only ever enter bf16 matrix products, so this
+halves the kernels' dominant memory traffic without changing a product (float32 inputs keep float32 snapshots).
+Document resets (``seq_idx``) become masks: a token reads only tokens of its own document, and a chunk's incoming
+state reaches only tokens of the document it belongs to. ``chunk_size`` is accepted for interface compatibility; the result does not depend on it, so the
 kernels use their own tile size.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -24,6 +29,10 @@ import triton.language as tl
 from llamba.ops.ssd.naive import state_dtype
 
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
+# Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py).
+LAUNCH = {"states": dict(num_warps=4, num_stages=2), "output": dict(num_warps=4, num_stages=2),
+          "backward": dict(num_warps=8, num_stages=1)}
+FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
 
 
 @triton.jit
@@ -85,7 +94,8 @@ def _chunk_states_kernel(
         v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
         k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
         local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)  # (BP, BN)
-        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :], cur, mask=pn_mask)
+        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
+                 cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
         cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
     tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
 
@@ -123,6 +133,57 @@ def _chunk_output_kernel(
     y += tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
     tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
              mask=tm[:, None] & (p[None, :] < P))
+
+
+@triton.jit
+def _fused_forward_kernel(
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, y_ptr,
+    L, H, HPG, P, N, n_chunks,
+    s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
+    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_yb, s_yt, s_yh,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_STATES: tl.constexpr,
+    BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """The whole forward in one pass: chunk by chunk, the output from the carried state (kept in registers), then
+    the state carried on. x, B and C are read once and nothing passes between kernels; the snapshots are stored
+    only when a backward will need them."""
+    pid_p, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    p = pid_p * BP + tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    ii = tl.arange(0, BT)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    if HAS_INIT:
+        cur = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
+    else:
+        cur = tl.zeros([BP, BN], dtype=tl.float32)
+    for c in range(n_chunks):
+        t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+        tm = t < L
+        tn_mask = tm[:, None] & (n[None, :] < N)
+        tp_mask = tm[:, None] & (p[None, :] < P)
+        Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
+        Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
+        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+        if STORE_STATES:
+            tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
+                     cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
+        keep = ii[:, None] >= ii[None, :]
+        if HAS_SEQ:
+            keep = keep & (seq[:, None] == seq[None, :])
+        scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)
+        scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+        y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
+        inter = tl.dot(Cb, tl.trans(cur.to(Cb.dtype)), input_precision=PREC)  # (BT, BP): S_in C_i
+        y += tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
+        tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=tp_mask)
+        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+        local = tl.dot(tl.trans((xp.to(tl.float32) * w[:, None]).to(Bb.dtype)), Bb, input_precision=PREC)
+        cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
+    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
 
 
 @triton.jit
@@ -184,7 +245,7 @@ def _chunk_backward_kernel(
         T = w * tl.sum(xp.to(tl.float32) * BG, axis=1)
         dcs -= T
         d_last += T
-        d_decay += tl.sum(tl.sum(Gp * Sp, axis=1), axis=0)
+        d_decay += tl.sum(tl.sum(Gp.to(tl.float32) * Sp.to(tl.float32), axis=1), axis=0)
         dxp = tl.dot(A_t, dyp, input_precision=PREC) + w[:, None] * BG
         tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
                  dxp.to(dx_ptr.dtype.element_ty), mask=tp_mask)
@@ -196,15 +257,36 @@ def _chunk_backward_kernel(
     dcs += tl.where(ii == BT - 1, tl.sum(d_last, axis=0) + decay * d_decay, 0.0)
     dla = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs  # d log_a_k = sum_{i >= k} dcs_i
     grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
-    tl.store(dc_ptr + grad_off, dC, mask=tn_mask)
-    tl.store(db_ptr + grad_off, dB, mask=tn_mask)
+    tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+    tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
     tl.store(dla_ptr + b * s_lab + t * s_lat + h, dla, mask=tm)
 
 
-def _tiles(P: int, N: int) -> tuple[int, int]:
+def _output_tiles(P: int, N: int) -> tuple[int, int]:
     BN = max(16, triton.next_power_of_2(N))
     BP = 64 if P >= 64 else max(16, triton.next_power_of_2(P))  # P = 96: two tiles, the second half masked
     return BP, BN
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device) -> tuple[int, int]:
+    """The carry kernels run one program per state tile through every chunk. A wide tile reads each chunk's
+    inputs once; narrower tiles re-read them but put more programs to work when batch x heads is small."""
+    BN = min(64, max(16, triton.next_power_of_2(N)))
+    BP = min(64, max(16, triton.next_power_of_2(P)))
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 1  # (the CPU interpreter: any tile works)
+    if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * sms:
+        BP = min(BP, 32)
+    return BP, BN
+
+
+def _snapshot_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 snapshots feed bf16 products only; float16's range is too narrow for a state, float32 stays exact
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -229,8 +311,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
     batch, length, _, P = v.shape
     N = k.shape[-1]
-    BP, BN = 32, min(64, max(16, triton.next_power_of_2(N)))  # small tiles: many programs for a sequential loop
-    states = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
+    BP, BN = _state_tiles(batch * H, P, N, v.device)
+    states = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=_snapshot_dtype(v.dtype))
     final = torch.empty(batch, H, P, N, device=v.device, dtype=torch.float32)
     init_ = init if init is not None else final
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN), batch * H)
@@ -242,18 +324,27 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
         states.stride(0), states.stride(1), states.stride(2), states.stride(3),
         init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
         REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN,
-        PREC=_precision(v.dtype), num_warps=4, num_stages=2)
+        PREC=_precision(v.dtype), **LAUNCH["states"])
     return states, final
 
 
-def _forward(x, B, C, la, seq, init):
+def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
+    """The one-pass forward reads its inputs once but runs every chunk of a sequence in turn: it wins once
+    batch x heads fills the GPU; below that the two-kernel forward spreads the output over all chunks at once."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 1
+    return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * sms
+
+
+def _forward(x, B, C, la, seq, init, keep_states=True):
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
+    if _use_fused_forward(batch * H, P, x.device):
+        return _fused_forward(x, B, C, la, seq, init, keep_states)
     states, final = _chunk_states(x, B, la, seq, init, n_chunks, H, HPG, reverse=False)  # state entering each chunk
     y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
-    BP, BN = _tiles(P, N)
+    BP, BN = _output_tiles(P, N)
     grid = (n_chunks, triton.cdiv(P, BP), batch * H)
     _chunk_output_kernel[grid](
         x, B, C, la, seq if seq is not None else la, states, y,
@@ -261,8 +352,34 @@ def _forward(x, B, C, la, seq, init):
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
         C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
         states.stride(0), states.stride(1), states.stride(2), states.stride(3), y.stride(0), y.stride(1), y.stride(2),
-        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=4)
+        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), **LAUNCH["output"])
     return y, final, states
+
+
+def _fused_forward(x, B, C, la, seq, init, keep_states):
+    batch, length, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    n_chunks = triton.cdiv(length, BT)
+    BN = max(16, triton.next_power_of_2(N))
+    BP = min(64, max(16, triton.next_power_of_2(P)))
+    if x.element_size() == 4 and BN > 64:
+        BP = 32  # float32 operands double the shared memory
+    y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
+    final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+    states = (torch.empty(batch, n_chunks, H, P, N, device=x.device, dtype=_snapshot_dtype(x.dtype))
+              if keep_states else final[:, None])
+    init_ = init if init is not None else final
+    _fused_forward_kernel[(triton.cdiv(P, BP), batch * H)](
+        x, B, C, la, seq if seq is not None else la, init_, states, final, y,
+        length, H, H // G, P, N, n_chunks,
+        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
+        C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
+        states.stride(0), states.stride(1), states.stride(2), states.stride(3),
+        init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
+        y.stride(0), y.stride(1), y.stride(2),
+        HAS_INIT=init is not None, HAS_SEQ=seq is not None, STORE_STATES=keep_states, BT=BT, BP=BP, BN=BN,
+        PREC=_precision(x.dtype), num_warps=4, num_stages=3 if BN <= 64 else 2)  # (measured: B8 T4096 H32 D64/D128)
+    return y, final, states if keep_states else None
 
 
 def _backward(x, B, C, la, seq, states_in, dy, d_final):
@@ -272,10 +389,13 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
     n_chunks = triton.cdiv(length, BT)
     grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)  # d state leaving each chunk
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dB_h = torch.empty(batch, length, H, N, device=x.device, dtype=torch.float32)
+    # One head per group: its B/C gradients are final, written in the input dtype. Otherwise per head in float32,
+    # summed over the group below.
+    grad_dtype = x.dtype if HPG == 1 else torch.float32
+    dB_h = torch.empty(batch, length, H, N, device=x.device, dtype=grad_dtype)
     dC_h = torch.empty_like(dB_h)
     dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
-    BP, BN = _tiles(P, N)
+    BP, BN = _output_tiles(P, N)
     if x.element_size() == 4 and (BN > 64 or P % 64):
         BP = 32  # float32 operands double the shared memory
     _chunk_backward_kernel[(n_chunks, batch * H)](
@@ -287,9 +407,9 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final):
         states_in.stride(0), states_in.stride(1), states_in.stride(2), states_in.stride(3),
         dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
         dB_h.stride(0), dB_h.stride(1), dB_h.stride(2),
-        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), num_warps=8,
-        num_stages=1)  # pipelining the short P loop only multiplies shared memory (fp32 states, N = 128)
-    # Heads of one group share B and C: their gradients add up.
+        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), **LAUNCH["backward"])
+    if HPG == 1:
+        return dx, dB_h, dC_h, dla, d_init
     dB = dB_h.view(batch, length, G, HPG, N).sum(3)
     dC = dC_h.view(batch, length, G, HPG, N).sum(3)
     return dx, dB, dC, dla, d_init
@@ -303,7 +423,8 @@ class _SSDChunk(torch.autograd.Function):
         la = la if la.stride(-1) == 1 else la.contiguous()
         seq = _padded_seq(seq_idx, x.shape[1], triton.cdiv(x.shape[1], BT))
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-        y, final, states = _forward(xc, Bc, Cc, la, seq, init)
+        backward_ahead = any(ctx.needs_input_grad[:5])
+        y, final, states = _forward(xc, Bc, Cc, la, seq, init, keep_states=backward_ahead)
         ctx.save_for_backward(xc, Bc, Cc, la, seq, states)
         ctx.dtypes = (log_a.dtype, initial_state.dtype if initial_state is not None else None)
         ctx.has_init = initial_state is not None
