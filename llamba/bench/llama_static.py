@@ -91,7 +91,7 @@ class StaticLlama:
         groups = self.n_q // self.n_kv
         for i, layer in enumerate(m.layers):
             norm, mlp = layer.input_layernorm, layer.mlp
-            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits)
+            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, False)
             q = _rotate(q.view(b, 1, self.n_q, self.head_dim).transpose(1, 2), cos, sin)
             k = _rotate(k.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
             self.k[i].index_copy_(2, pos, k)

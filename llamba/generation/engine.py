@@ -41,8 +41,11 @@ def _rms_norm(h, weight, eps: float):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
-def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits):
-    return split_in_proj(_rms_norm(h, norm_w, eps), in_w, in_b, splits[0], splits[1])
+def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits, split_gemm: bool):
+    u = _rms_norm(h, norm_w, eps)
+    if split_gemm:
+        return split_in_proj(u, in_w, in_b, splits[0], splits[1])
+    return torch.split(F.linear(u, in_w, in_b), splits, dim=-1)
 
 
 def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b):
@@ -85,6 +88,9 @@ class Decoder:
         self.graph = None
         mixer = model.backbone.layers[0].mixer
         self._splits = [mixer.d_inner + 2 * mixer.n_qk_heads * mixer.d_state, mixer.d_inner, mixer.n_v_heads]
+        # An aligned GEMM plus a tiny one for A_log (see split_in_proj) pays from about 64 rows: +14% decode
+        # throughput at batch 256 on an H100; below that the second launch costs more than alignment saves (-5%).
+        self._split_gemm = batch_size >= 64
         self._pieces = (_compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head))
         self._logits = self._decode_logits
         if use_graph:
@@ -114,7 +120,8 @@ class Decoder:
         for i, layer in enumerate(backbone.layers):
             mixer, mlp = layer.mixer, layer.mlp
             norm = layer.input_layernorm
-            xBC, z, A_log = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits)
+            xBC, z, A_log = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
+                                self._split_gemm)
             y = mixer_step(xBC[:, 0], z[:, 0], A_log[:, 0], self.cache.conv_states[i], self.cache.ssm_states[i],
                            mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.z_bias, mixer.n_qk_heads)
             norm2 = layer.post_attention_layernorm
