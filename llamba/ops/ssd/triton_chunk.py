@@ -58,6 +58,18 @@ def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.const
 
 
 @triton.jit
+def _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT: tl.constexpr, BP: tl.constexpr,
+                   BN: tl.constexpr):
+    """The (BP, BN) tile of the state a sequence starts from, float32 (zeros without one)."""
+    if HAS_INIT:
+        state = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask,
+                        other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BP, BN], dtype=tl.float32)
+    return state
+
+
+@triton.jit
 def _chunk_states_kernel(
     v_ptr, k_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
     L, H, HPG, P, N, n_chunks,
@@ -78,10 +90,7 @@ def _chunk_states_kernel(
     p = pid_p * BP + tl.arange(0, BP)
     n = pid_n * BN + tl.arange(0, BN)
     pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    if HAS_INIT:
-        cur = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
-    else:
-        cur = tl.zeros([BP, BN], dtype=tl.float32)
+    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
@@ -98,6 +107,20 @@ def _chunk_states_kernel(
                  cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
         cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
     tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+
+
+@triton.jit
+def _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's output (BT, BP): masked (C B^T * decay) x from inside the chunk, plus exp(cs) * S_in C."""
+    ii = tl.arange(0, BT)
+    keep = ii[:, None] >= ii[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq[:, None] == seq[None, :])
+    scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)  # (BT, BT): C_i . B_j
+    scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+    y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
+    inter = tl.dot(Cb, tl.trans(S_in.to(Cb.dtype)), input_precision=PREC)  # (BT, BP): S_in C_i
+    return y + tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
 
 
 @triton.jit
@@ -119,18 +142,10 @@ def _chunk_output_kernel(
     tn_mask = tm[:, None] & (n[None, :] < N)
     Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
     Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-    scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)  # (BT, BT): C_i . B_j
-    ii = tl.arange(0, BT)
-    keep = ii[:, None] >= ii[None, :]
-    if HAS_SEQ:
-        keep = keep & (seq[:, None] == seq[None, :])
-    scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
     xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
-    y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
     S_in = tl.load(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
-    inter = tl.dot(Cb, tl.trans(S_in).to(Cb.dtype), input_precision=PREC)  # (BT, BP): S_in C_i
-    y += tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
+    y = _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ, BT, PREC)
     tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
              mask=tm[:, None] & (p[None, :] < P))
 
@@ -152,12 +167,8 @@ def _fused_forward_kernel(
     g = h // HPG
     p = pid_p * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
-    ii = tl.arange(0, BT)
     pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    if HAS_INIT:
-        cur = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
-    else:
-        cur = tl.zeros([BP, BN], dtype=tl.float32)
+    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for c in range(n_chunks):
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
             la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
@@ -170,14 +181,7 @@ def _fused_forward_kernel(
         if STORE_STATES:
             tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                      cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
-        keep = ii[:, None] >= ii[None, :]
-        if HAS_SEQ:
-            keep = keep & (seq[:, None] == seq[None, :])
-        scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)
-        scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
-        y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
-        inter = tl.dot(Cb, tl.trans(cur.to(Cb.dtype)), input_precision=PREC)  # (BT, BP): S_in C_i
-        y += tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
+        y = _chunk_y(Cb, Bb, xp, cur, cs, seq, from_start, HAS_SEQ, BT, PREC)
         tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=tp_mask)
         w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
