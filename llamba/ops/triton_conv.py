@@ -87,6 +87,8 @@ def causal_conv_triton(
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit {channels} channels with kernel <= 4")
     if xBC.stride(-1) != 1:
         xBC = xBC.contiguous()
+    if conv_state is not None and conv_state.stride(-1) != 1:
+        conv_state = conv_state.contiguous()  # the kernel steps through a channel's window one element at a time
     w = weight.reshape(channels, K)
     w = w if w.is_contiguous() else w.contiguous()
     out = torch.empty(batch, length, channels, device=xBC.device, dtype=xBC.dtype)

@@ -14,8 +14,8 @@ The carried state is float32; the per-chunk snapshots that pass between kernels 
 the gradient leaving it) are stored in bf16 for bf16 inputs: they only ever enter bf16 matrix products, so this
 halves the kernels' dominant memory traffic without changing a product (float32 inputs keep float32 snapshots).
 Document resets (``seq_idx``) become masks: a token reads only tokens of its own document, and a chunk's incoming
-state reaches only tokens of the document it belongs to. ``chunk_size`` is accepted for interface compatibility; the result does not depend on it, so the
-kernels use their own tile size.
+state reaches only tokens of the document it belongs to. ``chunk_size`` is accepted for interface compatibility;
+the result does not depend on it, so the kernels use their own tile size.
 """
 
 from __future__ import annotations
@@ -273,8 +273,13 @@ def _output_tiles(P: int, N: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 1 for the CPU interpreter, where any tiling works."""
+    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
 
 
 def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device) -> tuple[int, int]:
@@ -282,8 +287,7 @@ def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device) -> tupl
     inputs once; narrower tiles re-read them but put more programs to work when batch x heads is small."""
     BN = min(64, max(16, triton.next_power_of_2(N)))
     BP = min(64, max(16, triton.next_power_of_2(P)))
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 1  # (the CPU interpreter: any tile works)
-    if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * sms:
+    if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * _sm_count(device):
         BP = min(BP, 32)
     return BP, BN
 
@@ -335,17 +339,18 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
     """The one-pass forward reads its inputs once but runs every chunk of a sequence in turn: it wins once
     batch x heads fills the GPU; below that the two-kernel forward spreads the output over all chunks at once."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 1
-    return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * sms
+    return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * _sm_count(device)
 
 
 def _forward(x, B, C, la, seq, init, keep_states=True):
+    """(y, final state, per-chunk state snapshots for the backward). The two-kernel path needs the snapshots
+    itself, so ``keep_states=False`` only saves their writes in the fused one (which then returns None)."""
     batch, length, H, P = x.shape
+    if _use_fused_forward(batch * H, P, x.device):
+        return _fused_forward(x, B, C, la, seq, init, keep_states)
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
-    if _use_fused_forward(batch * H, P, x.device):
-        return _fused_forward(x, B, C, la, seq, init, keep_states)
     states, final = _chunk_states(x, B, la, seq, init, n_chunks, H, HPG, reverse=False)  # state entering each chunk
     y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
     BP, BN = _output_tiles(P, N)
