@@ -3,6 +3,7 @@ micro-batches of 4, through all three stages."""
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,18 @@ def worker(rank: int, world: int, port: int, teacher: str, data: str, out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if rank == 1:
+        # Rank 1 arrives late, after rank 0 has saved the initialised student: both must still take the same branch
+        # (a rank deciding from its own later view of the disk once paired the wrong collectives and hung).
+        import llamba.teacher
+
+        load_teacher = llamba.teacher.load_teacher
+
+        def late_load_teacher(*args, **kwargs):
+            time.sleep(3)
+            return load_teacher(*args, **kwargs)
+
+        llamba.teacher.load_teacher = late_load_teacher
     run(Options(teacher=teacher, out=Path(out), recipe=recipe(2), data=data,
                 device="cpu", sample_tokens=0))
 
@@ -49,8 +62,14 @@ def test_two_gloo_processes_match_one(tmp_path):
                           device="cpu", sample_tokens=0))
     finally:
         torch.set_num_threads(n)
-    mp.spawn(worker, args=(2, free_port(), str(teacher), str(tmp_path / "one" / "data"), str(tmp_path / "two")),
-             nprocs=2, join=True)
+    workers = mp.spawn(worker, args=(2, free_port(), str(teacher), str(tmp_path / "one" / "data"),
+                                     str(tmp_path / "two")), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # the run takes ~30 s; gloo's own timeout is 30 min
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the two gloo processes hung (mismatched collectives?)")
     import json
 
     two = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -162,8 +162,10 @@ def run(opts: Options) -> dict | None:
     # The initialised student: built once (seeded, identical on every rank), saved, evaluated.
     from llamba.distill.report import evaluate, generation_sample, plot_losses, write_summary
 
+    # Each resume decision is rank 0's view of the disk, taken before rank 0 writes: a rank that looked later could
+    # see rank 0's fresh files, take the other branch and pair its collectives with the wrong ones (a hang).
     init_dir = opts.out / "init"
-    if (init_dir / "config.json").exists():
+    if distributed.broadcast_object((init_dir / "config.json").exists(), d):
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
     else:
         torch.manual_seed(recipe["seed"])
@@ -182,7 +184,7 @@ def run(opts: Options) -> dict | None:
     for stage in sorted(opts.stages):
         stage_dir = opts.out / f"stage{stage}"
         final = stage_dir / "final"
-        if (final / "config.json").exists():
+        if distributed.broadcast_object((final / "config.json").exists(), d):
             log(f"stage {stage}: done already ({final}); skipping")
             results[stage] = json.loads((stage_dir / "result.json").read_text())
             previous = final
