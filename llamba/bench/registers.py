@@ -1,0 +1,126 @@
+"""Registers, spills and shared memory of every Triton kernel of llamba, compiled for a GPU on a machine without
+one. Each kernel is compiled exactly as its host function launches it at the shapes of the kernel table
+(``llamba.bench.kernels``): the host code runs on small CPU tensors with the launch replaced by a compile for the
+target, and the device dispatch (fused or two-kernel, tile sizes) sees the target's SM count. ``ptxas -v`` then
+reports per-thread registers and spill bytes. Spills are the usual first suspect when a kernel runs far from its
+bytes or FLOPs floor; this finds them with no GPU time. Command line: ``scripts/kernel_registers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from llamba.bench.kernels import CONV_SHAPES, DECODE_BATCHES, SCAN_SHAPES
+from llamba.ops.ssd import triton_chunk
+from llamba.ops.triton_conv import causal_conv_triton
+from llamba.ops.triton_decode import mixer_step_triton
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+@contextmanager
+def compile_instead_of_launch(target: GPUTarget, found: list):
+    """Within: ``kernel[grid](...)`` compiles for ``target`` (the same binding and specialization as a real launch)
+    and appends (kernel name, constexprs, warps, stages, PTX, shared bytes) to ``found``; nothing runs."""
+    backend = make_backend(target)
+    launch = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kwargs.setdefault("debug", False)
+        bound, specialization, options = create_function_from_signature(self.signature, self.params, backend)(
+            *args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+        consts = {self.arg_names[path[0]]: value for path, value in constexprs.items()
+                  if self.params[path[0]].is_constexpr}
+        found.append((self.__name__, consts, options.num_warps, options.num_stages, kernel.asm["ptx"],
+                      kernel.metadata.shared))
+
+    JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        JITFunction.run = launch
+
+
+def ptxas_report(ptx: str, arch: str) -> tuple[int, int, int]:
+    """(registers per thread, spill store bytes, spill load bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([PTXAS, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return regs, int(spills.group(1)), int(spills.group(2))
+
+
+def launch_all(length: int = 128) -> None:
+    """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
+    changes no launch setting): the scan forward both ways and its backward, the prefill conv, the decode step."""
+    bf16 = torch.bfloat16
+    for batch, _, H, D in SCAN_SHAPES:
+        x = torch.randn(batch, length, H, D, dtype=bf16)
+        B, C = torch.randn(batch, length, H, D, dtype=bf16), torch.randn(batch, length, H, D, dtype=bf16)
+        la = -F.softplus(torch.randn(batch, length, H))
+        for fused in (True, False):
+            triton_chunk.FUSED_MIN_PROGRAMS_PER_SM = 0 if fused else 1 << 30
+            _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
+            triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None)
+    for batch, _, channels in CONV_SHAPES:
+        xBC = torch.randn(batch, length, channels, dtype=bf16)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        causal_conv_triton(xBC, torch.randn(channels, 1, 4, dtype=bf16), torch.randn(channels, dtype=bf16), None,
+                           mask, x_channels=channels // 3)
+    H, P, N = 9, 64, 64  # the student's decode shapes, as in the kernel table
+    for batch in DECODE_BATCHES[:1]:  # the batch size is the grid, not a launch setting
+        conv_dim = H * P + 2 * H * N
+        mixer_step_triton(torch.randn(batch, conv_dim, dtype=bf16), torch.randn(batch, H * P, dtype=bf16),
+                          torch.randn(batch, H, dtype=bf16), torch.randn(batch, conv_dim, 3, dtype=bf16),
+                          torch.randn(batch, H, P, N), torch.randn(conv_dim, 1, 4, dtype=bf16),
+                          torch.randn(conv_dim, dtype=bf16), torch.randn(H, dtype=bf16),
+                          torch.randn(H * P, dtype=bf16), H)
+
+
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
+
+
+def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:
+    """One row per distinct kernel build the library launches: name, constexprs, warps, stages, registers,
+    spill bytes, shared memory and whether that fits the target."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_report compiles real kernels: unset TRITON_INTERPRET")
+    found: list = []
+    sm_count, fused_min = triton_chunk._sm_count, triton_chunk.FUSED_MIN_PROGRAMS_PER_SM
+    triton_chunk._sm_count = lambda device: sms
+    try:
+        with torch.no_grad(), compile_instead_of_launch(GPUTarget("cuda", arch, 32), found):
+            launch_all()
+    finally:
+        triton_chunk._sm_count, triton_chunk.FUSED_MIN_PROGRAMS_PER_SM = sm_count, fused_min
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    rows, seen = [], set()
+    for name, consts, warps, stages, ptx, shared in found:
+        flags = " ".join(f"{k}={v}" for k, v in consts.items() if k != "PREC")
+        if (name, flags, warps, stages) in seen:
+            continue
+        seen.add((name, flags, warps, stages))
+        regs, stores, loads = ptxas_report(ptx, gpu_name)
+        rows.append({"kernel": name, "flags": flags, "warps": warps, "stages": stages, "registers": regs,
+                     "spill_stores": stores, "spill_loads": loads, "shared": shared,
+                     "shared_fits": shared <= SHARED_LIMIT.get(arch, 48 * 1024)})
+    return rows
+
