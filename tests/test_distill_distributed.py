@@ -49,6 +49,16 @@ def worker(rank: int, world: int, port: int, teacher: str, data: str, out: str):
                 device="cpu", sample_tokens=0))
 
 
+def two_processes(teacher: Path, data: Path, out: Path) -> None:
+    workers = mp.spawn(worker, args=(2, free_port(), str(teacher), str(data), str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # a run takes ~30 s; gloo's own timeout is 30 min
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the two gloo processes hung (mismatched collectives?)")
+
+
 def test_two_gloo_processes_match_one(tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n_docs=60, n_val=10)
     n = torch.get_num_threads()
@@ -62,18 +72,17 @@ def test_two_gloo_processes_match_one(tmp_path):
                           device="cpu", sample_tokens=0))
     finally:
         torch.set_num_threads(n)
-    workers = mp.spawn(worker, args=(2, free_port(), str(teacher), str(tmp_path / "one" / "data"),
-                                     str(tmp_path / "two")), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # the run takes ~30 s; gloo's own timeout is 30 min
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in workers.processes:
-                p.kill()
-            pytest.fail("the two gloo processes hung (mismatched collectives?)")
+    two_processes(teacher, tmp_path / "one" / "data", tmp_path / "two")
     import json
 
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2
+    # Run again: every rank must take the resume branches together (load the initialised student, skip each stage)
+    final = tmp_path / "two" / "stage3" / "final" / "model.safetensors"
+    written = final.stat().st_mtime_ns
+    two_processes(teacher, tmp_path / "one" / "data", tmp_path / "two")
+    again = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert again["stages"] == two["stages"] and final.stat().st_mtime_ns == written
     for stage in ("1", "2", "3"):
         assert two["stages"][stage]["steps"] == one["stages"][stage]["steps"] >= 2
         assert two["stages"][stage]["last_loss"] == pytest.approx(one["stages"][stage]["last_loss"], rel=1e-4)
