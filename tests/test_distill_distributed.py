@@ -1,6 +1,7 @@
 """The torchrun path on CPU: 2 gloo processes (DDP, 2 sequences each) train to the same weights as 1 process with
 micro-batches of 4, through all three stages."""
 
+import json
 import os
 import socket
 import time
@@ -73,8 +74,6 @@ def test_two_gloo_processes_match_one(tmp_path):
     finally:
         torch.set_num_threads(n)
     two_processes(teacher, tmp_path / "one" / "data", tmp_path / "two")
-    import json
-
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2
     # Run again: every rank must take the resume branches together (load the initialised student, skip each stage)

@@ -13,6 +13,7 @@ import re
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from llamba.ops.triton_conv import causal_conv_triton
 from llamba.ops.triton_decode import mixer_step_triton
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
 
 
 @contextmanager
@@ -76,10 +78,10 @@ def launch_all(length: int = 128) -> None:
         x = torch.randn(batch, length, H, D, dtype=bf16)
         B, C = torch.randn(batch, length, H, D, dtype=bf16), torch.randn(batch, length, H, D, dtype=bf16)
         la = -F.softplus(torch.randn(batch, length, H))
-        for fused in (True, False):
-            triton_chunk.FUSED_MIN_PROGRAMS_PER_SM = 0 if fused else 1 << 30
-            _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
-            triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None)
+        for fused_min in (0, 1 << 30):  # the one-pass forward (and backward), then the two-kernel ones
+            with patch.object(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", fused_min):
+                _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
+                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)
         mask = torch.ones(batch, length, dtype=torch.long)
@@ -95,22 +97,15 @@ def launch_all(length: int = 128) -> None:
                           torch.randn(H * P, dtype=bf16), H)
 
 
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
-
-
 def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:
     """One row per distinct kernel build the library launches: name, constexprs, warps, stages, registers,
     spill bytes, shared memory and whether that fits the target."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report compiles real kernels: unset TRITON_INTERPRET")
     found: list = []
-    sm_count, fused_min = triton_chunk._sm_count, triton_chunk.FUSED_MIN_PROGRAMS_PER_SM
-    triton_chunk._sm_count = lambda device: sms
-    try:
-        with torch.no_grad(), compile_instead_of_launch(GPUTarget("cuda", arch, 32), found):
-            launch_all()
-    finally:
-        triton_chunk._sm_count, triton_chunk.FUSED_MIN_PROGRAMS_PER_SM = sm_count, fused_min
+    with (patch.object(triton_chunk, "_sm_count", lambda device: sms), torch.no_grad(),
+          compile_instead_of_launch(GPUTarget("cuda", arch, 32), found)):
+        launch_all()
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     rows, seen = [], set()
     for name, consts, warps, stages, ptx, shared in found:
