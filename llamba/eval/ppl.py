@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from llamba.distill.data import iter_documents, open_text
 
+
 def read_documents(path: str | Path, max_chars: int | None = None) -> list[str]:
     """``{"text": ...}`` JSON lines (``.xz`` or plain), or a plain text file as one document."""
     path = Path(path).expanduser()
