@@ -43,12 +43,13 @@ def rel(a, b):
 
 
 # -- GPU kernels ----------------------------------------------------------------------------------------------
-SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state
-    (2, 200, 4, 2, 64, 64, True, True),
-    (1, 130, 2, 1, 96, 64, False, True),
-    (2, 64, 2, 2, 128, 128, True, False),
-    (1, 1, 3, 3, 64, 64, False, False),
-    (1, 333, 6, 3, 64, 128, False, True),
+SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state, final state in the loss
+    (2, 200, 4, 2, 64, 64, True, True, True),
+    (1, 130, 2, 1, 96, 64, False, True, False),
+    (2, 64, 2, 2, 128, 128, True, False, True),
+    (1, 1, 3, 3, 64, 64, False, False, True),
+    (1, 333, 6, 3, 64, 128, False, True, True),
+    (2, 150, 2, 2, 64, 64, True, False, False),
 ]
 
 
@@ -62,7 +63,7 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
     monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
-    b, L, H, G, P, N, with_seq, with_init = case
+    b, L, H, G, P, N, with_seq, with_init, final_in_loss = case
     dev = DEV
     x = torch.randn(b, L, H, P, device=dev).to(dtype)
     B = (torch.randn(b, L, G, N, device=dev) / N ** 0.5).to(dtype)
@@ -72,13 +73,13 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
     seq = torch.cumsum((torch.rand(b, L, device=dev) < 0.02).long(), 1) if with_seq else None
     ref_in = [t.double().requires_grad_() for t in (x, B, C, la)] + ([s0.double().requires_grad_()] if with_init else [])
     y_ref, s_ref = ssd_loop(*ref_in[:4], initial_state=ref_in[4] if with_init else None, seq_idx=seq)
-    dy, ds = torch.randn_like(y_ref), torch.randn_like(s_ref)
+    dy, ds = torch.randn_like(y_ref), torch.randn_like(s_ref) * final_in_loss  # without it, its gradient is None
     ((y_ref * dy).sum() + (s_ref * ds).sum()).backward()
 
     ins = [t.clone().requires_grad_() for t in (x, B, C, la)] + ([s0.clone().requires_grad_()] if with_init else [])
     y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq)
     assert y.dtype == dtype and s.dtype == torch.float32 and y.shape == x.shape
-    ((y.float() * dy.float()).sum() + (s * ds.float()).sum()).backward()
+    ((y.float() * dy.float()).sum() + ((s * ds.float()).sum() if final_in_loss else 0)).backward()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert rel(y, y_ref) < tol
     assert rel(s, s_ref) < tol

@@ -81,7 +81,7 @@ def launch_all(length: int = 128) -> None:
         for fused_min in (0, 1 << 30):  # the one-pass forward (and backward), then the two-kernel ones
             with patch.object(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", fused_min):
                 _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
-                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None)
+                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)
         mask = torch.ones(batch, length, dtype=torch.long)

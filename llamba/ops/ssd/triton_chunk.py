@@ -8,7 +8,14 @@ Over chunks of ``BT`` tokens:
            or fused_forward:   both in one pass, chunk after chunk, the state held in registers (when batch x heads
                                fills the GPU: reads x, B and C once)
     backward  chunk_states:    reversed: the gradient of every chunk's outgoing state
-              chunk_backward:  per chunk, dx, dB, dC, dlog_a from the recomputed intra-chunk matrices
+              chunk_backward:  per chunk, dx, dB, dC from the recomputed intra-chunk matrices (a few small
+                               programs per chunk)
+           or fused_backward:  both in one reversed pass, the state gradient held in registers (same condition as
+                               the fused forward, and head dim <= 64)
+
+dlog_a needs no gradient through the states: with q_t = C_t exp(cs_t) and k_t = B_t exp(-cs_t) the scan is plain
+linear attention, so the gradient of the cumulative log-decay cs_t is q_t . dq_t - k_t . dk_t = C_t . dC_t -
+B_t . dB_t (plus <dS_final, S_final> at the last token), and dlog_a_k sums it over the tokens t >= k.
 
 The carried state is float32; the per-chunk snapshots that pass between kernels (the state entering each chunk,
 the gradient leaving it) are stored in bf16 for bf16 inputs: they only ever enter bf16 matrix products, so this
@@ -31,7 +38,7 @@ from llamba.ops.ssd.naive import state_dtype
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
 # Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py).
 LAUNCH = {"states": dict(num_warps=4, num_stages=2), "output": dict(num_warps=4, num_stages=2),
-          "backward": dict(num_warps=8, num_stages=1)}
+          "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
 
 
@@ -191,79 +198,169 @@ def _fused_forward_kernel(
 
 
 @triton.jit
+def _chunk_weights(cs, cs_last, to_end, from_start, carry):
+    """e_i = exp(cs_i)[from_start] (incoming state -> token i), w_j = exp(cs_last - cs_j)[to_end] (token j ->
+    outgoing state), and the chunk's decay of the state passing through."""
+    e = tl.where(from_start, tl.exp(cs), 0.0)
+    w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    decay = tl.where(carry, tl.exp(cs_last), 0.0)
+    return e, w, decay
+
+
+@triton.jit
+def _decay_matrix(cs, seq, HAS_SEQ: tl.constexpr, BT: tl.constexpr):
+    """M_ij = exp(cs_i - cs_j) for j <= i in the same document, else 0 (cheap to recompute: it is kept nowhere)."""
+    ii = tl.arange(0, BT)
+    keep = ii[:, None] >= ii[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq[:, None] == seq[None, :])
+    return tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+
+
+@triton.jit
+def _dx_tile(A_t, Bb, dyp, Gp, w, PREC: tl.constexpr):
+    """dx for one P tile of a chunk: A^T dy from inside the chunk, plus w_j G B_j through the state it writes."""
+    BG = tl.dot(Bb, tl.trans(Gp.to(Bb.dtype)), input_precision=PREC)  # (BT, BP)
+    return tl.dot(A_t, dyp, input_precision=PREC) + w[:, None] * BG
+
+
+@triton.jit
+def _dC_tile(dyS, RM, Cb, Bb, e, PREC: tl.constexpr):
+    """dC = e * (dy S_in) + RM B (RM = M * dy x^T, the gradient of C B^T), and its share C_i . dC_i of dcs_i."""
+    dC = dyS * e[:, None] + tl.dot(RM, Bb, input_precision=PREC)
+    return dC, tl.sum(Cb.to(tl.float32) * dC, axis=1)
+
+
+@triton.jit
+def _dB_tile(xG, RM, Cb, Bb, w, PREC: tl.constexpr):
+    """dB = w * (x G) + RM^T C, and its share -B_j . dB_j of dcs_j."""
+    dB = xG * w[:, None] + tl.dot(tl.trans(RM), Cb, input_precision=PREC)
+    return dB, -tl.sum(Bb.to(tl.float32) * dB, axis=1)
+
+
+@triton.jit
 def _chunk_backward_kernel(
     x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, sin_ptr, g_ptr, dy_ptr,
-    dx_ptr, db_ptr, dc_ptr, dla_ptr,
-    L, H, HPG, P, N,
+    dx_ptr, db_ptr, dc_ptr, dcs_ptr,
+    L, H, HPG, P, N, n_p_tiles,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
-    s_sb, s_sc, s_sh, s_sp, s_dyb, s_dyt, s_dyh, s_dxb, s_dxt, s_dxh, s_dbb, s_dbt, s_dbh,
-    HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    s_sb, s_sc, s_sh, s_sp, s_dyb, s_dyt, s_dyh, s_dxb, s_dxt, s_dxh, s_dbb, s_dbt, s_dbh, s_dcsk, s_dcsb, s_dcst,
+    HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, FULL_P: tl.constexpr,
+    FULL_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One chunk of one head. With A = M * (C B^T) (M: masked decays), e_i = exp(cs_i)[from_start],
-    w_j = exp(cs_last - cs_j)[to_end], S_in the incoming state and G the gradient of the outgoing state:
-        dx = A^T dy + w * (B G^T)            dC = (M * dy x^T) B + e * (dy S_in)
-        dB = (M * dy x^T)^T C + w * (x G)    dcs from every exp(.), then dlog_a = reverse cumsum of dcs."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    """All gradients of one chunk, given S_in (the state entering it) and G (the gradient of the state leaving it):
+
+        dx = A^T dy + w (B G^T)          with A = (C B^T) * M
+        dC = (M * dy x^T) B + e (dy S_in)     dB = (M * dy x^T)^T C + w (x G)
+        dcs_t = C_t . dC_t - B_t . dB_t   (the gradient of the cumulative log-decay)
+
+    spread over small programs: programs 0 .. n_p_tiles-1 write one P tile of dx each, the next ones one N tile of
+    dB and dC each, and that tile's share of dcs summed over the chunk's later tokens (its own row of ``dcs``).
+    The programs of one chunk run side by side, so the inputs they share come from L2, and each is small enough
+    for several to share an SM (one program doing it all needs ~2x the registers and ran 10-20% slower)."""
+    k, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     g = h // HPG
     t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
         la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
     tm = t < L
-    n = tl.arange(0, BN)
-    ii = tl.arange(0, BT)
-    tn_mask = tm[:, None] & (n[None, :] < N)
-    Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
-    Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-    dt = Cb.dtype
-    e = tl.where(from_start, tl.exp(cs), 0.0)
-    w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    decay = tl.where(carry, tl.exp(cs_last), 0.0)
-    keep = ii[:, None] >= ii[None, :]
-    if HAS_SEQ:
-        keep = keep & (seq[:, None] == seq[None, :])
-    M = tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
-    A = tl.dot(Cb, tl.trans(Bb), input_precision=PREC) * M
-    A_t = tl.trans(A).to(dt)
+    e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
+    M = _decay_matrix(cs, seq, HAS_SEQ, BT)
+    state_off = b * s_sb + c * s_sc + h * s_sh
+    if k < n_p_tiles:  # dx = A^T dy + w (B G^T) for P tile k; A over all of N
+        nf = tl.arange(0, FULL_N)
+        tnf_mask = tm[:, None] & (nf[None, :] < N)
+        Cf = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + nf[None, :], mask=tnf_mask, other=0.0)
+        Bf = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + nf[None, :], mask=tnf_mask, other=0.0)
+        A_t = tl.trans(tl.dot(Cf, tl.trans(Bf), input_precision=PREC) * M).to(Cf.dtype)
+        p = k * BP + tl.arange(0, BP)
+        tpk_mask = tm[:, None] & (p[None, :] < P)
+        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tpk_mask,
+                      other=0.0).to(Cf.dtype)
+        Gp = tl.load(g_ptr + state_off + p[:, None] * s_sp + nf[None, :], mask=(p[:, None] < P) & (nf[None, :] < N),
+                     other=0.0)
+        dxp = _dx_tile(A_t, Bf, dyp, Gp, w, PREC)
+        tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
+                 dxp.to(dx_ptr.dtype.element_ty), mask=tpk_mask)
+    else:  # dB, dC for N tile k - n_p_tiles: RM = M * dy x^T over all of P
+        n = (k - n_p_tiles) * BN + tl.arange(0, BN)
+        pf = tl.arange(0, FULL_P)
+        tp_mask = tm[:, None] & (pf[None, :] < P)
+        pn_mask = (pf[:, None] < P) & (n[None, :] < N)
+        tn_mask = tm[:, None] & (n[None, :] < N)
+        xf = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + pf[None, :], mask=tp_mask, other=0.0)
+        dyf = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + pf[None, :], mask=tp_mask,
+                      other=0.0).to(xf.dtype)
+        RM = (M * tl.dot(dyf, tl.trans(xf), input_precision=PREC)).to(xf.dtype)
+        Sn = tl.load(sin_ptr + state_off + pf[:, None] * s_sp + n[None, :], mask=pn_mask, other=0.0)
+        Gn = tl.load(g_ptr + state_off + pf[:, None] * s_sp + n[None, :], mask=pn_mask, other=0.0)
+        Cn = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
+        Bn = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
+        grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
+        dC, dcs_C = _dC_tile(tl.dot(dyf, Sn.to(xf.dtype), input_precision=PREC), RM, Cn, Bn, e, PREC)
+        tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+        dB, dcs_B = _dB_tile(tl.dot(xf, Gn.to(xf.dtype), input_precision=PREC), RM, Cn, Bn, w, PREC)
+        tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
+        dcs = dcs_C + dcs_B
+        tl.store(dcs_ptr + (k - n_p_tiles) * s_dcsk + b * s_dcsb + t * s_dcst + h,
+                 tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs)
 
-    dyx = tl.zeros([BT, BT], dtype=tl.float32)
-    dC = tl.zeros([BT, BN], dtype=tl.float32)
-    dB = tl.zeros([BT, BN], dtype=tl.float32)
-    dcs = tl.zeros([BT], dtype=tl.float32)
-    d_last = tl.zeros([BT], dtype=tl.float32)  # summed at the end: gradient of cs_last
-    d_decay = 0.0  # gradient of the chunk's total decay
-    for p0 in range(0, P, BP):
-        p = p0 + tl.arange(0, BP)
+
+@triton.jit
+def _fused_backward_kernel(
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, sin_ptr, dfinal_ptr, dy_ptr,
+    dx_ptr, db_ptr, dc_ptr, dla_ptr, dinit_ptr,
+    L, H, HPG, P, N, n_chunks,
+    s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
+    s_sb, s_sc, s_sh, s_sp, s_dyb, s_dyt, s_dyh, s_dxb, s_dxt, s_dxh, s_dbb, s_dbt, s_dbh,
+    s_fb, s_fh, s_fp,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The whole backward of one head in one pass, chunks in reverse: G, the gradient of the state leaving the
+    chunk, stays in registers (all of P in one tile) and is carried back as decay * G + sum_i e_i dy_i C_i^T, so
+    the reversed state pass and its snapshots disappear. Per chunk, the math of ``_chunk_backward_kernel``; going
+    backwards, the running sum of dcs turns it into dlog_a here."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    G = _initial_state(dfinal_ptr, b, h, p, n, pn_mask, s_fb, s_fh, s_fp, HAS_DFINAL, BP, BN)
+    later = 0.0  # sum of dcs over the chunks already done (all later tokens)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+        tm = t < L
+        tn_mask = tm[:, None] & (n[None, :] < N)
         tp_mask = tm[:, None] & (p[None, :] < P)
-        pn_mask = (p[:, None] < P) & (n[None, :] < N)
-        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
-        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tp_mask, other=0.0).to(dt)
-        state_off = b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
-        Sp = tl.load(sin_ptr + state_off, mask=pn_mask, other=0.0)
-        Gp = tl.load(g_ptr + state_off, mask=pn_mask, other=0.0)
-        dyx += tl.dot(dyp, tl.trans(xp), input_precision=PREC)
-        dC += tl.dot(dyp, Sp.to(dt), input_precision=PREC)
-        dB += tl.dot(xp, Gp.to(dt), input_precision=PREC)
-        SC = tl.dot(Cb, tl.trans(Sp).to(dt), input_precision=PREC)  # (BT, BP): S_in C_i
-        dcs += e * tl.sum(dyp.to(tl.float32) * SC, axis=1)
-        BG = tl.dot(Bb, tl.trans(Gp).to(dt), input_precision=PREC)  # (BT, BP): G B_j
-        T = w * tl.sum(xp.to(tl.float32) * BG, axis=1)
-        dcs -= T
-        d_last += T
-        d_decay += tl.sum(tl.sum(Gp.to(tl.float32) * Sp.to(tl.float32), axis=1), axis=0)
-        dxp = tl.dot(A_t, dyp, input_precision=PREC) + w[:, None] * BG
+        Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
+        Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
+        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tp_mask,
+                      other=0.0).to(Cb.dtype)
+        e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
+        M = _decay_matrix(cs, seq, HAS_SEQ, BT)
+        A_t = tl.trans(tl.dot(Cb, tl.trans(Bb), input_precision=PREC) * M).to(Cb.dtype)
+        dxp = _dx_tile(A_t, Bb, dyp, G, w, PREC)
         tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
                  dxp.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-    R = A * dyx
-    dcs += tl.sum(R, axis=1) - tl.sum(R, axis=0)
-    RM = (M * dyx).to(dt)
-    dC = dC * e[:, None] + tl.dot(RM, Bb, input_precision=PREC)
-    dB = dB * w[:, None] + tl.dot(tl.trans(RM), Cb, input_precision=PREC)
-    dcs += tl.where(ii == BT - 1, tl.sum(d_last, axis=0) + decay * d_decay, 0.0)
-    dla = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs  # d log_a_k = sum_{i >= k} dcs_i
-    grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
-    tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
-    tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
-    tl.store(dla_ptr + b * s_lab + t * s_lat + h, dla, mask=tm)
+        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+        RM = (M * tl.dot(dyp, tl.trans(xp), input_precision=PREC)).to(Cb.dtype)
+        grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
+        dB, dcs_B = _dB_tile(tl.dot(xp, G.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, w, PREC)
+        tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
+        Sp = tl.load(sin_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :], mask=pn_mask,
+                     other=0.0)
+        dC, dcs_C = _dC_tile(tl.dot(dyp, Sp.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, e, PREC)
+        tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+        dcs = dcs_C + dcs_B
+        tl.store(dla_ptr + b * s_lab + t * s_lat + h, later + tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs,
+                 mask=tm)
+        later += tl.sum(dcs, axis=0)
+        G = decay * G + tl.dot(tl.trans((dyp.to(tl.float32) * e[:, None]).to(Cb.dtype)), Cb, input_precision=PREC)
+    tl.store(dinit_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], G, mask=pn_mask)
 
 
 def _output_tiles(P: int, N: int) -> tuple[int, int]:
@@ -391,32 +488,66 @@ def _fused_forward(x, B, C, la, seq, init, keep_states):
     return y, final, states if keep_states else None
 
 
-def _backward(x, B, C, la, seq, states_in, dy, d_final):
+def _sum_over_later_chunks(within: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, n_chunks, BT, H) sums of dcs over the later tokens of the same chunk -> (batch, length, H) sums over
+    all later tokens. A chunk's first token holds its total."""
+    totals = within[:, :, 0]
+    later = totals.flip(1).cumsum(1).flip(1) - totals  # over a few dozen chunks: the token-level scan is not cheap
+    return (within + later[:, :, None]).flatten(1, 2)[:, :length]
+
+
+def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
+    """Gradients of x, B, C, log_a and the initial state. log_a's comes from the identity
+    dcs_t = C_t . dC_t - B_t . dB_t (+ <dS_final, S_final> at the last token) for the gradient of the cumulative
+    log-decay, summed over all later tokens: no kernel needs the decay gradients through the states."""
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
-    grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)  # d state leaving each chunk
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # One head per group: its B/C gradients are final, written in the input dtype. Otherwise per head in float32,
     # summed over the group below.
     grad_dtype = x.dtype if HPG == 1 else torch.float32
     dB_h = torch.empty(batch, length, H, N, device=x.device, dtype=grad_dtype)
     dC_h = torch.empty_like(dB_h)
-    dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
-    BP, BN = _output_tiles(P, N)
-    if x.element_size() == 4 and (BN > 64 or P % 64):
-        BP = 32  # float32 operands double the shared memory
-    _chunk_backward_kernel[(n_chunks, batch * H)](
-        x, B, C, la, seq if seq is not None else la, states_in, grads_out, dy,
-        dx, dB_h, dC_h, dla,
-        length, H, HPG, P, N,
-        x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
-        C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
-        states_in.stride(0), states_in.stride(1), states_in.stride(2), states_in.stride(3),
-        dy.stride(0), dy.stride(1), dy.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        dB_h.stride(0), dB_h.stride(1), dB_h.stride(2),
-        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), **LAUNCH["backward"])
+    seq_ = seq if seq is not None else la
+    in_strides = (x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0),
+                  C.stride(1), C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
+                  states_in.stride(0), states_in.stride(1), states_in.stride(2), states_in.stride(3),
+                  dy.stride(0), dy.stride(1), dy.stride(2))
+    dx_strides = (dx.stride(0), dx.stride(1), dx.stride(2))
+    db_strides = (dB_h.stride(0), dB_h.stride(1), dB_h.stride(2))
+    meta = dict(HAS_SEQ=seq is not None, BT=BT, PREC=_precision(x.dtype))
+    if P <= 64 and (x.element_size() == 2 or N <= 64) and _use_fused_forward(batch * H, P, x.device):
+        # G for all of P fits one program (float32 operands at N = 128 would overflow shared memory)
+        d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
+        d_final_ = d_final if d_final is not None else d_init
+        dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
+        BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+        _fused_backward_kernel[(batch * H,)](
+            x, B, C, la, seq_, states_in, d_final_, dy, dx, dB_h, dC_h, dla, d_init,
+            length, H, HPG, P, N, n_chunks, *in_strides, *dx_strides, *db_strides,
+            d_init.stride(0), d_init.stride(1), d_init.stride(2),
+            HAS_DFINAL=d_final is not None, BP=BP, BN=BN, **meta, **LAUNCH["fused_backward"])
+    else:
+        grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)  # d state leaving each chunk
+        BP, BN = min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
+        n_p, n_n = triton.cdiv(P, BP), triton.cdiv(N, BN)
+        dcs = torch.empty(n_n, batch, n_chunks, BT, H, device=x.device, dtype=torch.float32)
+        _chunk_backward_kernel[(n_p + n_n, n_chunks, batch * H)](
+            x, B, C, la, seq_, states_in, grads_out, dy, dx, dB_h, dC_h, dcs, length, H, HPG, P, N, n_p,
+            *in_strides, *dx_strides, *db_strides, dcs.stride(0), dcs.stride(1), dcs.stride(3), BP=BP, BN=BN,
+            FULL_P=max(16, triton.next_power_of_2(P)), FULL_N=max(16, triton.next_power_of_2(N)), **meta,
+            **LAUNCH["backward"])
+        dla = _sum_over_later_chunks(dcs.sum(0) if n_n > 1 else dcs[0], length)
+    if d_final is not None:  # the final state is exp(cs_last) times the rest
+        dla += (d_final * final).sum((-2, -1))[:, None, :]
+    # The decay of a token that starts a document with no state coming in multiplies nothing: its gradient is
+    # exactly zero, which the sum above reaches only up to rounding.
+    if not has_init:
+        dla[:, 0] = 0.0
+    if seq is not None and length > 1:
+        dla[:, 1:].masked_fill_((seq[:, 1:length] != seq[:, :length - 1])[..., None], 0.0)
     if HPG == 1:
         return dx, dB_h, dC_h, dla, d_init
     dB = dB_h.view(batch, length, G, HPG, N).sum(3)
@@ -434,17 +565,18 @@ class _SSDChunk(torch.autograd.Function):
         init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         backward_ahead = any(ctx.needs_input_grad[:5])
         y, final, states = _forward(xc, Bc, Cc, la, seq, init, keep_states=backward_ahead)
-        ctx.save_for_backward(xc, Bc, Cc, la, seq, states)
+        ctx.save_for_backward(xc, Bc, Cc, la, seq, states, final)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         ctx.dtypes = (log_a.dtype, initial_state.dtype if initial_state is not None else None)
         ctx.has_init = initial_state is not None
         return y, final
 
     @staticmethod
     def backward(ctx, dy, d_final):
-        xc, Bc, Cc, la, seq, states = ctx.saved_tensors
+        xc, Bc, Cc, la, seq, states, final = ctx.saved_tensors
         dy = _last_dim_contiguous(dy.to(xc.dtype)) if dy is not None else torch.zeros_like(xc)
         d_final = d_final.to(torch.float32).contiguous() if d_final is not None else None
-        dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final)
+        dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final, final, ctx.has_init)
         la_dtype, init_dtype = ctx.dtypes
         d_init = d_init.to(init_dtype) if ctx.has_init else None
         return dx, dB.to(Bc.dtype), dC.to(Cc.dtype), dla.to(la_dtype), d_init, None
