@@ -31,6 +31,19 @@ def _ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _gpu_ms(fn, calls: int = 20) -> float:
+    """Milliseconds of GPU work per call: the summed times of the kernels ``fn`` launches (profiler). Wall time
+    (``_ms``) also counts host time the GPU waits through: a sub-millisecond op whose Python and launches take
+    longer than its kernels measures the host there, as on the H9 shape (in a model the host runs ahead)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / calls / 1e3  # device events only: no double count
+
+
 def _side_by_side(fns: dict, rounds: int = 3) -> dict:
     """Median time of each rival, taking turns for a few rounds and keeping each one's best round, so a clock or
     cache state that favours one round favours no rival."""
@@ -66,20 +79,25 @@ def bench_scan(device="cuda") -> list[dict]:
         with torch.no_grad():
             outputs = {name: fn()[0] for name, fn in rivals.items()}
             row.update(_side_by_side(rivals))
+            row.update({name.replace("_ms", "_gpu_ms"): _gpu_ms(fn) for name, fn in rivals.items()})
         if chunk_simple_gla is not None:
             row["rel_diff_vs_fla"] = _rel(outputs["ours_fwd_ms"], outputs["fla_fwd_ms"])
             row["fla_over_ours"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]
         else:
             row["fla_error"] = fla_error
         xg, Bg, Cg, lag = (t.detach().requires_grad_() for t in (x, B, C, log_a))
-        row["ours_train_fwd_ms"] = _ms(lambda: ssd_chunk_triton(xg, Bg, Cg, lag))
+        train_fwd = lambda: ssd_chunk_triton(xg, Bg, Cg, lag)  # noqa: E731
+        row["ours_train_fwd_ms"], row["ours_train_fwd_gpu_ms"] = _ms(train_fwd), _gpu_ms(train_fwd)
         # Backward alone: gradients of a fixed forward graph, retained between repetitions.
         yg, sg = ssd_chunk_triton(xg, Bg, Cg, lag)
         dy = torch.randn_like(yg)
         bwd = lambda: torch.autograd.grad((yg, sg), (xg, Bg, Cg, lag), (dy, torch.zeros_like(sg)), retain_graph=True)  # noqa: E731
-        row["ours_bwd_ms"] = _ms(bwd)
-        row["bwd_over_fwd"] = row["ours_bwd_ms"] / row["ours_fwd_ms"]
-        row["bwd_over_train_fwd"] = row["ours_bwd_ms"] / row["ours_train_fwd_ms"]
+        row["ours_bwd_ms"], row["ours_bwd_gpu_ms"] = _ms(bwd), _gpu_ms(bwd)
+        for clock in ("", "_gpu"):
+            row[f"bwd_over_fwd{clock}"] = row[f"ours_bwd{clock}_ms"] / row[f"ours_fwd{clock}_ms"]
+            row[f"bwd_over_train_fwd{clock}"] = row[f"ours_bwd{clock}_ms"] / row[f"ours_train_fwd{clock}_ms"]
+        if "fla_fwd_gpu_ms" in row:
+            row["fla_over_ours_gpu"] = row["fla_fwd_gpu_ms"] / row["ours_fwd_gpu_ms"]
         rows.append(row)
         del x, B, C, log_a, xg, Bg, Cg, lag, yg, sg, dy
         torch.cuda.empty_cache()
@@ -164,6 +182,14 @@ def to_markdown(r: dict) -> list[str]:
         lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {s.get('fla_fwd_ms', float('nan')):.3f} | "
                      f"{s.get('fla_over_ours', float('nan')):.2f} | {s['ours_train_fwd_ms']:.3f} | {s['ours_bwd_ms']:.3f} | "
                      f"{s['bwd_over_fwd']:.2f} | {s['bwd_over_train_fwd']:.2f} | {s.get('rel_diff_vs_fla', float('nan')):.1e} |")
+    if "ours_fwd_gpu_ms" in r["scan"][0]:
+        lines += ["", "GPU time only, ms per call (the summed times of its kernels, from the profiler):", "",
+                  "| shape | ours fwd | fla fwd | fla / ours | ours training fwd | ours bwd | bwd / fwd | "
+                  "bwd / training fwd |", "|---|---|---|---|---|---|---|---|"]
+        for s in r["scan"]:
+            lines.append(f"| {s['shape']} | {s['ours_fwd_gpu_ms']:.3f} | {s.get('fla_fwd_gpu_ms', float('nan')):.3f} | "
+                         f"{s.get('fla_over_ours_gpu', float('nan')):.2f} | {s['ours_train_fwd_gpu_ms']:.3f} | "
+                         f"{s['ours_bwd_gpu_ms']:.3f} | {s['bwd_over_fwd_gpu']:.2f} | {s['bwd_over_train_fwd_gpu']:.2f} |")
     if r.get("conv"):
         lines += ["", "| prefill conv (masked, bf16) | PyTorch path ms | fused kernel ms | speedup | fused / bytes floor |",
                   "|---|---|---|---|---|"]
