@@ -1,0 +1,148 @@
+"""The scan's two backward kernels side by side on one GPU, over launch settings: the reversed state pass plus
+small programs per chunk ("chunk") and one reversed pass per head with the state gradient in registers ("fused",
+head dim <= 64), every result checked against the chunk kernel's gradients first. For each kernel-table shape it
+prints our forward (inference and training), each variant's time, where each variant's time goes (per kernel,
+profiler) and the registers of every build: the data behind ``LAUNCH`` and the fused/chunk dispatch in
+``llamba.ops.ssd.triton_chunk``. Writes JSON.
+
+    python benchmarks/scan_backward.py --out results/scan-backward-h100
+    TRITON_INTERPRET=1 python benchmarks/scan_backward.py --smoke     # CPU: checks the script, times nothing
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from llamba.bench.kernels import SCAN_SHAPES
+from llamba.ops.ssd import triton_chunk as tc
+
+LAUNCHES = {"chunk": {"backward": [(4, 2), (4, 3), (8, 2)]},
+            "fused": {"fused_backward": [(4, 2), (4, 3), (8, 3)]}}
+FUSED_MIN = {"chunk": 1 << 30, "fused": 0}  # the dispatch's threshold, forcing one backward
+
+
+SMOKE = False  # --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1, one call each, to check the script
+
+
+def ms(fn) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def kernel_times(fn, calls: int = 5) -> dict:
+    """Mean GPU microseconds per call of every kernel ``fn`` launches (where the backward's time goes)."""
+    if SMOKE:
+        return {}
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / calls, 1) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def registers() -> dict:
+    """(warps, stages, registers, spilled) of every compiled backward kernel."""
+    found = {}
+    if SMOKE:
+        return found
+    for name in ("_chunk_backward_kernel", "_fused_backward_kernel"):
+        for kernel in getattr(tc, name).device_caches[torch.cuda.current_device()][0].values():
+            kernel._init_handles()
+            found.setdefault(name, []).append((kernel.metadata.num_warps, kernel.metadata.num_stages,
+                                               kernel.n_regs, kernel.n_spills))
+    return found
+
+
+def autograd_ms(x, B, C, la, dy) -> float:
+    """The backward as training runs it (autograd, conversions included), as bench_kernels.py times it."""
+    xg, Bg, Cg, lag = (t.detach().requires_grad_() for t in (x, B, C, la))
+    y, s = tc.ssd_chunk_triton(xg, Bg, Cg, lag)
+    ds = torch.zeros_like(s)
+    return ms(lambda: torch.autograd.grad((y, s), (xg, Bg, Cg, lag), (dy, ds), retain_graph=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="scan-backward", help="output path without .json")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    dev, dtype = ("cpu", torch.float32) if SMOKE else ("cuda", torch.bfloat16)
+    rows = []
+    for batch, T, H, D in [(1, 130, 2, 64), (1, 64, 1, 128)] if SMOKE else SCAN_SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(batch, T, H, D, device=dev, dtype=dtype)
+        B = (torch.randn(batch, T, H, D, device=dev) / D ** 0.5).to(dtype)
+        C = (torch.randn(batch, T, H, D, device=dev) / D ** 0.5).to(dtype)
+        la = -F.softplus(torch.randn(batch, T, H, device=dev))
+        dy = torch.randn_like(x)
+        row = {"shape": f"B{batch} T{T} H{H} D{D}"}
+        with torch.no_grad():
+            row["fwd_ms"] = ms(lambda: tc.ssd_chunk_triton(x, B, C, la))
+        row["train_fwd_ms"] = ms(lambda: tc._forward(x, B, C, la, None, None, keep_states=True))
+        _, _, states = tc._forward(x, B, C, la, None, None, keep_states=True)
+        row["reverse_states_ms"] = ms(lambda: tc._chunk_states(dy, C, la, None, None, triton.cdiv(T, tc.BT), H, 1, True))
+        bwd = lambda: tc._backward(x, B, C, la, None, states, dy, None, None, False)  # noqa: E731
+        tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN["chunk"]
+        reference = bwd()
+        for mode, launches in LAUNCHES.items():
+            if mode == "fused" and D > 64:
+                continue
+            tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
+            for key, settings in launches.items():
+                for warps, stages in settings:
+                    before = tc.LAUNCH[key]
+                    tc.LAUNCH[key] = dict(num_warps=warps, num_stages=stages)
+                    err = max(rel(g, r) for g, r in zip(bwd(), reference))
+                    row[f"{mode} {key} w{warps} s{stages}"] = {"ms": ms(bwd), "rel_err": err}
+                    tc.LAUNCH[key] = before
+            best_key = min((k for k in row if k.startswith(mode + " ")), key=lambda k: row[k]["ms"], default=None)
+            if best_key is not None:
+                key = next(iter(launches))
+                warps, stages = (int(v[1:]) for v in best_key.split()[-2:])
+                before = tc.LAUNCH[key]
+                tc.LAUNCH[key] = dict(num_warps=warps, num_stages=stages)
+                row[f"{mode} kernels us"] = kernel_times(bwd)
+                tc.LAUNCH[key] = before
+        tc.FUSED_MIN_PROGRAMS_PER_SM = 1
+        row["autograd bwd ms (default launch)"] = autograd_ms(x, B, C, la, dy)
+        timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
+        row["best"] = min(timed, key=timed.get)
+        row["best_over_fwd"] = timed[row["best"]] / row["fwd_ms"]
+        row["best_over_train_fwd"] = timed[row["best"]] / row["train_fwd_ms"]
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        del x, B, C, la, dy, states, reference
+        torch.cuda.empty_cache()
+    result = {"command": "python " + " ".join(sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(),
+              "triton": triton.__version__, "rows": rows, "registers": registers()}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    for row in rows:
+        print(f"{row['shape']}: fwd {row['fwd_ms']:.3f} ms, best backward {row['best']} "
+              f"{row[row['best']]['ms']:.3f} ms = {row['best_over_fwd']:.2f}x fwd "
+              f"({row['best_over_train_fwd']:.2f}x training fwd)")
+    print(json.dumps(result["registers"]))
+
+
+if __name__ == "__main__":
+    main()
