@@ -93,6 +93,33 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
 
 @triton_kernel
 @pytest.mark.triton
+@pytest.mark.parametrize("forward", ["two-kernel", "fused"])
+@pytest.mark.parametrize("with_z_bias", [True, False])
+def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias, monkeypatch):
+    """Inference: the output kernels apply the mixer's D skip and silu gate; training keeps them in PyTorch."""
+    from llamba.ops.ssd import skip_and_gate, ssd_chunk, ssd_scan, triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
+    b, L, H, G, P, N = 2, 150, 4, 2, 64, 64
+    x, z = torch.randn(b, L, H, P, device=DEV), torch.randn(b, L, H * P, device=DEV)
+    B, C = (torch.randn(b, L, G, N, device=DEV) / N ** 0.5 for _ in range(2))
+    la = -F.softplus(torch.randn(b, L, H, device=DEV))
+    D, z_bias = torch.randn(H, device=DEV), (torch.randn(H * P, device=DEV) if with_z_bias else None)
+    y64, _ = ssd_chunk(*(t.double() for t in (x, B, C, la)))
+    want = skip_and_gate(y64, x.double(), D.double(), z.double(), z_bias.double() if with_z_bias else None)
+    with torch.no_grad():
+        got, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias))
+    assert rel(got, want) < 1e-4
+    D.requires_grad_()  # a gradient is needed: the scan runs under autograd and the gate in PyTorch
+    trained, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias))
+    trained.sum().backward()
+    assert rel(trained, want) < 1e-4 and D.grad is not None
+    with pytest.raises(ValueError, match="no backward"):
+        triton_chunk.ssd_chunk_triton(x, B, C, la, gate=(D, z, z_bias))
+
+
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_decode_step_matches_float64(shape, dtype):

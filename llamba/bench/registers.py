@@ -72,7 +72,8 @@ def ptxas_report(ptx: str, arch: str) -> tuple[int, int, int]:
 
 def launch_all(length: int = 128) -> None:
     """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
-    changes no launch setting): the scan forward both ways and its backward, the prefill conv, the decode step."""
+    changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
+    the prefill conv, the decode step."""
     bf16 = torch.bfloat16
     for batch, _, H, D in SCAN_SHAPES:
         x = torch.randn(batch, length, H, D, dtype=bf16)
@@ -81,6 +82,8 @@ def launch_all(length: int = 128) -> None:
         for fused_min in (0, 1 << 30):  # the one-pass forward (and backward), then the two-kernel ones
             with patch.object(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", fused_min):
                 _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
+                gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * D, dtype=bf16), None)
+                triton_chunk._forward(x, B, C, la, None, None, keep_states=False, gate=gate)  # inference, gated
                 triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)

@@ -74,10 +74,6 @@ class DiscreteMamba2(nn.Module):
                 B.reshape(b, L, self.n_qk_heads, self.d_state),
                 C.reshape(b, L, self.n_qk_heads, self.d_state))
 
-    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        z_bias = self.z_bias if self.z_bias is not None else 0
-        return y * F.silu(z + z_bias)
-
     def log_decay(self, A_log: torch.Tensor) -> torch.Tensor:
         return -F.softplus(A_log.to(state_dtype(A_log.dtype)))
 
@@ -127,12 +123,11 @@ class DiscreteMamba2(nn.Module):
         initial_state = cache.ssm_states[self.layer_idx] if continuing else None
         y, final_state = ssd_scan(
             x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=self.chunk_size,
-            backend=self.kernel_backend)
+            backend=self.kernel_backend, gate=(self.D, z, self.z_bias))  # y: (y + D x) * silu(z + z_bias)
         if cache is not None:
             cache.conv_states[self.layer_idx].copy_(new_conv_state)
             cache.ssm_states[self.layer_idx].copy_(final_state)
-        y = y + self.D.to(y.dtype)[:, None] * x
-        return self.out_proj(self._gate(y.reshape(batch, length, self.d_inner), z))
+        return self.out_proj(y.reshape(batch, length, self.d_inner))
 
     def mixing_matrix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer's token-mixing matrix for input u (batch, L, d_model): (batch, H, L, L), D on the diagonal.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from llamba.ops.ssd.chunk import ssd_chunk
 from llamba.ops.ssd.naive import mixing_matrix, ssd_loop, ssd_matrix
@@ -35,12 +36,31 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64 and triton_available())
 
 
-def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto"):
-    """Chunked scan; returns (y, final_state). ``backend``: see ``use_triton``."""
+def skip_and_gate(y, x, D, z, z_bias=None):
+    """The mixer's output before out_proj: (y + D x) * silu(z + z_bias), with y, x (batch, T, H, P), D (H,),
+    z (batch, T, H*P) and z_bias (H*P,) or None."""
+    gate = z.reshape(y.shape) if z_bias is None else z.reshape(y.shape) + z_bias.view(y.shape[-2:])
+    return (y + D.to(y.dtype)[:, None] * x) * F.silu(gate)
+
+
+def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto", gate=None):
+    """Chunked scan; returns (y, final_state). ``backend``: see ``use_triton``. ``gate`` = (D, z, z_bias) makes y
+    ``skip_and_gate(y, x, D, z, z_bias)``, computed inside the Triton output kernel when nothing needs a
+    gradient."""
     if use_triton(x, backend):
         from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
-        return ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
-    return ssd_chunk(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=chunk_size)
+
+        tensors = (x, B, C, log_a, initial_state, *(gate or ()))
+        fuse = gate is not None and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors))
+        y, final_state = ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx,
+                                          chunk_size=chunk_size, gate=gate if fuse else None)
+        if fuse:
+            return y, final_state
+    else:
+        y, final_state = ssd_chunk(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx,
+                                   chunk_size=chunk_size)
+    return (y if gate is None else skip_and_gate(y, x, *gate)), final_state
 
 
-__all__ = ["mixing_matrix", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step", "use_triton"]
+__all__ = ["mixing_matrix", "skip_and_gate", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step", "use_triton"]

@@ -131,12 +131,24 @@ def _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ: tl.constexpr, BT: t
 
 
 @triton.jit
+def _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS: tl.constexpr):
+    """(y + D_h x) * silu(z + z_bias): the mixer's skip and output gate, applied while y is still in registers
+    (inference: it saves the mixer five elementwise passes over (batch, T, d_inner))."""
+    col = h * P + p
+    zz = tl.load(z_ptr + b * s_zb + t[:, None] * s_zt + col[None, :], mask=tp_mask, other=0.0).to(tl.float32)
+    if HAS_Z_BIAS:
+        zz += tl.load(zb_ptr + col, mask=p < P, other=0.0).to(tl.float32)[None, :]
+    skip = tl.load(d_ptr + h).to(tl.float32)
+    return (y + skip * xp.to(tl.float32)) * zz * tl.sigmoid(zz)
+
+
+@triton.jit
 def _chunk_output_kernel(
-    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, states_ptr, y_ptr,
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, states_ptr, y_ptr, d_ptr, z_ptr, zb_ptr,
     L, H, HPG, P, N,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
-    s_sb, s_sc, s_sh, s_sp, s_yb, s_yt, s_yh,
-    HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    s_sb, s_sc, s_sh, s_sp, s_yb, s_yt, s_yh, s_zb, s_zt,
+    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_p, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -153,17 +165,20 @@ def _chunk_output_kernel(
     S_in = tl.load(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
     y = _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ, BT, PREC)
+    tp_mask = tm[:, None] & (p[None, :] < P)
+    if GATED:
+        y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS)
     tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=tm[:, None] & (p[None, :] < P))
+             mask=tp_mask)
 
 
 @triton.jit
 def _fused_forward_kernel(
-    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, y_ptr,
+    x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, y_ptr, d_ptr, z_ptr, zb_ptr,
     L, H, HPG, P, N, n_chunks,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
-    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_yb, s_yt, s_yh,
-    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_STATES: tl.constexpr,
+    s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_yb, s_yt, s_yh, s_zb, s_zt,
+    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_STATES: tl.constexpr,
     BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """The whole forward in one pass: chunk by chunk, the output from the carried state (kept in registers), then
@@ -189,6 +204,8 @@ def _fused_forward_kernel(
             tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                      cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
         y = _chunk_y(Cb, Bb, xp, cur, cs, seq, from_start, HAS_SEQ, BT, PREC)
+        if GATED:
+            y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS)
         tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=tp_mask)
         w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
@@ -439,12 +456,23 @@ def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
     return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * _sm_count(device)
 
 
-def _forward(x, B, C, la, seq, init, keep_states=True):
+def _gate_args(gate, dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """Pointers, strides and flags of the output kernels' skip and gate; ``gate`` is (D, z, z_bias) or None."""
+    if gate is None:
+        return (dummy, dummy, dummy), (0, 0), dict(GATED=False, HAS_Z_BIAS=False)
+    D, z, z_bias = gate
+    return ((D, z, z_bias if z_bias is not None else D), (z.stride(0), z.stride(1)),
+            dict(GATED=True, HAS_Z_BIAS=z_bias is not None))
+
+
+def _forward(x, B, C, la, seq, init, keep_states=True, gate=None):
     """(y, final state, per-chunk state snapshots for the backward). The two-kernel path needs the snapshots
-    itself, so ``keep_states=False`` only saves their writes in the fused one (which then returns None)."""
+    itself, so ``keep_states=False`` only saves their writes in the fused one (which then returns None). With
+    ``gate`` = (D, z (batch, T, H*P), z_bias or None), y is (y + D x) * silu(z + z_bias)."""
     batch, length, H, P = x.shape
+    gate_ptrs, gate_strides, gate_flags = _gate_args(gate, la)
     if _use_fused_forward(batch * H, P, x.device):
-        return _fused_forward(x, B, C, la, seq, init, keep_states)
+        return _fused_forward(x, B, C, la, seq, init, keep_states, gate_ptrs, gate_strides, gate_flags)
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
@@ -453,16 +481,17 @@ def _forward(x, B, C, la, seq, init, keep_states=True):
     BP, BN = _output_tiles(P, N)
     grid = (n_chunks, triton.cdiv(P, BP), batch * H)
     _chunk_output_kernel[grid](
-        x, B, C, la, seq if seq is not None else la, states, y,
+        x, B, C, la, seq if seq is not None else la, states, y, *gate_ptrs,
         length, H, HPG, P, N,
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
         C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
         states.stride(0), states.stride(1), states.stride(2), states.stride(3), y.stride(0), y.stride(1), y.stride(2),
-        HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype), **LAUNCH["output"])
+        *gate_strides, **gate_flags, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(x.dtype),
+        **LAUNCH["output"])
     return y, final, states
 
 
-def _fused_forward(x, B, C, la, seq, init, keep_states):
+def _fused_forward(x, B, C, la, seq, init, keep_states, gate_ptrs, gate_strides, gate_flags):
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, BT)
@@ -476,13 +505,13 @@ def _fused_forward(x, B, C, la, seq, init, keep_states):
               if keep_states else final[:, None])
     init_ = init if init is not None else final
     _fused_forward_kernel[(triton.cdiv(P, BP), batch * H)](
-        x, B, C, la, seq if seq is not None else la, init_, states, final, y,
+        x, B, C, la, seq if seq is not None else la, init_, states, final, y, *gate_ptrs,
         length, H, H // G, P, N, n_chunks,
         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
         C.stride(2), la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
         states.stride(0), states.stride(1), states.stride(2), states.stride(3),
         init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), *gate_strides, **gate_flags,
         HAS_INIT=init is not None, HAS_SEQ=seq is not None, STORE_STATES=keep_states, BT=BT, BP=BP, BN=BN,
         PREC=_precision(x.dtype), num_warps=4, num_stages=3 if BN <= 64 else 2)  # (measured: B8 T4096 H32 D64/D128)
     return y, final, states if keep_states else None
@@ -590,9 +619,13 @@ def ssd_chunk_triton(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
     chunk_size: int = 128,
+    gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same function as ``ssd_chunk``: returns (y like x, final_state (batch, H, P, N) float32). Differentiable in
-    x, B, C, log_a and initial_state."""
+    x, B, C, log_a and initial_state.
+
+    ``gate`` = (D (H,), z (batch, T, H*P), z_bias (H*P,) or None) makes y the mixer's output before out_proj,
+    (y + D x) * silu(z + z_bias), computed by the output kernel. Inference only: it has no backward."""
     batch, length, H, P = x.shape
     G = B.shape[2]
     if H % G:
@@ -606,4 +639,19 @@ def ssd_chunk_triton(
         state = torch.zeros(batch, H, P, B.shape[-1], device=x.device, dtype=state_dtype(x.dtype))
         return x.clone(), state if initial_state is None else state + initial_state.float()
     B, C = B.to(x.dtype), C.to(x.dtype)
-    return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
+    if gate is None:
+        return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
+    D, z, z_bias = gate
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, B, C, log_a, initial_state, *gate)):
+        raise ValueError("the fused skip and gate have no backward: apply them outside ssd_chunk_triton to train")
+    if z.shape != (batch, length, H * P) or D.shape != (H,) or (z_bias is not None and z_bias.shape != (H * P,)):
+        raise ValueError(f"gate shapes: D {tuple(D.shape)}, z {tuple(z.shape)}, z_bias "
+                         f"{None if z_bias is None else tuple(z_bias.shape)}; want ({H},), {(batch, length, H * P)}, "
+                         f"({H * P},)")
+    xc, Bc, Cc, z = (_last_dim_contiguous(t) for t in (x, B, C, z))
+    la = log_a.to(torch.float32).contiguous()
+    seq = _padded_seq(seq_idx, length, triton.cdiv(length, BT))
+    init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    y, final, _ = _forward(xc, Bc, Cc, la, seq, init, keep_states=False,
+                           gate=(D.contiguous(), z, z_bias.contiguous() if z_bias is not None else None))
+    return y, final
