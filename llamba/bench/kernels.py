@@ -187,9 +187,10 @@ def to_markdown(r: dict) -> list[str]:
                   "| shape | ours fwd | fla fwd | fla / ours | ours training fwd | ours bwd | bwd / fwd | "
                   "bwd / training fwd |", "|---|---|---|---|---|---|---|---|"]
         for s in r["scan"]:
-            lines.append(f"| {s['shape']} | {s['ours_fwd_gpu_ms']:.3f} | {s.get('fla_fwd_gpu_ms', float('nan')):.3f} | "
-                         f"{s.get('fla_over_ours_gpu', float('nan')):.2f} | {s['ours_train_fwd_gpu_ms']:.3f} | "
-                         f"{s['ours_bwd_gpu_ms']:.3f} | {s['bwd_over_fwd_gpu']:.2f} | {s['bwd_over_train_fwd_gpu']:.2f} |")
+            lines.append(f"| {s['shape']} | {s['ours_fwd_gpu_ms']:.3f} | {s.get('fla_fwd_gpu_ms', float('nan')):.3f} "
+                         f"| {s.get('fla_over_ours_gpu', float('nan')):.2f} | {s['ours_train_fwd_gpu_ms']:.3f} | "
+                         f"{s['ours_bwd_gpu_ms']:.3f} | {s['bwd_over_fwd_gpu']:.2f} | "
+                         f"{s['bwd_over_train_fwd_gpu']:.2f} |")
     if r.get("conv"):
         lines += ["", "| prefill conv (masked, bf16) | PyTorch path ms | fused kernel ms | speedup | fused / bytes floor |",
                   "|---|---|---|---|---|"]

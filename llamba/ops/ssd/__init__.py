@@ -63,4 +63,5 @@ def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, b
     return (y if gate is None else skip_and_gate(y, x, *gate)), final_state
 
 
-__all__ = ["mixing_matrix", "skip_and_gate", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step", "use_triton"]
+__all__ = ["mixing_matrix", "skip_and_gate", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step",
+           "use_triton"]

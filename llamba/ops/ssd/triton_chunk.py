@@ -559,7 +559,8 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
             d_init.stride(0), d_init.stride(1), d_init.stride(2),
             HAS_DFINAL=d_final is not None, BP=BP, BN=BN, **meta, **LAUNCH["fused_backward"])
     else:
-        grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)  # d state leaving each chunk
+        # the gradient of the state leaving each chunk
+        grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)
         BP, BN = min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
         n_p, n_n = triton.cdiv(P, BP), triton.cdiv(N, BN)
         dcs = torch.empty(n_n, batch, n_chunks, BT, H, device=x.device, dtype=torch.float32)
@@ -642,7 +643,8 @@ def ssd_chunk_triton(
     if gate is None:
         return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
     D, z, z_bias = gate
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, B, C, log_a, initial_state, *gate)):
+    inputs = (x, B, C, log_a, initial_state, *gate)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         raise ValueError("the fused skip and gate have no backward: apply them outside ssd_chunk_triton to train")
     if z.shape != (batch, length, H * P) or D.shape != (H,) or (z_bias is not None and z_bias.shape != (H * P,)):
         raise ValueError(f"gate shapes: D {tuple(D.shape)}, z {tuple(z.shape)}, z_bias "
