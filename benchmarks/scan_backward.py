@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from llamba.bench.kernels import SCAN_SHAPES
+from llamba.bench.kernels import SCAN_SHAPES, kernel_times
 from llamba.ops.ssd import triton_chunk as tc
 
 LAUNCHES = {"chunk": {"backward": [(4, 2), (4, 3), (8, 2)]},
@@ -43,17 +43,9 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def kernel_times(fn, calls: int = 5) -> dict:
-    """Mean GPU microseconds per call of every kernel ``fn`` launches (where the backward's time goes)."""
-    if SMOKE:
-        return {}
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:60]: round(e.device_time_total / calls, 1) for e in prof.key_averages() if e.device_time_total > 0}
+def kernel_us(fn) -> dict:
+    """GPU microseconds per call of every kernel ``fn`` launches (where the backward's time goes)."""
+    return {} if SMOKE else {name[:60]: round(ms * 1e3, 1) for name, ms in kernel_times(fn, calls=5).items()}
 
 
 def registers() -> dict:
@@ -120,7 +112,7 @@ def main() -> None:
                 warps, stages = (int(v[1:]) for v in best_key.split()[-2:])
                 before = tc.LAUNCH[key]
                 tc.LAUNCH[key] = dict(num_warps=warps, num_stages=stages)
-                row[f"{mode} kernels us"] = kernel_times(bwd)
+                row[f"{mode} kernels us"] = kernel_us(bwd)
                 tc.LAUNCH[key] = before
         tc.FUSED_MIN_PROGRAMS_PER_SM = 1
         row["autograd bwd ms (default launch)"] = autograd_ms(x, B, C, la, dy)

@@ -31,17 +31,22 @@ def _ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _gpu_ms(fn, calls: int = 20) -> float:
-    """Milliseconds of GPU work per call: the summed times of the kernels ``fn`` launches (profiler). Wall time
-    (``_ms``) also counts host time the GPU waits through: a sub-millisecond op whose Python and launches take
-    longer than its kernels measures the host there, as on the H9 shape (in a model the host runs ahead)."""
+def kernel_times(fn, calls: int = 20) -> dict[str, float]:
+    """Milliseconds per call of each kernel ``fn`` launches, by name (profiler, device events only)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.device_time_total for e in prof.key_averages()) / calls / 1e3  # device events only: no double count
+    return {e.key: e.device_time_total / calls / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def _gpu_ms(fn) -> float:
+    """Milliseconds of GPU work per call: the summed times of its kernels. Wall time (``_ms``) also counts host time
+    the GPU waits through: a sub-millisecond op whose Python and launches take longer than its kernels measures the
+    host there, as on the H9 shape (in a model the host runs ahead)."""
+    return sum(kernel_times(fn).values())
 
 
 def _side_by_side(fns: dict, rounds: int = 3) -> dict:
