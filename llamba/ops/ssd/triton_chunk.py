@@ -38,7 +38,9 @@ from llamba.ops.ssd.naive import state_dtype
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
 # Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py).
 LAUNCH = {"states": dict(num_warps=4, num_stages=2), "output": dict(num_warps=4, num_stages=2),
+          "passing": dict(num_warps=4, num_stages=3),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
+SPLIT_CARRY = True  # EXPERIMENT
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
 
 
@@ -113,6 +115,63 @@ def _chunk_states_kernel(
         tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                  cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
         cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
+    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+
+
+@triton.jit
+def _chunk_local_states_kernel(
+    v_ptr, k_ptr, la_ptr, seq_ptr, local_ptr, decay_ptr,
+    L, H, HPG, P, N, n_n_tiles,
+    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, s_lb, s_lc, s_lh, s_lp, s_db, s_dc,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``local_c`` and the decay of ``_chunk_states_kernel`` for every chunk at once (one program per chunk and
+    state tile): the heavy half of the carry, with no chunk waiting for the one before."""
+    c, pid_pn, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    g = h // HPG
+    p = (pid_pn // n_n_tiles) * BP + tl.arange(0, BP)
+    n = (pid_pn % n_n_tiles) * BN + tl.arange(0, BN)
+    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    if REVERSE:
+        w = tl.where(from_start, tl.exp(cs), 0.0)
+    else:
+        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    tm = t < L
+    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
+    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
+    local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)  # (BP, BN)
+    tl.store(local_ptr + b * s_lb + c * s_lc + h * s_lh + p[:, None] * s_lp + n[None, :], local,
+             mask=(p[:, None] < P) & (n[None, :] < N))
+    if pid_pn == 0:
+        tl.store(decay_ptr + b * s_db + c * s_dc + h, tl.where(carry, tl.exp(cs_last), 0.0))
+
+
+@triton.jit
+def _state_passing_kernel(
+    local_ptr, decay_ptr, init_ptr, states_ptr, final_ptr,
+    H, P, N, n_chunks,
+    s_lb, s_lc, s_lh, s_lp, s_db, s_dc, s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+):
+    """The light half: cur <- decay_c * cur + local_c through the chunks, storing what ``_chunk_states_kernel``
+    stores. Each step is one multiply-add on a tile whose inputs do not depend on the step before, so their loads
+    run ahead."""
+    pid_p, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    p = pid_p * BP + tl.arange(0, BP)
+    n = pid_n * BN + tl.arange(0, BN)
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i if REVERSE else i
+        local = tl.load(local_ptr + b * s_lb + c * s_lc + h * s_lh + p[:, None] * s_lp + n[None, :], mask=pn_mask,
+                        other=0.0)
+        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
+                 cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
+        cur = tl.load(decay_ptr + b * s_db + c * s_dc + h) * cur + local
     tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
 
 
@@ -431,6 +490,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
+    """(the state entering each chunk, final state); reversed: (the gradient of the state leaving each chunk,
+    the initial state's gradient), from v = dy and k = C."""
     batch, length, _, P = v.shape
     N = k.shape[-1]
     BP, BN = _state_tiles(batch * H, P, N, v.device)
@@ -438,6 +499,24 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
     final = torch.empty(batch, H, P, N, device=v.device, dtype=torch.float32)
     init_ = init if init is not None else final
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN), batch * H)
+    if _split_carry(batch * H * grid[0] * grid[1], v.device):
+        # few carry programs: the chunks' own contributions all at once, then a light sequential pass
+        local = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
+        decay = torch.empty(batch, n_chunks, H, device=v.device, dtype=torch.float32)
+        _chunk_local_states_kernel[(n_chunks, grid[0] * grid[1], batch * H)](
+            v, k, la, seq if seq is not None else la, local, decay, length, H, HPG, P, N, grid[1],
+            v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2), la.stride(0),
+            la.stride(1), seq.stride(0) if seq is not None else 0,
+            local.stride(0), local.stride(1), local.stride(2), local.stride(3), decay.stride(0), decay.stride(1),
+            REVERSE=reverse, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(v.dtype),
+            **LAUNCH["output"])
+        _state_passing_kernel[grid](
+            local, decay, init_, states, final, H, P, N, n_chunks,
+            local.stride(0), local.stride(1), local.stride(2), local.stride(3), decay.stride(0), decay.stride(1),
+            states.stride(0), states.stride(1), states.stride(2), states.stride(3),
+            init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
+            REVERSE=reverse, HAS_INIT=init is not None, BP=BP, BN=BN, **LAUNCH["passing"])
+        return states, final
     _chunk_states_kernel[grid](
         v, k, la, seq if seq is not None else la, init_, states, final,
         length, H, HPG, P, N, n_chunks,
@@ -448,6 +527,12 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
         REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN,
         PREC=_precision(v.dtype), **LAUNCH["states"])
     return states, final
+
+
+def _split_carry(programs: int, device: torch.device) -> bool:
+    """Whether the carry runs as local states plus a light sequential pass: the local states' float32 round trip
+    costs bytes, so only where the one-pass carry has too few programs to fill the GPU."""
+    return SPLIT_CARRY and programs < 2 * _sm_count(device)
 
 
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
