@@ -40,7 +40,6 @@ BT = 64  # tokens per chunk (tile); the function computed does not depend on it
 LAUNCH = {"states": dict(num_warps=4, num_stages=2), "output": dict(num_warps=4, num_stages=2),
           "passing": dict(num_warps=4, num_stages=3),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
-SPLIT_CARRY = True  # EXPERIMENT
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
 
 
@@ -530,9 +529,11 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
 
 
 def _split_carry(programs: int, device: torch.device) -> bool:
-    """Whether the carry runs as local states plus a light sequential pass: the local states' float32 round trip
-    costs bytes, so only where the one-pass carry has too few programs to fill the GPU."""
-    return SPLIT_CARRY and programs < 2 * _sm_count(device)
+    """Whether the carry runs as local states plus a light sequential pass (measured on an H100,
+    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs fill under half the SMs (a
+    single prompt: 1.5-4x faster), but the local states' float32 round trip costs more than it saves from there
+    (at 144 programs, B8 T2048 H9, it was 15% slower)."""
+    return 2 * programs < _sm_count(device)
 
 
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
