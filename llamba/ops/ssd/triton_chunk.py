@@ -4,6 +4,8 @@ Over chunks of ``BT`` tokens:
 
     forward   chunk_states:    carry the state through the chunks (sequential over chunks, one program per
                                batch row, head and state tile), adding what each chunk writes: sum_j w_j x_j B_j^T
+           or local_states +   the same, split where it has too few programs: every chunk's own contribution at
+              state_passing:   once, then one multiply-add per chunk in sequence
               chunk_output:    per chunk, y = masked (C B^T * decay) x  +  exp(cs) * S_in C
            or fused_forward:   both in one pass, chunk after chunk, the state held in registers (when batch x heads
                                fills the GPU: reads x, B and C once)
