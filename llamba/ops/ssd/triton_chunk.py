@@ -334,7 +334,8 @@ def _chunk_backward_kernel(
     spread over small programs: programs 0 .. n_p_tiles-1 write one P tile of dx each, the next ones one N tile of
     dB and dC each, and that tile's share of dcs summed over the chunk's later tokens (its own row of ``dcs``).
     The programs of one chunk run side by side, so the inputs they share come from L2, and each is small enough
-    for several to share an SM (one program doing it all needs ~2x the registers and ran 10-20% slower)."""
+    for several to share an SM (one program per chunk with the same math needs 150-230 registers and ran 5-10%
+    slower: results/scan-backward-h100.md)."""
     k, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     g = h // HPG
