@@ -6,14 +6,11 @@ its bytes floor. A few seconds; the whole-model benchmark (bench_gpu.py) include
 """
 
 import argparse
-import datetime
-import json
 import sys
-from pathlib import Path
 
 import torch
-import triton
 
+from llamba.bench import report
 from llamba.bench.gpu import measure_hardware
 from llamba.bench.kernels import run_all, to_markdown
 
@@ -25,18 +22,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs CUDA")
     hw = measure_hardware()
-    results = {"command": "python " + " ".join(sys.argv),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "hardware": hw, **run_all(hw["bandwidth_gbs"])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    md = "\n".join([f"# Mixer kernels ({results['device']})", "", f"- command: `{results['command']}`",
-                    f"- date: {results['date']}; torch {results['torch']}, triton {results['triton']}",
-                    f"- measured copy bandwidth {hw['bandwidth_gbs']:.0f} GB/s", "", *to_markdown(results), ""])
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    results = {**report.provenance(), "hardware": hw, **run_all(hw["bandwidth_gbs"])}
+    print(report.write(args.out, results, "Mixer kernels", to_markdown(results),
+                       notes=(f"measured copy bandwidth {hw['bandwidth_gbs']:.0f} GB/s",)))
     return 0
 
 

@@ -10,15 +10,13 @@ paths differ from each other by as much as each differs from float32.
 
 import argparse
 import copy
-import datetime
 import json
 import sys
-from pathlib import Path
 from unittest.mock import patch
 
 import torch
-import triton
 
+from llamba.bench import report
 from llamba.bench.gpu import _cuda_time, _free, _prompts, build_models
 from llamba.bench.llama_static import StaticLlama
 from llamba.model import mixer
@@ -79,25 +77,16 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
         del cache, static_teacher
         _free()
-    result = {"command": "python " + " ".join(sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "models": source, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"# Student prefill, skip and gate fused or not ({result['device']})", "",
-          f"- command: `{result['command']}`", f"- date: {result['date']}; torch {result['torch']}, triton "
-          f"{result['triton']}", f"- models: {source}", "",
-          "| context x batch | fused tok/s | unfused tok/s | fused / unfused | teacher tok/s | fused / teacher | "
+    result = {**report.provenance(), "models": source, "rows": rows}
+    table = ["| context x batch | fused tok/s | unfused tok/s | fused / unfused | teacher tok/s | fused / teacher | "
           "unfused / teacher | logits vs float32, fused / unfused |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['context']} x {r['batch']} | {r['fused_tok_s']:,.0f} | {r['unfused_tok_s']:,.0f} | "
+        table.append(f"| {r['context']} x {r['batch']} | {r['fused_tok_s']:,.0f} | {r['unfused_tok_s']:,.0f} | "
                   f"{r['fused_over_unfused']:.3f} | {r['teacher_tok_s']:,.0f} | {r['fused_over_teacher']:.2f} | "
                   f"{r['unfused_over_teacher']:.2f} | {r['fused_logits_rel_diff_vs_fp32']:.3f} / "
                   f"{r['unfused_logits_rel_diff_vs_fp32']:.3f} |")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print(report.write(args.out, result, "Student prefill, skip and gate fused or not", table,
+                       notes=(f"models: {source}",)))
     return 0
 
 

@@ -10,9 +10,7 @@ profiler) and the registers of every build: the data behind ``LAUNCH`` and the f
 """
 
 import argparse
-import datetime
 import json
-import sys
 import time
 
 import torch
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from llamba.bench import report
 from llamba.bench.kernels import SCAN_SHAPES, kernel_times
 from llamba.ops.ssd import triton_chunk as tc
 
@@ -124,10 +123,7 @@ def main() -> None:
         print(json.dumps(row, indent=1), flush=True)
         del x, B, C, la, dy, states, reference
         torch.cuda.empty_cache()
-    result = {"command": "python " + " ".join(sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(),
-              "triton": triton.__version__, "rows": rows, "registers": registers()}
+    result = {**report.provenance(), "rows": rows, "registers": registers()}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     for row in rows:

@@ -6,15 +6,13 @@ dispatch picks there), forward and backward, GPU time (summed kernel times); fla
 """
 
 import argparse
-import datetime
 import json
 import sys
-from pathlib import Path
 from unittest.mock import patch
 
 import torch
-import triton
 
+from llamba.bench import report
 from llamba.bench.kernels import _gpu_ms, _scan_inputs
 from llamba.ops.ssd import triton_chunk as tc
 
@@ -57,25 +55,16 @@ def main() -> int:
             row[f"{part}_one_pass_over_split"] = row[f"one_pass_{part}_gpu_ms"] / row[f"split_{part}_gpu_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"command": "python " + " ".join(sys.argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"# Scan at small batch x heads: one-pass or split carry ({result['device']})", "",
-          f"- command: `{result['command']}`", f"- date: {result['date']}; torch {result['torch']}, triton "
-          f"{result['triton']}", "- GPU time (summed kernel times), ms; bf16, d_state = head dim", "",
-          "| shape | fla fwd | fwd one-pass | fwd split | one-pass / split | bwd one-pass | bwd split | "
+    result = {**report.provenance(), "rows": rows}
+    table = ["| shape | fla fwd | fwd one-pass | fwd split | one-pass / split | bwd one-pass | bwd split | "
           "one-pass / split | dispatch picks | split vs one-pass rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['shape']} | {r.get('fla_fwd_gpu_ms', float('nan')):.4f} | {r['one_pass_fwd_gpu_ms']:.4f} | "
+        table.append(f"| {r['shape']} | {r.get('fla_fwd_gpu_ms', float('nan')):.4f} | {r['one_pass_fwd_gpu_ms']:.4f} | "
                   f"{r['split_fwd_gpu_ms']:.4f} | {r['fwd_one_pass_over_split']:.2f} | {r['one_pass_bwd_gpu_ms']:.4f} | "
                   f"{r['split_bwd_gpu_ms']:.4f} | {r['bwd_one_pass_over_split']:.2f} | {r['dispatch']} | "
                   f"{r['split_rel_diff']:.1e} |")
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    print(report.write(args.out, result, "Scan at small batch x heads: one-pass or split carry", table,
+                       notes=("GPU time (summed kernel times), ms; bf16, d_state = head dim",)))
     return 0
 
 

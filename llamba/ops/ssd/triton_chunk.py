@@ -80,6 +80,30 @@ def _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT: tl
 
 
 @triton.jit
+def _chunk_contribution(
+    v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
+    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
+    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+):
+    """What chunk c adds to a (BP, BN) tile of the carried state, and the decay it applies to what passes through.
+    Forward (v = x, k = B): sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T. Reverse (v = dy, k = C), for the state
+    gradient: sum_i exp(cs_i)[from_start] dy_i C_i^T."""
+    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    if REVERSE:
+        w = tl.where(from_start, tl.exp(cs), 0.0)
+    else:
+        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    tm = t < L
+    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P),
+                other=0.0)
+    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N),
+                other=0.0)
+    local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)
+    return local, tl.where(carry, tl.exp(cs_last), 0.0)
+
+
+@triton.jit
 def _chunk_states_kernel(
     v_ptr, k_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
     L, H, HPG, P, N, n_chunks,
@@ -103,19 +127,12 @@ def _chunk_states_kernel(
     cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-        if REVERSE:
-            w = tl.where(from_start, tl.exp(cs), 0.0)
-        else:
-            w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-        tm = t < L
-        v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
-        k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
-        local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)  # (BP, BN)
+        local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
+                                           s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
+                                           REVERSE, HAS_SEQ, BT, PREC)
         tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
                  cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
-        cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
+        cur = decay * cur + local
     tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
 
 
@@ -134,20 +151,13 @@ def _chunk_local_states_kernel(
     g = h // HPG
     p = (pid_pn // n_n_tiles) * BP + tl.arange(0, BP)
     n = (pid_pn % n_n_tiles) * BN + tl.arange(0, BN)
-    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-    if REVERSE:
-        w = tl.where(from_start, tl.exp(cs), 0.0)
-    else:
-        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    tm = t < L
-    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
-    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N), other=0.0)
-    local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)  # (BP, BN)
+    local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
+                                       s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
+                                       REVERSE, HAS_SEQ, BT, PREC)
     tl.store(local_ptr + b * s_lb + c * s_lc + h * s_lh + p[:, None] * s_lp + n[None, :], local,
              mask=(p[:, None] < P) & (n[None, :] < N))
     if pid_pn == 0:
-        tl.store(decay_ptr + b * s_db + c * s_dc + h, tl.where(carry, tl.exp(cs_last), 0.0))
+        tl.store(decay_ptr + b * s_db + c * s_dc + h, decay)
 
 
 @triton.jit
