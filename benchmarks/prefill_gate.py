@@ -79,12 +79,12 @@ def main() -> int:
         _free()
     result = {**report.provenance(), "models": source, "rows": rows}
     table = ["| context x batch | fused tok/s | unfused tok/s | fused / unfused | teacher tok/s | fused / teacher | "
-          "unfused / teacher | logits vs float32, fused / unfused |", "|---|---|---|---|---|---|---|---|"]
+             "unfused / teacher | logits vs float32, fused / unfused |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['context']} x {r['batch']} | {r['fused_tok_s']:,.0f} | {r['unfused_tok_s']:,.0f} | "
-                  f"{r['fused_over_unfused']:.3f} | {r['teacher_tok_s']:,.0f} | {r['fused_over_teacher']:.2f} | "
-                  f"{r['unfused_over_teacher']:.2f} | {r['fused_logits_rel_diff_vs_fp32']:.3f} / "
-                  f"{r['unfused_logits_rel_diff_vs_fp32']:.3f} |")
+                     f"{r['fused_over_unfused']:.3f} | {r['teacher_tok_s']:,.0f} | {r['fused_over_teacher']:.2f} | "
+                     f"{r['unfused_over_teacher']:.2f} | {r['fused_logits_rel_diff_vs_fp32']:.3f} / "
+                     f"{r['unfused_logits_rel_diff_vs_fp32']:.3f} |")
     print(report.write(args.out, result, "Student prefill, skip and gate fused or not", table,
                        notes=(f"models: {source}",)))
     return 0

@@ -57,12 +57,13 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     result = {**report.provenance(), "rows": rows}
     table = ["| shape | fla fwd | fwd one-pass | fwd split | one-pass / split | bwd one-pass | bwd split | "
-          "one-pass / split | dispatch picks | split vs one-pass rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "one-pass / split | dispatch picks | split vs one-pass rel diff |", "|" + "---|" * 10]
     for r in rows:
-        table.append(f"| {r['shape']} | {r.get('fla_fwd_gpu_ms', float('nan')):.4f} | {r['one_pass_fwd_gpu_ms']:.4f} | "
-                  f"{r['split_fwd_gpu_ms']:.4f} | {r['fwd_one_pass_over_split']:.2f} | {r['one_pass_bwd_gpu_ms']:.4f} | "
-                  f"{r['split_bwd_gpu_ms']:.4f} | {r['bwd_one_pass_over_split']:.2f} | {r['dispatch']} | "
-                  f"{r['split_rel_diff']:.1e} |")
+        table.append(f"| {r['shape']} | {r.get('fla_fwd_gpu_ms', float('nan')):.4f} | "
+                     f"{r['one_pass_fwd_gpu_ms']:.4f} | {r['split_fwd_gpu_ms']:.4f} | "
+                     f"{r['fwd_one_pass_over_split']:.2f} | {r['one_pass_bwd_gpu_ms']:.4f} | "
+                     f"{r['split_bwd_gpu_ms']:.4f} | {r['bwd_one_pass_over_split']:.2f} | "
+                     f"{r['dispatch']} | {r['split_rel_diff']:.1e} |")
     print(report.write(args.out, result, "Scan at small batch x heads: one-pass or split carry", table,
                        notes=("GPU time (summed kernel times), ms; bf16, d_state = head dim",)))
     return 0
