@@ -16,7 +16,7 @@ from llamba.model.cache import LlambaCache
 from llamba.model.config import LlambaConfig
 from llamba.ops.conv import causal_conv
 from llamba.ops.decode import mixer_step
-from llamba.ops.ssd import mixing_matrix, ssd_scan, use_triton
+from llamba.ops.ssd import mixing_matrix, needs_grad, ssd_scan, use_triton
 from llamba.ops.ssd.naive import state_dtype
 
 # silu(Z_BIAS_IDENTITY) == 1 (to 1e-12): a fresh mixer's gate passes y through unchanged.
@@ -101,8 +101,7 @@ class DiscreteMamba2(nn.Module):
 
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
         padded = attention_mask is not None and not bool(attention_mask.all())
-        inference = not (torch.is_grad_enabled() and xBC.requires_grad)
-        if inference and seq_idx is None and use_triton(xBC, self.kernel_backend):
+        if not needs_grad(xBC) and seq_idx is None and use_triton(xBC, self.kernel_backend):
             from llamba.ops.triton_conv import causal_conv_triton
 
             # one kernel convolves in in_proj's layout (x, B, C become views) and masks the padding

@@ -36,6 +36,11 @@ def use_triton(x: torch.Tensor, backend: str = "auto") -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64 and triton_available())
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients through any of ``tensors`` (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def skip_and_gate(y, x, D, z, z_bias=None):
     """The mixer's output before out_proj: (y + D x) * silu(z + z_bias), with y, x (batch, T, H, P), D (H,),
     z (batch, T, H*P) and z_bias (H*P,) or None."""
@@ -50,9 +55,7 @@ def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, b
     if use_triton(x, backend):
         from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
-        tensors = (x, B, C, log_a, initial_state, *(gate or ()))
-        fuse = gate is not None and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors))
+        fuse = gate is not None and not needs_grad(x, B, C, log_a, initial_state, *gate)
         y, final_state = ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx,
                                           chunk_size=chunk_size, gate=gate if fuse else None)
         if fuse:
@@ -63,5 +66,5 @@ def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, b
     return (y if gate is None else skip_and_gate(y, x, *gate)), final_state
 
 
-__all__ = ["mixing_matrix", "skip_and_gate", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan", "ssd_step",
-           "use_triton"]
+__all__ = ["mixing_matrix", "needs_grad", "skip_and_gate", "ssd_chunk", "ssd_loop", "ssd_matrix", "ssd_scan",
+           "ssd_step", "use_triton"]

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamba.ops.ssd import needs_grad
 from llamba.ops.ssd.naive import state_dtype
 
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
@@ -684,14 +685,20 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
     return dx, dB, dC, dla, d_init
 
 
+def _kernel_inputs(x, B, C, log_a, initial_state, seq_idx):
+    """What the kernels read: x, B, C with unit last stride, float32 log-decay and initial state, int32 document
+    ids padded to whole chunks."""
+    xc, Bc, Cc = (_last_dim_contiguous(t) for t in (x, B, C))
+    la = _last_dim_contiguous(log_a.to(torch.float32))
+    seq = _padded_seq(seq_idx, x.shape[1], triton.cdiv(x.shape[1], BT))
+    init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    return xc, Bc, Cc, la, seq, init
+
+
 class _SSDChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, B, C, log_a, initial_state, seq_idx):
-        xc, Bc, Cc = (_last_dim_contiguous(t) for t in (x, B, C))
-        la = log_a.to(torch.float32)
-        la = la if la.stride(-1) == 1 else la.contiguous()
-        seq = _padded_seq(seq_idx, x.shape[1], triton.cdiv(x.shape[1], BT))
-        init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+        xc, Bc, Cc, la, seq, init = _kernel_inputs(x, B, C, log_a, initial_state, seq_idx)
         backward_ahead = any(ctx.needs_input_grad[:5])
         y, final, states = _forward(xc, Bc, Cc, la, seq, init, keep_states=backward_ahead)
         ctx.save_for_backward(xc, Bc, Cc, la, seq, states, final)
@@ -742,17 +749,13 @@ def ssd_chunk_triton(
     if gate is None:
         return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
     D, z, z_bias = gate
-    inputs = (x, B, C, log_a, initial_state, *gate)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if needs_grad(x, B, C, log_a, initial_state, *gate):
         raise ValueError("the fused skip and gate have no backward: apply them outside ssd_chunk_triton to train")
     if z.shape != (batch, length, H * P) or D.shape != (H,) or (z_bias is not None and z_bias.shape != (H * P,)):
         raise ValueError(f"gate shapes: D {tuple(D.shape)}, z {tuple(z.shape)}, z_bias "
                          f"{None if z_bias is None else tuple(z_bias.shape)}; want ({H},), {(batch, length, H * P)}, "
                          f"({H * P},)")
-    xc, Bc, Cc, z = (_last_dim_contiguous(t) for t in (x, B, C, z))
-    la = log_a.to(torch.float32).contiguous()
-    seq = _padded_seq(seq_idx, length, triton.cdiv(length, BT))
-    init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-    y, final, _ = _forward(xc, Bc, Cc, la, seq, init, keep_states=False,
-                           gate=(D.contiguous(), z, z_bias.contiguous() if z_bias is not None else None))
+    xc, Bc, Cc, la, seq, init = _kernel_inputs(x, B, C, log_a, initial_state, seq_idx)
+    gate = (D.contiguous(), _last_dim_contiguous(z), z_bias.contiguous() if z_bias is not None else None)
+    y, final, _ = _forward(xc, Bc, Cc, la, seq, init, keep_states=False, gate=gate)
     return y, final
