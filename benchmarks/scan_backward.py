@@ -1,6 +1,6 @@
 """The scan's two backward kernels side by side on one GPU, over launch settings: the reversed state pass plus
-small programs per chunk ("chunk") and one reversed pass per head with the state gradient in registers ("fused",
-head dim <= 64), every result checked against the chunk kernel's gradients first. For each kernel-table shape it
+small programs per chunk ("chunk") and one reversed pass per head and P tile with the state gradient in registers
+("fused"; past one P tile it leaves dB and dC to the per-chunk programs), every result checked against the chunk kernel's gradients first. For each kernel-table shape it
 prints our forward (inference and training), each variant's time, where each variant's time goes (per kernel,
 profiler) and the registers of every build: the data behind ``LAUNCH`` and the fused/chunk dispatch in
 ``llamba.ops.ssd.triton_chunk``. Writes JSON.
@@ -95,8 +95,6 @@ def main() -> None:
         tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN["chunk"]
         reference = bwd()
         for mode, launches in LAUNCHES.items():
-            if mode == "fused" and D > 64:
-                continue
             tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
             for key, settings in launches.items():
                 for warps, stages in settings:

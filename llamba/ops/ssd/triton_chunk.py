@@ -12,8 +12,9 @@ Over chunks of ``BT`` tokens:
     backward  chunk_states:    reversed: the gradient of every chunk's outgoing state
               chunk_backward:  per chunk, dx, dB, dC from the recomputed intra-chunk matrices (a few small
                                programs per chunk)
-           or fused_backward:  both in one reversed pass, the state gradient held in registers (same condition as
-                               the fused forward, and head dim <= 64)
+           or fused_backward:  one reversed pass per P tile, the state gradient held in registers (same condition
+                               as the fused forward): dx, and dB, dC when one tile holds all of P; otherwise the
+                               gradient's snapshots go to chunk_backward's dB/dC programs
 
 dlog_a needs no gradient through the states: with q_t = C_t exp(cs_t) and k_t = B_t exp(-cs_t) the scan is plain
 linear attention, so the gradient of the cumulative log-decay cs_t is q_t . dq_t - k_t . dk_t = C_t . dC_t -
@@ -398,22 +399,24 @@ def _chunk_backward_kernel(
 @triton.jit
 def _fused_backward_kernel(
     x_ptr, b_ptr, c_ptr, la_ptr, seq_ptr, sin_ptr, dfinal_ptr, dy_ptr,
-    dx_ptr, db_ptr, dc_ptr, dla_ptr, dinit_ptr,
+    dx_ptr, db_ptr, dc_ptr, dla_ptr, dinit_ptr, gout_ptr,
     L, H, HPG, P, N, n_chunks,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
     s_sb, s_sc, s_sh, s_sp, s_dyb, s_dyt, s_dyh, s_dxb, s_dxt, s_dxh, s_dbb, s_dbt, s_dbh,
     s_fb, s_fh, s_fp,
-    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr,
+    ALL_P: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The whole backward of one head in one pass, chunks in reverse: G, the gradient of the state leaving the
-    chunk, stays in registers (all of P in one tile) and is carried back as decay * G + sum_i e_i dy_i C_i^T, so
-    the reversed state pass and its snapshots disappear. Per chunk, the math of ``_chunk_backward_kernel``; going
-    backwards, the running sum of dcs turns it into dlog_a here."""
-    bh = tl.program_id(0)
+    """The backward in one reversed pass per (P tile, head): G, the gradient of the state leaving the chunk, stays
+    in registers and is carried back as decay * G + sum_i e_i dy_i C_i^T, so the reversed state pass and its
+    reads disappear. Per chunk, the math of ``_chunk_backward_kernel``. dx needs only this P tile of G. dB, dC
+    and dcs sum over all of P: with ALL_P (one tile holds P) they are computed here too, and going backwards the
+    running sum of dcs turns into dlog_a; otherwise G's snapshots go to ``gout`` for the per-chunk dB/dC
+    programs."""
+    pid_p, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // HPG
-    p = tl.arange(0, BP)
+    p = pid_p * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
     pn_mask = (p[:, None] < P) & (n[None, :] < N)
     G = _initial_state(dfinal_ptr, b, h, p, n, pn_mask, s_fb, s_fh, s_fp, HAS_DFINAL, BP, BN)
@@ -435,19 +438,22 @@ def _fused_backward_kernel(
         dxp = _dx_tile(A_t, Bb, dyp, G, w, PREC)
         tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
                  dxp.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
-        RM = (M * tl.dot(dyp, tl.trans(xp), input_precision=PREC)).to(Cb.dtype)
-        grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
-        dB, dcs_B = _dB_tile(tl.dot(xp, G.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, w, PREC)
-        tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
-        Sp = tl.load(sin_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :], mask=pn_mask,
-                     other=0.0)
-        dC, dcs_C = _dC_tile(tl.dot(dyp, Sp.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, e, PREC)
-        tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
-        dcs = dcs_C + dcs_B
-        tl.store(dla_ptr + b * s_lab + t * s_lat + h, later + tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs,
-                 mask=tm)
-        later += tl.sum(dcs, axis=0)
+        state_off = b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
+        if ALL_P:
+            xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+            RM = (M * tl.dot(dyp, tl.trans(xp), input_precision=PREC)).to(Cb.dtype)
+            grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
+            dB, dcs_B = _dB_tile(tl.dot(xp, G.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, w, PREC)
+            tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
+            Sp = tl.load(sin_ptr + state_off, mask=pn_mask, other=0.0)
+            dC, dcs_C = _dC_tile(tl.dot(dyp, Sp.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, e, PREC)
+            tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+            dcs = dcs_C + dcs_B
+            tl.store(dla_ptr + b * s_lab + t * s_lat + h,
+                     later + tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tm)
+            later += tl.sum(dcs, axis=0)
+        else:
+            tl.store(gout_ptr + state_off, G.to(gout_ptr.dtype.element_ty), mask=pn_mask)
         G = decay * G + tl.dot(tl.trans((dyp.to(tl.float32) * e[:, None]).to(Cb.dtype)), Cb, input_precision=PREC)
     tl.store(dinit_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], G, mask=pn_mask)
 
@@ -461,6 +467,15 @@ def _output_tiles(P: int, N: int) -> tuple[int, int]:
 @functools.cache
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fused_tiles(P: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BP, BN) of the one-pass kernels: a (BP, all of N) tile of the state, or of its gradient, in registers."""
+    BN = max(16, triton.next_power_of_2(N))
+    BP = min(64, max(16, triton.next_power_of_2(P)))
+    if dtype.itemsize == 4 and BN > 64:
+        BP = 32  # float32 operands double the shared memory
+    return BP, BN
 
 
 def _sm_count(device: torch.device) -> int:
@@ -595,10 +610,7 @@ def _fused_forward(x, B, C, la, seq, init, keep_states, gate_ptrs, gate_strides,
     batch, length, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     n_chunks = triton.cdiv(length, BT)
-    BN = max(16, triton.next_power_of_2(N))
-    BP = min(64, max(16, triton.next_power_of_2(P)))
-    if x.element_size() == 4 and BN > 64:
-        BP = 32  # float32 operands double the shared memory
+    BP, BN = _fused_tiles(P, N, x.dtype)
     y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
     final = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     states = (torch.empty(batch, n_chunks, H, P, N, device=x.device, dtype=_snapshot_dtype(x.dtype))
@@ -647,25 +659,36 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
     dx_strides = (dx.stride(0), dx.stride(1), dx.stride(2))
     db_strides = (dB_h.stride(0), dB_h.stride(1), dB_h.stride(2))
     meta = dict(HAS_SEQ=seq is not None, BT=BT, PREC=_precision(x.dtype))
-    if P <= 64 and (x.element_size() == 2 or N <= 64) and _use_fused_forward(batch * H, P, x.device):
-        # G for all of P fits one program (float32 operands at N = 128 would overflow shared memory)
+
+    def reversed_pass(BP, BN, grads_out=None, dla=None):
+        """``_fused_backward_kernel``; returns the initial state's gradient."""
         d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
-        d_final_ = d_final if d_final is not None else d_init
-        dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
-        BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
-        _fused_backward_kernel[(batch * H,)](
-            x, B, C, la, seq_, states_in, d_final_, dy, dx, dB_h, dC_h, dla, d_init,
+        _fused_backward_kernel[(triton.cdiv(P, BP), batch * H)](
+            x, B, C, la, seq_, states_in, d_final if d_final is not None else d_init, dy, dx, dB_h, dC_h,
+            dla if dla is not None else d_init, d_init, grads_out if grads_out is not None else d_init,
             length, H, HPG, P, N, n_chunks, *in_strides, *dx_strides, *db_strides,
             d_init.stride(0), d_init.stride(1), d_init.stride(2),
-            HAS_DFINAL=d_final is not None, BP=BP, BN=BN, **meta, **LAUNCH["fused_backward"])
+            ALL_P=BP >= P, HAS_DFINAL=d_final is not None, BP=BP, BN=BN, **meta, **LAUNCH["fused_backward"])
+        return d_init
+
+    fused = _use_fused_forward(batch * H, P, x.device)
+    BP, BN = _fused_tiles(P, N, x.dtype)
+    if fused and BP >= P:  # everything in one reversed pass per head
+        dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
+        d_init = reversed_pass(BP, BN, dla=dla)
     else:
-        # the gradient of the state leaving each chunk
-        grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)
+        if fused:  # dx in one reversed pass per P tile, which leaves the state gradient's snapshots to dB and dC
+            grads_out = torch.empty_like(states_in)
+            d_init = reversed_pass(BP, BN, grads_out=grads_out)
+            n_dx = 0
+        else:  # the state gradient's snapshots from their own pass; dx in small programs per chunk too
+            grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)
+            n_dx = triton.cdiv(P, min(64, max(16, triton.next_power_of_2(P))))
         BP, BN = min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
-        n_p, n_n = triton.cdiv(P, BP), triton.cdiv(N, BN)
+        n_n = triton.cdiv(N, BN)
         dcs = torch.empty(n_n, batch, n_chunks, BT, H, device=x.device, dtype=torch.float32)
-        _chunk_backward_kernel[(n_p + n_n, n_chunks, batch * H)](
-            x, B, C, la, seq_, states_in, grads_out, dy, dx, dB_h, dC_h, dcs, length, H, HPG, P, N, n_p,
+        _chunk_backward_kernel[(n_dx + n_n, n_chunks, batch * H)](
+            x, B, C, la, seq_, states_in, grads_out, dy, dx, dB_h, dC_h, dcs, length, H, HPG, P, N, n_dx,
             *in_strides, *dx_strides, *db_strides, dcs.stride(0), dcs.stride(1), dcs.stride(3), BP=BP, BN=BN,
             FULL_P=max(16, triton.next_power_of_2(P)), FULL_N=max(16, triton.next_power_of_2(N)), **meta,
             **LAUNCH["backward"])
