@@ -48,6 +48,35 @@ FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x he
 
 
 @triton.jit
+def _load_tokens(ptr, b, t, head, cols, L, W, s_b, s_t, s_h):
+    """The (tokens t, columns cols) tile of a (batch, L, heads, W) tensor at batch row b and head, zeros outside."""
+    return tl.load(ptr + b * s_b + t[:, None] * s_t + head * s_h + cols[None, :],
+                   mask=(t[:, None] < L) & (cols[None, :] < W), other=0.0)
+
+
+@triton.jit
+def _store_tokens(ptr, value, b, t, head, cols, L, W, s_b, s_t, s_h):
+    """Stores ``value`` into the tile that ``_load_tokens`` reads, in the tensor's dtype."""
+    tl.store(ptr + b * s_b + t[:, None] * s_t + head * s_h + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=(t[:, None] < L) & (cols[None, :] < W))
+
+
+@triton.jit
+def _load_state(ptr, b, c, h, p, n, P, N, s_b, s_c, s_h, s_p):
+    """The (p, n) tile of a state, or a state gradient, of a (batch, chunks, heads, P, N) tensor (s_c = 0 and c = 0:
+    of a (batch, heads, P, N) one), zeros outside."""
+    return tl.load(ptr + b * s_b + c * s_c + h * s_h + p[:, None] * s_p + n[None, :],
+                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+
+
+@triton.jit
+def _store_state(ptr, value, b, c, h, p, n, P, N, s_b, s_c, s_h, s_p):
+    """Stores ``value`` into the tile that ``_load_state`` reads, in the tensor's dtype."""
+    tl.store(ptr + b * s_b + c * s_c + h * s_h + p[:, None] * s_p + n[None, :], value.to(ptr.dtype.element_ty),
+             mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@triton.jit
 def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Cumulative log-decay inside chunk c, and the document masks of its tokens."""
     t = c * BT + tl.arange(0, BT)
@@ -70,12 +99,11 @@ def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.const
 
 
 @triton.jit
-def _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT: tl.constexpr, BP: tl.constexpr,
+def _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT: tl.constexpr, BP: tl.constexpr,
                    BN: tl.constexpr):
     """The (BP, BN) tile of the state a sequence starts from, float32 (zeros without one)."""
     if HAS_INIT:
-        state = tl.load(init_ptr + b * s_ib + h * s_ih + p[:, None] * s_ip + n[None, :], mask=pn_mask,
-                        other=0.0).to(tl.float32)
+        state = _load_state(init_ptr, b, 0, h, p, n, P, N, s_ib, 0, s_ih, s_ip).to(tl.float32)
     else:
         state = tl.zeros([BP, BN], dtype=tl.float32)
     return state
@@ -96,11 +124,8 @@ def _chunk_contribution(
         w = tl.where(from_start, tl.exp(cs), 0.0)
     else:
         w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    tm = t < L
-    v = tl.load(v_ptr + b * s_vb + t[:, None] * s_vt + h * s_vh + p[None, :], mask=tm[:, None] & (p[None, :] < P),
-                other=0.0)
-    k = tl.load(k_ptr + b * s_kb + t[:, None] * s_kt + g * s_kh + n[None, :], mask=tm[:, None] & (n[None, :] < N),
-                other=0.0)
+    v = _load_tokens(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)
+    k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
     local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)
     return local, tl.where(carry, tl.exp(cs_last), 0.0)
 
@@ -125,17 +150,15 @@ def _chunk_states_kernel(
     g = h // HPG
     p = pid_p * BP + tl.arange(0, BP)
     n = pid_n * BN + tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
+    cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
         local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
                                            s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
                                            REVERSE, HAS_SEQ, BT, PREC)
-        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
-                 cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
+        _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         cur = decay * cur + local
-    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+    _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
 @triton.jit
@@ -156,8 +179,7 @@ def _chunk_local_states_kernel(
     local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
                                        s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
                                        REVERSE, HAS_SEQ, BT, PREC)
-    tl.store(local_ptr + b * s_lb + c * s_lc + h * s_lh + p[:, None] * s_lp + n[None, :], local,
-             mask=(p[:, None] < P) & (n[None, :] < N))
+    _store_state(local_ptr, local, b, c, h, p, n, P, N, s_lb, s_lc, s_lh, s_lp)
     if pid_pn == 0:
         tl.store(decay_ptr + b * s_db + c * s_dc + h, decay)
 
@@ -176,16 +198,13 @@ def _state_passing_kernel(
     b, h = bh // H, bh % H
     p = pid_p * BP + tl.arange(0, BP)
     n = pid_n * BN + tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
+    cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        local = tl.load(local_ptr + b * s_lb + c * s_lc + h * s_lh + p[:, None] * s_lp + n[None, :], mask=pn_mask,
-                        other=0.0)
-        tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
-                 cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
+        local = _load_state(local_ptr, b, c, h, p, n, P, N, s_lb, s_lc, s_lh, s_lp)
+        _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         cur = tl.load(decay_ptr + b * s_db + c * s_dc + h) * cur + local
-    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+    _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
 @triton.jit
@@ -203,13 +222,12 @@ def _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ: tl.constexpr, BT: t
 
 
 @triton.jit
-def _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS: tl.constexpr):
+def _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, L, P, s_zb, s_zt, HAS_Z_BIAS: tl.constexpr):
     """(y + D_h x) * silu(z + z_bias): the mixer's skip and output gate, applied while y is still in registers
     (inference: it saves the mixer five elementwise passes over (batch, T, d_inner))."""
-    col = h * P + p
-    zz = tl.load(z_ptr + b * s_zb + t[:, None] * s_zt + col[None, :], mask=tp_mask, other=0.0).to(tl.float32)
+    zz = _load_tokens(z_ptr, b, t, h, p, L, P, s_zb, s_zt, P).to(tl.float32)  # z: (batch, T, H * P)
     if HAS_Z_BIAS:
-        zz += tl.load(zb_ptr + col, mask=p < P, other=0.0).to(tl.float32)[None, :]
+        zz += tl.load(zb_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
     skip = tl.load(d_ptr + h).to(tl.float32)
     return (y + skip * xp.to(tl.float32)) * zz * tl.sigmoid(zz)
 
@@ -227,21 +245,16 @@ def _chunk_output_kernel(
     g = h // HPG
     t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
         la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-    tm = t < L
     n = tl.arange(0, BN)
     p = pid_p * BP + tl.arange(0, BP)
-    tn_mask = tm[:, None] & (n[None, :] < N)
-    Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
-    Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-    xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tm[:, None] & (p[None, :] < P), other=0.0)
-    S_in = tl.load(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
-                   mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+    Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
+    Bb = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
+    xp = _load_tokens(x_ptr, b, t, h, p, L, P, s_xb, s_xt, s_xh)
+    S_in = _load_state(states_ptr, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
     y = _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ, BT, PREC)
-    tp_mask = tm[:, None] & (p[None, :] < P)
     if GATED:
-        y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS)
-    tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=tp_mask)
+        y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, L, P, s_zb, s_zt, HAS_Z_BIAS)
+    _store_tokens(y_ptr, y, b, t, h, p, L, P, s_yb, s_yt, s_yh)
 
 
 @triton.jit
@@ -261,29 +274,23 @@ def _fused_forward_kernel(
     g = h // HPG
     p = pid_p * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    cur = _initial_state(init_ptr, b, h, p, n, pn_mask, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
+    cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for c in range(n_chunks):
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
             la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-        tm = t < L
-        tn_mask = tm[:, None] & (n[None, :] < N)
-        tp_mask = tm[:, None] & (p[None, :] < P)
-        Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
-        Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-        xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+        Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
+        Bb = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
+        xp = _load_tokens(x_ptr, b, t, h, p, L, P, s_xb, s_xt, s_xh)
         if STORE_STATES:
-            tl.store(states_ptr + b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :],
-                     cur.to(states_ptr.dtype.element_ty), mask=pn_mask)
+            _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         y = _chunk_y(Cb, Bb, xp, cur, cs, seq, from_start, HAS_SEQ, BT, PREC)
         if GATED:
-            y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, tp_mask, P, s_zb, s_zt, HAS_Z_BIAS)
-        tl.store(y_ptr + b * s_yb + t[:, None] * s_yt + h * s_yh + p[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=tp_mask)
+            y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, L, P, s_zb, s_zt, HAS_Z_BIAS)
+        _store_tokens(y_ptr, y, b, t, h, p, L, P, s_yb, s_yt, s_yh)
         w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
         local = tl.dot(tl.trans((xp.to(tl.float32) * w[:, None]).to(Bb.dtype)), Bb, input_precision=PREC)
         cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
-    tl.store(final_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], cur, mask=pn_mask)
+    _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
 @triton.jit
@@ -353,44 +360,31 @@ def _chunk_backward_kernel(
     g = h // HPG
     t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
         la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-    tm = t < L
     e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
     M = _decay_matrix(cs, seq, HAS_SEQ, BT)
-    state_off = b * s_sb + c * s_sc + h * s_sh
     if k < n_p_tiles:  # dx = A^T dy + w (B G^T) for P tile k; A over all of N
         nf = tl.arange(0, FULL_N)
-        tnf_mask = tm[:, None] & (nf[None, :] < N)
-        Cf = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + nf[None, :], mask=tnf_mask, other=0.0)
-        Bf = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + nf[None, :], mask=tnf_mask, other=0.0)
+        Cf = _load_tokens(c_ptr, b, t, g, nf, L, N, s_cb, s_ct, s_ch)
+        Bf = _load_tokens(b_ptr, b, t, g, nf, L, N, s_bb, s_bt, s_bh)
         A_t = tl.trans(tl.dot(Cf, tl.trans(Bf), input_precision=PREC) * M).to(Cf.dtype)
         p = k * BP + tl.arange(0, BP)
-        tpk_mask = tm[:, None] & (p[None, :] < P)
-        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tpk_mask,
-                      other=0.0).to(Cf.dtype)
-        Gp = tl.load(g_ptr + state_off + p[:, None] * s_sp + nf[None, :], mask=(p[:, None] < P) & (nf[None, :] < N),
-                     other=0.0)
-        dxp = _dx_tile(A_t, Bf, dyp, Gp, w, PREC)
-        tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
-                 dxp.to(dx_ptr.dtype.element_ty), mask=tpk_mask)
+        dyp = _load_tokens(dy_ptr, b, t, h, p, L, P, s_dyb, s_dyt, s_dyh).to(Cf.dtype)
+        Gp = _load_state(g_ptr, b, c, h, p, nf, P, N, s_sb, s_sc, s_sh, s_sp)
+        _store_tokens(dx_ptr, _dx_tile(A_t, Bf, dyp, Gp, w, PREC), b, t, h, p, L, P, s_dxb, s_dxt, s_dxh)
     else:  # dB, dC for N tile k - n_p_tiles: RM = M * dy x^T over all of P
         n = (k - n_p_tiles) * BN + tl.arange(0, BN)
         pf = tl.arange(0, FULL_P)
-        tp_mask = tm[:, None] & (pf[None, :] < P)
-        pn_mask = (pf[:, None] < P) & (n[None, :] < N)
-        tn_mask = tm[:, None] & (n[None, :] < N)
-        xf = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + pf[None, :], mask=tp_mask, other=0.0)
-        dyf = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + pf[None, :], mask=tp_mask,
-                      other=0.0).to(xf.dtype)
+        xf = _load_tokens(x_ptr, b, t, h, pf, L, P, s_xb, s_xt, s_xh)
+        dyf = _load_tokens(dy_ptr, b, t, h, pf, L, P, s_dyb, s_dyt, s_dyh).to(xf.dtype)
         RM = (M * tl.dot(dyf, tl.trans(xf), input_precision=PREC)).to(xf.dtype)
-        Sn = tl.load(sin_ptr + state_off + pf[:, None] * s_sp + n[None, :], mask=pn_mask, other=0.0)
-        Gn = tl.load(g_ptr + state_off + pf[:, None] * s_sp + n[None, :], mask=pn_mask, other=0.0)
-        Cn = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
-        Bn = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-        grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
+        Sn = _load_state(sin_ptr, b, c, h, pf, n, P, N, s_sb, s_sc, s_sh, s_sp)
+        Gn = _load_state(g_ptr, b, c, h, pf, n, P, N, s_sb, s_sc, s_sh, s_sp)
+        Cn = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
+        Bn = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
         dC, dcs_C = _dC_tile(tl.dot(dyf, Sn.to(xf.dtype), input_precision=PREC), RM, Cn, Bn, e, PREC)
-        tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+        _store_tokens(dc_ptr, dC, b, t, h, n, L, N, s_dbb, s_dbt, s_dbh)
         dB, dcs_B = _dB_tile(tl.dot(xf, Gn.to(xf.dtype), input_precision=PREC), RM, Cn, Bn, w, PREC)
-        tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
+        _store_tokens(db_ptr, dB, b, t, h, n, L, N, s_dbb, s_dbt, s_dbh)
         dcs = dcs_C + dcs_B
         tl.store(dcs_ptr + (k - n_p_tiles) * s_dcsk + b * s_dcsb + t * s_dcst + h,
                  tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs)
@@ -418,44 +412,35 @@ def _fused_backward_kernel(
     g = h // HPG
     p = pid_p * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    G = _initial_state(dfinal_ptr, b, h, p, n, pn_mask, s_fb, s_fh, s_fp, HAS_DFINAL, BP, BN)
+    G = _initial_state(dfinal_ptr, b, h, p, n, P, N, s_fb, s_fh, s_fp, HAS_DFINAL, BP, BN)
     later = 0.0  # sum of dcs over the chunks already done (all later tokens)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
             la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
-        tm = t < L
-        tn_mask = tm[:, None] & (n[None, :] < N)
-        tp_mask = tm[:, None] & (p[None, :] < P)
-        Cb = tl.load(c_ptr + b * s_cb + t[:, None] * s_ct + g * s_ch + n[None, :], mask=tn_mask, other=0.0)
-        Bb = tl.load(b_ptr + b * s_bb + t[:, None] * s_bt + g * s_bh + n[None, :], mask=tn_mask, other=0.0)
-        dyp = tl.load(dy_ptr + b * s_dyb + t[:, None] * s_dyt + h * s_dyh + p[None, :], mask=tp_mask,
-                      other=0.0).to(Cb.dtype)
+        Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
+        Bb = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
+        dyp = _load_tokens(dy_ptr, b, t, h, p, L, P, s_dyb, s_dyt, s_dyh).to(Cb.dtype)
         e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
         M = _decay_matrix(cs, seq, HAS_SEQ, BT)
         A_t = tl.trans(tl.dot(Cb, tl.trans(Bb), input_precision=PREC) * M).to(Cb.dtype)
-        dxp = _dx_tile(A_t, Bb, dyp, G, w, PREC)
-        tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxt + h * s_dxh + p[None, :],
-                 dxp.to(dx_ptr.dtype.element_ty), mask=tp_mask)
-        state_off = b * s_sb + c * s_sc + h * s_sh + p[:, None] * s_sp + n[None, :]
+        _store_tokens(dx_ptr, _dx_tile(A_t, Bb, dyp, G, w, PREC), b, t, h, p, L, P, s_dxb, s_dxt, s_dxh)
         if ALL_P:
-            xp = tl.load(x_ptr + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tp_mask, other=0.0)
+            xp = _load_tokens(x_ptr, b, t, h, p, L, P, s_xb, s_xt, s_xh)
             RM = (M * tl.dot(dyp, tl.trans(xp), input_precision=PREC)).to(Cb.dtype)
-            grad_off = b * s_dbb + t[:, None] * s_dbt + h * s_dbh + n[None, :]
             dB, dcs_B = _dB_tile(tl.dot(xp, G.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, w, PREC)
-            tl.store(db_ptr + grad_off, dB.to(db_ptr.dtype.element_ty), mask=tn_mask)
-            Sp = tl.load(sin_ptr + state_off, mask=pn_mask, other=0.0)
+            _store_tokens(db_ptr, dB, b, t, h, n, L, N, s_dbb, s_dbt, s_dbh)
+            Sp = _load_state(sin_ptr, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
             dC, dcs_C = _dC_tile(tl.dot(dyp, Sp.to(Cb.dtype), input_precision=PREC), RM, Cb, Bb, e, PREC)
-            tl.store(dc_ptr + grad_off, dC.to(dc_ptr.dtype.element_ty), mask=tn_mask)
+            _store_tokens(dc_ptr, dC, b, t, h, n, L, N, s_dbb, s_dbt, s_dbh)
             dcs = dcs_C + dcs_B
             tl.store(dla_ptr + b * s_lab + t * s_lat + h,
-                     later + tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tm)
+                     later + tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=t < L)
             later += tl.sum(dcs, axis=0)
         else:
-            tl.store(gout_ptr + state_off, G.to(gout_ptr.dtype.element_ty), mask=pn_mask)
+            _store_state(gout_ptr, G, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         G = decay * G + tl.dot(tl.trans((dyp.to(tl.float32) * e[:, None]).to(Cb.dtype)), Cb, input_precision=PREC)
-    tl.store(dinit_ptr + b * s_fb + h * s_fh + p[:, None] * s_fp + n[None, :], G, mask=pn_mask)
+    _store_state(dinit_ptr, G, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
 def _output_tiles(P: int, N: int) -> tuple[int, int]:
