@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# The GPU kernel results in one device call (~6 min with compiles): the kernel tests and the padded-scoring test
-# on CUDA; then with --variants the backward variants (benchmarks/scan_backward.py), with --table the kernel table
-# (benchmarks/bench_kernels.py, what results/kernels-h100.* hold). Results under $OUT. fla (the table's rival) and
-# its einops travel as wheels in .whl (carry it):
+# The GPU kernel results, in steps that fit 10-minute device calls; results under $OUT:
+#   --tests        the kernel tests (tests/test_kernels.py) and the padded-scoring tests on CUDA (~7 min, compiles)
+#   --variants     the backward variants (benchmarks/scan_backward.py: results/scan-backward-h100.*)
+#   --table        the kernel table (benchmarks/bench_kernels.py: results/kernels-h100.*)
+#   --small-batch  the scan's routes at small batch x heads (benchmarks/scan_small_batch.py:
+#                  results/scan-small-batch-h100.*)
+# fla (the rival) and lm-eval (for the scoring tests) travel as wheels in .whl (carry it):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_kernels.sh --variants --table
+#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_kernels.sh --tests
+#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_kernels.sh --variants --table --small-batch   # ~5 min, right after:
+#                                                           # Triton's cache on the machine keeps the compiled kernels
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
-timeout 360 python3 -m pytest -q -x tests/test_kernels.py tests/test_eval_lm.py -p no:cacheprovider > "$OUT/tests.log" 2>&1
-tail -3 "$OUT/tests.log"
 for step in "$@"; do
   case $step in
+    --tests) timeout 520 python3 -m pytest -q tests/test_kernels.py "tests/test_eval_lm.py::test_padded_scoring_on_cuda_matches_the_pytorch_scan" \
+               -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/tests.log" | tail -12 ;;
     --variants) timeout 300 python3 benchmarks/scan_backward.py --out "$OUT/scan-backward-h100" 2>&1 | tail -8 \
                   | tee "$OUT/variants.log" ;;
     --table) timeout 150 python3 benchmarks/bench_kernels.py --out "$OUT/kernels-h100" 2>&1 | tail -20 \
                | tee "$OUT/kernels.log" ;;
-    *) echo "unknown step $step (--variants, --table)" >&2; exit 2 ;;
+    --small-batch) timeout 150 python3 benchmarks/scan_small_batch.py --out "$OUT/scan-small-batch-h100" 2>&1 \
+                     | tail -12 | tee "$OUT/small-batch.log" ;;
+    *) echo "unknown step $step (--tests, --variants, --table, --small-batch)" >&2; exit 2 ;;
   esac
 done
