@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
@@ -27,7 +28,6 @@ from llamba.ops.ssd import triton_chunk
 from llamba.ops.triton_conv import causal_conv_triton
 from llamba.ops.triton_decode import mixer_step_triton
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
 
 
@@ -57,14 +57,18 @@ def compile_instead_of_launch(target: GPUTarget, found: list):
         JITFunction.run = launch
 
 
-def ptxas_report(ptx: str, arch: str) -> tuple[int, int, int]:
-    """(registers per thread, spill store bytes, spill load bytes)."""
+def ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
+    """(registers per thread, spill store bytes, spill load bytes). Uses the ptxas Triton compiles with (its PTX
+    version follows that ptxas: a torch build may point Triton at another one than the wheel's own)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([PTXAS, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        run = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"ptxas failed on {arch}: {run.stderr.strip()}")
+        log = run.stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return regs, int(spills.group(1)), int(spills.group(2))
@@ -116,7 +120,7 @@ def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:
         if (name, flags, warps, stages) in seen:
             continue
         seen.add((name, flags, warps, stages))
-        regs, stores, loads = ptxas_report(ptx, gpu_name)
+        regs, stores, loads = ptxas_report(ptx, gpu_name, arch)
         rows.append({"kernel": name, "flags": flags, "warps": warps, "stages": stages, "registers": regs,
                      "spill_stores": stores, "spill_loads": loads, "shared": shared,
                      "shared_fits": shared <= SHARED_LIMIT.get(arch, 48 * 1024)})
