@@ -544,10 +544,10 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
 
 def _split_carry(programs: int, device: torch.device) -> bool:
     """Whether the carry runs as local states plus a light sequential pass (measured on an H100,
-    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs fill under half the SMs (a
-    single prompt: 1.5-4x faster), but the local states' float32 round trip costs more than it saves from there
-    (at 144 programs, B8 T2048 H9, it was 15% slower)."""
-    return 2 * programs < _sm_count(device)
+    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs leave SMs idle (one prompt:
+    1.3-1.8x faster; at 72 programs, B4 T2048 H9, 10%), but once they fill the GPU the local states' float32 round
+    trip costs more than it saves (at 144 programs, B8 T2048 H9, it was 15% slower)."""
+    return programs < _sm_count(device)
 
 
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
