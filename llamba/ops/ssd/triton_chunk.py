@@ -77,25 +77,43 @@ def _store_state(ptr, value, b, c, h, p, n, P, N, s_b, s_c, s_h, s_p):
 
 
 @triton.jit
-def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Cumulative log-decay inside chunk c, and the document masks of its tokens."""
+def _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Chunk c's log-decays and document ids (of its tokens, its last token, the token before it)."""
     t = c * BT + tl.arange(0, BT)
     la = tl.load(la_ptr + b * s_lab + t * s_lat + h, mask=t < L, other=0.0).to(tl.float32)
-    cs = tl.cumsum(la, axis=0)
-    cs_last = tl.sum(la, axis=0)
     if HAS_SEQ:
         seq = tl.load(seq_ptr + b * s_sqb + t)
         seq_last = tl.load(seq_ptr + b * s_sqb + c * BT + BT - 1)
         prev = tl.load(seq_ptr + b * s_sqb + tl.maximum(c * BT - 1, 0))
+    else:
+        seq = tl.zeros([BT], dtype=tl.int32)
+        seq_last = 0
+        prev = 0
+    return la, seq, seq_last, prev
+
+
+@triton.jit
+def _decays(c, la, seq, seq_last, prev, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Cumulative log-decay inside chunk c, and the document masks of its tokens."""
+    t = c * BT + tl.arange(0, BT)
+    cs = tl.cumsum(la, axis=0)
+    cs_last = tl.sum(la, axis=0)
+    if HAS_SEQ:
         to_end = seq == seq_last
         from_start = seq == prev
         carry = seq_last == prev
     else:
-        seq = tl.zeros([BT], dtype=tl.int32)
         to_end = t >= 0
         from_start = t >= 0
         carry = True
     return t, cs, cs_last, seq, to_end, from_start, carry
+
+
+@triton.jit
+def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """``_decays`` of chunk c, loaded here."""
+    la, seq, seq_last, prev = _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    return _decays(c, la, seq, seq_last, prev, BT, HAS_SEQ)
 
 
 @triton.jit
@@ -110,22 +128,29 @@ def _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT: tl.co
 
 
 @triton.jit
-def _chunk_contribution(
+def _load_contribution_inputs(
     v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
-    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
-    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr,
+    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ: tl.constexpr, BT: tl.constexpr,
 ):
+    """What ``_contribution`` reads of chunk c."""
+    la, seq, seq_last, prev = _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    t = c * BT + tl.arange(0, BT)
+    v = _load_tokens(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)
+    k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
+    return la, seq, seq_last, prev, v, k
+
+
+@triton.jit
+def _contribution(c, la, seq, seq_last, prev, v, k, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
+                  BT: tl.constexpr, PREC: tl.constexpr):
     """What chunk c adds to a (BP, BN) tile of the carried state, and the decay it applies to what passes through.
     Forward (v = x, k = B): sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T. Reverse (v = dy, k = C), for the state
     gradient: sum_i exp(cs_i)[from_start] dy_i C_i^T."""
-    t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ)
+    t, cs, cs_last, seq, to_end, from_start, carry = _decays(c, la, seq, seq_last, prev, BT, HAS_SEQ)
     if REVERSE:
         w = tl.where(from_start, tl.exp(cs), 0.0)
     else:
         w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    v = _load_tokens(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)
-    k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
     local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)
     return local, tl.where(carry, tl.exp(cs_last), 0.0)
 
@@ -151,11 +176,18 @@ def _chunk_states_kernel(
     p = pid_p * BP + tl.arange(0, BP)
     n = pid_n * BN + tl.arange(0, BN)
     cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
+    # Each chunk's inputs are loaded one chunk ahead: the carry is a chain of short steps, and a step that waited
+    # for its own loads would cost a memory latency each (B8 T2048 H9: ~1.5 us a step).
+    inputs = _load_contribution_inputs(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, n_chunks - 1 if REVERSE else 0, p, n,
+                                       L, P, N, s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ, BT)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
-                                           s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
-                                           REVERSE, HAS_SEQ, BT, PREC)
+        la, seq, seq_last, prev, v, k = inputs
+        inputs = _load_contribution_inputs(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g,
+                                           tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, n_chunks - 1),
+                                           p, n, L, P, N, s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
+                                           HAS_SEQ, BT)
+        local, decay = _contribution(c, la, seq, seq_last, prev, v, k, REVERSE, HAS_SEQ, BT, PREC)
         _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         cur = decay * cur + local
     _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
@@ -176,9 +208,10 @@ def _chunk_local_states_kernel(
     g = h // HPG
     p = (pid_pn // n_n_tiles) * BP + tl.arange(0, BP)
     n = (pid_pn % n_n_tiles) * BN + tl.arange(0, BN)
-    local, decay = _chunk_contribution(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
-                                       s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
-                                       REVERSE, HAS_SEQ, BT, PREC)
+    la, seq, seq_last, prev, v, k = _load_contribution_inputs(
+        v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
+        s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ, BT)
+    local, decay = _contribution(c, la, seq, seq_last, prev, v, k, REVERSE, HAS_SEQ, BT, PREC)
     _store_state(local_ptr, local, b, c, h, p, n, P, N, s_lb, s_lc, s_lh, s_lp)
     if pid_pn == 0:
         tl.store(decay_ptr + b * s_db + c * s_dc + h, decay)
@@ -193,7 +226,7 @@ def _state_passing_kernel(
 ):
     """The light half: cur <- decay_c * cur + local_c through the chunks, storing what ``_chunk_states_kernel``
     stores. Each step is one multiply-add on a tile whose inputs do not depend on the step before, so their loads
-    run ahead."""
+    run ahead (the pipelined loop of num_stages; loading them a step ahead by hand measured the same)."""
     pid_p, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     p = pid_p * BP + tl.arange(0, BP)
@@ -544,10 +577,11 @@ def _chunk_states(v, k, la, seq, init, n_chunks, H, HPG, reverse):
 
 def _split_carry(programs: int, device: torch.device) -> bool:
     """Whether the carry runs as local states plus a light sequential pass (measured on an H100,
-    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs leave SMs idle (one prompt:
-    1.3-1.8x faster; at 72 programs, B4 T2048 H9, 10%), but once they fill the GPU the local states' float32 round
-    trip costs more than it saves (at 144 programs, B8 T2048 H9, it was 15% slower)."""
-    return programs < _sm_count(device)
+    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs fill under half the SMs (one or
+    two prompts: 1.3-1.6x faster forward, 1.2-1.4x backward). From there the local states' float32 round trip costs
+    about what it saves: at 72 programs (B4 T2048 H9) the one-pass carry, which loads each chunk's inputs a step
+    ahead, was 1.08x faster forward and even backward; at 144 programs (B8) 1.26x / 1.08x faster."""
+    return 2 * programs < _sm_count(device)
 
 
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
