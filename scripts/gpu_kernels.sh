@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU kernel results, in steps that fit 10-minute device calls; results under $OUT:
-#   --tests        the kernel tests (tests/test_kernels.py) and the padded-scoring tests on CUDA (~7 min, compiles)
+#   --tests        the kernel tests (tests/test_kernels.py) and the padded-scoring tests on CUDA: ~3.5 min once
+#                  Triton's cache on the machine holds the kernels; on a fresh machine the compiles alone take
+#                  longer than one call (the float32 one-pass cases: 35-60 s each), so run it twice, back to back
 #   --variants     the backward variants (benchmarks/scan_backward.py: results/scan-backward-h100.*)
 #   --table        the kernel table (benchmarks/bench_kernels.py: results/kernels-h100.*)
 #   --small-batch  the scan's routes at small batch x heads (benchmarks/scan_small_batch.py:
