@@ -1,9 +1,9 @@
 """The scan's two backward kernels side by side on one GPU, over launch settings: the reversed state pass plus
 small programs per chunk ("chunk") and one reversed pass per head and P tile with the state gradient in registers
-("fused"; past one P tile it leaves dB and dC to the per-chunk programs), every result checked against the chunk kernel's gradients first. For each kernel-table shape it
-prints our forward (inference and training), each variant's time, where each variant's time goes (per kernel,
-profiler) and the registers of every build: the data behind ``LAUNCH`` and the fused/chunk dispatch in
-``llamba.ops.ssd.triton_chunk``. Writes JSON.
+("fused"; past one P tile it leaves dB and dC to the per-chunk programs), every result checked against the
+chunk kernel's gradients first. For each kernel-table shape it prints our forward (inference and training), each
+variant's time, where each variant's time goes (per kernel, profiler) and the registers of every build: the data
+behind ``LAUNCH`` and the fused/chunk dispatch in ``llamba.ops.ssd.triton_chunk``. Writes JSON.
 
     python benchmarks/scan_backward.py --out results/scan-backward-h100
     TRITON_INTERPRET=1 python benchmarks/scan_backward.py --smoke     # CPU: checks the script, times nothing

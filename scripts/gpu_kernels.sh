@@ -20,7 +20,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
 for step in "$@"; do
   case $step in
-    --tests) timeout 520 python3 -m pytest -q tests/test_kernels.py "tests/test_eval_lm.py::test_padded_scoring_on_cuda_matches_the_pytorch_scan" \
+    --tests) timeout 520 python3 -m pytest -q tests/test_kernels.py \
+               "tests/test_eval_lm.py::test_padded_scoring_on_cuda_matches_the_pytorch_scan" \
                -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/tests.log" | tail -12 ;;
     --variants) timeout 300 python3 benchmarks/scan_backward.py --out "$OUT/scan-backward-h100" 2>&1 | tail -8 \
                   | tee "$OUT/variants.log" ;;

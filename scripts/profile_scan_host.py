@@ -49,7 +49,8 @@ def main() -> None:
     x, B, C, la = _scan_inputs(*args.shape, "cuda", grad=True)
     y, s = ssd_chunk_triton(x, B, C, la)
     dy, ds = torch.randn_like(y), torch.zeros_like(s)
-    print(f"shape B{args.shape[0]} T{args.shape[1]} H{args.shape[2]} D{args.shape[3]}, bf16, {torch.cuda.get_device_name()}")
+    batch, T, H, D = args.shape
+    print(f"shape B{batch} T{T} H{H} D{D}, bf16, {torch.cuda.get_device_name()}")
     profile("forward (autograd, snapshots kept)", lambda: ssd_chunk_triton(x, B, C, la), args.top)
     profile("backward (autograd)", lambda: torch.autograd.grad((y, s), (x, B, C, la), (dy, ds), retain_graph=True),
             args.top)

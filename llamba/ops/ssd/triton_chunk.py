@@ -271,7 +271,8 @@ def _chunk_output_kernel(
     L, H, HPG, P, N,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
     s_sb, s_sc, s_sh, s_sp, s_yb, s_yt, s_yh, s_zb, s_zt,
-    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+    BN: tl.constexpr, PREC: tl.constexpr,
 ):
     c, pid_p, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
@@ -296,8 +297,8 @@ def _fused_forward_kernel(
     L, H, HPG, P, N, n_chunks,
     s_xb, s_xt, s_xh, s_bb, s_bt, s_bh, s_cb, s_ct, s_ch, s_lab, s_lat, s_sqb,
     s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp, s_yb, s_yt, s_yh, s_zb, s_zt,
-    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, STORE_STATES: tl.constexpr,
-    BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    GATED: tl.constexpr, HAS_Z_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    STORE_STATES: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """The whole forward in one pass: chunk by chunk, the output from the carried state (kept in registers), then
     the state carried on. x, B and C are read once and nothing passes between kernels; the snapshots are stored
