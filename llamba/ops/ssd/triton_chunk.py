@@ -477,24 +477,26 @@ def _fused_backward_kernel(
     _store_state(dinit_ptr, G, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
+def _tile(n: int, most: int | None = None) -> int:
+    """A power-of-two tile width covering n (at least 16, the smallest tl.dot operand), at most ``most``."""
+    width = max(16, triton.next_power_of_2(n))
+    return width if most is None else min(most, width)
+
+
 def _output_tiles(P: int, N: int) -> tuple[int, int]:
-    BN = max(16, triton.next_power_of_2(N))
-    BP = 64 if P >= 64 else max(16, triton.next_power_of_2(P))  # P = 96: two tiles, the second half masked
+    return _tile(P, 64), _tile(N)  # P = 96: two tiles, the second half masked
+
+
+def _fused_tiles(P: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BP, BN) of the one-pass kernels: a (BP, all of N) tile of the state, or of its gradient, in registers."""
+    BN = _tile(N)
+    BP = 32 if dtype.itemsize == 4 and BN > 64 else _tile(P, 64)  # float32 operands double the shared memory
     return BP, BN
 
 
 @functools.cache
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _fused_tiles(P: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BP, BN) of the one-pass kernels: a (BP, all of N) tile of the state, or of its gradient, in registers."""
-    BN = max(16, triton.next_power_of_2(N))
-    BP = min(64, max(16, triton.next_power_of_2(P)))
-    if dtype.itemsize == 4 and BN > 64:
-        BP = 32  # float32 operands double the shared memory
-    return BP, BN
 
 
 def _sm_count(device: torch.device) -> int:
@@ -505,8 +507,7 @@ def _sm_count(device: torch.device) -> int:
 def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device) -> tuple[int, int]:
     """The carry kernels run one program per state tile through every chunk. A wide tile reads each chunk's
     inputs once; narrower tiles re-read them but put more programs to work when batch x heads is small."""
-    BN = min(64, max(16, triton.next_power_of_2(N)))
-    BP = min(64, max(16, triton.next_power_of_2(P)))
+    BP, BN = _tile(P, 64), _tile(N, 64)
     if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * _sm_count(device):
         BP = min(BP, 32)
     return BP, BN
@@ -700,18 +701,15 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
         if fused:  # dx in one reversed pass per P tile, which leaves the state gradient's snapshots to dB and dC
             grads_out = torch.empty_like(states_in)
             d_init = reversed_pass(BP, BN, grads_out=grads_out)
-            n_dx = 0
         else:  # the state gradient's snapshots from their own pass; dx in small programs per chunk too
             grads_out, d_init = _chunk_states(dy, C, la, seq, d_final, n_chunks, H, HPG, reverse=True)
-            n_dx = triton.cdiv(P, min(64, max(16, triton.next_power_of_2(P))))
-        BP, BN = min(64, max(16, triton.next_power_of_2(P))), min(64, max(16, triton.next_power_of_2(N)))
-        n_n = triton.cdiv(N, BN)
+        BP, BN = _tile(P, 64), _tile(N, 64)
+        n_dx, n_n = (0 if fused else triton.cdiv(P, BP)), triton.cdiv(N, BN)
         dcs = torch.empty(n_n, batch, n_chunks, BT, H, device=x.device, dtype=torch.float32)
         _chunk_backward_kernel[(n_dx + n_n, n_chunks, batch * H)](
             x, B, C, la, seq_, states_in, grads_out, dy, dx, dB_h, dC_h, dcs, length, H, HPG, P, N, n_dx,
             *in_strides, *dx_strides, *db_strides, dcs.stride(0), dcs.stride(1), dcs.stride(3), BP=BP, BN=BN,
-            FULL_P=max(16, triton.next_power_of_2(P)), FULL_N=max(16, triton.next_power_of_2(N)), **meta,
-            **LAUNCH["backward"])
+            FULL_P=_tile(P), FULL_N=_tile(N), **meta, **LAUNCH["backward"])
         dla = _sum_over_later_chunks(dcs.sum(0) if n_n > 1 else dcs[0], length)
     if d_final is not None:  # the final state is exp(cs_last) times the rest
         dla += (d_final * final).sum((-2, -1))[:, None, :]
