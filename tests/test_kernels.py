@@ -97,6 +97,37 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("forward", ["two-kernel", "fused"])
+def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
+    """Inputs sliced out of wider tensors (as the mixer slices them from in_proj's output) give exactly what their
+    contiguous copies give, gradients included: every stride reaches the kernels, and what they write back is laid
+    out as the gradient of the input it belongs to."""
+    from llamba.ops.ssd import triton_chunk
+    from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
+    b, L, H, P, N = 2, 100, 3, 64, 64
+    wide = torch.randn(b, L, H * P + 2 * H * N + H + 5, device=DEV)  # x | B | C | log-decays | unused
+    wide[..., H * P:-H - 5] /= N ** 0.5
+    wide[..., -H - 5:] = -F.softplus(wide[..., -H - 5:])
+    ends = torch.tensor([0, H * P, H * P + H * N, H * P + 2 * H * N, wide.shape[-1] - 5]).tolist()
+    inputs = [wide[..., s:e] for s, e in zip(ends, ends[1:])]
+    inputs[:3] = [t.unflatten(-1, (H, -1)) for t in inputs[:3]]
+    strided = [t.detach().requires_grad_() for t in inputs]
+    packed = [t.detach().contiguous().requires_grad_() for t in inputs]
+    assert not any(t.is_contiguous() for t in strided)
+    dy = torch.randn(b, L, H, P, device=DEV)
+    results = []
+    for x_, B_, C_, a_ in (strided, packed):
+        y, s = ssd_chunk_triton(x_, B_, C_, a_)
+        (y * dy).sum().backward()
+        results.append([y, s] + [t.grad for t in (x_, B_, C_, a_)])
+    for name, got, want in zip("y final dx dB dC dA".split(), *results):
+        assert torch.equal(got, want), name
+
+
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("forward", ["two-kernel", "fused"])
 @pytest.mark.parametrize("with_z_bias", [True, False])
 def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias, monkeypatch):
     """Inference: the output kernels apply the mixer's D skip and silu gate; training keeps them in PyTorch."""

@@ -728,10 +728,10 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
 
 
 def _kernel_inputs(x, B, C, log_a, initial_state, seq_idx):
-    """What the kernels read: x, B, C with unit last stride, float32 log-decay and initial state, int32 document
-    ids padded to whole chunks."""
+    """What the kernels read: x, B, C with unit last stride, contiguous float32 log-decay and initial state, int32
+    document ids padded to whole chunks."""
     xc, Bc, Cc = (_last_dim_contiguous(t) for t in (x, B, C))
-    la = _last_dim_contiguous(log_a.to(torch.float32))
+    la = log_a.to(torch.float32).contiguous()  # contiguous: dlog_a is written with its strides
     seq = _padded_seq(seq_idx, x.shape[1], triton.cdiv(x.shape[1], BT))
     init = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     return xc, Bc, Cc, la, seq, init
