@@ -89,6 +89,8 @@ def launch_all(length: int = 128) -> None:
                 gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * D, dtype=bf16), None)
                 triton_chunk._forward(x, B, C, la, None, None, keep_states=False, gate=gate)  # inference, gated
                 triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False)
+                final = torch.randn(batch, H, D, D)  # a loss on the final state too: the builds that read its gradient
+                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), final, final, False)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)
         mask = torch.ones(batch, length, dtype=torch.long)
