@@ -23,9 +23,9 @@ def test_kernel_table_shows_wall_and_gpu_time():
            "ours_train_fwd_ms": 0.159, "ours_bwd_ms": 0.542, "bwd_over_fwd": 3.96, "bwd_over_train_fwd": 3.40,
            "rel_diff_vs_fla": 4.8e-5, "ours_fwd_gpu_ms": 0.083, "fla_fwd_gpu_ms": 0.063, "fla_over_ours_gpu": 0.77,
            "ours_train_fwd_gpu_ms": 0.082, "ours_bwd_gpu_ms": 0.161, "bwd_over_fwd_gpu": 1.95,
-           "bwd_over_train_fwd_gpu": 1.95}
+           "bwd_over_train_fwd_gpu": 1.95, "ours_bwd_with_final_gpu_ms": 0.170}
     lines = to_markdown({"scan": [row], "decode_step": [{"batch": 64, "ms": 0.0083, "floor_ms": 0.0069,
                                                          "over_floor": 1.21, "launched_ms": 0.0426, "torch_ms": 0.778}]})
     assert "| B8 T2048 H9 D64 | 0.137 | 0.308 | 2.25 | 0.159 | 0.542 | 3.96 | 3.40 | 4.8e-05 |" in lines
-    assert "| B8 T2048 H9 D64 | 0.083 | 0.063 | 0.77 | 0.082 | 0.161 | 1.95 | 1.95 |" in lines
+    assert "| B8 T2048 H9 D64 | 0.083 | 0.063 | 0.77 | 0.082 | 0.161 | 1.95 | 1.95 | 0.170 |" in lines
     assert "| 64 | 0.0083 | 0.0069 | 1.21 | 0.0426 | 0.778 |" in lines
