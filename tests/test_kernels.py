@@ -96,6 +96,24 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
 
 @triton_kernel
 @pytest.mark.triton
+@pytest.mark.parametrize("length", [1, 64, 130])
+def test_triton_chunk_cumsum_matches_torch(length):
+    """The per-chunk sums of the log-decay the two-kernel route reads: a float64 cumsum over each chunk, the
+    padded tail holding the last chunk's total; from a log-decay sliced out of a wider tensor."""
+    from llamba.ops.ssd.triton_chunk import BT, _chunk_cumsum
+
+    b, H = 2, 9
+    log_a = -F.softplus(torch.randn(b, length, H + 3, device=DEV))[..., :H]
+    n_chunks = -(-length // BT)
+    padded = F.pad(log_a.double(), (0, 0, 0, n_chunks * BT - length))
+    want = padded.view(b, n_chunks, BT, H).cumsum(2).view(b, n_chunks * BT, H)
+    got = _chunk_cumsum(log_a, n_chunks)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() < 1e-5 * BT
+
+
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("forward", ["two-kernel", "fused"])
 def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
     """Inputs sliced out of wider tensors (as the mixer slices them from in_proj's output) give exactly what their

@@ -2,6 +2,8 @@
 
 Over chunks of ``BT`` tokens:
 
+              chunk_cumsum:    the log-decay summed within each chunk, once, for the kernels below that are not
+                               fused (the fused ones sum it themselves)
     forward   chunk_states:    carry the state through the chunks (sequential over chunks, one program per
                                batch row, head and state tile), adding what each chunk writes: sum_j w_j x_j B_j^T
            or local_states +   the same, split where it has too few programs: every chunk's own contribution at
