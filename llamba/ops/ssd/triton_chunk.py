@@ -158,7 +158,7 @@ def _load_contribution_inputs(
 ):
     """What ``_contribution`` reads of chunk c (``la_ptr``: the chunk sums of the log-decay)."""
     cs, cs_last, seq, seq_last, prev = _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT,
-                                                          HAS_SEQ, True)
+                                                          HAS_SEQ, CUMULATIVE=True)
     t = c * BT + tl.arange(0, BT)
     v = _load_tokens(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)
     k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
@@ -304,7 +304,7 @@ def _chunk_output_kernel(
     b, h = bh // H, bh % H
     g = h // HPG
     t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, True)
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, CUMULATIVE=True)
     n = tl.arange(0, BN)
     p = pid_p * BP + tl.arange(0, BP)
     Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
@@ -337,7 +337,7 @@ def _fused_forward_kernel(
     cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
     for c in range(n_chunks):
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, False)
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, CUMULATIVE=False)
         Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
         Bb = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
         xp = _load_tokens(x_ptr, b, t, h, p, L, P, s_xb, s_xt, s_xh)
@@ -419,7 +419,7 @@ def _chunk_backward_kernel(
     b, h = bh // H, bh % H
     g = h // HPG
     t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, True)
+        la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, CUMULATIVE=True)
     e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
     M = _decay_matrix(cs, seq, HAS_SEQ, BT)
     if k < n_p_tiles:  # dx = A^T dy + w (B G^T) for P tile k; A over all of N
@@ -477,7 +477,7 @@ def _fused_backward_kernel(
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
-            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, False)
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, CUMULATIVE=False)
         Cb = _load_tokens(c_ptr, b, t, g, n, L, N, s_cb, s_ct, s_ch)
         Bb = _load_tokens(b_ptr, b, t, g, n, L, N, s_bb, s_bt, s_bh)
         dyp = _load_tokens(dy_ptr, b, t, h, p, L, P, s_dyb, s_dyt, s_dyh).to(Cb.dtype)
