@@ -152,6 +152,26 @@ def _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT: tl.co
 
 
 @triton.jit
+def _chunk_weights(cs, cs_last, to_end, from_start, carry):
+    """e_i = exp(cs_i)[from_start] (incoming state -> token i), w_j = exp(cs_last - cs_j)[to_end] (token j ->
+    outgoing state), and the chunk's decay of the state passing through."""
+    e = tl.where(from_start, tl.exp(cs), 0.0)
+    w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+    decay = tl.where(carry, tl.exp(cs_last), 0.0)
+    return e, w, decay
+
+
+@triton.jit
+def _decay_matrix(cs, seq, HAS_SEQ: tl.constexpr, BT: tl.constexpr):
+    """M_ij = exp(cs_i - cs_j) for j <= i in the same document, else 0 (cheap to recompute: it is kept nowhere)."""
+    ii = tl.arange(0, BT)
+    keep = ii[:, None] >= ii[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq[:, None] == seq[None, :])
+    return tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+
+
+@triton.jit
 def _load_contribution_inputs(
     v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
     s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ: tl.constexpr, BT: tl.constexpr,
@@ -172,12 +192,10 @@ def _contribution(c, cs, cs_last, seq, seq_last, prev, v, k, REVERSE: tl.constex
     Forward (v = x, k = B): sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T. Reverse (v = dy, k = C), for the state
     gradient: sum_i exp(cs_i)[from_start] dy_i C_i^T."""
     t, cs, cs_last, seq, to_end, from_start, carry = _decays(c, cs, cs_last, seq, seq_last, prev, BT, HAS_SEQ)
-    if REVERSE:
-        w = tl.where(from_start, tl.exp(cs), 0.0)
-    else:
-        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    local = tl.dot(tl.trans((v.to(tl.float32) * w[:, None]).to(k.dtype)), k, input_precision=PREC)
-    return local, tl.where(carry, tl.exp(cs_last), 0.0)
+    e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
+    local = tl.dot(tl.trans((v.to(tl.float32) * (e if REVERSE else w)[:, None]).to(k.dtype)), k,
+                   input_precision=PREC)
+    return local, decay
 
 
 @triton.jit
@@ -269,12 +287,7 @@ def _state_passing_kernel(
 @triton.jit
 def _chunk_y(Cb, Bb, xp, S_in, cs, seq, from_start, HAS_SEQ: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
     """One chunk's output (BT, BP): masked (C B^T * decay) x from inside the chunk, plus exp(cs) * S_in C."""
-    ii = tl.arange(0, BT)
-    keep = ii[:, None] >= ii[None, :]
-    if HAS_SEQ:
-        keep = keep & (seq[:, None] == seq[None, :])
-    scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC)  # (BT, BT): C_i . B_j
-    scores = scores * tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
+    scores = tl.dot(Cb, tl.trans(Bb), input_precision=PREC) * _decay_matrix(cs, seq, HAS_SEQ, BT)  # C_i . B_j
     y = tl.dot(scores.to(xp.dtype), xp, input_precision=PREC)
     inter = tl.dot(Cb, tl.trans(S_in.to(Cb.dtype)), input_precision=PREC)  # (BT, BP): S_in C_i
     return y + tl.where(from_start, tl.exp(cs), 0.0)[:, None] * inter
@@ -347,30 +360,10 @@ def _fused_forward_kernel(
         if GATED:
             y = _skip_and_gate(y, xp, d_ptr, z_ptr, zb_ptr, b, h, t, p, L, P, s_zb, s_zt, HAS_Z_BIAS)
         _store_tokens(y_ptr, y, b, t, h, p, L, P, s_yb, s_yt, s_yh)
-        w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+        _, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
         local = tl.dot(tl.trans((xp.to(tl.float32) * w[:, None]).to(Bb.dtype)), Bb, input_precision=PREC)
-        cur = tl.where(carry, tl.exp(cs_last), 0.0) * cur + local
+        cur = decay * cur + local
     _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
-
-
-@triton.jit
-def _chunk_weights(cs, cs_last, to_end, from_start, carry):
-    """e_i = exp(cs_i)[from_start] (incoming state -> token i), w_j = exp(cs_last - cs_j)[to_end] (token j ->
-    outgoing state), and the chunk's decay of the state passing through."""
-    e = tl.where(from_start, tl.exp(cs), 0.0)
-    w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
-    decay = tl.where(carry, tl.exp(cs_last), 0.0)
-    return e, w, decay
-
-
-@triton.jit
-def _decay_matrix(cs, seq, HAS_SEQ: tl.constexpr, BT: tl.constexpr):
-    """M_ij = exp(cs_i - cs_j) for j <= i in the same document, else 0 (cheap to recompute: it is kept nowhere)."""
-    ii = tl.arange(0, BT)
-    keep = ii[:, None] >= ii[None, :]
-    if HAS_SEQ:
-        keep = keep & (seq[:, None] == seq[None, :])
-    return tl.exp(tl.where(keep, cs[:, None] - cs[None, :], float("-inf")))
 
 
 @triton.jit
