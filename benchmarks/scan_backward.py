@@ -90,7 +90,8 @@ def main() -> None:
         row["train_fwd_ms"] = ms(lambda: tc._forward(x, B, C, la, None, None, keep_states=True))
         _, _, states = tc._forward(x, B, C, la, None, None, keep_states=True)
         n_chunks = triton.cdiv(T, tc.BT)
-        row["reverse_states_ms"] = ms(lambda: tc._chunk_states(dy, C, la, None, None, n_chunks, H, 1, True))
+        cs = tc._chunk_cumsum(la, n_chunks)  # what the reversed state pass reads of the log-decay
+        row["reverse_states_ms"] = ms(lambda: tc._chunk_states(dy, C, cs, None, None, n_chunks, H, 1, True))
         bwd = lambda: tc._backward(x, B, C, la, None, states, dy, None, None, False)  # noqa: E731
         tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN["chunk"]
         reference = bwd()
