@@ -14,12 +14,11 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
 from llamba.bench import report
-from llamba.bench.kernels import SCAN_SHAPES, kernel_times
+from llamba.bench.kernels import SCAN_SHAPES, _rel, _scan_inputs, kernel_times
 from llamba.ops.ssd import triton_chunk as tc
 
 LAUNCHES = {"chunk": {"backward": [(4, 2), (4, 3), (8, 2)]},
@@ -36,10 +35,6 @@ def ms(fn) -> float:
         fn()
         return (time.perf_counter() - start) * 1e3
     return do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def kernel_us(fn) -> dict:
@@ -79,10 +74,7 @@ def main() -> None:
     rows = []
     for batch, T, H, D in [(1, 130, 2, 64), (1, 64, 1, 128)] if SMOKE else SCAN_SHAPES:
         torch.manual_seed(0)
-        x = torch.randn(batch, T, H, D, device=dev, dtype=dtype)
-        B = (torch.randn(batch, T, H, D, device=dev) / D ** 0.5).to(dtype)
-        C = (torch.randn(batch, T, H, D, device=dev) / D ** 0.5).to(dtype)
-        la = -F.softplus(torch.randn(batch, T, H, device=dev))
+        x, B, C, la = _scan_inputs(batch, T, H, D, dev, dtype=dtype)
         dy = torch.randn_like(x)
         row = {"shape": f"B{batch} T{T} H{H} D{D}"}
         with torch.no_grad():
@@ -101,7 +93,7 @@ def main() -> None:
                 for warps, stages in settings:
                     before = tc.LAUNCH[key]
                     tc.LAUNCH[key] = dict(num_warps=warps, num_stages=stages)
-                    err = max(rel(g, r) for g, r in zip(bwd(), reference))
+                    err = max(_rel(g, r) for g, r in zip(bwd(), reference))
                     row[f"{mode} {key} w{warps} s{stages}"] = {"ms": ms(bwd), "rel_err": err}
                     tc.LAUNCH[key] = before
             best_key = min((k for k in row if k.startswith(mode + " ")), key=lambda k: row[k]["ms"], default=None)

@@ -59,10 +59,10 @@ def _side_by_side(fns: dict, rounds: int = 3) -> dict:
     return best
 
 
-def _scan_inputs(batch, T, H, D, device, grad=False):
-    x = torch.randn(batch, T, H, D, device=device, dtype=torch.bfloat16)
-    B = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).bfloat16()
-    C = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).bfloat16()
+def _scan_inputs(batch, T, H, D, device, grad=False, dtype=torch.bfloat16):
+    x = torch.randn(batch, T, H, D, device=device, dtype=dtype)
+    B = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).to(dtype)
+    C = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).to(dtype)
     log_a = -F.softplus(torch.randn(batch, T, H, device=device))
     return [t.requires_grad_(grad) for t in (x, B, C, log_a)]
 
