@@ -127,7 +127,7 @@ def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
     wide = torch.randn(b, L, H * P + 2 * H * N + H + 5, device=DEV)  # x | B | C | log-decays | unused
     wide[..., H * P:-H - 5] /= N ** 0.5
     wide[..., -H - 5:] = -F.softplus(wide[..., -H - 5:])
-    ends = torch.tensor([0, H * P, H * P + H * N, H * P + 2 * H * N, wide.shape[-1] - 5]).tolist()
+    ends = [0, H * P, H * P + H * N, H * P + 2 * H * N, wide.shape[-1] - 5]
     inputs = [wide[..., s:e] for s, e in zip(ends, ends[1:])]
     inputs[:3] = [t.unflatten(-1, (H, -1)) for t in inputs[:3]]
     strided = [t.detach().requires_grad_() for t in inputs]
