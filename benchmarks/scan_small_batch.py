@@ -1,8 +1,8 @@
-"""The scan at small batch x heads, where the carry through the chunks has few programs: its three routes, forward
-and backward, in GPU time (summed kernel times), with fla's forward alongside. The two-kernel route carries the state
-in one sequential pass ("one_pass") or splits the carry into per-chunk local states and a light sequential pass
-("split"); the one-pass kernels ("fused") hold the state, or its gradient, in registers through all chunks. The
-data behind the dispatch's thresholds (``_split_carry``, ``FUSED_MIN_PROGRAMS_PER_SM``).
+"""The scan at small batch x heads, where the carry through the chunks has few programs: its two routes, forward
+and backward, in GPU time (summed kernel times), with fla's forward alongside. The two-kernel route ("two_kernel")
+carries the state, or its gradient, through the chunks in a light sequential pass and leaves the rest to programs
+per chunk; the one-pass kernels ("fused") hold the state, or its gradient, in registers through all chunks and do
+everything on the way. The data behind the dispatch's threshold (``FUSED_MIN_PROGRAMS_PER_SM``).
 
     python benchmarks/scan_small_batch.py --out results/scan-small-batch-h100      # writes .json and .md
 """
@@ -13,7 +13,6 @@ import sys
 from unittest.mock import patch
 
 import torch
-import triton
 
 from llamba.bench import report
 from llamba.bench.kernels import _gpu_ms, _scan_inputs
@@ -23,15 +22,12 @@ SHAPES = [(1, 8192, 9, 64), (1, 2048, 9, 64), (2, 2048, 9, 64), (4, 2048, 9, 64)
           (16, 2048, 9, 64)]  # SmolLM2: 9 heads of 64
 
 
-ROUTES = ("one_pass", "split", "fused")
+ROUTES = ("two_kernel", "fused")
 
 
 def dispatch(batch_heads: int, P: int, device) -> str:
     """The route ``ssd_chunk_triton`` takes (d_state = head dim)."""
-    if tc._use_fused_forward(batch_heads, P, device):
-        return "fused"
-    BP, BN = tc._state_tiles(batch_heads, P, P, device)
-    return "split" if tc._split_carry(batch_heads * triton.cdiv(P, BP) * triton.cdiv(P, BN), device) else "one_pass"
+    return "fused" if tc._use_fused_forward(batch_heads, P, device) else "two_kernel"
 
 
 def main() -> int:
@@ -55,8 +51,7 @@ def main() -> int:
                                                                          output_final_state=True))
         outputs = {}
         for route in ROUTES:
-            with patch.object(tc, "_split_carry", lambda programs, device: route == "split"), \
-                    patch.object(tc, "FUSED_MIN_PROGRAMS_PER_SM", 0 if route == "fused" else 1 << 30):
+            with patch.object(tc, "FUSED_MIN_PROGRAMS_PER_SM", 0 if route == "fused" else 1 << 30):
                 with torch.no_grad():
                     fwd = lambda: tc.ssd_chunk_triton(x, B, C, la)  # noqa: E731
                     outputs[route] = fwd()[0].float()
@@ -65,7 +60,7 @@ def main() -> int:
                 row[f"{route}_bwd_gpu_ms"] = _gpu_ms(lambda: tc._backward(x, B, C, la, None, states, dy, None, None,
                                                                           False))
         row["dispatch"] = dispatch(batch * H, D, x.device)
-        row["rel_diff"] = max(((out - outputs["one_pass"]).norm() / outputs["one_pass"].norm()).item()
+        row["rel_diff"] = max(((out - outputs["two_kernel"]).norm() / outputs["two_kernel"].norm()).item()
                               for out in outputs.values())
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -76,7 +71,7 @@ def main() -> int:
         times = [f"{r[f'{route}_{part}_gpu_ms']:.4f}" for part in ("fwd", "bwd") for route in ROUTES]
         table.append(f"| {r['shape']} | {r.get('fla_fwd_gpu_ms', float('nan')):.4f} | " + " | ".join(times)
                      + f" | {r['dispatch']} | {r['rel_diff']:.1e} |")
-    print(report.write(args.out, result, "Scan at small batch x heads: its three routes", table,
+    print(report.write(args.out, result, "Scan at small batch x heads: its two routes", table,
                        notes=("GPU time (summed kernel times), ms; bf16, d_state = head dim",)))
     return 0
 

@@ -57,15 +57,14 @@ SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state, f
 @pytest.mark.triton
 @pytest.mark.parametrize("case", SCAN_CASES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("forward", ["two-kernel", "split-carry", "fused"])
+@pytest.mark.parametrize("forward", ["two-kernel", "fused"])
 def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
-    """forward: the one-pass forward and backward ("fused"), or the two-kernel ones with the carry in one
-    sequential pass or split into per-chunk local states and a light sequential pass."""
+    """forward: the one-pass forward and backward ("fused"), or the two-kernel ones (a sequential carry of the
+    state, or of its gradient, then per-chunk programs)."""
     from llamba.ops.ssd import triton_chunk
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
     monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
-    monkeypatch.setattr(triton_chunk, "_split_carry", lambda programs, device: forward == "split-carry")
     b, L, H, G, P, N, with_seq, with_init, final_in_loss = case
     dev = DEV
     x = torch.randn(b, L, H, P, device=dev).to(dtype)

@@ -6,8 +6,6 @@ Over chunks of ``BT`` tokens:
                                fused (the fused ones sum it themselves)
     forward   chunk_states:    carry the state through the chunks (sequential over chunks, one program per
                                batch row, head and state tile), adding what each chunk writes: sum_j w_j x_j B_j^T
-           or local_states +   the same, split where it has too few programs: every chunk's own contribution at
-              state_passing:   once, then one multiply-add per chunk in sequence
               chunk_output:    per chunk, y = masked (C B^T * decay) x  +  exp(cs) * S_in C
            or fused_forward:   both in one pass, chunk after chunk, the state held in registers (when batch x heads
                                fills the GPU: reads x, B and C once)
@@ -43,8 +41,8 @@ from llamba.ops.ssd.naive import state_dtype
 
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
 # Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py).
-LAUNCH = {"states": dict(num_warps=4, num_stages=2), "output": dict(num_warps=4, num_stages=2),
-          "passing": dict(num_warps=4, num_stages=3),
+LAUNCH = {"states": dict(num_warps=4, num_stages=4), "states_reverse": dict(num_warps=4, num_stages=3),
+          "output": dict(num_warps=4, num_stages=2),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
 
@@ -54,6 +52,13 @@ def _load_tokens(ptr, b, t, head, cols, L, W, s_b, s_t, s_h):
     """The (tokens t, columns cols) tile of a (batch, L, heads, W) tensor at batch row b and head, zeros outside."""
     return tl.load(ptr + b * s_b + t[:, None] * s_t + head * s_h + cols[None, :],
                    mask=(t[:, None] < L) & (cols[None, :] < W), other=0.0)
+
+
+@triton.jit
+def _load_tokens_t(ptr, b, t, head, cols, L, W, s_b, s_t, s_h):
+    """``_load_tokens`` transposed: the (columns cols, tokens t) tile, for a product that contracts over tokens."""
+    return tl.load(ptr + b * s_b + t[None, :] * s_t + head * s_h + cols[:, None],
+                   mask=(t[None, :] < L) & (cols[:, None] < W), other=0.0)
 
 
 @triton.jit
@@ -172,33 +177,6 @@ def _decay_matrix(cs, seq, HAS_SEQ: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_contribution_inputs(
-    v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
-    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ: tl.constexpr, BT: tl.constexpr,
-):
-    """What ``_contribution`` reads of chunk c (``la_ptr``: the chunk sums of the log-decay)."""
-    cs, cs_last, seq, seq_last, prev = _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT,
-                                                          HAS_SEQ, CUMULATIVE=True)
-    t = c * BT + tl.arange(0, BT)
-    v = _load_tokens(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)
-    k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
-    return cs, cs_last, seq, seq_last, prev, v, k
-
-
-@triton.jit
-def _contribution(c, cs, cs_last, seq, seq_last, prev, v, k, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr,
-                  BT: tl.constexpr, PREC: tl.constexpr):
-    """What chunk c adds to a (BP, BN) tile of the carried state, and the decay it applies to what passes through.
-    Forward (v = x, k = B): sum_j exp(cs_last - cs_j)[to_end] x_j B_j^T. Reverse (v = dy, k = C), for the state
-    gradient: sum_i exp(cs_i)[from_start] dy_i C_i^T."""
-    t, cs, cs_last, seq, to_end, from_start, carry = _decays(c, cs, cs_last, seq, seq_last, prev, BT, HAS_SEQ)
-    e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
-    local = tl.dot(tl.trans((v.to(tl.float32) * (e if REVERSE else w)[:, None]).to(k.dtype)), k,
-                   input_precision=PREC)
-    return local, decay
-
-
-@triton.jit
 def _chunk_states_kernel(
     v_ptr, k_ptr, la_ptr, seq_ptr, init_ptr, states_ptr, final_ptr,
     L, H, HPG, P, N, n_chunks,
@@ -219,68 +197,20 @@ def _chunk_states_kernel(
     p = pid_p * BP + tl.arange(0, BP)
     n = pid_n * BN + tl.arange(0, BN)
     cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
-    # Each chunk's inputs are loaded one chunk ahead: the carry is a chain of short steps, and a step that waited
-    # for its own loads would cost a memory latency each (benchmarks/scan_small_batch.py: the B8 T2048 H9
-    # forward went from 0.083 to 0.074 ms).
-    inputs = _load_contribution_inputs(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, n_chunks - 1 if REVERSE else 0, p, n,
-                                       L, P, N, s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ, BT)
+    # The carry is a chain of short steps, so a step must not wait a memory latency for its own inputs. The loads
+    # below depend only on the loop index: Triton's pipeliner issues them num_stages - 1 chunks ahead, straight into
+    # shared memory (it beat loading a chunk ahead by hand into registers once nothing in the step scanned the
+    # log-decay: results/scan-small-batch-h100.md).
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        cs, cs_last, seq, seq_last, prev, v, k = inputs
-        inputs = _load_contribution_inputs(v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g,
-                                           tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, n_chunks - 1),
-                                           p, n, L, P, N, s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb,
-                                           HAS_SEQ, BT)
-        local, decay = _contribution(c, cs, cs_last, seq, seq_last, prev, v, k, REVERSE, HAS_SEQ, BT, PREC)
+        t, cs, cs_last, seq, to_end, from_start, carry = _chunk_decays(
+            la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT, HAS_SEQ, CUMULATIVE=True)
+        vT = _load_tokens_t(v_ptr, b, t, h, p, L, P, s_vb, s_vt, s_vh)  # (BP, BT): the product needs no transpose
+        k = _load_tokens(k_ptr, b, t, g, n, L, N, s_kb, s_kt, s_kh)
+        e, w, decay = _chunk_weights(cs, cs_last, to_end, from_start, carry)
+        local = tl.dot((vT.to(tl.float32) * (e if REVERSE else w)[None, :]).to(k.dtype), k, input_precision=PREC)
         _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
         cur = decay * cur + local
-    _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
-
-
-@triton.jit
-def _chunk_local_states_kernel(
-    v_ptr, k_ptr, la_ptr, seq_ptr, local_ptr, decay_ptr,
-    L, H, HPG, P, N, n_n_tiles,
-    s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, s_lb, s_lc, s_lh, s_lp, s_db, s_dc,
-    REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """``local_c`` and the decay of ``_chunk_states_kernel`` for every chunk at once (one program per chunk and
-    state tile): the heavy half of the carry, with no chunk waiting for the one before."""
-    c, pid_pn, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    g = h // HPG
-    p = (pid_pn // n_n_tiles) * BP + tl.arange(0, BP)
-    n = (pid_pn % n_n_tiles) * BN + tl.arange(0, BN)
-    cs, cs_last, seq, seq_last, prev, v, k = _load_contribution_inputs(
-        v_ptr, k_ptr, la_ptr, seq_ptr, b, h, g, c, p, n, L, P, N,
-        s_vb, s_vt, s_vh, s_kb, s_kt, s_kh, s_lab, s_lat, s_sqb, HAS_SEQ, BT)
-    local, decay = _contribution(c, cs, cs_last, seq, seq_last, prev, v, k, REVERSE, HAS_SEQ, BT, PREC)
-    _store_state(local_ptr, local, b, c, h, p, n, P, N, s_lb, s_lc, s_lh, s_lp)
-    if pid_pn == 0:
-        tl.store(decay_ptr + b * s_db + c * s_dc + h, decay)
-
-
-@triton.jit
-def _state_passing_kernel(
-    local_ptr, decay_ptr, init_ptr, states_ptr, final_ptr,
-    H, P, N, n_chunks,
-    s_lb, s_lc, s_lh, s_lp, s_db, s_dc, s_sb, s_sc, s_sh, s_sp, s_ib, s_ih, s_ip, s_fb, s_fh, s_fp,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-):
-    """The light half: cur <- decay_c * cur + local_c through the chunks, storing what ``_chunk_states_kernel``
-    stores. Each step is one multiply-add on a tile whose inputs do not depend on the step before, so their loads
-    run ahead (the pipelined loop of num_stages; loading them a step ahead by hand measured the same)."""
-    pid_p, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    p = pid_p * BP + tl.arange(0, BP)
-    n = pid_n * BN + tl.arange(0, BN)
-    cur = _initial_state(init_ptr, b, h, p, n, P, N, s_ib, s_ih, s_ip, HAS_INIT, BP, BN)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i if REVERSE else i
-        local = _load_state(local_ptr, b, c, h, p, n, P, N, s_lb, s_lc, s_lh, s_lp)
-        _store_state(states_ptr, cur, b, c, h, p, n, P, N, s_sb, s_sc, s_sh, s_sp)
-        cur = tl.load(decay_ptr + b * s_db + c * s_dc + h) * cur + local
     _store_state(final_ptr, cur, b, 0, h, p, n, P, N, s_fb, 0, s_fh, s_fp)
 
 
@@ -566,24 +496,6 @@ def _chunk_states(v, k, cs, seq, init, n_chunks, H, HPG, reverse):
     final = torch.empty(batch, H, P, N, device=v.device, dtype=torch.float32)
     init_ = init if init is not None else final
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN), batch * H)
-    if _split_carry(batch * H * grid[0] * grid[1], v.device):
-        # few carry programs: the chunks' own contributions all at once, then a light sequential pass
-        local = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=torch.float32)
-        decay = torch.empty(batch, n_chunks, H, device=v.device, dtype=torch.float32)
-        _chunk_local_states_kernel[(n_chunks, grid[0] * grid[1], batch * H)](
-            v, k, cs, seq if seq is not None else cs, local, decay, length, H, HPG, P, N, grid[1],
-            v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2), cs.stride(0),
-            cs.stride(1), seq.stride(0) if seq is not None else 0,
-            local.stride(0), local.stride(1), local.stride(2), local.stride(3), decay.stride(0), decay.stride(1),
-            REVERSE=reverse, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN, PREC=_precision(v.dtype),
-            **LAUNCH["output"])
-        _state_passing_kernel[grid](
-            local, decay, init_, states, final, H, P, N, n_chunks,
-            local.stride(0), local.stride(1), local.stride(2), local.stride(3), decay.stride(0), decay.stride(1),
-            states.stride(0), states.stride(1), states.stride(2), states.stride(3),
-            init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
-            REVERSE=reverse, HAS_INIT=init is not None, BP=BP, BN=BN, **LAUNCH["passing"])
-        return states, final
     _chunk_states_kernel[grid](
         v, k, cs, seq if seq is not None else cs, init_, states, final,
         length, H, HPG, P, N, n_chunks,
@@ -592,17 +504,8 @@ def _chunk_states(v, k, cs, seq, init, n_chunks, H, HPG, reverse):
         states.stride(0), states.stride(1), states.stride(2), states.stride(3),
         init_.stride(0), init_.stride(1), init_.stride(2), final.stride(0), final.stride(1), final.stride(2),
         REVERSE=reverse, HAS_INIT=init is not None, HAS_SEQ=seq is not None, BT=BT, BP=BP, BN=BN,
-        PREC=_precision(v.dtype), **LAUNCH["states"])
+        PREC=_precision(v.dtype), **LAUNCH["states_reverse" if reverse else "states"])
     return states, final
-
-
-def _split_carry(programs: int, device: torch.device) -> bool:
-    """Whether the carry runs as local states plus a light sequential pass (measured on an H100,
-    benchmarks/scan_small_batch.py): it pays where the one-pass carry's programs fill under half the SMs (one or
-    two prompts: 1.3-1.6x faster forward, 1.2-1.4x backward). From there the local states' float32 round trip costs
-    about what it saves: at 72 programs (B4 T2048 H9) the one-pass carry, which loads each chunk's inputs a step
-    ahead, was 1.08x faster forward and even backward; at 144 programs (B8) 1.26x / 1.08x faster."""
-    return 2 * programs < _sm_count(device)
 
 
 def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
