@@ -40,7 +40,8 @@ from llamba.ops.ssd import needs_grad
 from llamba.ops.ssd.naive import state_dtype
 
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
-# Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py).
+# Launch settings per kernel, measured on an H100 (benchmarks/bench_kernels.py, scan_small_batch.py). The carry's
+# num_stages sets how many chunks ahead Triton's pipeliner loads (num_stages - 1): 4 forward, 3 reverse measured best.
 LAUNCH = {"states": dict(num_warps=4, num_stages=4), "states_reverse": dict(num_warps=4, num_stages=3),
           "output": dict(num_warps=4, num_stages=2),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
