@@ -97,12 +97,12 @@ def _chunk_cumsum_kernel(la_ptr, cs_ptr, L, H, s_lab, s_lat, s_csb, BT: tl.const
 
 
 @triton.jit
-def _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       CUMULATIVE: tl.constexpr):
-    """Chunk c's cumulative log-decays (of its tokens, of its last token) and document ids (of its tokens, its last
-    token, the token before it). With CUMULATIVE, ``la_ptr`` holds the sums already (``_chunk_cumsum``: the
-    two-kernel route, where the scan sat on each sequential step of the carry); otherwise the log-decay, summed here
-    (the one-pass kernels, whose steps are long, measured slower loading the sums)."""
+def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                  CUMULATIVE: tl.constexpr):
+    """Chunk c's tokens, their cumulative log-decays (and its last token's), document ids and document masks. With
+    CUMULATIVE, ``la_ptr`` holds the sums already (``_chunk_cumsum``: the two-kernel route, where the scan sat on
+    each sequential step of the carry); otherwise the log-decay, summed here (the one-pass kernels, whose steps are
+    long, measured slower loading the sums)."""
     t = c * BT + tl.arange(0, BT)
     if CUMULATIVE:
         cs = tl.load(la_ptr + b * s_lab + t * s_lat + h)
@@ -115,35 +115,15 @@ def _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.
         seq = tl.load(seq_ptr + b * s_sqb + t)
         seq_last = tl.load(seq_ptr + b * s_sqb + c * BT + BT - 1)
         prev = tl.load(seq_ptr + b * s_sqb + tl.maximum(c * BT - 1, 0))
-    else:
-        seq = tl.zeros([BT], dtype=tl.int32)
-        seq_last = 0
-        prev = 0
-    return cs, cs_last, seq, seq_last, prev
-
-
-@triton.jit
-def _decays(c, cs, cs_last, seq, seq_last, prev, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """The document masks of chunk c's tokens, with its cumulative log-decays."""
-    t = c * BT + tl.arange(0, BT)
-    if HAS_SEQ:
         to_end = seq == seq_last
         from_start = seq == prev
         carry = seq_last == prev
     else:
+        seq = tl.zeros([BT], dtype=tl.int32)
         to_end = t >= 0
         from_start = t >= 0
         carry = True
     return t, cs, cs_last, seq, to_end, from_start, carry
-
-
-@triton.jit
-def _chunk_decays(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                  CUMULATIVE: tl.constexpr):
-    """``_decays`` of chunk c, loaded here."""
-    cs, cs_last, seq, seq_last, prev = _load_decay_inputs(la_ptr, seq_ptr, b, h, c, L, s_lab, s_lat, s_sqb, BT,
-                                                          HAS_SEQ, CUMULATIVE)
-    return _decays(c, cs, cs_last, seq, seq_last, prev, BT, HAS_SEQ)
 
 
 @triton.jit
