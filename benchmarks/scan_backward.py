@@ -96,7 +96,7 @@ def main() -> None:
         tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN["chunk"]
         reference = bwd()
         for mode, launches in LAUNCHES.items():
-            if mode == "fused_all_p" and tc._fused_tiles(D, D, dtype)[0] >= D:
+            if mode == "fused_all_p" and FUSED_TILES(D, D, dtype)[0] >= D:
                 continue  # the fused pass already holds all of P
             tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
             tc._fused_tiles = all_p_tiles if mode == "fused_all_p" else FUSED_TILES
