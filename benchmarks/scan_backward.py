@@ -19,7 +19,7 @@ import triton
 from triton.testing import do_bench
 
 from llamba.bench import report
-from llamba.bench.kernels import SCAN_SHAPES, _rel, _scan_inputs, kernel_times
+from llamba.bench.kernels import SCAN_SHAPES, _rel, _scan_inputs, kernel_times, scan_label
 from llamba.ops.ssd import triton_chunk as tc
 
 LAUNCHES = {"chunk": {"backward": [(4, 2), (4, 3), (8, 2)]},
@@ -80,11 +80,11 @@ def main() -> None:
     SMOKE = args.smoke
     dev, dtype = ("cpu", torch.float32) if SMOKE else ("cuda", torch.bfloat16)
     rows = []
-    for batch, T, H, D in [(1, 130, 2, 64), (1, 64, 1, 128)] if SMOKE else SCAN_SHAPES:
+    for batch, T, H, P, N in [(1, 130, 2, 64, 64), (1, 64, 1, 128, 128)] if SMOKE else SCAN_SHAPES:
         torch.manual_seed(0)
-        x, B, C, la = _scan_inputs(batch, T, H, D, dev, dtype=dtype)
+        x, B, C, la = _scan_inputs(batch, T, H, P, dev, dtype=dtype, N=N)
         dy = torch.randn_like(x)
-        row = {"shape": f"B{batch} T{T} H{H} D{D}"}
+        row = {"shape": scan_label(batch, T, H, P, N)}
         with torch.no_grad():
             row["fwd_ms"] = ms(lambda: tc.ssd_chunk_triton(x, B, C, la))
         row["train_fwd_ms"] = ms(lambda: tc._forward(x, B, C, la, None, None, keep_states=True))
@@ -96,7 +96,7 @@ def main() -> None:
         tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN["chunk"]
         reference = bwd()
         for mode, launches in LAUNCHES.items():
-            if mode == "fused_all_p" and FUSED_TILES(D, D, dtype)[0] >= D:
+            if mode == "fused_all_p" and FUSED_TILES(P, N, dtype)[0] >= P:
                 continue  # the fused pass already holds all of P
             tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
             tc._fused_tiles = all_p_tiles if mode == "fused_all_p" else FUSED_TILES

@@ -25,7 +25,7 @@ for step in "$@"; do
                -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/tests.log" | tail -12 ;;
     --variants) timeout 300 python3 benchmarks/scan_backward.py --out "$OUT/scan-backward-h100" 2>&1 | tail -8 \
                   | tee "$OUT/variants.log" ;;
-    --table) timeout 150 python3 benchmarks/bench_kernels.py --out "$OUT/kernels-h100" 2>&1 | tail -20 \
+    --table) timeout 300 python3 benchmarks/bench_kernels.py --out "$OUT/kernels-h100" 2>&1 | tail -20 \
                | tee "$OUT/kernels.log" ;;
     --small-batch) timeout 150 python3 benchmarks/scan_small_batch.py --out "$OUT/scan-small-batch-h100" 2>&1 \
                      | tail -12 | tee "$OUT/small-batch.log" ;;

@@ -18,7 +18,9 @@ from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 from llamba.ops.triton_conv import causal_conv_triton
 from llamba.ops.triton_decode import mixer_step_triton
 
-SCAN_SHAPES = [(8, 2048, 9, 64), (8, 4096, 32, 64), (16, 2048, 32, 128)]  # (batch, T, heads, head dim = d_state)
+# (batch, T, heads, head dim P, d_state N): the SmolLM2 and Llama-3.2-1B students' mixers, the issue's head dim 128
+# read as P = N = 128, and Llamba-8B's mixer (head dim 128, d_state 64: cartesia's Llamba config)
+SCAN_SHAPES = [(8, 2048, 9, 64, 64), (8, 4096, 32, 64, 64), (16, 2048, 32, 128, 128), (16, 2048, 32, 128, 64)]
 CONV_SHAPES = [(8, 2048, 576 + 2 * 576), (8, 4096, 2048 + 2 * 2048)]  # (batch, T, channels): SmolLM2, Llama-1B
 DECODE_BATCHES = (64, 256, 1024)
 
@@ -59,10 +61,16 @@ def _side_by_side(fns: dict, rounds: int = 3) -> dict:
     return best
 
 
-def _scan_inputs(batch, T, H, D, device, grad=False, dtype=torch.bfloat16):
-    x = torch.randn(batch, T, H, D, device=device, dtype=dtype)
-    B = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).to(dtype)
-    C = (torch.randn(batch, T, H, D, device=device) / D ** 0.5).to(dtype)
+def scan_label(batch: int, T: int, H: int, P: int, N: int) -> str:
+    return f"B{batch} T{T} H{H} " + (f"D{P}" if P == N else f"P{P} N{N}")
+
+
+def _scan_inputs(batch, T, H, P, device, grad=False, dtype=torch.bfloat16, N=None):
+    """x (batch, T, H, P), B and C (batch, T, H, N; N = P unless given), log_a (batch, T, H)."""
+    N = P if N is None else N
+    x = torch.randn(batch, T, H, P, device=device, dtype=dtype)
+    B = (torch.randn(batch, T, H, N, device=device) / N ** 0.5).to(dtype)
+    C = (torch.randn(batch, T, H, N, device=device) / N ** 0.5).to(dtype)
     log_a = -F.softplus(torch.randn(batch, T, H, device=device))
     return [t.requires_grad_(grad) for t in (x, B, C, log_a)]
 
@@ -75,9 +83,9 @@ def bench_scan(device="cuda") -> list[dict]:
     except ImportError as err:  # the rival is optional: report its absence rather than skip silently
         chunk_simple_gla, fla_error = None, repr(err)
     rows = []
-    for batch, T, H, D in SCAN_SHAPES:
-        x, B, C, log_a = _scan_inputs(batch, T, H, D, device)
-        row = {"shape": f"B{batch} T{T} H{H} D{D}"}
+    for batch, T, H, P, N in SCAN_SHAPES:
+        x, B, C, log_a = _scan_inputs(batch, T, H, P, device, N=N)
+        row = {"shape": scan_label(batch, T, H, P, N)}
         rivals = {"ours_fwd_ms": lambda: ssd_chunk_triton(x, B, C, log_a)}
         if chunk_simple_gla is not None:
             rivals["fla_fwd_ms"] = lambda: chunk_simple_gla(C, B, x, g=log_a, scale=1.0, output_final_state=True)

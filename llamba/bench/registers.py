@@ -79,17 +79,17 @@ def launch_all(length: int = 128) -> None:
     changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
     the prefill conv, the decode step."""
     bf16 = torch.bfloat16
-    for batch, _, H, D in SCAN_SHAPES:
-        x = torch.randn(batch, length, H, D, dtype=bf16)
-        B, C = torch.randn(batch, length, H, D, dtype=bf16), torch.randn(batch, length, H, D, dtype=bf16)
+    for batch, _, H, P, N in SCAN_SHAPES:
+        x = torch.randn(batch, length, H, P, dtype=bf16)
+        B, C = torch.randn(batch, length, H, N, dtype=bf16), torch.randn(batch, length, H, N, dtype=bf16)
         la = -F.softplus(torch.randn(batch, length, H))
         for fused_min in (0, 1 << 30):  # the one-pass forward (and backward), then the two-kernel ones
             with patch.object(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", fused_min):
                 _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
-                gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * D, dtype=bf16), None)
+                gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * P, dtype=bf16), None)
                 triton_chunk._forward(x, B, C, la, None, None, keep_states=False, gate=gate)  # inference, gated
                 triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False)
-                final = torch.randn(batch, H, D, D)  # a loss on the final state too: the builds that read its gradient
+                final = torch.randn(batch, H, P, N)  # a loss on the final state too: the builds that read its gradient
                 triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), final, final, False)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)
