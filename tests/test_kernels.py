@@ -197,6 +197,74 @@ def test_triton_decode_step_matches_float64(shape, dtype):
 
 @triton_kernel
 @pytest.mark.triton
+@pytest.mark.parametrize("limit", [7000, 2500])  # rows apart; one row in spans of 64 tokens
+def test_triton_scan_in_pieces_matches_one_launch(limit, monkeypatch):
+    """Past 2**31 elements a launch's int32 offsets wrap, so the host runs such a scan in pieces. With the limit
+    lowered to a few thousand elements, the pieces give what one launch gives: outputs, final state and
+    gradients, a document that starts exactly where a span does included, and the fused gate."""
+    from llamba.ops import indexing
+    from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+
+    b, L, H, P, N = 3, 200, 2, 16, 16  # one row: 200 x 2 x 16 = 6400 elements of x
+    x = torch.randn(b, L, H, P, device=DEV)
+    B, C = (torch.randn(b, L, 1, N, device=DEV) / N ** 0.5 for _ in range(2))
+    la = -F.softplus(torch.randn(b, L, H, device=DEV))
+    s0 = torch.randn(b, H, P, N, device=DEV)
+    seq = torch.zeros(b, L, dtype=torch.long, device=DEV)
+    seq[0, 128:] = 1  # a span starts at 128 when the limit cuts a row into 64-token spans
+    seq[1, 100:] = 1
+    dy, ds = torch.randn(b, L, H, P, device=DEV), torch.randn(b, H, P, N, device=DEV)
+    gate = (torch.randn(H, device=DEV), torch.randn(b, L, H * P, device=DEV), torch.randn(H * P, device=DEV))
+    results = []
+    for lowered in (False, True):
+        if lowered:
+            monkeypatch.setattr(indexing, "INDEX_LIMIT", limit)
+        ins = [t.clone().requires_grad_() for t in (x, B, C, la, s0)]
+        y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4], seq_idx=seq)
+        ((y * dy).sum() + (s * ds).sum()).backward()
+        with torch.no_grad():
+            gated, _ = ssd_chunk_triton(x, B, C, la, initial_state=s0, seq_idx=seq, gate=gate)
+        results.append([y, s, gated] + [t.grad for t in ins])
+    for name, got, want in zip("y final gated dx dB dC dlog_a dinit".split(), results[1], results[0]):
+        assert rel(got, want) < 1e-5, name
+
+
+def test_piece_sizes_halve_rows_then_tokens_and_refuse_a_row_too_wide():
+    from llamba.ops.indexing import piece_sizes
+
+    def fits(rows, tokens, per_token=10, limit=1000):
+        return rows * tokens * per_token <= limit
+
+    assert piece_sizes(4, 20, fits, 8) == (4, 20)  # 800 elements: one piece
+    assert piece_sizes(8, 30, fits, 8) == (2, 30)  # rows halve: 8 -> 4 -> 2
+    assert piece_sizes(8, 300, fits, 8) == (1, 72)  # one row is too long: 300 -> 144 -> 72 tokens
+    with pytest.raises(ValueError, match="one row of 8 tokens"):
+        piece_sizes(2, 300, lambda rows, tokens: fits(rows, tokens, per_token=200), 8)
+
+
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("limit", [10000, 3000])  # rows apart; one row in spans of 32 tokens
+def test_triton_causal_conv_in_pieces_matches_one_launch(limit, monkeypatch):
+    """The prefill conv past the int32 limit (lowered here): rows apart, then spans of tokens passing the conv
+    state on, with left padding and an incoming state: the same output and state as one launch, exactly."""
+    from llamba.ops import indexing
+    from llamba.ops.triton_conv import causal_conv_triton
+
+    batch, length, channels = 3, 200, 48  # one row: 9600 elements
+    xBC = torch.randn(batch, length, channels, device=DEV)
+    weight, bias = torch.randn(channels, 1, 4, device=DEV), torch.randn(channels, device=DEV)
+    state = torch.randn(batch, channels, 3, device=DEV)
+    mask = torch.ones(batch, length, dtype=torch.long, device=DEV)
+    mask[1, :70] = 0
+    want = causal_conv_triton(xBC, weight, bias, state, mask, x_channels=16)
+    monkeypatch.setattr(indexing, "INDEX_LIMIT", limit)
+    got = causal_conv_triton(xBC, weight, bias, state, mask, x_channels=16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("length", [1, 2, 5, 70])
 @pytest.mark.parametrize("width", [4, 2])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

@@ -10,9 +10,13 @@ state, all in one pass. Inference only (no autograd); document resets (``seq_idx
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from llamba.ops import indexing
 
 
 @triton.jit
@@ -85,6 +89,9 @@ def causal_conv_triton(
     K = weight.shape[-1]
     if K > 4 or weight.shape[0] != channels:
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit {channels} channels with kernel <= 4")
+    rows, tokens = indexing.piece_sizes(batch, length, functools.partial(_piece_fits, xBC), 32)
+    if (rows, tokens) != (batch, length):
+        return _by_pieces(xBC, weight, bias, conv_state, attention_mask, x_channels, rows, tokens)
     if xBC.stride(-1) != 1:
         xBC = xBC.contiguous()
     if conv_state is not None and conv_state.stride(-1) != 1:
@@ -108,3 +115,29 @@ def causal_conv_triton(
         HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, HAS_STATE=conv_state is not None,
         K=K, BL=BL, BC=BC, num_warps=4)
     return out, new_state
+
+
+def _piece_fits(xBC: torch.Tensor, rows: int, tokens: int) -> bool:
+    """Whether the kernel can index a (rows, tokens) piece in int32: the input as it lies, the output it allocates."""
+    return (indexing.span(xBC[:rows, :tokens]) <= indexing.INDEX_LIMIT
+            and rows * tokens * xBC.shape[2] <= indexing.INDEX_LIMIT)
+
+
+def _by_pieces(xBC, weight, bias, conv_state, attention_mask, x_channels, rows: int, tokens: int):
+    """``causal_conv_triton`` piece by piece (``llamba.ops.indexing``): groups of rows apart, spans of tokens in
+    turn, each span starting from the conv state (the last raw inputs) the previous one left."""
+    batch, length = xBC.shape[:2]
+    keep = attention_mask[:, -length:] if attention_mask is not None else None
+    outs, states = [], []
+    for r in range(0, batch, rows):
+        rs = slice(r, r + rows)
+        state = conv_state[rs] if conv_state is not None else None
+        spans = []
+        for t in range(0, length, tokens):
+            ts = slice(t, t + tokens)
+            out, state = causal_conv_triton(xBC[rs, ts], weight, bias, state,
+                                            keep[rs, ts] if keep is not None else None, x_channels)
+            spans.append(out)
+        outs.append(torch.cat(spans, 1))
+        states.append(state)
+    return torch.cat(outs, 0), torch.cat(states, 0)

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamba.ops import indexing
 from llamba.ops.ssd import needs_grad
 from llamba.ops.ssd.naive import state_dtype
 
@@ -672,11 +673,45 @@ class _SSDChunk(torch.autograd.Function):
     def backward(ctx, dy, d_final):
         xc, Bc, Cc, la, seq, states, final = ctx.saved_tensors
         dy = _last_dim_contiguous(dy.to(xc.dtype)) if dy is not None else torch.zeros_like(xc)
+        if indexing.span(dy) > indexing.INDEX_LIMIT:  # a view into a larger gradient (of a tensor cut in pieces)
+            dy = dy.contiguous()
         d_final = d_final.to(torch.float32).contiguous() if d_final is not None else None
         dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final, final, ctx.has_init)
         la_dtype, init_dtype = ctx.dtypes
         d_init = d_init.to(init_dtype) if ctx.has_init else None
         return dx, dB.to(Bc.dtype), dC.to(Cc.dtype), dla.to(la_dtype), d_init, None
+
+
+def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
+    """Whether the kernels can index every tensor of a (rows, tokens) piece of the scan in int32: its inputs as
+    they lie in memory, and what the kernels allocate (y and dx, the per-head dB and dC, the state snapshots)."""
+    H, P, N = x.shape[2], x.shape[3], B.shape[3]
+    inputs = (x, B, C) if z is None else (x, B, C, z)
+    made = (rows * tokens * H * max(P, N), rows * triton.cdiv(tokens, BT) * H * P * N)
+    return (max(indexing.span(t[:rows, :tokens]) for t in inputs) <= indexing.INDEX_LIMIT
+            and max(made) <= indexing.INDEX_LIMIT)
+
+
+def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: int):
+    """``ssd_chunk_triton`` piece by piece (``llamba.ops.indexing``): groups of rows apart, spans of tokens in turn,
+    each span starting from the state the previous one left (dropped for a row whose document ends there)."""
+    batch, length = x.shape[:2]
+    ys, finals = [], []
+    for r in range(0, batch, rows):
+        rs = slice(r, r + rows)
+        state = initial_state[rs] if initial_state is not None else None
+        spans = []
+        for t in range(0, length, tokens):
+            ts = slice(t, t + tokens)
+            if seq_idx is not None and t > 0 and state is not None:
+                state = state * (seq_idx[rs, t] == seq_idx[rs, t - 1]).to(state.dtype)[:, None, None, None]
+            piece_gate = None if gate is None else (gate[0], gate[1][rs, ts], gate[2])
+            y, state = ssd_chunk_triton(x[rs, ts], B[rs, ts], C[rs, ts], log_a[rs, ts], state,
+                                        seq_idx[rs, ts] if seq_idx is not None else None, gate=piece_gate)
+            spans.append(y)
+        ys.append(torch.cat(spans, 1))
+        finals.append(state)
+    return torch.cat(ys, 0), torch.cat(finals, 0)
 
 
 def ssd_chunk_triton(
@@ -707,6 +742,10 @@ def ssd_chunk_triton(
         state = torch.zeros(batch, H, P, B.shape[-1], device=x.device, dtype=state_dtype(x.dtype))
         return x.clone(), state if initial_state is None else state + initial_state.float()
     B, C = B.to(x.dtype), C.to(x.dtype)
+    z = gate[1] if gate is not None else None
+    rows, tokens = indexing.piece_sizes(batch, length, functools.partial(_piece_fits, x, B, C, z), BT)
+    if (rows, tokens) != (batch, length):
+        return _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows, tokens)
     if gate is None:
         return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
     D, z, z_bias = gate

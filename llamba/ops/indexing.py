@@ -1,0 +1,38 @@
+"""Triton computes a kernel's element offsets in int32, so one launch may not address 2**31 elements or more of any
+tensor: past that the offsets wrap and the kernel reads and writes out of bounds (an illegal memory access, or
+worse, silently wrong values). A prefill of Llamba-8B with 64 prompts of 8k tokens is already past it. The Triton
+host functions therefore run such inputs in pieces: whole rows of the batch while they fit (rows are independent),
+else one row at a time over spans of tokens, carrying the state from one span to the next (exact)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+INDEX_LIMIT = 2**31  # elements one launch may address in a tensor
+
+
+def span(t: torch.Tensor) -> int:
+    """How many elements from ``t``'s first one to its last, as its strides lay them out (its numel when
+    contiguous): what a kernel's offsets must reach."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def piece_sizes(batch: int, length: int, fits: Callable[[int, int], bool], step: int) -> tuple[int, int]:
+    """(rows, tokens) of the largest piece for which ``fits(rows, tokens)`` holds: all of it if it fits, else fewer
+    rows (halving), else one row and a span of tokens (halving, a multiple of ``step``)."""
+    rows = batch
+    while rows > 1 and not fits(rows, length):
+        rows = (rows + 1) // 2
+    if fits(rows, length):
+        return rows, length
+    tokens = length
+    while tokens > step and not fits(1, tokens):
+        tokens = max(step, (tokens // 2) // step * step)
+    if not fits(1, tokens):
+        raise ValueError(f"one row of {step} tokens already needs {INDEX_LIMIT} or more elements in one tensor, "
+                         "past what a Triton kernel can index: reduce the model's width per token")
+    return 1, tokens
