@@ -229,6 +229,22 @@ def test_triton_scan_in_pieces_matches_one_launch(limit, monkeypatch):
         assert rel(got, want) < 1e-5, name
 
 
+def test_decode_step_refuses_a_batch_past_the_int32_limit(monkeypatch):
+    """Decoding cannot be cut in spans of tokens, and no GPU holds 2^31-element states for it (256 GB at the
+    smallest), so the fused step refuses such a batch before any launch, with what to do instead."""
+    from llamba.ops import indexing
+    from llamba.ops.triton_decode import mixer_step_triton
+
+    batch, H, P, N = 4, 2, 16, 16
+    conv_dim = H * P + 2 * N
+    args = (torch.randn(batch, conv_dim), torch.randn(batch, H * P), torch.randn(batch, H),
+            torch.randn(batch, conv_dim, 3), torch.randn(batch, H, P, N), torch.randn(conv_dim, 1, 4),
+            torch.randn(conv_dim), torch.randn(H), torch.randn(H * P), 1)
+    monkeypatch.setattr(indexing, "INDEX_LIMIT", batch * H * P * N - 1)
+    with pytest.raises(ValueError, match="decode in smaller batches"):
+        mixer_step_triton(*args)
+
+
 def test_piece_sizes_halve_rows_then_tokens_and_refuse_a_row_too_wide():
     from llamba.ops.indexing import piece_sizes
 

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llamba.ops import indexing
+
 
 @triton.jit
 def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_cc, HAS_BIAS: tl.constexpr):
@@ -87,6 +89,9 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         raise ValueError("ssm_state must be float32 and the states contiguous in their last dimension")
     if xBC.stride(-1) != 1 or z.stride(-1) != 1:
         xBC, z = xBC.contiguous(), z.contiguous()
+    if max(indexing.span(t) for t in (xBC, z, conv_state, ssm_state)) > indexing.INDEX_LIMIT:
+        raise ValueError(f"a decode batch of {batch} addresses 2^31 or more elements of one tensor, past what the "
+                         "kernel's int32 offsets reach: decode in smaller batches")
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
