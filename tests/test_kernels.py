@@ -197,10 +197,12 @@ def test_triton_decode_step_matches_float64(shape, dtype):
 
 @triton_kernel
 @pytest.mark.triton
-@pytest.mark.parametrize("limit", [7000, 2500])  # rows apart; one row in spans of 64 tokens
-def test_triton_scan_in_pieces_matches_one_launch(limit, monkeypatch):
-    """Past 2**31 elements a launch's int32 offsets wrap, so the host runs such a scan in pieces. With the limit
-    lowered to a few thousand elements, the pieces give what one launch gives: outputs, final state and
+@pytest.mark.parametrize("elements, grid", [(7000, 65535), (2500, 65535), (2**31, 4)],
+                         ids=["rows-apart", "token-spans", "rows-by-grid"])
+def test_triton_scan_in_pieces_matches_one_launch(elements, grid, monkeypatch):
+    """Past 2**31 elements a launch's int32 offsets wrap, and past 65535 batch x heads its grid is refused, so the
+    host runs such a scan in pieces. With the limits lowered (one row per piece; one row in 64-token spans; rows
+    two by two, as batch x heads may reach 4), the pieces give what one launch gives: outputs, final state and
     gradients, a document that starts exactly where a span does included, and the fused gate."""
     from llamba.ops import indexing
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
@@ -218,7 +220,8 @@ def test_triton_scan_in_pieces_matches_one_launch(limit, monkeypatch):
     results = []
     for lowered in (False, True):
         if lowered:
-            monkeypatch.setattr(indexing, "INDEX_LIMIT", limit)
+            monkeypatch.setattr(indexing, "INDEX_LIMIT", elements)
+            monkeypatch.setattr(indexing, "GRID_LIMIT", grid)
         ins = [t.clone().requires_grad_() for t in (x, B, C, la, s0)]
         y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4], seq_idx=seq)
         ((y * dy).sum() + (s * ds).sum()).backward()

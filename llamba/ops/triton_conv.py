@@ -18,6 +18,8 @@ import triton.language as tl
 
 from llamba.ops import indexing
 
+_TOKEN_TILE = 32  # tokens per program
+
 
 @triton.jit
 def _tap(xbc_ptr, keep_ptr, state_ptr, b, src, L, c, c_mask, s_xb, s_xt, s_kb, s_sb, s_sc,
@@ -89,7 +91,7 @@ def causal_conv_triton(
     K = weight.shape[-1]
     if K > 4 or weight.shape[0] != channels:
         raise ValueError(f"conv weight {tuple(weight.shape)} does not fit {channels} channels with kernel <= 4")
-    rows, tokens = indexing.piece_sizes(batch, length, functools.partial(_piece_fits, xBC), 32)
+    rows, tokens = indexing.piece_sizes(batch, length, functools.partial(_piece_fits, xBC), _TOKEN_TILE)
     if (rows, tokens) != (batch, length):
         return _by_pieces(xBC, weight, bias, conv_state, attention_mask, x_channels, rows, tokens)
     if xBC.stride(-1) != 1:
@@ -105,7 +107,7 @@ def causal_conv_triton(
     if keep is not None and keep.stride(-1) != 1:
         keep = keep.contiguous()
     state = conv_state if conv_state is not None else new_state
-    BL, BC = 32, 128
+    BL, BC = _TOKEN_TILE, 128
     grid = (triton.cdiv(channels, BC), max(1, triton.cdiv(length, BL)), batch)
     _causal_conv_kernel[grid](
         xBC, w, bias if bias is not None else w, keep if keep is not None else xBC, state, out, new_state,
@@ -118,9 +120,11 @@ def causal_conv_triton(
 
 
 def _piece_fits(xBC: torch.Tensor, rows: int, tokens: int) -> bool:
-    """Whether the kernel can index a (rows, tokens) piece in int32: the input as it lies, the output it allocates."""
+    """Whether the kernel can index a (rows, tokens) piece in int32 (the input as it lies, the output it allocates)
+    and its grid's token-tile and row axes stay within CUDA's limit."""
     return (indexing.span(xBC[:rows, :tokens]) <= indexing.INDEX_LIMIT
-            and rows * tokens * xBC.shape[2] <= indexing.INDEX_LIMIT)
+            and rows * tokens * xBC.shape[2] <= indexing.INDEX_LIMIT
+            and max(rows, triton.cdiv(tokens, _TOKEN_TILE)) <= indexing.GRID_LIMIT)
 
 
 def _by_pieces(xBC, weight, bias, conv_state, attention_mask, x_channels, rows: int, tokens: int):

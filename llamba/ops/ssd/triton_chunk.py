@@ -683,13 +683,15 @@ class _SSDChunk(torch.autograd.Function):
 
 
 def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
-    """Whether the kernels can index every tensor of a (rows, tokens) piece of the scan in int32: its inputs as
-    they lie in memory, and what the kernels allocate (y and dx, the per-head dB and dC, the state snapshots)."""
+    """Whether the kernels can index every tensor of a (rows, tokens) piece of the scan in int32 (its inputs as
+    they lie in memory, and what the kernels allocate: y and dx, the per-head dB and dC, the state snapshots), and
+    whether their grids' batch x heads and chunk axes stay within CUDA's limit."""
     H, P, N = x.shape[2], x.shape[3], B.shape[3]
     inputs = (x, B, C) if z is None else (x, B, C, z)
-    made = (rows * tokens * H * max(P, N), rows * triton.cdiv(tokens, BT) * H * P * N)
+    n_chunks = triton.cdiv(tokens, BT)
+    made = (rows * tokens * H * max(P, N), rows * n_chunks * H * P * N)
     return (max(indexing.span(t[:rows, :tokens]) for t in inputs) <= indexing.INDEX_LIMIT
-            and max(made) <= indexing.INDEX_LIMIT)
+            and max(made) <= indexing.INDEX_LIMIT and max(rows * H, n_chunks) <= indexing.GRID_LIMIT)
 
 
 def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: int):
