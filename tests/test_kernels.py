@@ -233,8 +233,8 @@ def test_triton_scan_in_pieces_matches_one_launch(elements, grid, monkeypatch):
 
 
 def test_decode_step_refuses_a_batch_past_the_int32_limit(monkeypatch):
-    """Decoding cannot be cut in spans of tokens, and no GPU holds 2^31-element states for it (256 GB at the
-    smallest), so the fused step refuses such a batch before any launch, with what to do instead."""
+    """A decode batch whose state reaches 2^31 elements (8 GB per layer) is refused before any launch, with what to
+    do instead: unlike a prefill, a step cannot be cut into spans of tokens."""
     from llamba.ops import indexing
     from llamba.ops.triton_decode import mixer_step_triton
 
