@@ -9,6 +9,7 @@ of tokens, carrying the state from one span to the next (exact)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -39,3 +40,21 @@ def piece_sizes(batch: int, length: int, fits: Callable[[int, int], bool], step:
         raise ValueError(f"one row of {step} tokens already needs {INDEX_LIMIT} or more elements in one tensor, "
                          "past what a Triton kernel can index: reduce the model's width per token")
     return 1, tokens
+
+
+def by_pieces(batch: int, length: int, rows: int, tokens: int, initial: Callable[[slice], Any],
+              step: Callable[[slice, slice, Any], tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``step(row slice, token slice, state) -> (output, state)`` over (rows, tokens) pieces: groups of rows
+    apart, spans of tokens in turn, each span given the state the span before it returned (``initial(row slice)``
+    for the first). Returns the outputs joined back over tokens and rows, and the last states joined over rows."""
+    outputs, states = [], []
+    for r in range(0, batch, rows):
+        row_slice = slice(r, r + rows)
+        state = initial(row_slice)
+        spans = []
+        for t in range(0, length, tokens):
+            out, state = step(row_slice, slice(t, t + tokens), state)
+            spans.append(out)
+        outputs.append(torch.cat(spans, 1))
+        states.append(state)
+    return torch.cat(outputs, 0), torch.cat(states, 0)

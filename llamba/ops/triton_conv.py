@@ -130,18 +130,11 @@ def _piece_fits(xBC: torch.Tensor, rows: int, tokens: int) -> bool:
 def _by_pieces(xBC, weight, bias, conv_state, attention_mask, x_channels, rows: int, tokens: int):
     """``causal_conv_triton`` piece by piece (``llamba.ops.indexing``): groups of rows apart, spans of tokens in
     turn, each span starting from the conv state (the last raw inputs) the previous one left."""
-    batch, length = xBC.shape[:2]
-    keep = attention_mask[:, -length:] if attention_mask is not None else None
-    outs, states = [], []
-    for r in range(0, batch, rows):
-        rs = slice(r, r + rows)
-        state = conv_state[rs] if conv_state is not None else None
-        spans = []
-        for t in range(0, length, tokens):
-            ts = slice(t, t + tokens)
-            out, state = causal_conv_triton(xBC[rs, ts], weight, bias, state,
-                                            keep[rs, ts] if keep is not None else None, x_channels)
-            spans.append(out)
-        outs.append(torch.cat(spans, 1))
-        states.append(state)
-    return torch.cat(outs, 0), torch.cat(states, 0)
+    keep = attention_mask[:, -xBC.shape[1]:] if attention_mask is not None else None
+
+    def step(rs: slice, ts: slice, state):
+        return causal_conv_triton(xBC[rs, ts], weight, bias, state, keep[rs, ts] if keep is not None else None,
+                                  x_channels)
+
+    return indexing.by_pieces(*xBC.shape[:2], rows, tokens,
+                              lambda rs: conv_state[rs] if conv_state is not None else None, step)

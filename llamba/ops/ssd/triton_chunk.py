@@ -697,23 +697,16 @@ def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
 def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: int):
     """``ssd_chunk_triton`` piece by piece (``llamba.ops.indexing``): groups of rows apart, spans of tokens in turn,
     each span starting from the state the previous one left (dropped for a row whose document ends there)."""
-    batch, length = x.shape[:2]
-    ys, finals = [], []
-    for r in range(0, batch, rows):
-        rs = slice(r, r + rows)
-        state = initial_state[rs] if initial_state is not None else None
-        spans = []
-        for t in range(0, length, tokens):
-            ts = slice(t, t + tokens)
-            if seq_idx is not None and t > 0 and state is not None:
-                state = state * (seq_idx[rs, t] == seq_idx[rs, t - 1]).to(state.dtype)[:, None, None, None]
-            piece_gate = None if gate is None else (gate[0], gate[1][rs, ts], gate[2])
-            y, state = ssd_chunk_triton(x[rs, ts], B[rs, ts], C[rs, ts], log_a[rs, ts], state,
-                                        seq_idx[rs, ts] if seq_idx is not None else None, gate=piece_gate)
-            spans.append(y)
-        ys.append(torch.cat(spans, 1))
-        finals.append(state)
-    return torch.cat(ys, 0), torch.cat(finals, 0)
+
+    def step(rs: slice, ts: slice, state):
+        if seq_idx is not None and ts.start > 0 and state is not None:
+            state = state * (seq_idx[rs, ts.start] == seq_idx[rs, ts.start - 1]).to(state.dtype)[:, None, None, None]
+        piece_gate = None if gate is None else (gate[0], gate[1][rs, ts], gate[2])
+        return ssd_chunk_triton(x[rs, ts], B[rs, ts], C[rs, ts], log_a[rs, ts], state,
+                                seq_idx[rs, ts] if seq_idx is not None else None, gate=piece_gate)
+
+    return indexing.by_pieces(*x.shape[:2], rows, tokens,
+                              lambda rs: initial_state[rs] if initial_state is not None else None, step)
 
 
 def ssd_chunk_triton(
