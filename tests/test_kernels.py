@@ -185,12 +185,17 @@ def test_triton_decode_step_matches_float64(shape, dtype):
     ssm_state = torch.randn(b, H, P, N, device=dev)
     w, bias = torch.randn(conv_dim, 1, 4, device=dev).to(dtype), torch.randn(conv_dim, device=dev).to(dtype)
     D, z_bias = torch.randn(H, device=dev).to(dtype), torch.randn(d_inner, device=dev).to(dtype)
-    for zb in (z_bias, None):
+    # A_log also as in_proj's last rows, computed in the kernel from the normed input u
+    u = torch.randn(b, 40, device=dev).to(dtype)
+    a_weight, a_bias = (torch.randn(H, 40, device=dev) / 40 ** 0.5).to(dtype), torch.randn(H, device=dev).to(dtype)
+    double = lambda t: None if t is None else t.double()  # noqa: E731
+    for zb, a in ((z_bias, A_log), (None, A_log), (z_bias, (u, a_weight, a_bias)), (None, (u, a_weight, None))):
         cs_ref, ss_ref = conv_state.double(), ssm_state.double()
-        ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), cs_ref, ss_ref, w.double(), bias.double(),
-                               D.double(), None if zb is None else zb.double(), G)
+        a_ref = tuple(map(double, a)) if isinstance(a, tuple) else a.double()
+        ref = mixer_step_torch(xBC.double(), z.double(), a_ref, cs_ref, ss_ref, w.double(), bias.double(),
+                               D.double(), double(zb), G)
         cs, ss = conv_state.clone(), ssm_state.clone()
-        out = mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, zb, G)
+        out = mixer_step_triton(xBC, z, a, cs, ss, w, bias, D, zb, G)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert rel(out, ref) < tol and rel(ss, ss_ref) < tol and rel(cs, cs_ref) == 0
 
@@ -445,6 +450,28 @@ def test_engine_matches_transformers_generate_on_cpu():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, **kwargs)
         assert torch.equal(ours.sequences, ref)
         assert ours.lengths.tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("route", ["split", "kernel"])
+def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch):
+    """The decode step's other ways to run in_proj (an aligned GEMM plus a tiny one for A_log, or A_log computed
+    by the fused step from the normed input) give the one-GEMM step's logits and tokens."""
+    from llamba.generation import engine
+
+    model = tiny_student()
+    ids, mask = left_padded()
+    logits, tokens = {}, {}
+    for r in ("one", route):
+        monkeypatch.setattr(engine, "_in_proj_route", lambda batch, device, r=r: r)
+        dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False)
+        with torch.no_grad():
+            dec.start(ids, mask, prefill_rows=2)
+            logits[r] = dec._decode_logits(dec.tok)
+            for _ in range(4):
+                dec.step()
+        tokens[r] = dec.out[:, :5].clone()
+    assert rel(logits[route], logits["one"]) < 1e-5
+    assert torch.equal(tokens[route], tokens["one"])
 
 
 def test_engine_eos_and_stop_strings_per_row():

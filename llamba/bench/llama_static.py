@@ -119,7 +119,7 @@ class StaticLlama:
         scale = self.head_dim ** -0.5
         for i, layer in enumerate(m.layers):
             norm, mlp = layer.input_layernorm, layer.mlp
-            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, False)
+            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
             q, k = rope(q, k, self.cos, self.sin, pos, self.n_kv, self.head_dim)
             self.k[i].index_copy_(2, pos, k)
             self.v[i].index_copy_(2, pos, v.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2))

@@ -12,9 +12,22 @@ from llamba.ops.ssd.naive import state_dtype
 from llamba.ops.ssd.recurrent import ssd_step
 
 
+def a_log_rows(A_log):
+    """A_log (b, H) as given, or computed from (u (b, d_model), weight (H, d_model), bias (H,) or None) in at least
+    float32, as the fused kernel computes it."""
+    if not isinstance(A_log, tuple):
+        return A_log
+    u, weight, bias = A_log
+    acc = torch.promote_types(u.dtype, torch.float32)
+    rows = u.to(acc) @ weight.to(acc).T
+    return rows if bias is None else rows + bias.to(acc)
+
+
 def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
-    """xBC (b, conv_dim) raw in_proj rows; z (b, d_inner); A_log (b, H); conv_state (b, conv_dim, K-1) and
-    ssm_state (b, H, P, N) updated in place; z_bias (d_inner) or None. Returns the gated output (b, d_inner) before out_proj."""
+    """xBC (b, conv_dim) raw in_proj rows; z (b, d_inner); A_log (b, H) or its projection (``a_log_rows``);
+    conv_state (b, conv_dim, K-1) and ssm_state (b, H, P, N) updated in place; z_bias (d_inner) or None. Returns
+    the gated output (b, d_inner) before out_proj."""
+    A_log = a_log_rows(A_log)
     batch, n_heads, head_dim, d_state = ssm_state.shape
     d_inner = n_heads * head_dim
     xBC = conv_step(xBC, conv_weight, conv_bias, conv_state)

@@ -4,6 +4,10 @@ One program per (batch row, query/key group): it convolves the group's B and C c
 by the group's value heads, so only this program may shift their conv state), then for each of the group's heads
 convolves x, updates the float32 SSM state in place, reads it with C, adds D x and applies the gate. Per token the
 kernel reads and writes each state once, which is the bytes floor of the step.
+
+The kernel can also compute A_log, the last few rows of in_proj (one per head), from the normed input row: as
+rows of their own GEMM they leave cuBLAS a tiny, slow product, and as part of the main GEMM an output width that
+is not a multiple of 8 (see ``llamba.model.mixer.split_in_proj``).
 """
 
 from __future__ import annotations
@@ -41,11 +45,31 @@ def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_
 
 
 @triton.jit
+def _a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, h, K, s_ab, s_ub, s_aw, A_FROM_U: tl.constexpr,
+           HAS_A_BIAS: tl.constexpr, BK: tl.constexpr):
+    """Head h's A_log for batch row b, float32: loaded, or (A_FROM_U) the dot of the normed input row u_b with
+    in_proj's A_log row h, plus its bias."""
+    if A_FROM_U:
+        acc = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += u * tl.load(aw_ptr + h * s_aw + k, mask=k < K, other=0.0).to(tl.float32)
+        A_log = tl.sum(acc, axis=0)
+        if HAS_A_BIAS:
+            A_log += tl.load(ab_ptr + h).to(tl.float32)
+    else:
+        A_log = tl.load(alog_ptr + b * s_ab + h).to(tl.float32)
+    return A_log
+
+
+@triton.jit
 def _mixer_step_kernel(
-    xbc_ptr, z_ptr, alog_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
-    G, HPG, P, N, d_inner,
-    s_xb, s_zb, s_ab, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob,
-    HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    xbc_ptr, z_ptr, alog_ptr, u_ptr, aw_ptr, ab_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
+    G, HPG, P, N, d_inner, K,
+    s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob,
+    HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, A_FROM_U: tl.constexpr, HAS_A_BIAS: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     b, g = tl.program_id(0), tl.program_id(1)
     n = tl.arange(0, BN)
@@ -56,7 +80,7 @@ def _mixer_step_kernel(
                        HAS_CONV_BIAS)
     for hh in range(HPG):
         h = g * HPG + hh
-        A_log = tl.load(alog_ptr + b * s_ab + h).to(tl.float32)
+        A_log = _a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, h, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS, BK)
         log_a = -tl.where(A_log > 20.0, A_log, tl.log(1.0 + tl.exp(A_log)))  # -softplus, torch's threshold
         a = tl.exp(log_a)
         D = tl.load(d_ptr + h).to(tl.float32)
@@ -79,7 +103,8 @@ def _mixer_step_kernel(
 
 
 def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
-    """Same contract as ``llamba.ops.decode.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner), A_log (b, H);
+    """Same contract as ``llamba.ops.decode.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
+    or (u (b, d_model), weight (H, d_model), bias (H,) or None) to compute it here as u @ weight.T + bias;
     conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place. Returns (b, d_inner)."""
     batch, n_heads, head_dim, d_state = ssm_state.shape
     d_inner = n_heads * head_dim
@@ -92,16 +117,29 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     if max(indexing.span(t) for t in (xBC, z, conv_state, ssm_state)) > indexing.INDEX_LIMIT:
         raise ValueError(f"a decode batch of {batch} addresses 2^31 or more elements of one tensor, past what the "
                          "kernel's int32 offsets reach: decode in smaller batches")
+    a_from_u = isinstance(A_log, tuple)
+    if a_from_u:
+        u, a_weight, a_bias = A_log
+        if a_weight.shape != (n_heads, u.shape[-1]) or (a_bias is not None and a_bias.shape != (n_heads,)):
+            raise ValueError(f"A_log's projection: u {tuple(u.shape)}, weight {tuple(a_weight.shape)}, bias "
+                             f"{None if a_bias is None else tuple(a_bias.shape)}; want a ({n_heads}, d_model) weight")
+        u, a_weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, a_weight))
+        A_log = u  # unread
+    else:
+        u = a_weight = a_bias = A_log  # unread
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
     BN = max(16, triton.next_power_of_2(d_state))
     BP = min(32, triton.next_power_of_2(head_dim))
+    K = u.shape[-1] if a_from_u else 1
     _mixer_step_kernel[(batch, n_qk_heads)](
-        xBC, z, A_log, conv_state, ssm_state, weight, conv_bias if conv_bias is not None else weight, D,
-        z_bias if z_bias is not None else D, out,
-        n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner,
-        xBC.stride(0), z.stride(0), A_log.stride(0), conv_state.stride(0), conv_state.stride(1),
-        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
-        HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, BP=BP, BN=BN, num_warps=4)
+        xBC, z, A_log, u, a_weight, a_bias if a_bias is not None else a_weight, conv_state, ssm_state, weight,
+        conv_bias if conv_bias is not None else weight, D, z_bias if z_bias is not None else D, out,
+        n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K,
+        xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
+        conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
+        HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
+        HAS_A_BIAS=a_from_u and a_bias is not None, BP=BP, BN=BN, BK=min(1024, triton.next_power_of_2(K)),
+        num_warps=4)
     return out
