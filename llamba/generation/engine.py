@@ -60,10 +60,10 @@ def _in_proj_route(batch_size: int, device: torch.device) -> str:
     aligned GEMM with A_log computed inside the fused decode kernel."""
     if device.type != "cuda":
         return "one"
-    # Whole decode steps of the SmolLM2-135M student on an H100, side by side (bf16, CUDA graphs, compiled): the
-    # kernel route was 1.02x / 1.13x / 1.13x / 1.02x faster than the best other route at batch 1 / 8 / 64 / 256,
-    # and 0.96x at 1024, where the state traffic dominates and "split" won (1.22x over "one").
-    return "kernel" if batch_size <= 256 else "split"
+    # Whole decode steps of the SmolLM2-135M student on an H100, side by side (benchmarks/decode_in_proj.py): the
+    # kernel route was 1.02x / 1.13x / 1.13x / 1.07x / 1.02x faster than the best other at batch 1 / 8 / 64 / 256 /
+    # 1024 ("split" beat "one" by 1.13-1.21x from batch 256 on).
+    return "kernel"
 
 
 def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b):

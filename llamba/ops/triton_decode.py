@@ -45,21 +45,26 @@ def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_
 
 
 @triton.jit
-def _a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, h, K, s_ab, s_ub, s_aw, A_FROM_U: tl.constexpr,
-           HAS_A_BIAS: tl.constexpr, BK: tl.constexpr):
-    """Head h's A_log for batch row b, float32: loaded, or (A_FROM_U) the dot of the normed input row u_b with
-    in_proj's A_log row h, plus its bias."""
+def _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U: tl.constexpr,
+                 HAS_A_BIAS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+    """A_log of group g's heads for batch row b, float32 (BH,): loaded, or (A_FROM_U) the dots of the normed input
+    row u_b with in_proj's A_log rows, plus their bias. Done first and for all the group's heads at once, as
+    straight-line code, so that its loads overlap the conv's instead of stalling each head."""
+    hh = tl.arange(0, BH)
+    heads = g * HPG + hh
     if A_FROM_U:
-        acc = tl.zeros([BK], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
+        acc = tl.zeros([BH, BK], dtype=tl.float32)
+        for i in tl.static_range(NK):
+            k = i * BK + tl.arange(0, BK)
             u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
-            acc += u * tl.load(aw_ptr + h * s_aw + k, mask=k < K, other=0.0).to(tl.float32)
-        A_log = tl.sum(acc, axis=0)
+            w = tl.load(aw_ptr + heads[:, None] * s_aw + k[None, :], mask=(hh[:, None] < HPG) & (k[None, :] < K),
+                        other=0.0)
+            acc += u[None, :] * w.to(tl.float32)
+        A_log = tl.sum(acc, axis=1)
         if HAS_A_BIAS:
-            A_log += tl.load(ab_ptr + h).to(tl.float32)
+            A_log += tl.load(ab_ptr + heads, mask=hh < HPG, other=0.0).to(tl.float32)
     else:
-        A_log = tl.load(alog_ptr + b * s_ab + h).to(tl.float32)
+        A_log = tl.load(alog_ptr + b * s_ab + heads, mask=hh < HPG, other=0.0).to(tl.float32)
     return A_log
 
 
@@ -69,9 +74,11 @@ def _mixer_step_kernel(
     G, HPG, P, N, d_inner, K,
     s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob,
     HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, A_FROM_U: tl.constexpr, HAS_A_BIAS: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
 ):
     b, g = tl.program_id(0), tl.program_id(1)
+    A_logs = _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS,
+                          BH, BK, NK)
     n = tl.arange(0, BN)
     n_mask = n < N
     B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
@@ -80,7 +87,7 @@ def _mixer_step_kernel(
                        HAS_CONV_BIAS)
     for hh in range(HPG):
         h = g * HPG + hh
-        A_log = _a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, h, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS, BK)
+        A_log = tl.sum(tl.where(tl.arange(0, BH) == hh, A_logs, 0.0), axis=0)
         log_a = -tl.where(A_log > 20.0, A_log, tl.log(1.0 + tl.exp(A_log)))  # -softplus, torch's threshold
         a = tl.exp(log_a)
         D = tl.load(d_ptr + h).to(tl.float32)
@@ -133,6 +140,8 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     BN = max(16, triton.next_power_of_2(d_state))
     BP = min(32, triton.next_power_of_2(head_dim))
     K = u.shape[-1] if a_from_u else 1
+    BH = triton.next_power_of_2(n_heads // n_qk_heads)
+    BK = min(triton.next_power_of_2(K), max(16, 4096 // BH))  # a (BH, BK) float32 tile: 32 registers a thread
     _mixer_step_kernel[(batch, n_qk_heads)](
         xBC, z, A_log, u, a_weight, a_bias if a_bias is not None else a_weight, conv_state, ssm_state, weight,
         conv_bias if conv_bias is not None else weight, D, z_bias if z_bias is not None else D, out,
@@ -140,6 +149,5 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
-        HAS_A_BIAS=a_from_u and a_bias is not None, BP=BP, BN=BN, BK=min(1024, triton.next_power_of_2(K)),
-        num_warps=4)
+        HAS_A_BIAS=a_from_u and a_bias is not None, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), num_warps=4)
     return out
