@@ -131,9 +131,9 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
             raise ValueError(f"A_log's projection: u {tuple(u.shape)}, weight {tuple(a_weight.shape)}, bias "
                              f"{None if a_bias is None else tuple(a_bias.shape)}; want a ({n_heads}, d_model) weight")
         u, a_weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, a_weight))
-        A_log = u  # unread
+        A_log = u  # stands in for the pointer the kernel then never reads
     else:
-        u = a_weight = a_bias = A_log  # unread
+        u = a_weight = a_bias = A_log  # likewise
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
