@@ -96,14 +96,16 @@ def launch_all(length: int = 128) -> None:
         mask = torch.ones(batch, length, dtype=torch.long)
         causal_conv_triton(xBC, torch.randn(channels, 1, 4, dtype=bf16), torch.randn(channels, dtype=bf16), None,
                            mask, x_channels=channels // 3)
-    H, P, N = 9, 64, 64  # the student's decode shapes, as in the kernel table
+    H, P, N, d_model = 9, 64, 64, 576  # the student's decode shapes, as in the kernel table
     for batch in DECODE_BATCHES[:1]:  # the batch size is the grid, not a launch setting
         conv_dim = H * P + 2 * H * N
-        mixer_step_triton(torch.randn(batch, conv_dim, dtype=bf16), torch.randn(batch, H * P, dtype=bf16),
-                          torch.randn(batch, H, dtype=bf16), torch.randn(batch, conv_dim, 3, dtype=bf16),
-                          torch.randn(batch, H, P, N), torch.randn(conv_dim, 1, 4, dtype=bf16),
-                          torch.randn(conv_dim, dtype=bf16), torch.randn(H, dtype=bf16),
-                          torch.randn(H * P, dtype=bf16), H)
+        # A_log given, and A_log computed in the kernel from the normed input (the engine's route on CUDA)
+        for A_log in (torch.randn(batch, H, dtype=bf16), (torch.randn(batch, d_model, dtype=bf16),
+                                                          torch.randn(H, d_model, dtype=bf16), None)):
+            mixer_step_triton(torch.randn(batch, conv_dim, dtype=bf16), torch.randn(batch, H * P, dtype=bf16), A_log,
+                              torch.randn(batch, conv_dim, 3, dtype=bf16), torch.randn(batch, H, P, N),
+                              torch.randn(conv_dim, 1, 4, dtype=bf16), torch.randn(conv_dim, dtype=bf16),
+                              torch.randn(H, dtype=bf16), torch.randn(H * P, dtype=bf16), H)
 
 
 def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:
