@@ -525,3 +525,27 @@ def test_static_llama_matches_transformers_forward():
             st.tok.copy_(torch.randint(0, 128, (3,)))  # any next token: the cache must follow it
             st.pos += 1
             seq = torch.cat([seq, st.tok[:, None]], 1)
+
+
+def test_static_llama_compiled_step_matches_eager():
+    """The benchmark times the teacher with its decode pieces compiled (the dense ones, and the attention's
+    rotations and softmax): the compiled step gives the eager step's logits and tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamba.bench.llama_static import StaticLlama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, head_dim=16, rope_theta=100000.0, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (3, 9))
+    eager, compiled = StaticLlama(model, 3, 16), StaticLlama(model, 3, 16, compile=True)
+    with torch.no_grad():
+        eager.start(ids)
+        compiled.start(ids)
+        for _ in range(3):
+            want, got = eager._decode_logits(eager.tok, eager.pos), compiled._decode_logits(compiled.tok, compiled.pos)
+            assert torch.allclose(got, want, atol=1e-5)
+            eager.step()
+            compiled.step()
+        assert torch.equal(compiled.tok, eager.tok)
