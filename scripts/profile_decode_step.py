@@ -14,6 +14,7 @@ import torch
 
 from llamba.bench import report
 from llamba.bench.gpu import _cuda_time, _free, _prompts, build_models
+from llamba.bench.kernels import cuda_profile
 from llamba.bench.llama_static import StaticLlama
 from llamba.generation.engine import Decoder
 from llamba.generation.sampling import SamplingParams
@@ -21,13 +22,8 @@ from llamba.generation.sampling import SamplingParams
 
 def kernels_per_step(step, steps: int = 10) -> tuple[float, float, Counter]:
     """(kernels per step, milliseconds of kernel time per step, microseconds per step by kernel name)."""
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
+    events = [e for e in cuda_profile(step, steps).events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
     by_name = Counter()
     for e in events:
         by_name[e.name[:70]] += e.device_time_total / steps

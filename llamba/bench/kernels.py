@@ -33,14 +33,20 @@ def _ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def kernel_times(fn, calls: int = 20) -> dict[str, float]:
-    """Milliseconds per call of each kernel ``fn`` launches, by name (profiler, device events only)."""
+def cuda_profile(fn, calls: int = 20) -> torch.profiler.profile:
+    """The profiler's record (CUDA activity only) of ``calls`` calls of ``fn``, after one call to warm up."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def kernel_times(fn, calls: int = 20) -> dict[str, float]:
+    """Milliseconds per call of each kernel ``fn`` launches, by name (profiler, device events only)."""
+    prof = cuda_profile(fn, calls)
     return {e.key: e.device_time_total / calls / 1e3 for e in prof.key_averages() if e.device_time_total > 0}
 
 
