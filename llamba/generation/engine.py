@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from llamba.generation.sampling import SamplingParams, select_tokens
 from llamba.model.cache import LlambaCache
-from llamba.model.mixer import split_in_proj
+from llamba.model.mixer import aligned_in_proj, split_in_proj
 from llamba.ops.decode import mixer_step
 
 
@@ -48,9 +48,7 @@ def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits, in_proj: str):
     if in_proj == "split":
         return split_in_proj(u, in_w, in_b, splits[0], splits[1])
     if in_proj == "kernel":
-        main = splits[0] + splits[1]
-        xBC, z = F.linear(u, in_w[:main], None if in_b is None else in_b[:main]).split(splits[:2], dim=-1)
-        return xBC, z, u
+        return (*aligned_in_proj(u, in_w, in_b, splits[0], splits[1]), u)
     return torch.split(F.linear(u, in_w, in_b), splits, dim=-1)
 
 

@@ -28,11 +28,15 @@ def split_in_proj(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     and cuBLAS then takes a slow unaligned kernel (an order of magnitude slower on an H100 at the SmolLM2
     student's shapes) whose output rows are misaligned for every kernel after it. So the [xBC | z] rows get a GEMM
     of their own, and the few A_log rows another."""
+    xBC, z = aligned_in_proj(u, weight, bias, d_xbc, d_inner)
     main = d_xbc + d_inner
-    xBCz = F.linear(u, weight[:main], None if bias is None else bias[:main])
-    A_log = F.linear(u, weight[main:], None if bias is None else bias[main:])
-    xBC, z = xBCz.split([d_xbc, d_inner], dim=-1)
-    return xBC, z, A_log
+    return xBC, z, F.linear(u, weight[main:], None if bias is None else bias[main:])
+
+
+def aligned_in_proj(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d_xbc: int, d_inner: int):
+    """(xBC, z): in_proj's [xBC | z] rows alone, as one GEMM, without the A_log rows that misalign it."""
+    main = d_xbc + d_inner
+    return F.linear(u, weight[:main], None if bias is None else bias[:main]).split([d_xbc, d_inner], dim=-1)
 
 
 class DiscreteMamba2(nn.Module):
