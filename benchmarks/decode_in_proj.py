@@ -1,5 +1,5 @@
 """The student's decode step with in_proj run three ways, side by side in one process (``_in_proj_route`` in
-llamba/generation/engine.py picks among them by batch size from these numbers):
+llamba/generation/engine.py picks among them from these numbers):
 
     one     one GEMM over all of in_proj's rows: its width (here 2313) is not a multiple of 8
     split   an aligned GEMM for the [xBC | z] rows and a tiny one for the A_log rows (one per head)

@@ -110,7 +110,7 @@ class StaticLlama:
         (RMSNorm + one fused projection; out-projection + residual + RMSNorm + SwiGLU + residual; head), and the
         attention's rotations and softmax are compiled too when ``compile``; the attention's two products over the
         cache run as cuBLAS batched products (masked SDPA over the whole cache, with 3 query rows per key/value
-        head, measured about 50x off its bytes floor)."""
+        head, measured far off its bytes floor)."""
         m = self.model.model
         pre, tail, head = self._pieces
         rope, probs_of = self._attention
