@@ -40,7 +40,7 @@ _COMPILED_ATTENTION = None
 def _compiled_attention():
     """The decode attention's elementwise work compiled once per process, dynamic in the batch size: one kernel
     for both rotations, one for scale + mask + softmax. The two products over the cache stay cuBLAS (Inductor
-    lowered their 3-row products to reductions 10x slower)."""
+    lowered their 3-row products to far slower reductions)."""
     global _COMPILED_ATTENTION
     if _COMPILED_ATTENTION is None:
         _COMPILED_ATTENTION = tuple(torch.compile(f, dynamic=True) for f in (_decode_rope, _decode_probs))
