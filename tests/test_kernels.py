@@ -452,6 +452,25 @@ def test_engine_matches_transformers_generate_on_cpu():
         assert ours.lengths.tolist() == [10, 10, 10]
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_prefill_matches_model_forward(compile):
+    """The engine prefills with the decode step's pieces around each mixer (compiled, for the benchmark and
+    ``compile=True``): the model's last-position logits, and the cache the model's forward leaves."""
+    from llamba.generation import engine
+
+    model = tiny_student()
+    ids, mask = left_padded()
+    dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False, compile=compile)
+    cache = model.allocate_cache(3)
+    with torch.no_grad():
+        got = dec._prefill_logits(ids, mask, dec.cache)
+        want = model(input_ids=ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    assert rel(got, want[:, :got.shape[-1]]) < 1e-5
+    assert dec.cache.seen_tokens == cache.seen_tokens == ids.shape[1]
+    assert rel(dec.cache.ssm_states, cache.ssm_states) < 1e-5
+    assert rel(dec.cache.conv_states, cache.conv_states) < 1e-5
+
+
 @pytest.mark.parametrize("route", ["split", "kernel"])
 def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch):
     """The decode step's other ways to run in_proj (an aligned GEMM plus a tiny one for A_log, or A_log computed
@@ -516,6 +535,7 @@ def test_static_llama_matches_transformers_forward():
     ids = torch.randint(0, 128, (3, 9))
     st = StaticLlama(model, 3, 16)
     with torch.no_grad():
+        assert torch.allclose(st.prefill(ids), model(ids).logits[:, -1], atol=1e-4)
         st.start(ids, prefill_rows=2)
         seq = torch.cat([ids, st.tok[:, None]], 1)
         for _ in range(5):
@@ -528,8 +548,8 @@ def test_static_llama_matches_transformers_forward():
 
 
 def test_static_llama_compiled_step_matches_eager():
-    """The benchmark times the teacher with its decode pieces compiled (the dense ones, and the attention's
-    rotations and softmax): the compiled step gives the eager step's logits and tokens."""
+    """The benchmark times the teacher with its pieces compiled (the dense ones, and the attention's rotations and
+    softmax): the compiled prefill and step give the eager ones' logits and tokens."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamba.bench.llama_static import StaticLlama
@@ -541,6 +561,7 @@ def test_static_llama_compiled_step_matches_eager():
     ids = torch.randint(0, 128, (3, 9))
     eager, compiled = StaticLlama(model, 3, 16), StaticLlama(model, 3, 16, compile=True)
     with torch.no_grad():
+        assert torch.allclose(compiled.prefill(ids), eager.prefill(ids), atol=1e-5)
         eager.start(ids)
         compiled.start(ids)
         for _ in range(3):

@@ -1,9 +1,10 @@
 """The strong Transformer baseline: a Llama (transformers weights) decoded with a preallocated KV cache.
 
-Prefill runs SDPA with a causal mask (flash kernels) and computes logits for the last position only; each decode
-step writes the new keys/values at a device-side position and attends over the cache with a mask, so the step
-has fixed shapes and is captured as one CUDA graph, like the student's; its dense pieces are the same compiled
-functions as the student's. Grouped queries are folded into the query length, so no key/value head is copied.
+Prefill runs causal SDPA (flash kernels) and computes logits for the last position only; each decode step writes
+the new keys/values at a device-side position and attends over the cache with a mask, so the step has fixed
+shapes and is captured as one CUDA graph, like the student's. Around attention, prefill and decode run the same
+(compiled) dense functions as the student's engine. No key/value head is copied per query head: SDPA reads them
+grouped in prefill, and in decode a group's query heads are folded into the query length.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def _decode_rope(q, k, cos_table, sin_table, pos, n_kv: int, head_dim: int):
     return (_rotate(q.view(b, n_kv, -1, head_dim), cos, sin), _rotate(k.view(b, n_kv, 1, head_dim), cos, sin))
 
 
+def _prefill_rope(q, k, cos, sin, n_q: int, n_kv: int, head_dim: int):
+    """Rotary embedding over a prompt, in the projection's layout: q (b, T, n_q * head_dim) -> (b, T, n_q,
+    head_dim), k likewise with n_kv."""
+    b, T = q.shape[:2]
+    cos, sin = cos[:, None], sin[:, None]
+    return _rotate(q.view(b, T, n_q, head_dim), cos, sin), _rotate(k.view(b, T, n_kv, head_dim), cos, sin)
+
+
 def _decode_probs(scores, positions, pos, scale: float):
     """Softmax over the cache positions written so far (<= pos), in float32, returned in the scores' dtype."""
     masked = (scores.float() * scale).masked_fill(positions > pos, float("-inf"))
@@ -38,12 +47,15 @@ _COMPILED_ATTENTION = None
 
 
 def _compiled_attention():
-    """The decode attention's elementwise work compiled once per process, dynamic in the batch size: one kernel
-    for both rotations, one for scale + mask + softmax. The two products over the cache stay cuBLAS (Inductor
-    lowered their 3-row products to far slower reductions)."""
+    """The attention's elementwise work compiled once per process. For a decode step, dynamic in the batch size:
+    one kernel for both rotations, one for scale + mask + softmax (the two products over the cache stay cuBLAS:
+    Inductor lowered their 3-row products to far slower reductions). For a prefill, the rotations, dynamic only in
+    the sizes that change between calls: compiled for any head count and width too, the kernel's index arithmetic
+    over symbolic sizes made it several times slower than the eager rotations."""
     global _COMPILED_ATTENTION
     if _COMPILED_ATTENTION is None:
-        _COMPILED_ATTENTION = tuple(torch.compile(f, dynamic=True) for f in (_decode_rope, _decode_probs))
+        _COMPILED_ATTENTION = (*(torch.compile(f, dynamic=True) for f in (_decode_rope, _decode_probs)),
+                               torch.compile(_prefill_rope))
     return _COMPILED_ATTENTION
 
 
@@ -71,7 +83,7 @@ class StaticLlama:
         self.qkv_weights = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attns]
         self._splits = [self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
         self._pieces = _compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head)
-        self._attention = _compiled_attention() if compile else (_decode_rope, _decode_probs)
+        self._attention = _compiled_attention() if compile else (_decode_rope, _decode_probs, _prefill_rope)
         self._decode_logits = self._decode_logits_eager
         self.graph = None
 
@@ -87,23 +99,30 @@ class StaticLlama:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """Prompts (b, T) of equal length into cache rows ``rows``; returns last-position logits (b, vocab)."""
+        """Prompts (b, T) of equal length into cache rows ``rows``; returns last-position logits (b, vocab). The
+        dense pieces around attention are the student's prefill pieces (compiled with ``compile``), and SDPA
+        reads the grouped key/value heads as they are (``enable_gqa``: no copy per query head)."""
         rows = rows or slice(0, input_ids.shape[0])
-        T = input_ids.shape[1]
+        b, T = input_ids.shape
         m = self.model.model
+        pre, tail, head = self._pieces
+        rope = self._attention[2]
         h = m.embed_tokens(input_ids)
-        cos, sin = self.cos[:T], self.sin[:T]
         for i, layer in enumerate(m.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer.self_attn, x, cos, sin)
+            norm, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
+            q, k = (t.transpose(1, 2) for t in rope(q, k, self.cos[:T], self.sin[:T], self.n_q, self.n_kv,
+                                                     self.head_dim))
+            v = v.view(b, T, self.n_kv, self.head_dim).transpose(1, 2)
             self.k[i, rows, :, :T] = k
             self.v[i, rows, :, :T] = v
-            groups = self.n_q // self.n_kv
-            o = F.scaled_dot_product_attention(
-                q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True)
-            h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h[:, -1:]))[:, -1]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            o_proj = layer.self_attn.o_proj
+            h = tail(h, o.transpose(1, 2).reshape(b, T, -1), o_proj.weight, o_proj.bias, norm2.weight,
+                     norm2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
+                     mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+        return head(h[:, -1:], m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight,
+                    self.model.lm_head.bias, self.model.config.vocab_size)
 
     def _decode_logits_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token for every row. The dense pieces are the very functions the student's decode step uses
@@ -113,7 +132,7 @@ class StaticLlama:
         head, measured far off its bytes floor)."""
         m = self.model.model
         pre, tail, head = self._pieces
-        rope, probs_of = self._attention
+        rope, probs_of, _ = self._attention
         b = tok.shape[0]
         h = m.embed_tokens(tok[:, None])
         scale = self.head_dim ** -0.5

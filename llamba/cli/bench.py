@@ -45,7 +45,7 @@ def register(parser) -> None:
     gpu.add_argument("--sweep-new-tokens", type=int, default=64)
     gpu.add_argument("--memory-budget-gib", type=float, default=16.0)
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
-    gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the decode steps (teacher and student)")
+    gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the dense pieces of the decode steps and prefills (teacher and student)")
 
 
 def run(args) -> int:

@@ -37,7 +37,7 @@ def _row_view(cache: LlambaCache, rows: slice) -> LlambaCache:
 
 
 def _rms_norm(h, weight, eps: float):
-    x = h.float()
+    x = h.to(torch.promote_types(h.dtype, torch.float32))
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
@@ -105,7 +105,7 @@ class Decoder:
         mixer = model.backbone.layers[0].mixer
         self._splits = [mixer.d_inner + 2 * mixer.n_qk_heads * mixer.d_state, mixer.d_inner, mixer.n_v_heads]
         self._in_proj = _in_proj_route(batch_size, device)
-        main = self._splits[0] + self._splits[1]  # in_proj's A_log rows, for the "kernel" route
+        main = self._splits[0] + self._splits[1]  # in_proj's A_log rows, for the "kernel" route and the prefill
         self._a_proj = [(layer.mixer.in_proj.weight[main:],
                          None if layer.mixer.in_proj.bias is None else layer.mixer.in_proj.bias[main:])
                         for layer in model.backbone.layers]
@@ -128,6 +128,29 @@ class Decoder:
             self.seen.scatter_(1, nxt[:, None], True)
         self.tok.copy_(nxt)
         self.pos += 1
+
+    def _prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        cache: LlambaCache) -> torch.Tensor:
+        """Last-position logits of prompts (b, T) that start ``cache``: the model's forward, with the same pieces
+        as the decode step around each mixer (compiled with ``compile``: the norms, residuals and SwiGLU as a few
+        fused kernels instead of a dozen eager ones per layer), and the head on the last position only."""
+        backbone, (pre, tail, head) = self.model.backbone, self._pieces
+        h = backbone.embedding(input_ids)
+        for layer, a_proj in zip(backbone.layers, self._a_proj):
+            mixer, mlp = layer.mixer, layer.mlp
+            norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            # in_proj as split_in_proj runs it (an aligned GEMM, then the A_log rows apart), with those rows' weight
+            # cut once ahead: Inductor failed to compile the cut inside, with dynamic shapes
+            xBC, z, u = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
+                            "kernel")
+            y = mixer.mix(xBC, z, F.linear(u, *a_proj), cache, attention_mask=attention_mask)
+            h = tail(h, y, mixer.out_proj.weight, mixer.out_proj.bias, norm2.weight, norm2.eps,
+                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                     mlp.down_proj.weight, mlp.down_proj.bias)
+        cache.seen_tokens += input_ids.shape[1]
+        final = backbone.final_layernorm
+        return head(h[:, -1:], final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
+                    self.model.config.vocab_size)
 
     def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
         """The model's single-token recurrent path (what ``model(tok, past_key_values=cache)`` runs for a
@@ -180,8 +203,7 @@ class Decoder:
             rows = slice(r0, min(batch, r0 + prefill_rows))
             view = _row_view(self.cache, rows)
             mask = attention_mask[rows] if attention_mask is not None else None
-            logits.append(self.model(input_ids=input_ids[rows], attention_mask=mask, past_key_values=view,
-                                     logits_to_keep=1).logits[:, -1])
+            logits.append(self._prefill_logits(input_ids[rows], mask, view))
         self.cache.seen_tokens = input_ids.shape[1]
         if self.seen is not None:
             self.seen.zero_()

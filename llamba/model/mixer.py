@@ -92,8 +92,21 @@ class DiscreteMamba2(nn.Module):
         """u (batch, L, d_model). With a cache that has seen tokens, continues from its state; a single token
         goes through the recurrent step. ``attention_mask`` (batch, L), 0 on left padding: padded tokens leave
         the state untouched. ``seq_idx`` (batch, L): document index for packed sequences (state resets)."""
-        batch, length, _ = u.shape
-        xBC, z, A_log = self._split_projection(u)
+        return self.out_proj(self.mix(*self._split_projection(u), cache, seq_idx, attention_mask))
+
+    def mix(
+        self,
+        xBC: torch.Tensor,
+        z: torch.Tensor,
+        A_log: torch.Tensor,
+        cache: LlambaCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mixer between its two projections: in_proj's (xBC, z, A_log), each (batch, L, width), to the gated
+        output (batch, L, d_inner) that out_proj reads. The generation engine calls it between its own compiled
+        projections and norms."""
+        batch, length, _ = xBC.shape
         continuing = cache is not None and cache.seen_tokens > 0
 
         if continuing and length == 1 and attention_mask is None and seq_idx is None:
@@ -101,7 +114,7 @@ class DiscreteMamba2(nn.Module):
             y = mixer_step(
                 xBC[:, 0], z[:, 0], A_log[:, 0], cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
                 conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads)
-            return self.out_proj(y[:, None])
+            return y[:, None]
 
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -130,7 +143,7 @@ class DiscreteMamba2(nn.Module):
         if cache is not None:
             cache.conv_states[self.layer_idx].copy_(new_conv_state)
             cache.ssm_states[self.layer_idx].copy_(final_state)
-        return self.out_proj(y.reshape(batch, length, self.d_inner))
+        return y.reshape(batch, length, self.d_inner)
 
     def mixing_matrix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer's token-mixing matrix for input u (batch, L, d_model): (batch, H, L, L), D on the diagonal.
