@@ -1,6 +1,6 @@
 """The student's prefill with the mixer's D skip and silu gate fused into the scan's output kernel, against the same
 prefill with them applied in PyTorch after the scan (five elementwise passes over (batch, T, d_inner) per layer),
-side by side in one process; the compiled static-KV teacher's prefill alongside for the ratio. SmolLM2-135M shapes
+side by side in one process; the static-KV teacher's eager prefill alongside for the ratio. SmolLM2-135M shapes
 with random bf16 weights, as in bench_gpu.py. Both bf16 paths' last logits are compared with a float32 copy of the
 student on the PyTorch scan: through 30 random layers bf16 rounding alone moves them by several percent, so the two
 paths differ from each other by as much as each differs from float32.
