@@ -19,7 +19,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="llamba", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llamba", description="Distill a Llama-family Transformer into a Llamba recurrent model, and run it fast.",
+        epilog="`llamba COMMAND --help` lists a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
