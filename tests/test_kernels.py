@@ -266,6 +266,19 @@ def test_piece_sizes_halve_rows_then_tokens_and_refuse_a_row_too_wide():
         piece_sizes(2, 300, lambda rows, tokens: fits(rows, tokens, per_token=200), 8)
 
 
+def test_span_of_a_prefix_matches_the_view():
+    """span(t, rows, tokens) is the span of t[:rows, :tokens], computed without the view: strided, transposed,
+    sliced and empty tensors, rows and tokens past the ends."""
+    from llamba.ops.indexing import span
+
+    base = torch.empty(6, 10, 4, 7)
+    for t in (base, base[:, :, 1], base.transpose(0, 1), base[1::2, 3:], base[:, :0]):
+        for rows, tokens in ((None, None), (1, None), (3, 5), (None, 2), (100, 100), (0, 3)):
+            view = t[slice(rows), slice(tokens)]
+            assert span(t, rows, tokens) == span(view), (t.shape, t.stride(), rows, tokens)
+    assert span(base) == base.numel() and span(base[:, :0]) == 0
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("limit", [10000, 3000])  # rows apart; one row in spans of 32 tokens

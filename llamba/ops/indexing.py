@@ -17,12 +17,17 @@ INDEX_LIMIT = 2**31  # elements one launch may address in a tensor
 GRID_LIMIT = 65535  # programs along a grid's second or third dimension
 
 
-def span(t: torch.Tensor) -> int:
+def span(t: torch.Tensor, rows: int | None = None, tokens: int | None = None) -> int:
     """How many elements from ``t``'s first one to its last, as its strides lay them out (its numel when
-    contiguous): what a kernel's offsets must reach."""
-    if t.numel() == 0:
+    contiguous): what a kernel's offsets must reach. With ``rows`` / ``tokens``: of ``t[:rows, :tokens]``, computed
+    without making the view (the launches ask for several per call, and a view costs more host time than this)."""
+    sizes = list(t.shape)
+    for dim, most in ((0, rows), (1, tokens)):
+        if most is not None:
+            sizes[dim] = min(sizes[dim], most)
+    if 0 in sizes:
         return 0
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return 1 + sum((size - 1) * stride for size, stride in zip(sizes, t.stride()))
 
 
 def piece_sizes(batch: int, length: int, fits: Callable[[int, int], bool], step: int) -> tuple[int, int]:

@@ -122,7 +122,7 @@ def causal_conv_triton(
 def _piece_fits(xBC: torch.Tensor, rows: int, tokens: int) -> bool:
     """Whether the kernel can index a (rows, tokens) piece in int32 (the input as it lies, the output it allocates)
     and its grid's token-tile and row axes stay within CUDA's limit."""
-    return (indexing.span(xBC[:rows, :tokens]) <= indexing.INDEX_LIMIT
+    return (indexing.span(xBC, rows, tokens) <= indexing.INDEX_LIMIT
             and rows * tokens * xBC.shape[2] <= indexing.INDEX_LIMIT
             and max(rows, triton.cdiv(tokens, _TOKEN_TILE)) <= indexing.GRID_LIMIT)
 

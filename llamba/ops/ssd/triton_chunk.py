@@ -690,7 +690,7 @@ def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
     inputs = (x, B, C) if z is None else (x, B, C, z)
     n_chunks = triton.cdiv(tokens, BT)
     made = (rows * tokens * H * max(P, N), rows * n_chunks * H * P * N)
-    return (max(indexing.span(t[:rows, :tokens]) for t in inputs) <= indexing.INDEX_LIMIT
+    return (max(indexing.span(t, rows, tokens) for t in inputs) <= indexing.INDEX_LIMIT
             and max(made) <= indexing.INDEX_LIMIT and max(rows * H, n_chunks) <= indexing.GRID_LIMIT)
 
 
