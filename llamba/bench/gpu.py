@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llamba.generation.engine import Decoder
+from llamba.generation.engine import Decoder, capture_graph
 from llamba.generation.sampling import SamplingParams
 
 GREEDY = SamplingParams()
@@ -161,20 +161,6 @@ def hf_generate(teacher, batch, prompt, new_tokens) -> dict:
     return out
 
 
-def graphed(fn):
-    """``fn`` captured as one CUDA graph; returns its replay. A warm call on a side stream first compiles its Triton
-    kernels and settles the allocator, as capture requires."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def prefill_rates(teacher, student, contexts=(2048, 8192), tokens=16384, rounds: int = 3,
                   compile: bool = True) -> list[dict]:
     """Prefill tokens/s as generation runs it (the student's engine, the teacher's static-KV prefill; their dense
@@ -196,7 +182,8 @@ def prefill_rates(teacher, student, contexts=(2048, 8192), tokens=16384, rounds:
 
         runs = {"student_host": run_student, "teacher_host": lambda: st.prefill(ids)}
         with torch.no_grad():
-            runs.update(student=graphed(run_student), teacher=graphed(runs["teacher_host"]))
+            runs.update(student=capture_graph(run_student).replay,
+                        teacher=capture_graph(runs["teacher_host"]).replay)
             best = dict.fromkeys(runs, float("inf"))
             for _ in range(rounds):
                 for name, fn in runs.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamba.generation.engine import _block_tail, _compiled_pieces, _logits_head, _mixer_inputs
+from llamba.generation.engine import _block_tail, _compiled_pieces, _logits_head, _mixer_inputs, tail_weights
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class StaticLlama:
         rope = self._attention[2]
         h = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):
-            norm, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+            norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
             q, k = (t.transpose(1, 2) for t in rope(q, k, self.cos[:T], self.sin[:T], self.n_q, self.n_kv,
                                                      self.head_dim))
@@ -110,10 +110,8 @@ class StaticLlama:
             self.k[i, rows, :, :T] = k
             self.v[i, rows, :, :T] = v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            o_proj = layer.self_attn.o_proj
-            h = tail(h, o.transpose(1, 2).reshape(b, T, -1), o_proj.weight, o_proj.bias, norm2.weight,
-                     norm2.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
-                     mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+            h = tail(h, o.transpose(1, 2).reshape(b, T, -1),
+                     *tail_weights(layer.self_attn.o_proj, norm2, norm2.variance_epsilon, layer.mlp))
         return head(h[:, -1:], m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight,
                     self.model.lm_head.bias, self.model.config.vocab_size)
 
@@ -130,17 +128,14 @@ class StaticLlama:
         h = m.embed_tokens(tok[:, None])
         scale = self.head_dim ** -0.5
         for i, layer in enumerate(m.layers):
-            norm, mlp = layer.input_layernorm, layer.mlp
+            norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
             q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
             q, k = rope(q, k, self.cos, self.sin, pos, self.n_kv, self.head_dim)
             self.k[i].index_copy_(2, pos, k)
             self.v[i].index_copy_(2, pos, v.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2))
             probs = probs_of(torch.matmul(q, self.k[i].transpose(-1, -2)), self.positions, pos, scale)
             o = torch.matmul(probs, self.v[i]).reshape(b, 1, self.n_q * self.head_dim)
-            norm2, o_proj = layer.post_attention_layernorm, layer.self_attn.o_proj
-            h = tail(h, o, o_proj.weight, o_proj.bias, norm2.weight, norm2.variance_epsilon,
-                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                     mlp.down_proj.weight, mlp.down_proj.bias)
+            h = tail(h, o, *tail_weights(layer.self_attn.o_proj, norm2, norm2.variance_epsilon, layer.mlp))
         return head(h, m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight, self.model.lm_head.bias,
                     self.model.config.vocab_size)
 

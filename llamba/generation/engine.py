@@ -70,6 +70,27 @@ def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, dow
     return h + F.linear(F.silu(F.linear(u, gate_w, gate_b)) * F.linear(u, up_w, up_b), down_w, down_b)
 
 
+def tail_weights(out_proj, norm, eps: float, mlp) -> tuple:
+    """``_block_tail``'s weights after (h, y) for one block: its output projection, post-mixer norm and SwiGLU."""
+    return (out_proj.weight, out_proj.bias, norm.weight, eps, mlp.gate_proj.weight, mlp.gate_proj.bias,
+            mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """``fn`` captured as one CUDA graph, after ``warmups`` calls on a side stream: they compile its kernels and
+    settle the allocator, as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def _logits_head(h, norm_w, eps, lm_w, lm_b, vocab: int):
     return F.linear(_rms_norm(h, norm_w, eps), lm_w, lm_b)[:, -1, :vocab]
 
@@ -137,16 +158,13 @@ class Decoder:
         backbone, (pre, tail, head) = self.model.backbone, self._pieces
         h = backbone.embedding(input_ids)
         for layer, a_proj in zip(backbone.layers, self._a_proj):
-            mixer, mlp = layer.mixer, layer.mlp
-            norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            mixer, norm, norm2 = layer.mixer, layer.input_layernorm, layer.post_attention_layernorm
             # in_proj as split_in_proj runs it (an aligned GEMM, then the A_log rows apart), with those rows' weight
             # cut once ahead: Inductor failed to compile the cut inside, with dynamic shapes
             xBC, z, u = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
                             "kernel")
             y = mixer.mix(xBC, z, F.linear(u, *a_proj), cache, attention_mask=attention_mask)
-            h = tail(h, y, mixer.out_proj.weight, mixer.out_proj.bias, norm2.weight, norm2.eps,
-                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                     mlp.down_proj.weight, mlp.down_proj.bias)
+            h = tail(h, y, *tail_weights(mixer.out_proj, norm2, norm2.eps, layer.mlp))
         cache.seen_tokens += input_ids.shape[1]
         final = backbone.final_layernorm
         return head(h[:, -1:], final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
@@ -159,17 +177,13 @@ class Decoder:
         backbone, (pre, tail, head) = self.model.backbone, self._pieces
         h = backbone.embedding(tok[:, None])
         for i, layer in enumerate(backbone.layers):
-            mixer, mlp = layer.mixer, layer.mlp
-            norm = layer.input_layernorm
+            mixer, norm, norm2 = layer.mixer, layer.input_layernorm, layer.post_attention_layernorm
             xBC, z, A_log = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
                                 self._in_proj)
             A_log = (A_log[:, 0], *self._a_proj[i]) if self._in_proj == "kernel" else A_log[:, 0]  # u, or A_log
             y = mixer_step(xBC[:, 0], z[:, 0], A_log, self.cache.conv_states[i], self.cache.ssm_states[i],
                            mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.z_bias, mixer.n_qk_heads)
-            norm2 = layer.post_attention_layernorm
-            h = tail(h, y[:, None], mixer.out_proj.weight, mixer.out_proj.bias, norm2.weight, norm2.eps,
-                     mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
-                     mlp.down_proj.weight, mlp.down_proj.bias)
+            h = tail(h, y[:, None], *tail_weights(mixer.out_proj, norm2, norm2.eps, layer.mlp))
         final = backbone.final_layernorm
         return head(h, final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
                     self.model.config.vocab_size)
@@ -180,15 +194,8 @@ class Decoder:
 
     def _capture(self) -> None:
         # Warm-up (and compilation) and capture run real steps on scratch state; start() resets everything.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.step()
+        with torch.no_grad():
+            self.graph = capture_graph(self.step, warmups=2)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill_rows: int) -> None:
