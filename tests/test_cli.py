@@ -1,5 +1,7 @@
 """The `llamba` command line: convert and generate on the real teacher, and one-line errors for bad input."""
 
+import sys
+
 from llamba.cli import main
 
 
@@ -22,3 +24,19 @@ def test_bad_model_path_is_one_clear_line(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("llamba generate: error:") and "nope" in err and "Traceback" not in err
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    """An inference-only install (`pip install llamba`) running a command that needs an extra gets one line saying
+    which extra to install, not a traceback; an ImportError of anything else is not hidden."""
+    from llamba.cli import missing_extra
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # importing it now raises ModuleNotFoundError
+    assert main(["eval", "--models", "smollm2-135m", "--tasks", "arc_easy", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llamba eval: error:") and "pip install 'llamba[eval]'" in err and "Traceback" not in err
+    assert missing_extra(ModuleNotFoundError("x", name="matplotlib"), "distill") == "train"
+    assert missing_extra(ModuleNotFoundError("x", name="matplotlib"), "eval") == "eval"
+    assert missing_extra(ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint"),
+                         "convert") == "gguf"
+    assert missing_extra(ModuleNotFoundError("x", name="llamba.not_a_module"), "generate") is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 COMMANDS = {
@@ -30,14 +31,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Build only the chosen command's full parser.
     parser = argparse.ArgumentParser(prog=f"llamba {argv[0]}", description=COMMANDS[argv[0]])
-    module = importlib.import_module(f"llamba.cli.{argv[0]}")
-    module.register(parser)
-    args = parser.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        check_command_extra(argv[0])
+        module = importlib.import_module(f"llamba.cli.{argv[0]}")
+        module.register(parser)
+        return int(module.run(parser.parse_args(argv[1:])) or 0)
     except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
         print(f"llamba {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        extra = missing_extra(err, argv[0])
+        if extra is None:
+            raise
+        print(f"llamba {argv[0]}: error: {err}\n  this needs an optional dependency: pip install 'llamba[{extra}]'",
+              file=sys.stderr)
+        return 2
+
+
+# What each extra of pyproject.toml brings, by import name (eval's lm-eval brings datasets), smallest extra first
+EXTRAS = {"gguf": {"gguf", "accelerate"}, "gpu": {"triton"}, "edge": {"llama_cpp"},
+          "eval": {"gguf", "accelerate", "lm_eval", "datasets", "matplotlib", "yaml"},
+          "train": {"gguf", "accelerate", "datasets", "pyarrow", "zstandard", "yaml", "tensorboard", "matplotlib"}}
+# The extra that brings everything a command needs, and what it imports in any case (checked before any work)
+COMMAND_EXTRA = {"distill": ("train", ("datasets", "yaml", "matplotlib")), "eval": ("eval", ("lm_eval", "matplotlib"))}
+
+
+def check_command_extra(command: str) -> None:
+    extra, needed = COMMAND_EXTRA.get(command, (None, ()))
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"No module named {missing[0]!r}", name=missing[0])
+
+
+def missing_extra(err: ImportError, command: str) -> str | None:
+    """The extra that brings a module a command failed to import (the command's own extra when it does), or None
+    for any other ImportError. transformers reports a missing gguf in its message, not as a module name."""
+    name = (err.name or "").split(".")[0] or ("gguf" if "gguf" in str(err) else "")
+    own = COMMAND_EXTRA.get(command, (None,))[0]
+    if own is not None and name in EXTRAS[own]:
+        return own
+    return next((extra for extra, modules in EXTRAS.items() if name in modules), None)
 
 
 if __name__ == "__main__":
