@@ -40,3 +40,13 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
     assert missing_extra(ImportError("Please install torch and gguf>=0.10.0 to load a GGUF checkpoint"),
                          "convert") == "gguf"
     assert missing_extra(ModuleNotFoundError("x", name="llamba.not_a_module"), "generate") is None
+
+
+def test_bad_sampling_options_are_refused_before_loading(capsys):
+    """Checked on every path alike (transformers' CPU generate had taken a top-p of 2), before any model loads."""
+    for option, value, says in [("--top-p", "2", "top_p"), ("--temperature", "-1", "--temperature"),
+                                ("--min-p", "1.5", "min_p"), ("--repetition-penalty", "0", "repetition_penalty")]:
+        extra = ["--temperature", "0.7"] if option != "--temperature" else []
+        assert main(["generate", "--model", "does-not-matter", "--prompt", "x", option, value, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("llamba generate: error:") and says in err and "Traceback" not in err, err

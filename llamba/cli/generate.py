@@ -39,11 +39,24 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool):
     return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
+def check_sampling(args) -> None:
+    """The same checks on every path (the GPU engine, transformers' generate, the CPU runtime), before any loading:
+    transformers' own generate accepted a top-p of 2."""
+    from llamba.generation.sampling import SamplingParams
+
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k or 0,
+                   top_p=1.0 if args.top_p is None else args.top_p, min_p=args.min_p or 0.0,
+                   repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty).validate()
+
+
 def run(args) -> int:
     from llamba.checkpoint import load_model
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
+    check_sampling(args)
     if args.quant is not None or str(args.model).endswith(".safetensors"):
         from llamba.quant.generate import generate_cpu
 
