@@ -112,7 +112,7 @@ def run(args) -> int:
         for name, s in stats.items():
             rows[name]["heldout ppl"] = s["ppl"]
             if name != args.models[0]:
-                rows[name]["teacher||model kl"] = s["kl_from_teacher"]
+                rows[name]["teacher‖model kl"] = s["kl_from_teacher"]
     meta["seconds"] = round(time.time() - started, 1)
     paths = write_report(args.out, args.models, rows, meta, raw)
     print(paths["md"].read_text())

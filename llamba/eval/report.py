@@ -22,17 +22,21 @@ def markdown_table(models: list[str], rows: dict[str, dict[str, float]]) -> str:
     teacher = models[0]
     names = list(dict.fromkeys(r for m in models for r in rows.get(m, {})))
     header = ["task metric", *models, *[f"{m} / {teacher}" for m in models[1:]]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"
 
+    def cell(text: str) -> str:  # a bare | would split the cell (model paths, row names)
+        return text.replace("|", "\\|")
+
     def ratio(a, b):
         return None if a is None or not b else a / b
 
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     for name in names:
         vals = [rows.get(m, {}).get(name) for m in models]
-        lines.append("| " + " | ".join([name, *map(fmt, vals), *[fmt(ratio(v, vals[0])) for v in vals[1:]]]) + " |")
+        lines.append("| " + " | ".join([cell(name), *map(fmt, vals), *[fmt(ratio(v, vals[0])) for v in vals[1:]]])
+                     + " |")
     means = [mean_row({k: v for k, v in rows.get(m, {}).items() if k in names}) for m in models]
     lines.append("| " + " | ".join(["**mean (accuracy rows)**", *map(fmt, means),
                                     *[fmt(ratio(v, means[0])) for v in means[1:]]]) + " |")
