@@ -1,6 +1,8 @@
 """The whole Llamba model: cache paths, generation, checkpoints in the official format, clear errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,9 +169,10 @@ def test_bad_config_is_explained():
 
 
 def test_auto_classes_load_a_saved_student(tmp_path):
-    from transformers import AutoModelForCausalLM
-
+    """As a transformers user loads one: in a fresh interpreter, ``import llamba`` is all it takes."""
     model = tiny_model(dtype=torch.float32)
     save_student(model, None, tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert isinstance(loaded, LlambaForCausalLM)
+    code = ("import llamba\nfrom transformers import AutoModelForCausalLM\n"
+            f"print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "LlambaForCausalLM", run.stderr[-2000:]
