@@ -93,6 +93,56 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
     assert torch.equal(y_inf, y.detach()) and torch.equal(s_inf, s.detach())
 
 
+CUDA_BACKWARD_CASES = [  # batch, length, H, P, N, with seq_idx, with initial state, final state in the loss
+    (2, 200, 3, 128, 128, True, True, True),
+    (1, 333, 2, 128, 128, False, False, False),
+    (2, 130, 3, 128, 64, True, False, True),
+    (2, 64, 2, 64, 64, False, True, False),
+    (1, 1, 2, 128, 128, False, True, True),
+]
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDA_BACKWARD_CASES)
+def test_cuda_scan_backward_matches_float64_and_triton(case, monkeypatch):
+    """The one-pass CUDA backward (cuda_backward.cu) against the float64 token loop and against the Triton backward
+    it replaces, on the same bf16 inputs and forward: all gradients, ragged lengths, document resets, an initial
+    state and a final-state gradient."""
+    from llamba.ops.ssd import cuda_backward, triton_chunk
+    from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
+
+    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
+    b, L, H, P, N, with_seq, with_init, final_in_loss = case
+    x = torch.randn(b, L, H, P, device="cuda").bfloat16()
+    B = (torch.randn(b, L, H, N, device="cuda") / N ** 0.5).bfloat16()
+    C = (torch.randn(b, L, H, N, device="cuda") / N ** 0.5).bfloat16()
+    la = -F.softplus(torch.randn(b, L, H, device="cuda"))
+    s0 = torch.randn(b, H, P, N, device="cuda") if with_init else None
+    seq = torch.cumsum((torch.rand(b, L, device="cuda") < 0.02).long(), 1) if with_seq else None
+
+    ref_in = [t.double().requires_grad_() for t in (x, B, C, la)] + ([s0.double().requires_grad_()] if with_init else [])
+    y_ref, s_ref = ssd_loop(*ref_in[:4], initial_state=ref_in[4] if with_init else None, seq_idx=seq)
+    dy, ds = torch.randn_like(y_ref), torch.randn_like(s_ref) * final_in_loss
+    ((y_ref * dy).sum() + (s_ref * ds).sum()).backward()
+
+    calls = []
+    monkeypatch.setattr(cuda_backward, "backward", lambda *a, _f=cuda_backward.backward: calls.append(1) or _f(*a))
+    grads = {}
+    for route in ("triton", "cuda"):
+        monkeypatch.setattr(triton_chunk, "CUDA_BACKWARD", "always" if route == "cuda" else "never")
+        ins = [t.clone().requires_grad_() for t in (x, B, C, la)] + ([s0.clone().requires_grad_()] if with_init else [])
+        y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq)
+        ((y.float() * dy.float()).sum() + ((s * ds.float()).sum() if final_in_loss else 0)).backward()
+        grads[route] = [t.grad for t in ins]
+    assert len(calls) == 1, "the CUDA backward did not run"
+    for name, got, triton_grad, want in zip("x B C log_a init".split(), grads["cuda"], grads["triton"], ref_in):
+        assert got.dtype == triton_grad.dtype and got.shape == triton_grad.shape, name
+        assert torch.isfinite(got).all(), name
+        assert rel(got, want.grad) < 3e-2 * (2 if name == "log_a" else 1), name
+        assert rel(got, triton_grad) < 1e-2, name  # the same products with the same roundings, summed in other orders
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("length", [1, 64, 130])

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from llamba.ops import indexing
-from llamba.ops.ssd import needs_grad
+from llamba.ops.ssd import cuda_backward, needs_grad
 from llamba.ops.ssd.naive import state_dtype
 
 BT = 64  # tokens per chunk (tile); the function computed does not depend on it
@@ -47,6 +47,9 @@ LAUNCH = {"states": dict(num_warps=4, num_stages=4), "states_reverse": dict(num_
           "output": dict(num_warps=4, num_stages=2),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
+# The one-pass backward in CUDA (cuda_backward.py): "wide" where one Triton program cannot hold the state gradient
+# (head dim past 64), "always" where it applies, or "never"
+CUDA_BACKWARD = "wide"
 
 
 @triton.jit
@@ -601,7 +604,12 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
 
     fused = _use_fused_forward(batch * H, P, x.device)
     BP, BN = _fused_tiles(P, N, x.dtype)
-    if fused and BP >= P:  # everything in one reversed pass per head
+    use_cuda = CUDA_BACKWARD == "always" or (CUDA_BACKWARD == "wide" and BP < P)
+    if fused and use_cuda and cuda_backward.supports(x, B, dy, states_in, HPG):
+        # the single reversed pass below as a CUDA kernel, whose block holds all of the state gradient
+        dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
+        d_init = cuda_backward.backward(x, B, C, la, seq, states_in, dy, d_final, dx, dB_h, dC_h, dla)
+    elif fused and BP >= P:  # everything in one reversed pass per head
         dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
         d_init = reversed_pass(BP, BN, dla=dla)
     else:

@@ -1,0 +1,399 @@
+// The scan's backward in one reversed pass per (batch row, head), the whole state gradient G (P x N, float32) held
+// by one block: llamba/ops/ssd/cuda_backward.py compiles this with NVRTC and launches it.
+//
+// Why CUDA: at head dim and d_state 128, G is 64 KiB of float32. Triton keeps a loop's carried values in registers,
+// and every build that held all of G spilled (docs/kernels.md), so its backward splits G over two programs and
+// sends snapshots of it to per-chunk programs for dB and dC: 256 KiB of memory traffic per chunk and head. Here G's
+// float32 master stays in the block's registers (as mma accumulators), its bf16 copy for the products in shared
+// memory, and each chunk moves only what it must: x, dy, B, C, the forward's state snapshot in, dx, dB, dC out
+// (144 KiB). The math is the ALL_P branch of _fused_backward_kernel in triton_chunk.py, product for product, with the
+// same roundings (operands in bf16, accumulators and the decays in float32):
+//
+//     A = (C B^T) * M,  R = (dy x^T) * M              M_ts = exp(cs_t - cs_s), s <= t, same document
+//     dx = A^T dy + w (B G^T)
+//     dC = R B + e (dy S_in)        dB = R^T C + w (x G)        dcs_t = C_t . dC_t - B_t . dB_t
+//     G <- decay G + (e dy)^T C     (the gradient of the state entering the chunk)
+//
+// Products are warp-level mma.sync m16n8k16 (bf16 in, float32 accumulate) with operands loaded by ldmatrix from
+// padded shared-memory rows (8 extra bf16 per row: conflict-free), inputs copied in by cp.async one chunk ahead.
+// No CUDA headers are needed: bf16 values are handled as raw 16-bit patterns.
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+
+constexpr int BT = 64;        // tokens per chunk
+constexpr int THREADS = 256;  // 8 warps
+constexpr int LDT = BT + 8;   // padded row of the (BT, BT) score tiles
+
+__device__ __forceinline__ float bf16_to_float(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
+
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u32 shared_address(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const bf16_t* p, bool trans) {
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void copy16_async(bf16_t* dst, const bf16_t* src, bool valid) {
+    // src-size 0 fills the 16 bytes with zeros: rows past the sequence's end read as zeros, as in the Triton kernels
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared_address(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// A warp's (MT*16, NT*8) tile of acc += A B over K. A is (M, K): stored [m][k] (A_KMAJOR) or [k][m]; B is (K, N):
+// stored [n][k] (B_KMAJOR) or [k][n]. With a k_scale, A's column k is multiplied by k_scale[k] in registers first
+// (rounded to bf16 again, as the Triton kernel rounds e * dy).
+template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR>
+__device__ __forceinline__ void warp_mma(float (&acc)[MT][NT][4], const bf16_t* a, int lda, int m0, const bf16_t* b,
+                                         int ldb, int n0, const float* k_scale = nullptr) {
+    static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
+    const int lane = threadIdx.x & 31, quad = lane >> 3, row8 = lane & 7;
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        u32 af[MT][4];
+#pragma unroll
+        for (int mi = 0; mi < MT; ++mi) {
+            const int m = m0 + mi * 16;
+            if (A_KMAJOR)
+                ldmatrix_x4(af[mi], a + (m + (lane & 15)) * lda + k0 + (lane >> 4) * 8, false);
+            else
+                ldmatrix_x4(af[mi], a + (k0 + (quad >> 1) * 8 + row8) * lda + m + (quad & 1) * 8, true);
+            if (k_scale != nullptr) {
+                const int k = k0 + (lane & 3) * 2;  // registers 0, 1 hold columns k, k+1; registers 2, 3: k+8, k+9
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int kk = k + (r >> 1) * 8;
+                    const u32 v = af[mi][r];
+                    af[mi][r] = pack_bf16x2(bf16_to_float(v & 0xffff) * k_scale[kk],
+                                            bf16_to_float(v >> 16) * k_scale[kk + 1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int nj = 0; nj < NT; nj += 2) {
+            const int n = n0 + nj * 8;
+            u32 bf[4];  // (n tile nj: k0, k0+8), (n tile nj+1: k0, k0+8)
+            if (B_KMAJOR)
+                ldmatrix_x4(bf, b + (n + (quad >> 1) * 8 + row8) * ldb + k0 + (quad & 1) * 8, false);
+            else
+                ldmatrix_x4(bf, b + (k0 + (quad & 1) * 8 + row8) * ldb + n + (quad >> 1) * 8, true);
+#pragma unroll
+            for (int mi = 0; mi < MT; ++mi) {
+                mma_bf16(acc[mi][nj], af[mi], bf[0], bf[1]);
+                mma_bf16(acc[mi][nj + 1], af[mi], bf[2], bf[3]);
+            }
+        }
+    }
+}
+
+// Where element r of acc[mi][nj] sits in the warp's tile: row m0 + mi*16 + (lane>>2) + 8*(r>>1), column
+// n0 + nj*8 + 2*(lane&3) + (r&1).
+__device__ __forceinline__ int acc_row(int m0, int mi, int r) { return m0 + mi * 16 + ((threadIdx.x & 31) >> 2) + 8 * (r >> 1); }
+__device__ __forceinline__ int acc_col(int n0, int nj) { return n0 + nj * 8 + 2 * (threadIdx.x & 3); }
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][nj][r] = 0.0f;
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void scale_rows(float (&acc)[MT][NT][4], const float* s, int m0) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mi][nj][r] *= s[acc_row(m0, mi, r)];
+}
+
+// Stores a (64, W) token tile from its accumulators as bf16 (rows past the sequence's end are dropped). With a
+// ref (the (64, W) bf16 tile of C or B in shared memory), adds sign * sum_col(acc * ref) per row into dcs.
+template <int MT, int NT, bool DCS>
+__device__ __forceinline__ void store_tokens(const float (&acc)[MT][NT][4], bf16_t* out, long long s_t, int t0,
+                                             int L, int m0, int n0, const bf16_t* ref, int ld_ref, float sign,
+                                             float (&dcs)[MT][2]) {
+#pragma unroll
+    for (int mi = 0; mi < MT; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < NT; ++nj)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = acc_row(m0, mi, 2 * h), col = acc_col(n0, nj);
+                const float v0 = acc[mi][nj][2 * h], v1 = acc[mi][nj][2 * h + 1];
+                if (DCS) {
+                    const u32 rv = *reinterpret_cast<const u32*>(ref + row * ld_ref + col);
+                    dcs[mi][h] += sign * (bf16_to_float(rv & 0xffff) * v0 + bf16_to_float(rv >> 16) * v1);
+                }
+                if (t0 + row < L)
+                    *reinterpret_cast<u32*>(out + (long long)(t0 + row) * s_t + col) = pack_bf16x2(v0, v1);
+            }
+}
+
+// cp.async of a (rows, W) bf16 tile whose rows are `stride` elements apart (rows at or past `valid_rows`: zeros)
+template <int W>
+__device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, const bf16_t* src, long long stride, int rows,
+                                                int valid_rows) {
+    constexpr int VECS = W / 8;
+    for (int i = threadIdx.x; i < rows * VECS; i += THREADS) {
+        const int r = i / VECS, v = i % VECS;
+        const bool ok = r < valid_rows;
+        copy16_async(dst + r * ld + v * 8, ok ? src + (long long)r * stride + v * 8 : src, ok);
+    }
+}
+
+// Strides are in elements. dB and dC share their strides, la and dla theirs; S is (batch, chunks, H, P, N), d_final
+// and d_init are contiguous (batch, H, P, N), seq (batch, chunks * 64) when HAS_SEQ.
+template <int P, int N, bool HAS_SEQ, bool HAS_DFINAL>
+__global__ void __launch_bounds__(THREADS, 1) ssd_backward(
+    const bf16_t* x_, const bf16_t* B_, const bf16_t* C_, const bf16_t* dy_, const bf16_t* S_, const float* la_,
+    const float* d_final, const int* seq_, bf16_t* dx_, bf16_t* dB_, bf16_t* dC_, float* dla_, float* d_init,
+    int L, int H, int HPG, int n_chunks,
+    int s_xb, int s_xt, int s_xh, int s_bb, int s_bt, int s_bh, int s_cb, int s_ct, int s_ch,
+    int s_dyb, int s_dyt, int s_dyh, int s_dxb, int s_dxt, int s_dxh, int s_dbb, int s_dbt, int s_dbh,
+    int s_lab, int s_lat, int s_sqb, int s_sb, int s_sc, int s_sh, int s_sp) {
+    constexpr int LDP = P + 8, LDN = N + 8;
+    // warp tiles: token tiles (64, W) as 2 x 4 warps of (32, W/4); scores (64, 64) as 4 x 2 of (16, 32);
+    // the state gradient (P, N) as 4 x 2 of (P/4, N/2)
+    constexpr int TW_P = P / 32, TW_N = N / 32, GM = P / 64, GN = N / 16;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* buf = reinterpret_cast<bf16_t*>(smem);  // 2 x {x (64, P), dy (64, P), B (64, N), C (64, N)}
+    constexpr int BUF = 2 * BT * LDP + 2 * BT * LDN;
+    bf16_t* sS = buf + 2 * BUF;          // the state entering the chunk (P, N)
+    bf16_t* sG = sS + P * LDN;           // bf16 copy of G (P, N)
+    bf16_t* sA = sG + P * LDN;           // A = (C B^T) * M (64, 64)
+    bf16_t* sR = sA + BT * LDT;          // R = (dy x^T) * M
+    float* cs = reinterpret_cast<float*>(sR + BT * LDT);
+    float* e = cs + BT;
+    float* w = e + BT;
+    float* dcs = w + BT;
+    int* seq = reinterpret_cast<int*>(dcs + BT);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / HPG;
+    const bf16_t* x = x_ + (long long)b * s_xb + h * s_xh;
+    const bf16_t* Bg = B_ + (long long)b * s_bb + g * s_bh;
+    const bf16_t* Cg = C_ + (long long)b * s_cb + g * s_ch;
+    const bf16_t* dy = dy_ + (long long)b * s_dyb + h * s_dyh;
+    const bf16_t* S = S_ + (long long)b * s_sb + h * s_sh;
+    const float* la = la_ + (long long)b * s_lab + h;
+    bf16_t* dx = dx_ + (long long)b * s_dxb + h * s_dxh;
+    bf16_t* dB = dB_ + (long long)b * s_dbb + h * s_dbh;
+    bf16_t* dC = dC_ + (long long)b * s_dbb + h * s_dbh;
+    float* dla = dla_ + (long long)b * s_lab + h;
+
+    const int tm0 = (warp & 1) * 32;                                  // token tiles
+    const int sm0 = (warp & 3) * 16, sn0 = (warp >> 2) * 32;          // scores
+    const int gm0 = (warp & 3) * (P / 4), gn0 = (warp >> 2) * (N / 2);  // G
+
+    auto load_tokens = [&](int c, int slot) {
+        bf16_t* s = buf + slot * BUF;
+        const int t0 = c * BT, rows = min(BT, L - t0);
+        load_tile_async<P>(s, LDP, x + (long long)t0 * s_xt, s_xt, BT, rows);
+        load_tile_async<P>(s + BT * LDP, LDP, dy + (long long)t0 * s_dyt, s_dyt, BT, rows);
+        load_tile_async<N>(s + 2 * BT * LDP, LDN, Bg + (long long)t0 * s_bt, s_bt, BT, rows);
+        load_tile_async<N>(s + 2 * BT * LDP + BT * LDN, LDN, Cg + (long long)t0 * s_ct, s_ct, BT, rows);
+    };
+    auto load_state = [&](int c) { load_tile_async<N>(sS, LDN, S + (long long)c * s_sc, s_sp, P, P); };
+
+    float G[GM][GN][4];  // the gradient of the state leaving the current chunk, float32
+    if (HAS_DFINAL) {
+        const float* df = d_final + ((long long)b * H + h) * P * N;
+#pragma unroll
+        for (int mi = 0; mi < GM; ++mi)
+#pragma unroll
+            for (int nj = 0; nj < GN; ++nj)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) G[mi][nj][r] = df[acc_row(gm0, mi, r) * N + acc_col(gn0, nj) + (r & 1)];
+    } else {
+        zero(G);
+    }
+    auto store_G_bf16 = [&]() {
+#pragma unroll
+        for (int mi = 0; mi < GM; ++mi)
+#pragma unroll
+            for (int nj = 0; nj < GN; ++nj)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    *reinterpret_cast<u32*>(sG + acc_row(gm0, mi, 2 * hh) * LDN + acc_col(gn0, nj)) =
+                        pack_bf16x2(G[mi][nj][2 * hh], G[mi][nj][2 * hh + 1]);
+    };
+    store_G_bf16();
+    load_tokens(n_chunks - 1, 0);
+    load_state(n_chunks - 1);
+    async_commit();
+
+    float later = 0.0f;  // dcs summed over the tokens of the chunks done so far (warp 0)
+    for (int i = 0; i < n_chunks; ++i) {
+        const int c = n_chunks - 1 - i, t0 = c * BT;
+        const bf16_t* sX = buf + (i & 1) * BUF;
+        const bf16_t* sDY = sX + BT * LDP;
+        const bf16_t* sB = sX + 2 * BT * LDP;
+        const bf16_t* sC = sB + BT * LDN;
+
+        float decay;  // the chunk's decay of the state passing through it
+        if (warp == 0) {  // the log-decay summed within the chunk; e, w; document ids
+            const int t = 2 * lane;
+            const float a0 = t0 + t < L ? la[(long long)(t0 + t) * s_lat] : 0.0f;
+            const float a1 = t0 + t + 1 < L ? la[(long long)(t0 + t + 1) * s_lat] : 0.0f;
+            float run = a0 + a1;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run += up;
+            }
+            const float c1 = run, c0 = run - a1, last = __shfl_sync(0xffffffffu, run, 31);
+            bool start0 = true, start1 = true, end0 = true, end1 = true;
+            if (HAS_SEQ) {
+                const int* sq = seq_ + (long long)b * s_sqb;
+                const int q0 = sq[t0 + t], q1 = sq[t0 + t + 1], q_last = sq[t0 + BT - 1];
+                const int q_prev = sq[max(t0 - 1, 0)];
+                start0 = q0 == q_prev, start1 = q1 == q_prev, end0 = q0 == q_last, end1 = q1 == q_last;
+                seq[t] = q0, seq[t + 1] = q1;
+            }
+            cs[t] = c0, cs[t + 1] = c1;
+            e[t] = start0 ? __expf(c0) : 0.0f, e[t + 1] = start1 ? __expf(c1) : 0.0f;
+            w[t] = end0 ? __expf(last - c0) : 0.0f, w[t + 1] = end1 ? __expf(last - c1) : 0.0f;
+            dcs[t] = 0.0f, dcs[t + 1] = 0.0f;
+        }
+        async_wait_all();
+        __syncthreads();
+        {
+            const float cs_last = cs[BT - 1];
+            bool carry = true;
+            if (HAS_SEQ) {
+                const int* sq = seq_ + (long long)b * s_sqb;
+                carry = sq[t0 + BT - 1] == sq[max(t0 - 1, 0)];
+            }
+            decay = carry ? __expf(cs_last) : 0.0f;
+        }
+        if (i + 1 < n_chunks) load_tokens(c - 1, (i + 1) & 1);  // the next chunk's inputs, while this one runs
+        async_commit();
+
+        {  // A = (C B^T) * M and R = (dy x^T) * M, stored as bf16 for the products below
+            float accA[1][4][4], accR[1][4][4];
+            zero(accA);
+            zero(accR);
+            warp_mma<1, 4, N, true, true>(accA, sC, LDN, sm0, sB, LDN, sn0);
+            warp_mma<1, 4, P, true, true>(accR, sDY, LDP, sm0, sX, LDP, sn0);
+#pragma unroll
+            for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int t = acc_row(sm0, 0, 2 * hh), s = acc_col(sn0, nj);
+                    float m[2];
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        bool keep = s + j <= t;
+                        if (HAS_SEQ) keep = keep && seq[s + j] == seq[t];
+                        m[j] = keep ? __expf(cs[t] - cs[s + j]) : 0.0f;
+                    }
+                    *reinterpret_cast<u32*>(sA + t * LDT + s) =
+                        pack_bf16x2(accA[0][nj][2 * hh] * m[0], accA[0][nj][2 * hh + 1] * m[1]);
+                    *reinterpret_cast<u32*>(sR + t * LDT + s) =
+                        pack_bf16x2(accR[0][nj][2 * hh] * m[0], accR[0][nj][2 * hh + 1] * m[1]);
+                }
+        }
+        __syncthreads();
+
+        float dcs_part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // this thread's rows of dcs
+        {  // dx = A^T dy + w (B G^T)
+            float acc[2][TW_P][4];
+            zero(acc);
+            warp_mma<2, TW_P, N, true, true>(acc, sB, LDN, tm0, sG, LDN, (warp >> 1) * (P / 4));
+            scale_rows(acc, w, tm0);
+            warp_mma<2, TW_P, BT, false, false>(acc, sA, LDT, tm0, sDY, LDP, (warp >> 1) * (P / 4));
+            store_tokens<2, TW_P, false>(acc, dx, s_dxt, t0, L, tm0, (warp >> 1) * (P / 4), nullptr, 0, 0.0f,
+                                         dcs_part);
+        }
+        {  // dC = R B + e (dy S_in)
+            float acc[2][TW_N][4];
+            zero(acc);
+            warp_mma<2, TW_N, P, true, false>(acc, sDY, LDP, tm0, sS, LDN, (warp >> 1) * (N / 4));
+            scale_rows(acc, e, tm0);
+            warp_mma<2, TW_N, BT, true, false>(acc, sR, LDT, tm0, sB, LDN, (warp >> 1) * (N / 4));
+            store_tokens<2, TW_N, true>(acc, dC, s_dbt, t0, L, tm0, (warp >> 1) * (N / 4), sC, LDN, 1.0f, dcs_part);
+        }
+        __syncthreads();  // sS is read: the next chunk's state comes in while dB and G are computed
+        if (c > 0) load_state(c - 1);
+        async_commit();
+        {  // dB = R^T C + w (x G)
+            float acc[2][TW_N][4];
+            zero(acc);
+            warp_mma<2, TW_N, P, true, false>(acc, sX, LDP, tm0, sG, LDN, (warp >> 1) * (N / 4));
+            scale_rows(acc, w, tm0);
+            warp_mma<2, TW_N, BT, false, false>(acc, sR, LDT, tm0, sC, LDN, (warp >> 1) * (N / 4));
+            store_tokens<2, TW_N, true>(acc, dB, s_dbt, t0, L, tm0, (warp >> 1) * (N / 4), sB, LDN, -1.0f, dcs_part);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)  // the four threads of a quad hold one row: sum them, then over the warps
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float v = dcs_part[mi][hh];
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                if ((lane & 3) == 0) atomicAdd(&dcs[acc_row(tm0, mi, 2 * hh)], v);
+            }
+        // G <- decay G + (e dy)^T C
+#pragma unroll
+        for (int mi = 0; mi < GM; ++mi)
+#pragma unroll
+            for (int nj = 0; nj < GN; ++nj)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) G[mi][nj][r] *= decay;
+        warp_mma<GM, GN, BT, false, false>(G, sDY, LDP, gm0, sC, LDN, gn0, e);
+        __syncthreads();  // every warp is done with sG and dcs
+        store_G_bf16();
+        if (warp == 0) {  // dlog_a_t = sum of dcs over the later tokens (this chunk's, then the later chunks')
+            const int t = 2 * lane;
+            const float d0 = dcs[t], d1 = dcs[t + 1];
+            float run = d0 + d1;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float up = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run += up;
+            }
+            const float total = __shfl_sync(0xffffffffu, run, 31);
+            const float after1 = total - run, after0 = after1 + d1;  // sums over the tokens after t+1 and after t
+            if (t0 + t < L) dla[(long long)(t0 + t) * s_lat] = later + after0 + d0;
+            if (t0 + t + 1 < L) dla[(long long)(t0 + t + 1) * s_lat] = later + after1 + d1;
+            later += total;
+        }
+    }
+    float* di = d_init + ((long long)b * H + h) * P * N;
+#pragma unroll
+    for (int mi = 0; mi < GM; ++mi)
+#pragma unroll
+        for (int nj = 0; nj < GN; ++nj)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) di[acc_row(gm0, mi, r) * N + acc_col(gn0, nj) + (r & 1)] = G[mi][nj][r];
+}
