@@ -1,7 +1,8 @@
 """The scan's two backward kernels side by side on one GPU, over launch settings: the reversed state pass plus
 small programs per chunk ("chunk") and one reversed pass per head and P tile with the state gradient in registers
 ("fused"; past one P tile it leaves dB and dC to the per-chunk programs), and past one P tile the fused pass
-holding all of P ("fused_all_p": the whole state gradient in one program's registers, which spills), every result
+holding all of P ("fused_all_p": the whole state gradient in one program's registers, which spills) and the same
+pass as a CUDA kernel whose block holds it ("cuda": ``llamba/ops/ssd/cuda_backward.cu``), every result
 checked against the chunk kernel's gradients first. For each kernel-table shape it prints our forward (inference and training), each
 variant's time, where each variant's time goes (per kernel, profiler) and the registers of every build: the data
 behind ``LAUNCH`` and the fused/chunk dispatch in ``llamba.ops.ssd.triton_chunk``. Writes JSON.
@@ -20,12 +21,13 @@ from triton.testing import do_bench
 
 from llamba.bench import report
 from llamba.bench.kernels import SCAN_SHAPES, _rel, _scan_inputs, kernel_times, scan_label
-from llamba.ops.ssd import triton_chunk as tc
+from llamba.ops.ssd import cuda_backward, triton_chunk as tc
 
 LAUNCHES = {"chunk": {"backward": [(4, 2), (4, 3), (8, 2)]},
             "fused": {"fused_backward": [(4, 2), (4, 3), (8, 3)]},
-            "fused_all_p": {"fused_backward": [(8, 1), (8, 2)]}}
-FUSED_MIN = {"chunk": 1 << 30, "fused": 0, "fused_all_p": 0}  # the dispatch's threshold, forcing one backward
+            "fused_all_p": {"fused_backward": [(8, 1), (8, 2)]},
+            "cuda": {"cuda_backward": [(8, 1)]}}  # fixed in cuda_backward.cu: 8 warps, one block per SM
+FUSED_MIN = {"chunk": 1 << 30, "fused": 0, "fused_all_p": 0, "cuda": 0}  # the dispatch's threshold, forcing one backward
 
 
 def all_p_tiles(P: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -98,8 +100,11 @@ def main() -> None:
         for mode, launches in LAUNCHES.items():
             if mode == "fused_all_p" and FUSED_TILES(P, N, dtype)[0] >= P:
                 continue  # the fused pass already holds all of P
+            if mode == "cuda" and not cuda_backward.supports(x, B, dy, states, 1):
+                continue
             tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
             tc._fused_tiles = all_p_tiles if mode == "fused_all_p" else FUSED_TILES
+            tc.CUDA_BACKWARD = "always" if mode == "cuda" else "never"
             for key, settings in launches.items():
                 for warps, stages in settings:
                     before = tc.LAUNCH[key]
@@ -115,7 +120,7 @@ def main() -> None:
                 tc.LAUNCH[key] = dict(num_warps=warps, num_stages=stages)
                 row[f"{mode} kernels us"] = kernel_us(bwd)
                 tc.LAUNCH[key] = before
-        tc.FUSED_MIN_PROGRAMS_PER_SM, tc._fused_tiles = 1, FUSED_TILES
+        tc.FUSED_MIN_PROGRAMS_PER_SM, tc._fused_tiles, tc.CUDA_BACKWARD = 1, FUSED_TILES, "wide"
         row["autograd bwd ms (default launch)"] = autograd_ms(x, B, C, la, dy)
         timed = {k: v["ms"] for k, v in row.items() if isinstance(v, dict) and "ms" in v}
         row["best"] = min(timed, key=timed.get)
