@@ -22,7 +22,6 @@ typedef unsigned short bf16_t;
 typedef unsigned int u32;
 
 constexpr int BT = 64;        // tokens per chunk
-constexpr int THREADS = 256;  // 8 warps
 constexpr int LDT = BT + 8;   // padded row of the (BT, BT) score tiles
 
 __device__ __forceinline__ float bf16_to_float(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
@@ -39,13 +38,13 @@ __device__ __forceinline__ u32 shared_address(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const bf16_t* p, bool trans) {
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 address, bool trans) {
     if (trans)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
     else
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
 }
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -64,24 +63,25 @@ __device__ __forceinline__ void copy16_async(bf16_t* dst, const bf16_t* src, boo
 __device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
-// A warp's (MT*16, NT*8) tile of acc += A B over K. A is (M, K): stored [m][k] (A_KMAJOR) or [k][m]; B is (K, N):
-// stored [n][k] (B_KMAJOR) or [k][n]. With a k_scale, A's column k is multiplied by k_scale[k] in registers first
-// (rounded to bf16 again, as the Triton kernel rounds e * dy).
-template <int MT, int NT, int K, bool A_KMAJOR, bool B_KMAJOR>
-__device__ __forceinline__ void warp_mma(float (&acc)[MT][NT][4], const bf16_t* a, int lda, int m0, const bf16_t* b,
-                                         int ldb, int n0, const float* k_scale = nullptr) {
+// A warp's (MT*16, NT*8) tile of acc += A B over K. A is (M, K): stored [m][k] (A_KMAJOR) or [k][m], rows LDA
+// elements apart; B is (K, N): stored [n][k] (B_KMAJOR) or [k][n], rows LDB apart. With a k_scale, A's column k is
+// multiplied by k_scale[k] in registers first (rounded to bf16 again, as the Triton kernel rounds e * dy). Each
+// lane's shared-memory addresses are computed once: every fragment's is that plus a compile-time offset.
+template <int MT, int NT, int K, bool A_KMAJOR, int LDA, bool B_KMAJOR, int LDB>
+__device__ __forceinline__ void warp_mma(float (&acc)[MT][NT][4], const bf16_t* a, int m0, const bf16_t* b, int n0,
+                                         const float* k_scale = nullptr) {
     static_assert(NT % 2 == 0, "B fragments are loaded two n8 tiles at a time");
     const int lane = threadIdx.x & 31, quad = lane >> 3, row8 = lane & 7;
+    const u32 a_lane = shared_address(a) + 2 * (A_KMAJOR ? (m0 + (lane & 15)) * LDA + (lane >> 4) * 8
+                                                         : ((quad >> 1) * 8 + row8) * LDA + m0 + (quad & 1) * 8);
+    const u32 b_lane = shared_address(b) + 2 * (B_KMAJOR ? (n0 + (quad >> 1) * 8 + row8) * LDB + (quad & 1) * 8
+                                                         : ((quad & 1) * 8 + row8) * LDB + n0 + (quad >> 1) * 8);
 #pragma unroll
     for (int k0 = 0; k0 < K; k0 += 16) {
         u32 af[MT][4];
 #pragma unroll
         for (int mi = 0; mi < MT; ++mi) {
-            const int m = m0 + mi * 16;
-            if (A_KMAJOR)
-                ldmatrix_x4(af[mi], a + (m + (lane & 15)) * lda + k0 + (lane >> 4) * 8, false);
-            else
-                ldmatrix_x4(af[mi], a + (k0 + (quad >> 1) * 8 + row8) * lda + m + (quad & 1) * 8, true);
+            ldmatrix_x4(af[mi], a_lane + 2 * (A_KMAJOR ? mi * 16 * LDA + k0 : k0 * LDA + mi * 16), !A_KMAJOR);
             if (k_scale != nullptr) {
                 const int k = k0 + (lane & 3) * 2;  // registers 0, 1 hold columns k, k+1; registers 2, 3: k+8, k+9
 #pragma unroll
@@ -95,12 +95,8 @@ __device__ __forceinline__ void warp_mma(float (&acc)[MT][NT][4], const bf16_t* 
         }
 #pragma unroll
         for (int nj = 0; nj < NT; nj += 2) {
-            const int n = n0 + nj * 8;
             u32 bf[4];  // (n tile nj: k0, k0+8), (n tile nj+1: k0, k0+8)
-            if (B_KMAJOR)
-                ldmatrix_x4(bf, b + (n + (quad >> 1) * 8 + row8) * ldb + k0 + (quad & 1) * 8, false);
-            else
-                ldmatrix_x4(bf, b + (k0 + (quad & 1) * 8 + row8) * ldb + n + (quad >> 1) * 8, true);
+            ldmatrix_x4(bf, b_lane + 2 * (B_KMAJOR ? nj * 8 * LDB + k0 : k0 * LDB + nj * 8), !B_KMAJOR);
 #pragma unroll
             for (int mi = 0; mi < MT; ++mi) {
                 mma_bf16(acc[mi][nj], af[mi], bf[0], bf[1]);
@@ -159,7 +155,7 @@ __device__ __forceinline__ void store_tokens(const float (&acc)[MT][NT][4], bf16
 }
 
 // cp.async of a (rows, W) bf16 tile whose rows are `stride` elements apart (rows at or past `valid_rows`: zeros)
-template <int W>
+template <int W, int THREADS>
 __device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, const bf16_t* src, long long stride, int rows,
                                                 int valid_rows) {
     constexpr int VECS = W / 8;
@@ -172,18 +168,20 @@ __device__ __forceinline__ void load_tile_async(bf16_t* dst, int ld, const bf16_
 
 // Strides are in elements. dB and dC share their strides, la and dla theirs; S is (batch, chunks, H, P, N), d_final
 // and d_init are contiguous (batch, H, P, N), seq (batch, chunks * 64) when HAS_SEQ.
-template <int P, int N, bool HAS_SEQ, bool HAS_DFINAL>
-__global__ void __launch_bounds__(THREADS, 1) ssd_backward(
+template <int P, int N, bool HAS_SEQ, bool HAS_DFINAL, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) ssd_backward(
     const bf16_t* x_, const bf16_t* B_, const bf16_t* C_, const bf16_t* dy_, const bf16_t* S_, const float* la_,
     const float* d_final, const int* seq_, bf16_t* dx_, bf16_t* dB_, bf16_t* dC_, float* dla_, float* d_init,
     int L, int H, int HPG, int n_chunks,
     int s_xb, int s_xt, int s_xh, int s_bb, int s_bt, int s_bh, int s_cb, int s_ct, int s_ch,
     int s_dyb, int s_dyt, int s_dyh, int s_dxb, int s_dxt, int s_dxh, int s_dbb, int s_dbt, int s_dbh,
     int s_lab, int s_lat, int s_sqb, int s_sb, int s_sc, int s_sh, int s_sp) {
-    constexpr int LDP = P + 8, LDN = N + 8;
-    // warp tiles: token tiles (64, W) as 2 x 4 warps of (32, W/4); scores (64, 64) as 4 x 2 of (16, 32);
-    // the state gradient (P, N) as 4 x 2 of (P/4, N/2)
-    constexpr int TW_P = P / 32, TW_N = N / 32, GM = P / 64, GN = N / 16;
+    static_assert(WARPS == 8 || WARPS == 16, "8 or 16 warps");
+    constexpr int THREADS = WARPS * 32, LDP = P + 8, LDN = N + 8;
+    // Warp tiles. Token tiles (64, W): TM x 4 warps of (64/TM, W/4). Scores (64, 64): 4 x (WARPS/4) warps of
+    // (16, 64/(WARPS/4)). The state gradient (P, N): 4 x (WARPS/4) warps of (P/4, N/(WARPS/4)).
+    constexpr int TM = WARPS / 4, T_MT = 64 / TM / 16, TW_P = P / 32, TW_N = N / 32;
+    constexpr int S_NT = 64 / (WARPS / 4) / 8, GM = P / 64, GN = N / (WARPS / 4) / 8;
 
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* buf = reinterpret_cast<bf16_t*>(smem);  // 2 x {x (64, P), dy (64, P), B (64, N), C (64, N)}
@@ -211,19 +209,19 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
     bf16_t* dC = dC_ + (long long)b * s_dbb + h * s_dbh;
     float* dla = dla_ + (long long)b * s_lab + h;
 
-    const int tm0 = (warp & 1) * 32;                                  // token tiles
-    const int sm0 = (warp & 3) * 16, sn0 = (warp >> 2) * 32;          // scores
-    const int gm0 = (warp & 3) * (P / 4), gn0 = (warp >> 2) * (N / 2);  // G
+    const int tm0 = (warp % TM) * (64 / TM), tw = warp / TM;             // token tiles: rows, column quarter
+    const int sm0 = (warp & 3) * 16, sn0 = (warp >> 2) * (64 / (WARPS / 4));  // scores
+    const int gm0 = (warp & 3) * (P / 4), gn0 = (warp >> 2) * (N / (WARPS / 4));  // G
 
     auto load_tokens = [&](int c, int slot) {
         bf16_t* s = buf + slot * BUF;
         const int t0 = c * BT, rows = min(BT, L - t0);
-        load_tile_async<P>(s, LDP, x + (long long)t0 * s_xt, s_xt, BT, rows);
-        load_tile_async<P>(s + BT * LDP, LDP, dy + (long long)t0 * s_dyt, s_dyt, BT, rows);
-        load_tile_async<N>(s + 2 * BT * LDP, LDN, Bg + (long long)t0 * s_bt, s_bt, BT, rows);
-        load_tile_async<N>(s + 2 * BT * LDP + BT * LDN, LDN, Cg + (long long)t0 * s_ct, s_ct, BT, rows);
+        load_tile_async<P, THREADS>(s, LDP, x + (long long)t0 * s_xt, s_xt, BT, rows);
+        load_tile_async<P, THREADS>(s + BT * LDP, LDP, dy + (long long)t0 * s_dyt, s_dyt, BT, rows);
+        load_tile_async<N, THREADS>(s + 2 * BT * LDP, LDN, Bg + (long long)t0 * s_bt, s_bt, BT, rows);
+        load_tile_async<N, THREADS>(s + 2 * BT * LDP + BT * LDN, LDN, Cg + (long long)t0 * s_ct, s_ct, BT, rows);
     };
-    auto load_state = [&](int c) { load_tile_async<N>(sS, LDN, S + (long long)c * s_sc, s_sp, P, P); };
+    auto load_state = [&](int c) { load_tile_async<N, THREADS>(sS, LDN, S + (long long)c * s_sc, s_sp, P, P); };
 
     float G[GM][GN][4];  // the gradient of the state leaving the current chunk, float32
     if (HAS_DFINAL) {
@@ -253,6 +251,15 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
     async_commit();
 
     float later = 0.0f;  // dcs summed over the tokens of the chunks done so far (warp 0)
+    // warp 0 holds the log-decay of the chunk to come (tokens 2*lane, 2*lane+1): loaded a chunk ahead, so no step
+    // waits for a global load before its first barrier
+    auto load_la = [&](int c, float& a0, float& a1) {
+        const int t = c * BT + 2 * lane;
+        a0 = t < L ? la[(long long)t * s_lat] : 0.0f;
+        a1 = t + 1 < L ? la[(long long)(t + 1) * s_lat] : 0.0f;
+    };
+    float la0 = 0.0f, la1 = 0.0f;
+    if (warp == 0) load_la(n_chunks - 1, la0, la1);
     for (int i = 0; i < n_chunks; ++i) {
         const int c = n_chunks - 1 - i, t0 = c * BT;
         const bf16_t* sX = buf + (i & 1) * BUF;
@@ -263,8 +270,7 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
         float decay;  // the chunk's decay of the state passing through it
         if (warp == 0) {  // the log-decay summed within the chunk; e, w; document ids
             const int t = 2 * lane;
-            const float a0 = t0 + t < L ? la[(long long)(t0 + t) * s_lat] : 0.0f;
-            const float a1 = t0 + t + 1 < L ? la[(long long)(t0 + t + 1) * s_lat] : 0.0f;
+            const float a0 = la0, a1 = la1;
             float run = a0 + a1;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
@@ -298,15 +304,23 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
         }
         if (i + 1 < n_chunks) load_tokens(c - 1, (i + 1) & 1);  // the next chunk's inputs, while this one runs
         async_commit();
+        if (warp == 0 && c > 0) load_la(c - 1, la0, la1);
+
+        // dC = R B + e (dy S_in): the snapshot's product first, so that its buffer is free for the next chunk's
+        // after the barrier below
+        float accC[T_MT][TW_N][4];
+        zero(accC);
+        warp_mma<T_MT, TW_N, P, true, LDP, false, LDN>(accC, sDY, tm0, sS, tw * (N / 4));
+        scale_rows(accC, e, tm0);
 
         {  // A = (C B^T) * M and R = (dy x^T) * M, stored as bf16 for the products below
-            float accA[1][4][4], accR[1][4][4];
+            float accA[1][S_NT][4], accR[1][S_NT][4];
             zero(accA);
             zero(accR);
-            warp_mma<1, 4, N, true, true>(accA, sC, LDN, sm0, sB, LDN, sn0);
-            warp_mma<1, 4, P, true, true>(accR, sDY, LDP, sm0, sX, LDP, sn0);
+            warp_mma<1, S_NT, N, true, LDN, true, LDN>(accA, sC, sm0, sB, sn0);
+            warp_mma<1, S_NT, P, true, LDP, true, LDP>(accR, sDY, sm0, sX, sn0);
 #pragma unroll
-            for (int nj = 0; nj < 4; ++nj)
+            for (int nj = 0; nj < S_NT; ++nj)
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const int t = acc_row(sm0, 0, 2 * hh), s = acc_col(sn0, nj);
@@ -323,39 +337,32 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
                         pack_bf16x2(accR[0][nj][2 * hh] * m[0], accR[0][nj][2 * hh + 1] * m[1]);
                 }
         }
-        __syncthreads();
-
-        float dcs_part[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};  // this thread's rows of dcs
-        {  // dx = A^T dy + w (B G^T)
-            float acc[2][TW_P][4];
-            zero(acc);
-            warp_mma<2, TW_P, N, true, true>(acc, sB, LDN, tm0, sG, LDN, (warp >> 1) * (P / 4));
-            scale_rows(acc, w, tm0);
-            warp_mma<2, TW_P, BT, false, false>(acc, sA, LDT, tm0, sDY, LDP, (warp >> 1) * (P / 4));
-            store_tokens<2, TW_P, false>(acc, dx, s_dxt, t0, L, tm0, (warp >> 1) * (P / 4), nullptr, 0, 0.0f,
-                                         dcs_part);
-        }
-        {  // dC = R B + e (dy S_in)
-            float acc[2][TW_N][4];
-            zero(acc);
-            warp_mma<2, TW_N, P, true, false>(acc, sDY, LDP, tm0, sS, LDN, (warp >> 1) * (N / 4));
-            scale_rows(acc, e, tm0);
-            warp_mma<2, TW_N, BT, true, false>(acc, sR, LDT, tm0, sB, LDN, (warp >> 1) * (N / 4));
-            store_tokens<2, TW_N, true>(acc, dC, s_dbt, t0, L, tm0, (warp >> 1) * (N / 4), sC, LDN, 1.0f, dcs_part);
-        }
-        __syncthreads();  // sS is read: the next chunk's state comes in while dB and G are computed
+        __syncthreads();  // sA, sR written; sS read
         if (c > 0) load_state(c - 1);
         async_commit();
-        {  // dB = R^T C + w (x G)
-            float acc[2][TW_N][4];
+
+        float dcs_part[T_MT][2] = {};  // this thread's rows of dcs
+        warp_mma<T_MT, TW_N, BT, true, LDT, false, LDN>(accC, sR, tm0, sB, tw * (N / 4));
+        store_tokens<T_MT, TW_N, true>(accC, dC, s_dbt, t0, L, tm0, tw * (N / 4), sC, LDN, 1.0f, dcs_part);
+        {  // dx = A^T dy + w (B G^T)
+            float acc[T_MT][TW_P][4];
             zero(acc);
-            warp_mma<2, TW_N, P, true, false>(acc, sX, LDP, tm0, sG, LDN, (warp >> 1) * (N / 4));
+            warp_mma<T_MT, TW_P, N, true, LDN, true, LDN>(acc, sB, tm0, sG, tw * (P / 4));
             scale_rows(acc, w, tm0);
-            warp_mma<2, TW_N, BT, false, false>(acc, sR, LDT, tm0, sC, LDN, (warp >> 1) * (N / 4));
-            store_tokens<2, TW_N, true>(acc, dB, s_dbt, t0, L, tm0, (warp >> 1) * (N / 4), sB, LDN, -1.0f, dcs_part);
+            warp_mma<T_MT, TW_P, BT, false, LDT, false, LDP>(acc, sA, tm0, sDY, tw * (P / 4));
+            store_tokens<T_MT, TW_P, false>(acc, dx, s_dxt, t0, L, tm0, tw * (P / 4), nullptr, 0, 0.0f,
+                                         dcs_part);
+        }
+        {  // dB = R^T C + w (x G)
+            float acc[T_MT][TW_N][4];
+            zero(acc);
+            warp_mma<T_MT, TW_N, P, true, LDP, false, LDN>(acc, sX, tm0, sG, tw * (N / 4));
+            scale_rows(acc, w, tm0);
+            warp_mma<T_MT, TW_N, BT, false, LDT, false, LDN>(acc, sR, tm0, sC, tw * (N / 4));
+            store_tokens<T_MT, TW_N, true>(acc, dB, s_dbt, t0, L, tm0, tw * (N / 4), sB, LDN, -1.0f, dcs_part);
         }
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)  // the four threads of a quad hold one row: sum them, then over the warps
+        for (int mi = 0; mi < T_MT; ++mi)  // the four threads of a quad hold one row: sum them, then over the warps
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 float v = dcs_part[mi][hh];
@@ -370,7 +377,7 @@ __global__ void __launch_bounds__(THREADS, 1) ssd_backward(
             for (int nj = 0; nj < GN; ++nj)
 #pragma unroll
                 for (int r = 0; r < 4; ++r) G[mi][nj][r] *= decay;
-        warp_mma<GM, GN, BT, false, false>(G, sDY, LDP, gm0, sC, LDN, gn0, e);
+        warp_mma<GM, GN, BT, false, LDP, false, LDN>(G, sDY, gm0, sC, gn0, e);
         __syncthreads();  // every warp is done with sG and dcs
         store_G_bf16();
         if (warp == 0) {  // dlog_a_t = sum of dcs over the later tokens (this chunk's, then the later chunks')

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cuda_backward.cu")
-BT, THREADS = 64, 256  # tokens per chunk and threads per block, as in the source
+BT = 64  # tokens per chunk, as in the source
+WARPS = 8  # per block (8 or 16): one block per SM either way, its registers or shared memory allow no second
 WIDTHS = (64, 128)  # head dims and state sizes the kernel's warp tiling covers
 
 
@@ -63,16 +64,16 @@ def nvrtc_compile(source: str, name: str, arch: str, nvrtc: ctypes.CDLL) -> tupl
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def kernel_name(P: int, N: int, has_seq: bool, has_dfinal: bool) -> str:
-    return f"ssd_backward<{P}, {N}, {str(has_seq).lower()}, {str(has_dfinal).lower()}>"
+def kernel_name(P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int = WARPS) -> str:
+    return f"ssd_backward<{P}, {N}, {str(has_seq).lower()}, {str(has_dfinal).lower()}, {warps}>"
 
 
 @functools.cache
-def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool):
+def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int = WARPS):
     from torch.cuda import _utils  # PyTorch's NVRTC and driver bindings (private: kept to this one function)
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin, lowered = nvrtc_compile(SOURCE.read_text(), kernel_name(P, N, has_seq, has_dfinal),
+    cubin, lowered = nvrtc_compile(SOURCE.read_text(), kernel_name(P, N, has_seq, has_dfinal, warps),
                                    f"sm_{major}{minor}", _utils._get_gpu_rtc_library())
     with torch.cuda.device(device_index):
         kernel = _utils._cuda_load_module(cubin, [lowered])[lowered]
@@ -120,12 +121,12 @@ def backward(x, B, C, la, seq, states, dy, d_final, dx, dB, dC, dla) -> torch.Te
     d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     if d_final is not None:
         d_final = d_final.contiguous()
-    kernel = _kernel(x.device.index or 0, P, N, seq is not None, d_final is not None)
+    kernel = _kernel(x.device.index or 0, P, N, seq is not None, d_final is not None, WARPS)
     strides = (*x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
                *dB.stride()[:3], la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
                *states.stride()[:4])
     with torch.cuda.device(x.device):
-        kernel(grid=(batch * H, 1, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(P, N),
+        kernel(grid=(batch * H, 1, 1), block=(32 * WARPS, 1, 1), shared_mem=shared_bytes(P, N),
                args=[x, B, C, dy, states, la, d_final if d_final is not None else d_init,
                      seq if seq is not None else la, dx, dB, dC, dla, d_init, length, H, 1, n_chunks, *strides])
     return d_init
