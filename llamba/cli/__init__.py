@@ -57,7 +57,7 @@ COMMAND_EXTRA = {"distill": ("train", ("datasets", "yaml", "matplotlib")), "eval
 
 
 def check_command_extra(command: str) -> None:
-    extra, needed = COMMAND_EXTRA.get(command, (None, ()))
+    _, needed = COMMAND_EXTRA.get(command, (None, ()))
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise ModuleNotFoundError(f"No module named {missing[0]!r}", name=missing[0])

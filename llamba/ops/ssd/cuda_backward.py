@@ -65,12 +65,12 @@ def nvrtc_compile(source: str, name: str, arch: str, nvrtc: ctypes.CDLL) -> tupl
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def kernel_name(P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int = WARPS) -> str:
+def kernel_name(P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int) -> str:
     return f"ssd_backward<{P}, {N}, {str(has_seq).lower()}, {str(has_dfinal).lower()}, {warps}>"
 
 
 @functools.cache
-def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int = WARPS):
+def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int):
     from torch.cuda import _utils  # PyTorch's NVRTC and driver bindings (private: kept to this one function)
 
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -90,7 +90,7 @@ def _usable(device_index: int, P: int, N: int) -> bool:
     if props.major < 8 or shared_bytes(P, N) > getattr(props, "shared_memory_per_block_optin", 0):
         return False
     try:
-        _kernel(device_index, P, N, False, False)
+        _kernel(device_index, P, N, False, False, WARPS)
     except Exception as err:  # no NVRTC, an older driver, ...: the Triton kernels still run
         warnings.warn(f"llamba: the CUDA scan backward is unavailable ({err}); using the Triton one", stacklevel=3)
         return False
