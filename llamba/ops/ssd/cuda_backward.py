@@ -70,11 +70,13 @@ def kernel_name(P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int) -> 
 
 
 @functools.cache
-def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int):
+def _kernel(device_index: int, P: int, N: int, has_seq: bool, has_dfinal: bool, warps: int, source: Path):
+    """The kernel built from ``source`` (a parameter, like ``warps``, so that a benchmark can build another
+    version beside this one: each call site passes the module's current ``SOURCE`` and ``WARPS``)."""
     from torch.cuda import _utils  # PyTorch's NVRTC and driver bindings (private: kept to this one function)
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin, lowered = nvrtc_compile(SOURCE.read_text(), kernel_name(P, N, has_seq, has_dfinal, warps),
+    cubin, lowered = nvrtc_compile(source.read_text(), kernel_name(P, N, has_seq, has_dfinal, warps),
                                    f"sm_{major}{minor}", _utils._get_gpu_rtc_library())
     with torch.cuda.device(device_index):
         kernel = _utils._cuda_load_module(cubin, [lowered])[lowered]
@@ -90,7 +92,7 @@ def _usable(device_index: int, P: int, N: int) -> bool:
     if props.major < 8 or shared_bytes(P, N) > getattr(props, "shared_memory_per_block_optin", 0):
         return False
     try:
-        _kernel(device_index, P, N, False, False, WARPS)
+        _kernel(device_index, P, N, False, False, WARPS, SOURCE)
     except Exception as err:  # no NVRTC, an older driver, ...: the Triton kernels still run
         warnings.warn(f"llamba: the CUDA scan backward is unavailable ({err}); using the Triton one", stacklevel=3)
         return False
@@ -122,7 +124,7 @@ def backward(x, B, C, la, seq, states, dy, d_final, dx, dB, dC, dla) -> torch.Te
     d_init = torch.empty(batch, H, P, N, device=x.device, dtype=torch.float32)
     if d_final is not None:
         d_final = d_final.contiguous()
-    kernel = _kernel(x.device.index or 0, P, N, seq is not None, d_final is not None, WARPS)
+    kernel = _kernel(x.device.index or 0, P, N, seq is not None, d_final is not None, WARPS, SOURCE)
     strides = (*x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], *dx.stride()[:3],
                *dB.stride()[:3], la.stride(0), la.stride(1), seq.stride(0) if seq is not None else 0,
                *states.stride()[:4])
