@@ -100,7 +100,7 @@ def main() -> None:
         for mode, launches in LAUNCHES.items():
             if mode == "fused_all_p" and FUSED_TILES(P, N, dtype)[0] >= P:
                 continue  # the fused pass already holds all of P
-            if mode == "cuda" and not cuda_backward.supports(x, B, dy, states, 1):
+            if mode == "cuda" and not cuda_backward.supports(x, B, C, dy, states, 1):
                 continue
             tc.FUSED_MIN_PROGRAMS_PER_SM = FUSED_MIN[mode]
             tc._fused_tiles = all_p_tiles if mode == "fused_all_p" else FUSED_TILES

@@ -143,6 +143,26 @@ def test_cuda_scan_backward_matches_float64_and_triton(case, monkeypatch):
         assert rel(got, triton_grad) < 1e-2, name  # the same products with the same roundings, summed in other orders
 
 
+def test_cuda_backward_takes_only_layouts_its_copies_can_take():
+    """The CUDA backward's layout check (any device: only strides and addresses are read). Its copies move 16-byte
+    pieces or whole rows, its strides are 32-bit arguments and so are its offsets within a chunk; any other layout
+    keeps the Triton route instead of faulting or wrapping around."""
+    from llamba.ops.ssd.cuda_backward import _fits
+
+    x = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
+    assert _fits(x, 1)
+    assert not _fits(x[..., 1:], 1)  # rows start 2 bytes past a 16-byte boundary
+    assert not _fits(torch.zeros(2, 64, 4, 130, dtype=torch.bfloat16)[..., :128], 1)  # rows 260 bytes apart
+    assert not _fits(x.transpose(-1, -2), 1)  # columns not contiguous
+
+    def strided(*strides):  # a layout too large to allocate: only its strides matter here
+        return torch.empty(0, device="meta", dtype=torch.bfloat16).as_strided((1, 64, 4, 128), strides)
+
+    assert _fits(strided(2 ** 30, 2 ** 16, 128, 1), 1)
+    assert not _fits(strided(2 ** 31, 2 ** 16, 128, 1), 1)  # a batch stride past int32
+    assert not _fits(strided(0, 2 ** 24, 128, 1), 1)  # 128 rows of it past int32
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("length", [1, 64, 130])

@@ -99,17 +99,20 @@ def _usable(device_index: int, P: int, N: int) -> bool:
     return True
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """cp.async copies 16 bytes: rows must start on 16-byte boundaries."""
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+def _fits(t: torch.Tensor, row_dim: int) -> bool:
+    """Copies move 16 bytes at a time, so rows must start on 16-byte boundaries; strides are 32-bit kernel arguments,
+    and so are offsets within a chunk (up to 128 rows of dimension ``row_dim``)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+            and all(0 <= s < 2 ** 31 for s in t.stride()) and t.stride(row_dim) * 128 < 2 ** 31)
 
 
-def supports(x: torch.Tensor, B: torch.Tensor, dy: torch.Tensor, states: torch.Tensor, heads_per_group: int) -> bool:
+def supports(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dy: torch.Tensor, states: torch.Tensor,
+             heads_per_group: int) -> bool:
     """bf16 on a CUDA GPU that fits the block, head dim and d_state 64 or 128, one head per B/C group (the kernel
-    writes final dB, dC), 16-byte aligned rows."""
+    writes final dB, dC), rows the copies can take."""
     P, N = x.shape[-1], B.shape[-1]
     return (x.is_cuda and x.dtype == torch.bfloat16 and states.dtype == torch.bfloat16 and heads_per_group == 1
-            and P in WIDTHS and N in WIDTHS and all(_aligned(t) for t in (x, B, dy, states))
+            and P in WIDTHS and N in WIDTHS and all(_fits(t, 1) for t in (x, B, C, dy)) and _fits(states, 3)
             and _usable(x.device.index or 0, P, N))
 
 

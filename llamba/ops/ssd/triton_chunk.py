@@ -605,7 +605,7 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
     fused = _use_fused_forward(batch * H, P, x.device)
     BP, BN = _fused_tiles(P, N, x.dtype)
     use_cuda = CUDA_BACKWARD == "always" or (CUDA_BACKWARD == "wide" and BP < P)
-    if fused and use_cuda and cuda_backward.supports(x, B, dy, states_in, HPG):
+    if fused and use_cuda and cuda_backward.supports(x, B, C, dy, states_in, HPG):
         # the single reversed pass below as a CUDA kernel, whose block holds all of the state gradient
         dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
         d_init = cuda_backward.backward(x, B, C, la, seq, states_in, dy, d_final, dx, dB_h, dC_h, dla)
