@@ -32,7 +32,8 @@ def shared_bytes(P: int, N: int) -> int:
     return 2 * tiles + 5 * BT * 4
 
 
-def nvrtc_compile(source: str, name: str, arch: str, nvrtc: ctypes.CDLL) -> tuple[bytes, str]:
+def nvrtc_compile(source: str, name: str, arch: str, nvrtc: ctypes.CDLL,
+                  extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """(cubin, lowered name) of the template instance ``name`` of ``source`` for ``arch`` (e.g. 'sm_90')."""
 
     def check(status: int, prog=None) -> None:
@@ -52,7 +53,8 @@ def nvrtc_compile(source: str, name: str, arch: str, nvrtc: ctypes.CDLL) -> tupl
     check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"cuda_backward.cu", 0, None, None))
     try:
         check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), prog)
-        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--extra-device-vectorization"]
+        options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--extra-device-vectorization",
+                   *(o.encode() for o in extra_options)]
         check(nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)), prog)
         size = ctypes.c_size_t()
         check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), prog)
