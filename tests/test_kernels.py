@@ -241,7 +241,8 @@ def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias, m
 
 @triton_kernel
 @pytest.mark.triton
-@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64)])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64),
+                                   (2, 9, 3, 64, 64)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_decode_step_matches_float64(shape, dtype):
     from llamba.ops.triton_decode import mixer_step_triton
