@@ -32,6 +32,10 @@ def run(source: Path, warps: int, args: tuple) -> tuple:
     return dx, dB, dC, dla, d_init
 
 
+def median_ms(source: Path, warps: int, args: tuple) -> float:
+    return do_bench(lambda: run(source, warps, args), warmup=25, rep=100, return_mode="median")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", required=True, type=Path, help="the .cu file to compare against")
@@ -41,7 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_backward_ab.py needs CUDA")
-    current = cb.SOURCE
+    current, warps0 = cb.SOURCE, cb.WARPS
     sources = {"baseline": args.baseline, "current": current, **{path.stem: path for path in args.variant}}
     versions = {f"{name} w{warps}": (path, warps) for name, path in sources.items() for warps in (8, 16)}
     rows = []
@@ -57,12 +61,11 @@ def main() -> int:
             row["rel_err"][name] = max(_rel(g, w) for g, w in zip(got, want))
         for _ in range(args.rounds):
             for name, (path, warps) in versions.items():
-                t = do_bench(lambda: run(path, warps, inputs), warmup=25, rep=100, return_mode="median")
-                row["ms"][name] = min(row["ms"].get(name, float("inf")), t)
+                row["ms"][name] = min(row["ms"].get(name, float("inf")), median_ms(path, warps, inputs))
         rows.append(row)
         del x, B, C, la, states, inputs, want
         torch.cuda.empty_cache()
-    cb.SOURCE, cb.WARPS = current, 8
+    cb.SOURCE, cb.WARPS = current, warps0
     result = {**report.provenance(), "baseline": str(args.baseline), "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     names = list(versions)

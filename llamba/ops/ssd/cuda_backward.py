@@ -19,8 +19,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("cuda_backward.cu")
 BT = 64  # tokens per chunk, as in the source
-# Warps per block, 8 or 16: one block per SM either way (registers, shared memory); 16 measured no faster on an H100
+# Warps per block, 8 or 16: one block per SM either way (registers, shared memory); 16 measured slower on an H100
+# and an H200 (results/cuda-backward-ab-h200.md)
 WARPS = 8
+STATIC_SHARED = 24  # bytes: the kernel's three mbarriers, beside the dynamic shared memory below
 WIDTHS = (64, 128)  # head dims and state sizes the kernel's warp tiling covers
 
 
@@ -91,7 +93,7 @@ def _usable(device_index: int, P: int, N: int) -> bool:
     """Whether this GPU runs the kernel (ldmatrix, mma.sync and cp.async: sm_80 on; the block's shared memory) and
     it compiles here; a failure warns once and leaves the Triton route in place."""
     props = torch.cuda.get_device_properties(device_index)
-    if props.major < 8 or shared_bytes(P, N) > getattr(props, "shared_memory_per_block_optin", 0):
+    if props.major < 8 or shared_bytes(P, N) + STATIC_SHARED > getattr(props, "shared_memory_per_block_optin", 0):
         return False
     try:
         _kernel(device_index, P, N, False, False, WARPS, SOURCE)
