@@ -1,8 +1,8 @@
 """Versions of the CUDA scan backward (``llamba/ops/ssd/cuda_backward.cu``) side by side on one GPU: the current
 source and any variants of it against a baseline copy (e.g. an earlier commit's), on the kernel table's
-head-dim-128 shapes, at 8 and 16 warps. Every version's gradients are checked against the baseline's first; the versions take turns
-over a few rounds and each keeps its best median (GPU time from device events, ``do_bench``). Prints a table and
-writes JSON.
+head-dim-128 shapes, at 8 and 16 warps. Every version's gradients are checked against the baseline's first; the
+versions take turns over a few rounds and each keeps its best median (GPU time from device events, ``do_bench``).
+Prints a table and writes JSON.
 
     git show HEAD~1:llamba/ops/ssd/cuda_backward.cu > /tmp/base.cu
     python benchmarks/cuda_backward_ab.py --baseline /tmp/base.cu [--variant /tmp/idea.cu ...] --out ab
@@ -73,8 +73,8 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for row in rows:
         for name in names:
-            print(f"| {row['shape']} | {name} | {row['ms'][name]:.3f} | {row['ms'][name] / row['ms']['baseline w8']:.3f}"
-                  f" | {row['rel_err'][name]:.1e} |")
+            ms, ratio = row["ms"][name], row["ms"][name] / row["ms"]["baseline w8"]
+            print(f"| {row['shape']} | {name} | {ms:.3f} | {ratio:.3f} | {row['rel_err'][name]:.1e} |")
     return 0
 
 

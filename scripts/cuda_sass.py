@@ -21,6 +21,7 @@ from pathlib import Path
 from llamba.ops.ssd import cuda_backward
 
 INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P[0-9T] )?([A-Z0-9_]+)")
+INSTALL = "pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm"
 
 
 def nvidia_file(pattern: str) -> Path:
@@ -28,14 +29,12 @@ def nvidia_file(pattern: str) -> Path:
     try:
         import nvidia
     except ImportError:
-        raise SystemExit("needs NVIDIA's CUDA wheels: pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump "
-                         "nvidia-cuda-nvdisasm") from None
+        raise SystemExit(f"needs NVIDIA's CUDA wheels: {INSTALL}") from None
     for root in nvidia.__path__:
         found = sorted(Path(root).glob(f"**/{pattern}"))
         if found:
             return found[-1]
-    raise SystemExit(f"no {pattern} in NVIDIA's wheels: pip install nvidia-cuda-nvrtc nvidia-cuda-cuobjdump "
-                     "nvidia-cuda-nvdisasm")
+    raise SystemExit(f"no {pattern} in NVIDIA's wheels: {INSTALL}")
 
 
 def load_nvrtc() -> ctypes.CDLL:
