@@ -35,7 +35,9 @@ def student_config_from_teacher(tc, d_state: int = 64) -> LlambaConfig:
 @torch.no_grad()
 def student_from_teacher(teacher, d_state: int = 64, init: str = "identity") -> LlambaForCausalLM:
     """``init='identity'``: mixers start as Llamba's pass-through (gate, conv, D); ``'attention'``: additionally
-    C <- W_q, B <- W_k, x <- W_v (GQA heads repeated) and out_proj <- W_o, as MOHAWK initialises from attention."""
+    C <- W_q, B <- W_k / sqrt(head dim), x <- W_v (GQA heads repeated), out_proj <- W_o and D <- 0, so that
+    C_t . B_s is the teacher's attention logit q_t . k_s / sqrt(d) (without RoPE) and the mixer starts as the
+    teacher's attention with its softmax linearised (MambaInLlama, RADLADS, LoLCATs copy these weights too)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
     tc = teacher.config
@@ -71,6 +73,7 @@ def _init_mixer_from_attention(mixer, attn, tc) -> None:
     d_inner, gn = mixer.d_inner, mixer.n_qk_heads * mixer.d_state
     w = mixer.in_proj.weight
     w[:d_inner] = per_query_head(attn.v_proj.weight)
-    w[d_inner:d_inner + gn] = per_query_head(attn.k_proj.weight)
+    w[d_inner:d_inner + gn] = per_query_head(attn.k_proj.weight) / head_dim ** 0.5  # softmax's logit scale
     w[d_inner + gn:d_inner + 2 * gn] = attn.q_proj.weight
     mixer.out_proj.weight.copy_(attn.o_proj.weight)
+    mixer.D.zero_()  # attention has no skip: the token's own value reaches the output only through C_t . B_t

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from llamba.distill.data import Batch, boundaries
+from llamba.distill.losses import linear_soft_cross_entropy
 from llamba.distill.stages import (HiddenStateAlignment, KnowledgeDistillation, MatrixOrientation, soft_cross_entropy,
                                    teacher_targets)
+from llamba.distill.trainer import param_groups
 from llamba.distill.testing import make_teacher
 from llamba.ops.ssd import ssd_loop
 
@@ -149,3 +151,134 @@ def test_packed_documents_do_not_leak(models):
     torch.testing.assert_close(s_packed, s_alone)
     torch.testing.assert_close(t_packed, t_alone)
     assert not torch.allclose(s_leaky, s_alone)  # without seq_idx the first document would leak in
+
+
+def test_attention_targets_are_the_attention_outputs(models):
+    """attention_out[i] is what layer i's self-attention adds to the residual stream: layer i's output minus its
+    input, less the MLP applied to the midpoint."""
+    teacher, _, tok = models
+    batch = packed_batch(tok.eos_token_id)
+    t = teacher_targets(teacher, batch, 2, attention_outputs=True)
+    assert t.attention_out is not None and len(t.attention_out) == 2
+    for layer, h, out, att in zip(teacher.model.layers, t.hidden_in, t.hidden_out, t.attention_out):
+        mid = h + att
+        torch.testing.assert_close(out, mid + layer.mlp(layer.post_attention_layernorm(mid)))
+    assert teacher_targets(teacher, batch, 2).attention_out is None
+
+
+def test_stage2_attention_alignment_by_hand(models):
+    teacher, student, tok = models
+    batch = packed_batch(tok.eos_token_id)
+    targets = teacher_targets(teacher, batch, 2, attention_outputs=True)
+    module = HiddenStateAlignment(student, align="attention")
+    loss, _ = module(targets, batch.seq_idx)
+    expected = 0.0
+    for block, h, target in zip(student.backbone.layers, targets.hidden_in, targets.attention_out):
+        y = block.mixer(block.input_layernorm(h), seq_idx=batch.seq_idx)
+        dists = [math.sqrt(((y[b, t] - target[b, t]) ** 2).sum().item()) for b in range(2) for t in range(12)]
+        expected += sum(dists) / len(dists)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    mixer_ids = {id(p) for b in student.backbone.layers for p in b.mixer.parameters()}
+    assert {id(p) for p in module.trainable()} == mixer_ids  # attention alignment trains the mixers alone
+    with pytest.raises(ValueError, match="align"):
+        HiddenStateAlignment(student, align="mlp")
+
+
+def test_attention_init_is_linearised_attention(models):
+    """With the decay held at 1, an attention-initialised mixer's mixing matrix is the teacher's attention logits
+    q_t . k_s / sqrt(d) (no RoPE, no softmax) under the causal mask, per query head with GQA shared keys."""
+    from llamba.convert import student_from_teacher
+    from llamba.ops.conv import causal_conv
+    from llamba.ops.ssd import mixing_matrix
+
+    teacher, _, _ = models
+    torch.manual_seed(0)
+    student = student_from_teacher(teacher, d_state=8, init="attention").double()
+    u = torch.randn(2, 6, 32, dtype=torch.float64)
+    for block, layer in zip(student.backbone.layers, teacher.model.layers):
+        mixer, attn = block.mixer, layer.self_attn
+        xBC, _, A_log = mixer._split_projection(u)
+        xBC, _ = causal_conv(xBC, mixer.conv1d.weight, mixer.conv1d.bias)
+        _, B, C = mixer._split_xBC(xBC)
+        T = mixing_matrix(B, C, torch.zeros_like(A_log), D=mixer.D, n_heads=mixer.n_v_heads)
+        q = attn.q_proj(u).view(2, 6, 4, 8).transpose(1, 2)
+        k = attn.k_proj(u).view(2, 6, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        expected = (q @ k.transpose(-1, -2) / 8 ** 0.5).tril()
+        torch.testing.assert_close(T, expected, rtol=1e-10, atol=1e-12)
+        assert torch.equal(mixer.out_proj.weight, attn.o_proj.weight)
+
+
+@pytest.mark.parametrize("bias,temperature,chunk", [(False, 1.0, 5), (True, 2.0, 3), (True, 1.0, 64)])
+def test_linear_soft_cross_entropy_matches_plain_path(bias, temperature, chunk):
+    """The chunked loss that never holds the student's logits gives the plain soft cross-entropy and its gradients
+    in h, the head and its bias (float64; chunks that do not divide the rows; a frozen head too)."""
+    g = torch.Generator().manual_seed(int(bias) * 10 + chunk)
+    h = torch.randn(2, 7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    t = 3 * torch.randn(2, 7, 40, dtype=torch.float64, generator=g)
+    plain = soft_cross_entropy(F.linear(h, w, b), t, temperature)
+    fused = linear_soft_cross_entropy(h, w, b, t, temperature, chunk_rows=chunk)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    inputs = [h, w] + ([b] if bias else [])
+    for gp, gf in zip(torch.autograd.grad(plain * 1.7, inputs, retain_graph=True),
+                      torch.autograd.grad(fused * 1.7, inputs)):
+        torch.testing.assert_close(gf, gp, rtol=1e-10, atol=1e-12)
+    frozen = linear_soft_cross_entropy(h, w.detach(), None if b is None else b.detach(), t, temperature, chunk_rows=chunk)
+    torch.testing.assert_close(torch.autograd.grad(frozen, h)[0], torch.autograd.grad(plain, h)[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="do not match"):
+        linear_soft_cross_entropy(h, w, b, t[..., :-1], temperature)
+
+
+def test_stage3_loss_is_the_plain_soft_cross_entropy_of_the_logits(models):
+    """KnowledgeDistillation goes through the chunked head+loss: the same value and gradients as soft CE on
+    student(...).logits."""
+    teacher, student, tok = models
+    batch = packed_batch(tok.eos_token_id)
+    targets = teacher_targets(teacher, batch, 3)
+    module = KnowledgeDistillation(student, temperature=1.5)
+    params = [student.backbone.embedding.weight, student.backbone.layers[0].mixer.in_proj.weight]
+    with torch.enable_grad():
+        student.requires_grad_(True)
+        loss, _ = module(targets, batch.seq_idx, batch.input_ids)
+        fused = torch.autograd.grad(loss, params)
+        plain_loss = soft_cross_entropy(student(batch.input_ids, seq_idx=batch.seq_idx).logits, targets.logits, 1.5)
+        plain = torch.autograd.grad(plain_loss, params)
+        student.requires_grad_(False)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_param_groups_scale_the_inherited_weights(models):
+    _, student, _ = models
+    params = list(student.parameters())
+    mixers = [p for b in student.backbone.layers for p in b.mixer.parameters()]
+    groups = param_groups(params, 0.1, mixers, inherited_lr_scale=0.05)
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    mixer_ids = {id(p) for p in mixers}
+    for group in groups:
+        in_mixer = {id(p) in mixer_ids for p in group["params"]}
+        assert len(in_mixer) == 1
+        assert group["lr_scale"] == (1.0 if in_mixer.pop() else 0.05)
+        assert group["weight_decay"] == (0.1 if group["params"][0].dim() >= 2 else 0.0)
+    assert len(param_groups(params, 0.1)) == 2  # no mixers named: everything trains at the one rate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_soft_cross_entropy_on_cuda_under_autocast():
+    """The GPU route (bf16 products under autocast, torch.compile'd softmaxes) against the plain path in float64
+    on the same bf16-rounded inputs, at the SmolLM2 vocabulary and several chunks."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 700, 576, device="cuda", requires_grad=True)
+    w = (0.05 * torch.randn(49152, 576, device="cuda")).requires_grad_(True)
+    t = (4 * torch.randn(3, 700, 49152, device="cuda")).to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = linear_soft_cross_entropy(h, w, None, t, 1.0, chunk_rows=512)
+    gh, gw = torch.autograd.grad(fused, [h, w])
+    h64, w64 = h.detach().bfloat16().double().requires_grad_(True), w.detach().bfloat16().double().requires_grad_(True)
+    plain = soft_cross_entropy(F.linear(h64, w64), t.double(), 1.0)
+    rh, rw = torch.autograd.grad(plain, [h64, w64])
+    assert abs(fused.item() - plain.item()) / plain.item() < 1e-3
+    for got, ref in ((gh, rh), (gw, rw)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2

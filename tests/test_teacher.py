@@ -57,8 +57,9 @@ def test_attention_init_copies_projections(smollm2):
     w = mixer.in_proj.weight
     # value head 4 reads KV head 4 // 3 = 1; query head 4 is C group 4
     assert torch.equal(w[4 * 64:5 * 64], attn.v_proj.weight[64:128])
-    assert torch.equal(w[576 + 4 * 64:576 + 5 * 64], attn.k_proj.weight[64:128])
+    assert torch.equal(w[576 + 4 * 64:576 + 5 * 64], attn.k_proj.weight[64:128] / 8)  # / sqrt(head dim 64)
     assert torch.equal(w[576 + 576 + 4 * 64:576 + 576 + 5 * 64], attn.q_proj.weight[4 * 64:5 * 64])
+    assert torch.equal(mixer.out_proj.weight, attn.o_proj.weight) and not mixer.D.any()
     with pytest.raises(ValueError, match="d_state"):
         student_from_teacher(teacher, d_state=32, init="attention")
 

@@ -39,6 +39,10 @@ def register(parser) -> None:
     parser.add_argument("--init", choices=("identity", "attention"))
     parser.add_argument("--temperature", type=float, help="stage 3 distillation temperature")
     parser.add_argument("--mixer-only", action="store_true", help="stage 2 trains only the mixers")
+    parser.add_argument("--stage2-align", choices=("block", "attention"),
+                        help="stage 2 target: each block's output, or each attention's output (mixers alone train)")
+    parser.add_argument("--inherited-lr-scale", type=float,
+                        help="stage 3: weights outside the mixers (copied from the teacher) train at this times the lr")
     parser.add_argument("--freeze-mlp", action="store_true", help="stage 3 keeps the MLPs frozen")
     parser.add_argument("--freeze-embeddings", action="store_true", help="stage 3 keeps embeddings and head frozen")
     parser.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
@@ -78,6 +82,10 @@ def build_recipe(args) -> dict:
         recipe["stages"][3]["temperature"] = args.temperature
     if args.mixer_only:
         recipe["stages"][2]["mixer_only"] = True
+    if args.stage2_align is not None:
+        recipe["stages"][2]["align"] = args.stage2_align
+    if args.inherited_lr_scale is not None:
+        recipe["stages"][3]["inherited_lr_scale"] = args.inherited_lr_scale
     if args.freeze_mlp:
         recipe["stages"][3]["freeze_mlp"] = True
     if args.freeze_embeddings:

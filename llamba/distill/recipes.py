@@ -8,9 +8,7 @@ from pathlib import Path
 import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-STAGE_KEYS = ("tokens", "lr", "seq_len", "micro_batch", "batch_tokens", "temperature", "mixer_only", "freeze_mlp",
-              "freeze_embeddings", "warmup", "decay", "min_lr_ratio", "weight_decay", "grad_clip")
-FLOATS = ("lr", "weight_decay", "warmup", "decay", "min_lr_ratio", "grad_clip", "temperature")
+FLOATS = ("lr", "weight_decay", "warmup", "decay", "min_lr_ratio", "grad_clip", "temperature", "inherited_lr_scale")
 INTS = ("tokens", "seq_len", "micro_batch", "batch_tokens", "checkpoint_every", "seed", "val_tokens", "eval_tokens",
         "d_state")
 # The teachers named in the recipes; anything else gets the recipe given by --recipe (default: by size, else smoke).

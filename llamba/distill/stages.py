@@ -5,8 +5,12 @@
    layers. Only what shapes the matrix trains (in_proj, conv, D).
 2. Hidden-state alignment: each student block takes the teacher's input to its layer; loss = L2 norm per token of
    (block output - teacher's output of that layer), averaged, summed over layers. Whole block, or mixer only.
+   With ``align: attention`` the target is the teacher's attention output instead, and only the mixer runs and
+   trains (RADLADS' attention alignment: the mixer learns to stand in for the attention it replaces, on the
+   teacher's own residual stream, with no MLP between it and its target).
 3. Knowledge distillation: the whole student end to end; loss = soft-target cross-entropy against the teacher's
-   logits at temperature tau (times tau^2 so gradients keep their size when tau changes).
+   logits at temperature tau (times tau^2 so gradients keep their size when tau changes). It equals the forward
+   KL(teacher || student) plus the teacher's entropy, which does not depend on the student.
 
 Each stage is an ``nn.Module`` whose forward returns the loss, so one DDP wrapper serves all three.
 """
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamba.distill.data import Batch
+from llamba.distill.losses import linear_soft_cross_entropy
 
 STAGES = (1, 2, 3)
 STAGE_NAMES = {1: "matrix orientation", 2: "hidden-state alignment", 3: "knowledge distillation"}
@@ -29,6 +34,7 @@ STAGE_NAMES = {1: "matrix orientation", 2: "hidden-state alignment", 3: "knowled
 class TeacherTargets:
     hidden_in: tuple | None = None     # per layer: the hidden state entering that layer (b, L, d)
     hidden_out: tuple | None = None    # per layer: that layer's output (b, L, d), before the final norm
+    attention_out: tuple | None = None  # per layer: the self-attention's output (b, L, d), after o_proj
     attentions: tuple | None = None    # per layer: post-softmax attention (b, H, L, L), GQA expanded
     logits: torch.Tensor | None = None
 
@@ -38,26 +44,36 @@ def set_attention(teacher, implementation: str) -> None:
         teacher.set_attn_implementation(implementation)
 
 
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
 @torch.no_grad()
-def teacher_targets(teacher, batch: Batch, stage: int) -> TeacherTargets:
+def teacher_targets(teacher, batch: Batch, stage: int, attention_outputs: bool = False) -> TeacherTargets:
     """Run the teacher on a packed batch. ``position_ids`` restart at each document, which makes transformers
-    build a block-diagonal causal mask: the teacher never attends across documents, like the student's resets."""
+    build a block-diagonal causal mask: the teacher never attends across documents, like the student's resets.
+    ``attention_outputs`` (stages 1-2) also catches each layer's attention output."""
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     if stage == 3:
         set_attention(teacher, "sdpa")
         return TeacherTargets(logits=teacher(**kwargs).logits)
     set_attention(teacher, "eager" if stage == 1 else "sdpa")
     layers = teacher.model.layers
-    last = {}
+    last, attention_out = {}, [None] * len(layers)
     # hidden_states[-1] is after the final norm, so the last layer's raw output is caught with a hook.
-    hook = layers[-1].register_forward_hook(lambda m, i, o: last.__setitem__("out", o[0] if isinstance(o, tuple) else o))
+    hooks = [layers[-1].register_forward_hook(lambda m, i, o: last.__setitem__("out", _first(o)))]
+    if attention_outputs:
+        hooks += [layer.self_attn.register_forward_hook(lambda m, i, o, k=k: attention_out.__setitem__(k, _first(o)))
+                  for k, layer in enumerate(layers)]
     try:
         out = teacher.model(**kwargs, output_hidden_states=True, output_attentions=stage == 1)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     hidden_in = tuple(out.hidden_states[: len(layers)])
     return TeacherTargets(hidden_in=hidden_in, hidden_out=hidden_in[1:] + (last["out"],),
-                          attentions=tuple(out.attentions) if stage == 1 else None)
+                          attentions=tuple(out.attentions) if stage == 1 else None,
+                          attention_out=tuple(attention_out) if attention_outputs else None)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +93,8 @@ def hidden_loss(student_out: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """mean over tokens of -sum_v softmax(t / tau) log_softmax(s / tau), times tau^2."""
+    """mean over tokens of -sum_v softmax(t / tau) log_softmax(s / tau), times tau^2. The plain twin of
+    ``llamba.distill.losses.linear_soft_cross_entropy``, which never holds the student's logits."""
     log_s = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
     t = F.softmax(_wide(teacher_logits).to(log_s.dtype) / temperature, dim=-1)
     return -(t * log_s).sum(-1).mean() * temperature ** 2
@@ -102,11 +119,20 @@ class MatrixOrientation(nn.Module):
         return torch.stack(per_layer).sum(), per_layer
 
 
+ALIGN_TARGETS = ("block", "attention")
+
+
 class HiddenStateAlignment(nn.Module):
-    def __init__(self, student, mixer_only: bool = False):
+    """``align='block'``: block output against the teacher layer's output (whole block, or ``mixer_only``);
+    ``align='attention'``: mixer output against the teacher's attention output (the mixer alone trains)."""
+
+    def __init__(self, student, mixer_only: bool = False, align: str = "block"):
         super().__init__()
+        if align not in ALIGN_TARGETS:
+            raise ValueError(f"stage 2 align={align!r}: choose one of {ALIGN_TARGETS}")
         self.layers = student.backbone.layers
-        self.mixer_only = mixer_only
+        self.align = align
+        self.mixer_only = mixer_only or align == "attention"
 
     def trainable(self):
         for block in self.layers:
@@ -114,16 +140,30 @@ class HiddenStateAlignment(nn.Module):
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         per_layer = []
-        for block, h, target in zip(self.layers, targets.hidden_in, targets.hidden_out):
-            per_layer.append(hidden_loss(block(h, seq_idx=seq_idx), target))
+        if self.align == "attention":
+            for block, h, target in zip(self.layers, targets.hidden_in, targets.attention_out):
+                per_layer.append(hidden_loss(block.mixer(block.input_layernorm(h), seq_idx=seq_idx), target))
+        else:
+            for block, h, target in zip(self.layers, targets.hidden_in, targets.hidden_out):
+                per_layer.append(hidden_loss(block(h, seq_idx=seq_idx), target))
         return torch.stack(per_layer).sum(), per_layer
 
 
+KD_LOSSES = ("chunked", "plain")
+
+
 class KnowledgeDistillation(nn.Module):
-    def __init__(self, student, temperature: float = 1.0, freeze_mlp: bool = False, freeze_embeddings: bool = False):
+    """``loss='chunked'``: the head and the loss in row chunks from the last hidden state (``losses``), never
+    holding the student's logits; ``'plain'``: soft cross-entropy on ``student(...).logits``, its reference."""
+
+    def __init__(self, student, temperature: float = 1.0, freeze_mlp: bool = False, freeze_embeddings: bool = False,
+                 loss: str = "chunked"):
         super().__init__()
+        if loss not in KD_LOSSES:
+            raise ValueError(f"stage 3 loss={loss!r}: choose one of {KD_LOSSES}")
         self.student = student
         self.temperature = temperature
+        self.loss = loss
         self.freeze_mlp = freeze_mlp
         self.freeze_embeddings = freeze_embeddings
 
@@ -137,19 +177,30 @@ class KnowledgeDistillation(nn.Module):
         return (p for p in self.student.parameters() if id(p) not in frozen)
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor, input_ids: torch.Tensor):
-        logits = self.student(input_ids, seq_idx=seq_idx).logits
-        return soft_cross_entropy(logits, targets.logits, self.temperature), []
+        if self.loss == "plain":
+            logits = self.student(input_ids, seq_idx=seq_idx).logits
+            return soft_cross_entropy(logits, targets.logits, self.temperature), []
+        h, _ = self.student.backbone(input_ids, seq_idx=seq_idx)
+        head = self.student.lm_head
+        vocab = self.student.config.vocab_size  # the head's padding rows are no token: logits() cuts them too
+        bias = None if head.bias is None else head.bias[:vocab]
+        return linear_soft_cross_entropy(h, head.weight[:vocab], bias, targets.logits, self.temperature), []
 
 
 def stage_module(stage: int, student, cfg: dict) -> nn.Module:
     if stage == 1:
         return MatrixOrientation(student)
     if stage == 2:
-        return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False))
+        return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False), align=cfg.get("align", "block"))
     if stage == 3:
         return KnowledgeDistillation(student, cfg.get("temperature", 1.0), cfg.get("freeze_mlp", False),
-                                     cfg.get("freeze_embeddings", False))
+                                     cfg.get("freeze_embeddings", False), cfg.get("loss", "chunked"))
     raise ValueError(f"unknown stage {stage}; stages are {STAGES}")
+
+
+def stage_targets(teacher, batch: Batch, stage: int, cfg: dict) -> TeacherTargets:
+    """What the teacher must provide for this stage's settings."""
+    return teacher_targets(teacher, batch, stage, attention_outputs=stage == 2 and cfg.get("align") == "attention")
 
 
 def run_stage_module(module: nn.Module, stage: int, targets: TeacherTargets, batch: Batch):

@@ -16,7 +16,7 @@ from safetensors.torch import load_model, save_model
 
 from llamba.distill import distributed
 from llamba.distill.data import PackedTokens, Sampler
-from llamba.distill.stages import STAGE_NAMES, run_stage_module, stage_module, teacher_targets
+from llamba.distill.stages import STAGE_NAMES, run_stage_module, stage_module, stage_targets
 
 CRASH_ENV = "LLAMBA_DISTILL_CRASH_AT"  # "STAGE:STEP": die like a kill -9 right after that step (resume tests)
 
@@ -34,11 +34,17 @@ def wsd_lr(step: int, steps: int, peak: float, warmup: float, decay: float, min_
     return peak
 
 
-def param_groups(params, weight_decay: float):
-    """Weight decay on matrices only; norms, biases, D and A stay undecayed."""
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(params, weight_decay: float, mixer_params=(), inherited_lr_scale: float = 1.0):
+    """Weight decay on matrices only; norms, biases, D and A stay undecayed. Parameters outside ``mixer_params``
+    (embeddings, norms, MLPs, head: the teacher's own weights) train at ``inherited_lr_scale`` times the rate:
+    the new mixers have everything to learn, the copied weights only a little to adjust, and a rate that suits the
+    mixers erodes what the copies know (RADLADS and hybrid-distillation use a 10-15x lower rate for them)."""
+    mixer = {id(p) for p in mixer_params}
+    groups = []
+    for in_mixer, scale in ((True, 1.0), (False, inherited_lr_scale)):
+        chosen = [p for p in params if (id(p) in mixer) == in_mixer]
+        groups += [{"params": [p for p in chosen if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": scale},
+                   {"params": [p for p in chosen if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return [g for g in groups if g["params"]]
 
 
@@ -120,7 +126,8 @@ def batch_geometry(cfg: dict, world: int) -> tuple[int, int, int]:
 def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: dict, d: distributed.Dist,
                 metrics: Metrics, log=print) -> dict:
     """Train ``student`` in place for one stage; resumes from ``stage_dir/checkpoint`` when one exists.
-    Returns {'steps', 'tokens', 'first_loss', 'last_loss', 'wall_s', 'tokens_per_s'}."""
+    Returns {'steps', 'tokens', 'first_loss', 'last_loss', 'wall_s', 'tokens_per_s', 'tokens_per_s_steady'} (the
+    last: from the second step on, without the first step's warm-up)."""
     from tqdm.auto import tqdm
 
     data = PackedTokens(data_dir, "train", cfg["seq_len"])
@@ -145,7 +152,9 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         for block in student.backbone.layers:
             block.compile()
     fused = d.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(params, cfg["weight_decay"]), lr=cfg["lr"],
+    mixers = [p for block in student.backbone.layers for p in block.mixer.parameters()]
+    groups = param_groups(params, cfg["weight_decay"], mixers, cfg.get("inherited_lr_scale", 1.0))
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"],
                                   betas=tuple(cfg["betas"]), eps=1e-8, fused=fused)
     wrapped = distributed.wrap(module, d)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
@@ -170,16 +179,16 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     bar = tqdm(total=steps * step_tokens, initial=start * step_tokens, unit="tok", unit_scale=True,
                desc=f"stage {stage}", disable=not d.main, dynamic_ncols=True)
     crash = os.environ.get(CRASH_ENV, "")
-    bad_steps, t0, t_start, timed_tokens = 0, time.perf_counter(), time.perf_counter(), 0
+    bad_steps, t0, t_start, timed_tokens, tok_s = 0, time.perf_counter(), time.perf_counter(), 0, 0.0
     last_loss = history.get("last_loss")
     for step in range(start, steps):
         lr = wsd_lr(step, steps, cfg["lr"], cfg["warmup"], cfg["decay"], cfg.get("min_lr_ratio", 0.0))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=d.device)
         for micro in range(accum):
             batch = data.batch(sampler.next(cfg["micro_batch"])).to(d.device)
-            targets = teacher_targets(teacher, batch, stage)
+            targets = stage_targets(teacher, batch, stage, cfg)
             with distributed.no_sync(wrapped, micro == accum - 1), autocast:
                 loss, _ = run_stage_module(wrapped, stage, targets, batch)
                 (loss / accum).backward()
@@ -234,4 +243,5 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         student.float()
     student.eval()
     return {"steps": steps, "tokens": steps * step_tokens, "first_loss": history["first_loss"],
-            "last_loss": last_loss, "wall_s": wall, "tokens_per_s": (steps - start) * step_tokens / max(wall, 1e-9)}
+            "last_loss": last_loss, "wall_s": wall, "tokens_per_s": (steps - start) * step_tokens / max(wall, 1e-9),
+            "tokens_per_s_steady": tok_s}
