@@ -50,3 +50,16 @@ def test_bad_sampling_options_are_refused_before_loading(capsys):
         assert main(["generate", "--model", "does-not-matter", "--prompt", "x", option, value, *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith("llamba generate: error:") and says in err and "Traceback" not in err, err
+
+
+def test_distill_on_local_data_does_not_need_datasets(monkeypatch, tmp_path):
+    """`datasets` only streams hf: sources; a docs-only run on local jsonl (refused up front on the GPU machine,
+    which lacks it) prepares its data without it."""
+    from llamba.distill.testing import make_corpus, make_teacher
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=30, n_val=5)
+    teacher = make_teacher(tmp_path / "teacher", corpus)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it now raises ModuleNotFoundError
+    assert main(["distill", "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "run"),
+                 "--prepare-only", "--device", "cpu", "--max-tokens", "2000", "--val-tokens", "200"]) == 0
+    assert (tmp_path / "run" / "data" / "manifest.json").exists()

@@ -161,3 +161,17 @@ def test_every_recipe_loads_and_flags_override():
     assert stage_config(r, 1)["seq_len"] == 256  # a flag for all stages beats the recipe's per-stage value
     with pytest.raises(FileNotFoundError, match="built-in"):
         load_recipe("no-such-recipe")
+
+
+def test_tokenizer_identity_accepts_the_legacy_hash_and_refuses_another_tokenizer(tiny):
+    """Manifests written with the hash of before 2026-12 (probe ending in a split EOS) still load; the hash itself
+    no longer encodes special tokens inside the probe; a tokenizer with another vocabulary is still refused."""
+    from llamba.distill.data import PROBE, _legacy_tokenizer_hash, check_tokenizer, tokenizer_hash
+
+    tok = tiny[2]
+    assert "<|endoftext|>" not in PROBE and "<eos>" not in PROBE
+    for h in (tokenizer_hash(tok), _legacy_tokenizer_hash(tok)):
+        check_tokenizer({"tokenizer": {"name": "tiny", "hash": h}}, tok, "prepared")
+    assert tokenizer_hash(tok) != _legacy_tokenizer_hash(tok)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        check_tokenizer({"tokenizer": {"name": "other", "hash": "0123456789abcdef"}}, tok, "prepared")

@@ -84,7 +84,11 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert again["stages"] == two["stages"] and final.stat().st_mtime_ns == written
     for stage in ("1", "2", "3"):
         assert two["stages"][stage]["steps"] == one["stages"][stage]["steps"] >= 2
-        assert two["stages"][stage]["last_loss"] == pytest.approx(one["stages"][stage]["last_loss"], rel=1e-4)
+        # The first step's loss is the same computation on the same batch: it must agree to float32 rounding. Later
+        # steps follow Adam's trajectory, where summation-order bits grow (stage 3 at lr 1e-2: 1.6e-4 relative after
+        # a few steps with torch 2.13 / transformers 5.24, from a first loss that agrees to 1e-7).
+        assert two["stages"][stage]["first_loss"] == pytest.approx(one["stages"][stage]["first_loss"], rel=1e-6)
+        assert two["stages"][stage]["last_loss"] == pytest.approx(one["stages"][stage]["last_loss"], rel=1e-3)
     a = load_file(str(tmp_path / "one" / "stage3" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "stage3" / "final" / "model.safetensors"))
     init = load_file(str(tmp_path / "one" / "init" / "model.safetensors"))

@@ -152,14 +152,3 @@ def to_markdown(results: dict) -> str:
                    f"**{results['stage3_speedup_over_plain']:.2f}x**"]
     return "\n".join(md) + "\n"
 
-
-if __name__ == "__main__":  # python -m llamba.bench.distill [--recipe R] [--steps N] [--variants ...] [--out PREFIX]
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant (after one warm-up)")
-    parser.add_argument("--variants", nargs="*", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
-    parser.add_argument("--out", default=None, help="output path without suffix (.json and .md)")
-    a = parser.parse_args()
-    run(a.recipe, a.variants, a.steps, a.out)

@@ -425,7 +425,13 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict, out_dir: Path) -> list[Path]:
+def device_slug() -> str:
+    """'h200' for 'NVIDIA H200', 'h100' for 'NVIDIA H100 80GB HBM3': result files are named by the card."""
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip()
+    return (name.split() or ["gpu"])[0]
+
+
+def plot(r: dict, out_dir: Path, stem: str = "bench") -> list[Path]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -442,7 +448,7 @@ def plot(r: dict, out_dir: Path) -> list[Path]:
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"prompt {prompt}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "bench-h100-decode.png")
+    paths.append(out_dir / f"{stem}-decode.png")
     fig.savefig(paths[-1], dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [c for c in r["context_sweep"] if c.get("student_tok_s")]
@@ -451,7 +457,7 @@ def plot(r: dict, out_dir: Path) -> list[Path]:
     ax.set(xscale="log", yscale="log", xlabel="context", ylabel="decode tokens/s (batch 16)", title="decode vs context")
     ax.legend()
     fig.tight_layout()
-    paths.append(out_dir / "bench-h100-context.png")
+    paths.append(out_dir / f"{stem}-context.png")
     fig.savefig(paths[-1], dpi=120)
     return paths
 
@@ -466,6 +472,6 @@ def main(args) -> int:
     json_path.write_text(json.dumps(results, indent=1))
     md = to_markdown(results)
     out.with_suffix(".md").write_text(md)
-    plot(results, out.parent)
+    plot(results, out.parent, out.name)
     print(md)
     return 0

@@ -53,7 +53,7 @@ EXTRAS = {"gguf": {"gguf", "accelerate"}, "gpu": {"triton"}, "edge": {"llama_cpp
           "eval": {"gguf", "accelerate", "lm_eval", "datasets", "matplotlib", "yaml"},
           "train": {"gguf", "accelerate", "datasets", "pyarrow", "zstandard", "yaml", "tensorboard", "matplotlib"}}
 # The extra that brings everything a command needs, and what it imports in any case (checked before any work)
-COMMAND_EXTRA = {"distill": ("train", ("datasets", "yaml", "matplotlib")), "eval": ("eval", ("lm_eval", "matplotlib"))}
+COMMAND_EXTRA = {"distill": ("train", ("yaml", "matplotlib")), "eval": ("eval", ("lm_eval", "matplotlib"))}
 
 
 def check_command_extra(command: str) -> None:

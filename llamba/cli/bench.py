@@ -21,6 +21,9 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def register(parser) -> None:
+    parser.add_argument("study", nargs="?", choices=["models", "distill"], default="models",
+                        help="models (default): the student against its teacher, decode and prefill; distill: "
+                             "distillation tokens/s and MFU per stage in the real trainer, beside the plain loss path")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--model", default=None,
                         help="student checkpoint (default on the GPU: convert the teacher with student_from_teacher)")
@@ -46,9 +49,15 @@ def register(parser) -> None:
     gpu.add_argument("--memory-budget-gib", type=float, default=16.0)
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
     gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the dense pieces of the decode steps and prefills (teacher and student)")
+    dist = parser.add_argument_group("distill study options")
+    dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
+    dist.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant (after one warm-up)")
+    dist.add_argument("--variants", nargs="*", default=None, help="stage variants (default: all of llamba.bench.distill.VARIANTS)")
 
 
 def run(args) -> int:
+    if args.study == "distill":
+        return run_distill(args)
     if args.new_tokens is not None and args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2")
     if args.device == "cpu":
@@ -62,5 +71,24 @@ def run(args) -> int:
     if args.new_tokens is None:
         args.new_tokens = 256
     if args.out is None:
-        args.out = "results/bench-h100"
+        args.out = f"results/bench-{gpu.device_slug()}"
     return gpu.main(args)
+
+
+def run_distill(args) -> int:
+    import torch
+
+    from llamba.bench import distill
+
+    if args.device != "cuda" or not torch.cuda.is_available():
+        raise ValueError("llamba bench distill measures the GPU trainer: it needs CUDA (--device cuda)")
+    names = [v[0] for v in distill.VARIANTS]
+    unknown = sorted(set(args.variants or []) - set(names))
+    if unknown:
+        raise ValueError(f"--variants {' '.join(unknown)}: choose from {', '.join(names)}")
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    from llamba.bench.gpu import device_slug
+
+    distill.run(args.recipe, args.variants or names, args.steps, args.out or f"results/bench-distill-{device_slug()}")
+    return 0

@@ -23,7 +23,8 @@ def register(parser) -> None:
     parser.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     parser.add_argument("--recipe", help="built-in recipe name or .yaml path (default: the teacher's recipe on CUDA, "
                         "'smoke' on CPU)")
-    parser.add_argument("--stages", default="1,2,3", help="which stages to run, e.g. '3' or '2,3' (default 1,2,3)")
+    parser.add_argument("--stages", help="which stages to run, e.g. '3' or '2,3' (default: the recipe's run_stages, "
+                        "else 1,2,3)")
     parser.add_argument("--student", help="Llamba checkpoint to start the first requested stage from "
                         "(default: the previous stage's output in --out, else a fresh student)")
     parser.add_argument("--prepare-only", action="store_true", help="tokenize and pack the data into --out/data, then stop")
@@ -96,13 +97,14 @@ def build_recipe(args) -> dict:
 def run(args) -> int:
     from llamba.distill.pipeline import Options, run as run_pipeline
 
-    try:
-        stages = tuple(sorted({int(s) for s in args.stages.split(",") if s.strip()}))
-    except ValueError:
-        raise ValueError(f"--stages {args.stages!r}: give stage numbers separated by commas, e.g. 1,2,3") from None
-    if not stages or any(s not in (1, 2, 3) for s in stages):
-        raise ValueError(f"--stages {args.stages!r}: stages are 1, 2 and 3")
     recipe = build_recipe(args)
+    chosen = args.stages if args.stages is not None else ",".join(str(s) for s in recipe.get("run_stages", (1, 2, 3)))
+    try:
+        stages = tuple(sorted({int(s) for s in str(chosen).split(",") if s.strip()}))
+    except ValueError:
+        raise ValueError(f"--stages {chosen!r}: give stage numbers separated by commas, e.g. 1,2,3") from None
+    if not stages or any(s not in (1, 2, 3) for s in stages):
+        raise ValueError(f"--stages {chosen!r}: stages are 1, 2 and 3")
     opts = Options(teacher=args.teacher, out=Path(args.out), recipe=recipe, data=args.data, stages=stages,
                    student=args.student, device=args.device,
                    max_tokens=int(args.max_tokens) if args.max_tokens else None, prepare_only=args.prepare_only,

@@ -109,13 +109,22 @@ def find_sources(data: str) -> dict[str, list[str]]:
 
 
 # -- tokenizer identity ------------------------------------------------------------------------------------------
-PROBE = "Tokenizer probe: naïve café, 1,234.5 — ¿qué? \n\tdef f(x):\n    return x**2  # 東京 🙂 <|endoftext|>"
+PROBE = "Tokenizer probe: naïve café, 1,234.5 — ¿qué? \n\tdef f(x):\n    return x**2  # 東京 🙂"
 
 
 def tokenizer_hash(tokenizer) -> str:
     """What the tokens mean, not how the tokenizer file is serialized (that changes between transformers versions,
-    and shards prepared on one machine must be usable on another): vocabulary, EOS, and the ids of a probe text."""
-    probe = tokenizer(PROBE, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    and shards prepared on one machine must be usable on another): vocabulary, EOS, and the ids of a probe text.
+    The probe holds no special token: how one is split inside text (``split_special_tokens``) differs between
+    transformers versions (5.17 and 5.24 hashed the same GGUF tokenizer differently), and EOS is recorded as is."""
+    probe = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id, probe])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _legacy_tokenizer_hash(tokenizer) -> str:
+    """The hash manifests were written with before 2026-12 (the probe ended in EOS, split): still accepted."""
+    probe = tokenizer(PROBE + " <|endoftext|>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
     blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id, probe])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -178,7 +187,7 @@ def load_manifest(data_dir) -> dict:
 def check_tokenizer(manifest: dict, tokenizer, data_dir) -> None:
     want = tokenizer_hash(tokenizer)
     have = manifest["tokenizer"]["hash"]
-    if have != want:
+    if have != want and have != _legacy_tokenizer_hash(tokenizer):
         raise ValueError(
             f"{data_dir} was tokenized with a different tokenizer ({manifest['tokenizer'].get('name')}, hash {have}) "
             f"than this teacher's (hash {want}); use another --out/data folder or delete {data_dir} to re-tokenize")

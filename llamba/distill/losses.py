@@ -28,7 +28,7 @@ def soft_cross_entropy_rows(s: torch.Tensor, t: torch.Tensor, temperature: float
     wide = torch.promote_types(s.dtype, torch.float32)
     log_s = F.log_softmax(s.to(wide) / temperature, dim=-1)
     p_t = F.softmax(t.to(wide) / temperature, dim=-1)
-    return -(p_t * log_s).sum(), log_s.exp() - p_t
+    return -(p_t * log_s).sum(-1).sum(), log_s.exp() - p_t
 
 
 @functools.cache

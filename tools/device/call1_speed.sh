@@ -10,9 +10,9 @@ tar xJf .gpu/c1/data-mix.tar.xz -C /root/data && rm -rf /root/data/mix && mv /ro
 tar xJf .gpu/c1/eval.tar.xz -C /root/data
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -m pytest -q tests/test_distill_stages.py -k cuda 2>&1 | tail -3
-python3 -m llamba.bench.distill --recipe results/distill-ablations/proxy.yaml --steps 4 --out $OUT/bench-distill-h200 2>&1 | grep -v "it/s\]\|tok/s\]"
+python3 -m llamba.cli bench distill --recipe results/distill-ablations/proxy.yaml --steps 4 --out $OUT/bench-distill-h200 2>&1 | grep -v "it/s\]\|tok/s\]"
 for i in 1 2 3 4; do
-  python3 -m llamba.bench.distill --recipe results/distill-ablations/proxy.yaml --variants stage3 stage2-attention --steps 4 > $OUT/concurrent-$i.log 2>&1 &
+  python3 -m llamba.cli bench distill --recipe results/distill-ablations/proxy.yaml --variants stage3 stage2-attention --steps 4 > $OUT/concurrent-$i.log 2>&1 &
 done
 wait
 grep -h "bench distill\]" $OUT/concurrent-*.log

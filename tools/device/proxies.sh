@@ -5,14 +5,12 @@ set -uo pipefail
 export PYTHONPATH=/root/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 LIMIT=${1:-500}
 P=results/distill-ablations/proxy.yaml
-COMMON="--teacher smollm2-135m --sample-tokens 40 --checkpoint-every 5"
+COMMON="--teacher smollm2-135m --sample-tokens 40 --checkpoint-every 5 --stage2-tokens 2e6 --stage3-tokens 3e6"
 declare -A RUNS=(
-  [A-old-recipe]="--recipe smollm2-135m --data /root/data/mix --stage1-tokens 1e6 --stage2-tokens 3e6 --stage3-tokens 5e6"
+  [A-old-recipe]="--recipe smollm2-135m --data /root/data/mix --stage1-tokens 5e5"
   [B-identity-init]="--recipe $P --data /root/data/mix --stages 2,3 --init identity"
   [C-candidate]="--recipe $P --data /root/data/mix --stages 2,3"
   [D-one-lr]="--recipe $P --data /root/data/mix --stages 2,3 --inherited-lr-scale 1"
-  [E-gutenberg-only]="--recipe $P --data /root/data/gut --stages 2,3"
-  [F-with-stage1]="--recipe $P --data /root/data/mix --stages 1,2,3"
   [G-block-align]="--recipe $P --data /root/data/mix --stages 2,3 --stage2-align block"
 )
 mkdir -p /root/runs
