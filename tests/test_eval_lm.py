@@ -67,6 +67,49 @@ def test_batched_cached_generation_equals_greedy_without_cache():
     assert [len(t) for t in stopped] == [2, 2, 2] and stopped[0] == got[0][:2]
 
 
+def test_cached_generation_samples_as_transformers_generate():
+    """generate_tokens chooses tokens with the sampler every generation path shares: with the same seed, the
+    tokens of transformers' generate (whose multinomial draws by the same exponential race) for each option."""
+    from llamba.eval.lm import generate_tokens
+    from llamba.generation.sampling import SamplingParams
+
+    model = tiny_llamba(dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # no early stop on either side
+    prompts = [[5, 9, 2, 7, 7], [4, 8, 1, 3, 30]]  # equal lengths: no padding for transformers to handle
+    for options in ({"repetition_penalty": 1.5}, {"do_sample": True, "temperature": 0.7, "top_k": 5},
+                    {"do_sample": True, "top_p": 0.6}, {"do_sample": True, "min_p": 0.3, "repetition_penalty": 2.0}):
+        params = SamplingParams.from_options(**options)
+        got = generate_tokens(model, prompts, 8, params=params, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        ref = model.generate(torch.tensor(prompts), max_new_tokens=8, pad_token_id=0, **params.generate_kwargs())
+        assert got == ref[:, 5:].tolist(), options
+
+
+def test_generate_until_honours_the_tasks_sampling_options():
+    """lm-eval hands a task's generation options to the model (HFLM passes them on to transformers): a top-k of 1
+    while sampling is greedy decoding."""
+    from llamba.eval.lm import LlambaLM
+
+    class Digits:  # a tokenizer whose text is the token ids, space separated
+        eos_token_id, bos_token_id = 60, None
+
+        def encode(self, text, add_special_tokens=False):
+            return [int(t) for t in text.split()]
+
+        def decode(self, tokens, skip_special_tokens=False):
+            return " ".join(str(t) for t in tokens)
+
+    lm = LlambaLM(pretrained=tiny_llamba(dtype=torch.float32), tokenizer=Digits(), batch_size=2)
+    prompts = ["5 9 2 7 7", "4 8 1"]
+    greedy = lm._generate(prompts, {"until": ["x"], "do_sample": False, "max_gen_toks": 8})
+    torch.manual_seed(0)
+    sampled = lm._generate(prompts, {"until": ["x"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 8})
+    assert sampled != greedy  # sampling is on: the top-k must bring it back to the argmax
+    top1 = lm._generate(prompts, {"until": ["x"], "do_sample": True, "temperature": 1.0, "top_k": 1,
+                                  "max_gen_toks": 8})
+    assert top1 == greedy
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_scoring_on_cuda_matches_the_pytorch_scan(dtype):
