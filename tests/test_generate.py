@@ -95,3 +95,19 @@ def test_a_prompt_that_is_not_utf8_is_one_clear_line(tiny_student_folder, capsys
     err = capsys.readouterr().err
     assert err.startswith("llamba generate: error:") and "prompt 2 is not valid UTF-8" in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_decodes_as_the_cpu_float_path(tiny_student_folder, capsys):
+    """On CUDA the CLI runs the CUDA-graph engine itself: greedy and repetition-penalised tokens as transformers'
+    generate gives them on the CPU, a top-k of 1 while sampling as greedy, and a stop string stops it."""
+    cuda = ["--device", "cuda", "--dtype", "float32"]  # the later --device wins over generated()'s
+    for options in ([], ["--repetition-penalty", "3"]):
+        assert generated(capsys, tiny_student_folder, *cuda, *options) == generated(capsys, tiny_student_folder,
+                                                                                    *options)
+    greedy = generated(capsys, tiny_student_folder, *cuda)
+    assert generated(capsys, tiny_student_folder, *cuda, "--temperature", "1", "--top-k", "1") == greedy
+    free = generated(capsys, tiny_student_folder, *cuda, "--temperature", "1").split()
+    assert len(free) == 12 and free[4] not in free[:4], free
+    assert generated(capsys, tiny_student_folder, *cuda, "--temperature", "1", "--stop", free[4]).split() == free[:5]
