@@ -9,20 +9,8 @@ from llamba.eval.lm import score_continuations, score_plain
 from llamba.model import LlambaConfig, LlambaForCausalLM
 
 
-def tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0) -> LlambaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
-                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
-    model = LlambaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # non-trivial conv, gate and decay so that every cache field matters
-        for layer in model.backbone.layers:
-            layer.mixer.conv1d.weight.normal_(0, 0.5)
-            layer.mixer.D.normal_(0, 1)
-    return model
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
-def test_cached_context_scores_equal_plain_forward(dtype, tol):
+def test_cached_context_scores_equal_plain_forward(dtype, tol, tiny_llamba):
     model = tiny_llamba(dtype=dtype)
     rng = random.Random(0)
     vocab = model.config.vocab_size
@@ -40,7 +28,7 @@ def test_cached_context_scores_equal_plain_forward(dtype, tol):
             assert greedy == ref_greedy
 
 
-def test_all_two_token_continuations_use_the_step_path():
+def test_all_two_token_continuations_use_the_step_path(tiny_llamba):
     model = tiny_llamba()
     contexts = [[3, 4, 5, 6, 7], [9, 8]]
     continuations = [[[1, 2], [2, 1]], [[5, 5]]]
@@ -50,7 +38,7 @@ def test_all_two_token_continuations_use_the_step_path():
             assert abs(ll - score_plain(model, ctx, cont)[0]) < 1e-9
 
 
-def test_batched_cached_generation_equals_greedy_without_cache():
+def test_batched_cached_generation_equals_greedy_without_cache(tiny_llamba):
     from llamba.eval.lm import generate_tokens
 
     model = tiny_llamba()
@@ -67,7 +55,7 @@ def test_batched_cached_generation_equals_greedy_without_cache():
     assert [len(t) for t in stopped] == [2, 2, 2] and stopped[0] == got[0][:2]
 
 
-def test_cached_generation_samples_as_transformers_generate():
+def test_cached_generation_samples_as_transformers_generate(tiny_llamba):
     """generate_tokens chooses tokens with the sampler every generation path shares: with the same seed, the
     tokens of transformers' generate (whose multinomial draws by the same exponential race) for each option."""
     from llamba.eval.lm import generate_tokens
@@ -85,7 +73,7 @@ def test_cached_generation_samples_as_transformers_generate():
         assert got == ref[:, 5:].tolist(), options
 
 
-def test_generate_until_honours_the_tasks_sampling_options():
+def test_generate_until_honours_the_tasks_sampling_options(tiny_llamba):
     """lm-eval hands a task's generation options to the model (HFLM passes them on to transformers): a top-k of 1
     while sampling is greedy decoding."""
     from llamba.eval.lm import LlambaLM
