@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -7,3 +8,111 @@ def smollm2():
     from llamba.teacher import load_teacher
 
     return load_teacher("smollm2-135m")
+
+
+def make_word_tokenizer(vocab: int = 100):
+    """A tokenizer whose tokens are the words w0 ... w{vocab-1} (``"w5 w7"`` is [5, 7]), EOS w1: its text shows the
+    token ids, so a test can name tokens and stop strings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1")
+
+
+def make_tiny_student(seed: int = 0, tied: bool = True):
+    """A float32 Llamba student of 2 layers, vocabulary 100 (padded to 104), with every parameter moved off its
+    special init value so that each one matters (the CPU runtime's and generation paths' tests)."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, tie_embeddings=tied,
+                       mlp_cfg={"intermediate_size": 96},
+                       ssm_cfg={"d_state": 32, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 16})
+    model = LlambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for mixer in (layer.mixer for layer in model.backbone.layers):
+            mixer.D.normal_()
+            mixer.conv1d.bias.normal_(0, 0.1)
+            mixer.z_bias.normal_()
+        for layer in model.backbone.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def make_default_init_student(seed: int = 0, **ssm):
+    """A float32 Llamba student of 2 layers, vocabulary 97, d_state 16, as its constructor initialises it (the
+    generation engine's tests)."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=97, mlp_cfg={"intermediate_size": 96},
+                       ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, **ssm})
+    return LlambaForCausalLM(cfg).eval()
+
+
+def make_left_padded(batch: int = 3, length: int = 9, vocab: int = 97, seed: int = 1):
+    """(ids, attention_mask) of random prompts, row r left-padded with 2r zeros: prompts of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, : 2 * row] = 0
+        ids[row, : 2 * row] = 0
+    return ids, mask
+
+
+def make_tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0):
+    """A float64 (by default) Llamba of d_model 32 with a non-trivial conv, gate and decay, so that every cache
+    field matters (the lm-eval model's and perplexity's tests)."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
+    model = LlambaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.weight.normal_(0, 0.5)
+            layer.mixer.D.normal_(0, 1)
+    return model
+
+
+# The factories above, as fixtures: a test asks for the factory and calls it with the arguments it needs.
+@pytest.fixture
+def tiny_student():
+    return make_tiny_student
+
+
+@pytest.fixture
+def default_init_student():
+    return make_default_init_student
+
+
+@pytest.fixture
+def left_padded():
+    return make_left_padded
+
+
+@pytest.fixture
+def tiny_llamba():
+    return make_tiny_llamba
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """For modules of CPU tests on tiny matrices (``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``):
+    thread hand-offs cost more than the work (40x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_student_folder(tmp_path):
+    """``make_tiny_student()`` saved with ``make_word_tokenizer()`` as a student checkpoint folder."""
+    from llamba.checkpoint import save_student
+
+    return save_student(make_tiny_student(), make_word_tokenizer(), tmp_path / "student")

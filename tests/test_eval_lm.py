@@ -9,20 +9,8 @@ from llamba.eval.lm import score_continuations, score_plain
 from llamba.model import LlambaConfig, LlambaForCausalLM
 
 
-def tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0) -> LlambaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
-                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
-    model = LlambaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():  # non-trivial conv, gate and decay so that every cache field matters
-        for layer in model.backbone.layers:
-            layer.mixer.conv1d.weight.normal_(0, 0.5)
-            layer.mixer.D.normal_(0, 1)
-    return model
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
-def test_cached_context_scores_equal_plain_forward(dtype, tol):
+def test_cached_context_scores_equal_plain_forward(dtype, tol, tiny_llamba):
     model = tiny_llamba(dtype=dtype)
     rng = random.Random(0)
     vocab = model.config.vocab_size
@@ -40,7 +28,7 @@ def test_cached_context_scores_equal_plain_forward(dtype, tol):
             assert greedy == ref_greedy
 
 
-def test_all_two_token_continuations_use_the_step_path():
+def test_all_two_token_continuations_use_the_step_path(tiny_llamba):
     model = tiny_llamba()
     contexts = [[3, 4, 5, 6, 7], [9, 8]]
     continuations = [[[1, 2], [2, 1]], [[5, 5]]]
@@ -50,7 +38,7 @@ def test_all_two_token_continuations_use_the_step_path():
             assert abs(ll - score_plain(model, ctx, cont)[0]) < 1e-9
 
 
-def test_batched_cached_generation_equals_greedy_without_cache():
+def test_batched_cached_generation_equals_greedy_without_cache(tiny_llamba):
     from llamba.eval.lm import generate_tokens
 
     model = tiny_llamba()
@@ -65,6 +53,49 @@ def test_batched_cached_generation_equals_greedy_without_cache():
     # a row that finishes stops growing while the others go on
     stopped = generate_tokens(model, prompts, max_new=6, finished=lambda toks: len(toks) == 2)
     assert [len(t) for t in stopped] == [2, 2, 2] and stopped[0] == got[0][:2]
+
+
+def test_cached_generation_samples_as_transformers_generate(tiny_llamba):
+    """generate_tokens chooses tokens with the sampler every generation path shares: with the same seed, the
+    tokens of transformers' generate (whose multinomial draws by the same exponential race) for each option."""
+    from llamba.eval.lm import generate_tokens
+    from llamba.generation.sampling import SamplingParams
+
+    model = tiny_llamba(dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # no early stop on either side
+    prompts = [[5, 9, 2, 7, 7], [4, 8, 1, 3, 30]]  # equal lengths: no padding for transformers to handle
+    for options in ({"repetition_penalty": 1.5}, {"do_sample": True, "temperature": 0.7, "top_k": 5},
+                    {"do_sample": True, "top_p": 0.6}, {"do_sample": True, "min_p": 0.3, "repetition_penalty": 2.0}):
+        params = SamplingParams.from_options(**options)
+        got = generate_tokens(model, prompts, 8, params=params, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        ref = model.generate(torch.tensor(prompts), max_new_tokens=8, pad_token_id=0, **params.generate_kwargs())
+        assert got == ref[:, 5:].tolist(), options
+
+
+def test_generate_until_honours_the_tasks_sampling_options(tiny_llamba):
+    """lm-eval hands a task's generation options to the model (HFLM passes them on to transformers): a top-k of 1
+    while sampling is greedy decoding."""
+    from llamba.eval.lm import LlambaLM
+
+    class Digits:  # a tokenizer whose text is the token ids, space separated
+        eos_token_id, bos_token_id = 60, None
+
+        def encode(self, text, add_special_tokens=False):
+            return [int(t) for t in text.split()]
+
+        def decode(self, tokens, skip_special_tokens=False):
+            return " ".join(str(t) for t in tokens)
+
+    lm = LlambaLM(pretrained=tiny_llamba(dtype=torch.float32), tokenizer=Digits(), batch_size=2)
+    prompts = ["5 9 2 7 7", "4 8 1"]
+    greedy = lm._generate(prompts, {"until": ["x"], "do_sample": False, "max_gen_toks": 8})
+    torch.manual_seed(0)
+    sampled = lm._generate(prompts, {"until": ["x"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 8})
+    assert sampled != greedy  # sampling is on: the top-k must bring it back to the argmax
+    top1 = lm._generate(prompts, {"until": ["x"], "do_sample": True, "temperature": 1.0, "top_k": 1,
+                                  "max_gen_toks": 8})
+    assert top1 == greedy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

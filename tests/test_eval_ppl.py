@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from llamba.eval.ppl import perplexity_and_kl, token_windows
-from test_eval_lm import tiny_llamba
 
 
-def test_ppl_and_kl_match_torch_reference():
+def test_ppl_and_kl_match_torch_reference(tiny_llamba):
     teacher, student = tiny_llamba(dtype=torch.float32, seed=1), tiny_llamba(dtype=torch.float32, seed=2)
     windows = torch.randint(0, teacher.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(0))
     got = perplexity_and_kl({"t": teacher, "s": student}, windows, batch_size=2, progress=False)

@@ -1,9 +1,11 @@
-"""GPU kernels against the float64 reference paths, and the GPU-free logic around them: sampling against naive and
-transformers' processors, the generation engine's eager path against transformers.generate, and the benchmark's
-static-KV Llama against the transformers forward.
+"""GPU kernels against the float64 reference paths: the chunked scan (both forward routes, the Triton and CUDA
+backwards), its pieces for launches too large for one grid, the causal conv and the fused decode step; and every
+kernel compiled for Hopper, with no GPU.
 
 The kernel tests (marker ``triton``) run natively on CUDA; without CUDA, test_kernels_interpreted.py runs them
-again in a subprocess under Triton's CPU interpreter (``TRITON_INTERPRET=1``), float32 only."""
+again in a subprocess under Triton's CPU interpreter (``TRITON_INTERPRET=1``), float32 only. The sampler, the
+generation engine and the benchmark's static-KV Llama have their own files: test_sampling.py,
+test_generation_engine.py, test_static_llama.py."""
 
 from __future__ import annotations
 
@@ -13,10 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamba.generation import generate
-from llamba.generation.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k,
-                                        apply_top_p, process_logits, select_tokens)
-from llamba.model import LlambaConfig, LlambaForCausalLM
 from llamba.ops.decode import mixer_step_torch
 from llamba.ops.ssd import ssd_loop
 
@@ -27,15 +25,7 @@ triton_kernel = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETIN
                                    reason="needs CUDA (test_kernels_interpreted.py runs it on CPU)")
 # bf16 arithmetic is emulated unreliably by the interpreter: those cases need the real hardware
 KERNEL_DTYPES = [torch.float32] + ([] if INTERPRETING else [torch.bfloat16])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These CPU tests multiply tiny matrices: thread hand-offs cost more than the work (40x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def rel(a, b):
@@ -402,40 +392,6 @@ def test_triton_causal_conv_matches_float64(length, width, dtype):
             assert rel(new_state, ref_state) < tol
 
 
-def tiny_student(seed=0, **ssm):
-    torch.manual_seed(seed)
-    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=97, mlp_cfg={"intermediate_size": 96},
-                       ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, **ssm})
-    return LlambaForCausalLM(cfg).eval()
-
-
-def left_padded(batch=3, length=9, vocab=97, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 2 * row] = 0
-        ids[row, : 2 * row] = 0
-    return ids, mask
-
-
-@cuda
-@pytest.mark.gpu
-def test_cuda_graph_generation_matches_eager_and_transformers():
-    model = tiny_student().cuda()
-    ids, mask = left_padded()
-    ids, mask = ids.cuda(), mask.cuda()
-    graph = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2)
-    eager = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2, use_cuda_graph=False)
-    ref = super(LlambaForCausalLM, model).generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                                     repetition_penalty=1.2, pad_token_id=0)
-    compiled = generate(model, ids, mask, max_new_tokens=12, repetition_penalty=1.2, compile=True)
-    assert torch.equal(graph.new_tokens, eager.new_tokens)
-    assert torch.equal(compiled.new_tokens, eager.new_tokens)
-    assert torch.equal(graph.sequences, ref)
-    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.2), ref)
-
-
 @pytest.mark.skipif(INTERPRETING, reason="compiles the real kernels")
 def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
     """No GPU needed: each Triton kernel, launched by its host function at the kernel table's shapes, compiles
@@ -452,205 +408,3 @@ def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
                if isinstance(obj, JITFunction) and name.endswith("_kernel")}
     assert {r["kernel"] for r in rows} == kernels  # every kernel is covered, in every launch setting used
     assert [r for r in rows if not r["shared_fits"]] == []
-
-
-# -- sampling (CPU) -------------------------------------------------------------------------------------------
-def naive_keep_top_p(probs_row: list[float], p: float) -> set[int]:
-    order = sorted(range(len(probs_row)), key=lambda i: -probs_row[i])
-    keep, total = set(), 0.0
-    for i in order:
-        if total < p:
-            keep.add(i)
-        total += probs_row[i]
-    return keep
-
-
-def test_processors_match_naive_and_transformers():
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
-
-    torch.manual_seed(0)
-    logits = torch.randn(6, 50) * 3
-    ids = torch.randint(0, 50, (6, 12))
-    seen = torch.zeros(6, 50, dtype=torch.bool).scatter_(1, ids, True)
-
-    pen = apply_repetition_penalty(logits, seen, 1.7)
-    for r in range(6):
-        for v in range(50):
-            x = logits[r, v].item()
-            want = (x / 1.7 if x > 0 else x * 1.7) if seen[r, v] else x
-            assert pen[r, v].item() == pytest.approx(want, rel=1e-6)
-    assert torch.allclose(pen, RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.clone()))
-
-    topk = apply_top_k(logits, 7)
-    for r in range(6):
-        kept = set(torch.nonzero(torch.isfinite(topk[r])).flatten().tolist())
-        assert kept == set(torch.argsort(logits[r], descending=True)[:7].tolist())
-    assert torch.equal(topk, TopKLogitsWarper(7)(ids, logits.clone()))
-
-    for p in (0.3, 0.9):
-        topp = apply_top_p(logits, p)
-        probs = logits.softmax(-1)
-        for r in range(6):
-            assert set(torch.nonzero(torch.isfinite(topp[r])).flatten().tolist()) == naive_keep_top_p(probs[r].tolist(), p)
-        assert torch.equal(topp, TopPLogitsWarper(p)(ids, logits.clone()))
-
-    minp = apply_min_p(logits, 0.1)
-    probs = logits.softmax(-1)
-    for r in range(6):
-        want = {v for v in range(50) if probs[r, v] >= 0.1 * probs[r].max()}
-        assert set(torch.nonzero(torch.isfinite(minp[r])).flatten().tolist()) == want
-    assert torch.equal(minp, MinPLogitsWarper(0.1)(ids, logits.clone()))
-
-    # The whole chain: penalty, temperature, top-k, top-p, min-p, in transformers' order.
-    params = SamplingParams(True, 0.7, 20, 0.8, 0.05, 1.3)
-    got = process_logits(logits, seen, params)
-    want = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone()) / 0.7
-    for warper in (TopKLogitsWarper(20), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
-        want = warper(ids, want)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)])
-
-
-def test_sampling_draws_from_the_distribution():
-    torch.manual_seed(0)
-    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).expand(40000, -1)
-    params = SamplingParams(do_sample=True, temperature=1.5)
-    tokens = select_tokens(logits, None, params)
-    freq = torch.bincount(tokens, minlength=5).double() / tokens.numel()
-    assert torch.allclose(freq, (logits[0] / 1.5).softmax(-1).double(), atol=0.01)
-    greedy = select_tokens(torch.randn(4, 30), None, SamplingParams())
-    assert greedy.shape == (4,)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0.0).validate()
-
-
-# -- the engine's eager path (CPU) ----------------------------------------------------------------------------
-def test_engine_matches_transformers_generate_on_cpu():
-    model = tiny_student()
-    ids, mask = left_padded()
-    for kwargs in ({}, {"repetition_penalty": 1.5}):
-        ours = generate(model, ids, mask, max_new_tokens=10, **kwargs)
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, **kwargs)
-        assert torch.equal(ours.sequences, ref)
-        assert ours.lengths.tolist() == [10, 10, 10]
-
-
-@pytest.mark.parametrize("compile", [False, True])
-def test_engine_prefill_matches_model_forward(compile):
-    """The engine prefills with the decode step's pieces around each mixer (compiled, for the benchmark and
-    ``compile=True``): the model's last-position logits, and the cache the model's forward leaves."""
-    from llamba.generation import engine
-
-    model = tiny_student()
-    ids, mask = left_padded()
-    dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False, compile=compile)
-    cache = model.allocate_cache(3)
-    with torch.no_grad():
-        got = dec._prefill_logits(ids, mask, dec.cache)
-        want = model(input_ids=ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-    assert rel(got, want[:, :got.shape[-1]]) < 1e-5
-    assert dec.cache.seen_tokens == cache.seen_tokens == ids.shape[1]
-    assert rel(dec.cache.ssm_states, cache.ssm_states) < 1e-5
-    assert rel(dec.cache.conv_states, cache.conv_states) < 1e-5
-
-
-@pytest.mark.parametrize("route", ["split", "kernel"])
-def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch):
-    """The decode step's other ways to run in_proj (an aligned GEMM plus a tiny one for A_log, or A_log computed
-    by the fused step from the normed input) give the one-GEMM step's logits and tokens."""
-    from llamba.generation import engine
-
-    model = tiny_student()
-    ids, mask = left_padded()
-    logits, tokens = {}, {}
-    for r in ("one", route):
-        monkeypatch.setattr(engine, "_in_proj_route", lambda batch, device, r=r: r)
-        dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False)
-        with torch.no_grad():
-            dec.start(ids, mask, prefill_rows=2)
-            logits[r] = dec._decode_logits(dec.tok)
-            for _ in range(4):
-                dec.step()
-        tokens[r] = dec.out[:, :5].clone()
-    assert rel(logits[route], logits["one"]) < 1e-5
-    assert torch.equal(tokens[route], tokens["one"])
-
-
-def test_engine_eos_and_stop_strings_per_row():
-    model = tiny_student()
-    ids, mask = left_padded()
-    free = generate(model, ids, mask, max_new_tokens=12).new_tokens
-    eos = int(free[0, 3])  # row 0 meets it at position 3 at the latest
-    out = generate(model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, check_every=4)
-    for row in range(3):
-        hits = (free[row] == eos).nonzero().flatten().tolist()
-        n = hits[0] + 1 if hits else 12
-        assert out.lengths[row].item() == n
-        assert torch.equal(out.new_tokens[row, :n], free[row, :n])
-        assert (out.new_tokens[row, n:] == 0).all()
-
-    class Digits:  # a tokenizer whose text is the token ids, space separated
-        def decode(self, tokens, skip_special_tokens=False):
-            return " ".join(str(t) for t in tokens)
-
-    stop = f"{int(free[1, 4])} {int(free[1, 5])}"
-    out = generate(model, ids, mask, max_new_tokens=12, stop_strings=[stop], tokenizer=Digits(), pad_token_id=0,
-                   check_every=3)
-    text = Digits().decode(free[1].tolist())
-    first = next(k for k in range(12) if stop in Digits().decode(free[1, : k + 1].tolist()))
-    assert stop in text and out.lengths[1].item() == first + 1
-    assert torch.equal(out.new_tokens[1, : first + 1], free[1, : first + 1]) and (out.new_tokens[1, first + 1:] == 0).all()
-    with pytest.raises(ValueError, match="tokenizer"):
-        generate(model, ids, mask, max_new_tokens=2, stop_strings=["x"])
-
-
-# -- the benchmark's strong baseline (CPU) --------------------------------------------------------------------
-def test_static_llama_matches_transformers_forward():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llamba.bench.llama_static import StaticLlama
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, head_dim=16, rope_theta=100000.0, tie_word_embeddings=True,
-                      max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (3, 9))
-    st = StaticLlama(model, 3, 16)
-    with torch.no_grad():
-        assert torch.allclose(st.prefill(ids), model(ids).logits[:, -1], atol=1e-4)
-        st.start(ids, prefill_rows=2)
-        seq = torch.cat([ids, st.tok[:, None]], 1)
-        for _ in range(5):
-            logits = st._decode_logits(st.tok, st.pos)
-            full = model(seq).logits[:, -1]
-            assert torch.allclose(logits, full, atol=1e-4)
-            st.tok.copy_(torch.randint(0, 128, (3,)))  # any next token: the cache must follow it
-            st.pos += 1
-            seq = torch.cat([seq, st.tok[:, None]], 1)
-
-
-def test_static_llama_compiled_step_matches_eager():
-    """The benchmark times the teacher with its pieces compiled (the dense ones, and the attention's rotations and
-    softmax): the compiled prefill and step give the eager ones' logits and tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from llamba.bench.llama_static import StaticLlama
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, head_dim=16, rope_theta=100000.0, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 128, (3, 9))
-    eager, compiled = StaticLlama(model, 3, 16), StaticLlama(model, 3, 16, compile=True)
-    with torch.no_grad():
-        assert torch.allclose(compiled.prefill(ids), eager.prefill(ids), atol=1e-5)
-        eager.start(ids)
-        compiled.start(ids)
-        for _ in range(3):
-            want, got = eager._decode_logits(eager.tok, eager.pos), compiled._decode_logits(compiled.tok, compiled.pos)
-            assert torch.allclose(got, want, atol=1e-5)
-            eager.step()
-            compiled.step()
-        assert torch.equal(compiled.tok, eager.tok)

@@ -10,29 +10,13 @@ import json
 import pytest
 import torch
 
-from llamba.model import LlambaConfig, LlambaForCausalLM
 from llamba.quant import kernels, load_for_cpu, quantize_student
-from llamba.quant.modules import QuantizedLinear, quantize_model
+from llamba.quant.modules import QuantizedLinear
 from llamba.quant.reference import (
     dequantize, linear_reference, pack_int4, quantize_weight, unpack_int4)
 from llamba.quant.runtime import CpuDecoder
 
 pytestmark = pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}")
-
-
-def tiny_student(seed: int = 0, tied: bool = True) -> LlambaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlambaConfig(d_model=64, n_layer=2, vocab_size=100, pad_vocab_size_multiple=8, tie_embeddings=tied,
-                       mlp_cfg={"intermediate_size": 96}, ssm_cfg={"d_state": 32, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 16})
-    model = LlambaForCausalLM(cfg).eval()
-    with torch.no_grad():  # move every parameter off its special init value so each one matters
-        for mixer in (layer.mixer for layer in model.backbone.layers):
-            mixer.D.normal_()
-            mixer.conv1d.bias.normal_(0, 0.1)
-            mixer.z_bias.normal_()
-        for layer in model.backbone.layers:
-            layer.input_layernorm.weight.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -73,7 +57,7 @@ def test_kernel_matches_dequantize_then_matmul(bits, group, portable):
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-def test_decoder_matches_model_forward(quant):
+def test_decoder_matches_model_forward(quant, tiny_student):
     """Chunked prefill in odd-sized pieces, then compiled steps, equals one forward of the same (quantized) model."""
     model = tiny_student()
     quantize_student(model, quant)
@@ -88,7 +72,7 @@ def test_decoder_matches_model_forward(quant):
 
 
 @pytest.mark.parametrize("quant,tol", [("int8", 0.02), ("int4", 0.15)])
-def test_quantized_logits_close_to_float(quant, tol):
+def test_quantized_logits_close_to_float(quant, tol, tiny_student):
     """Random weights and random token ids: the relative logit error stays small (int8 tighter than int4)."""
     model = tiny_student(seed=1)
     quantized = copy.deepcopy(model)
@@ -105,7 +89,7 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
 
 
-def test_decode_step_allocates_nothing():
+def test_decode_step_allocates_nothing(tiny_student):
     model = tiny_student()
     quantize_student(model, "int4")
     dec = CpuDecoder(model)
@@ -123,7 +107,7 @@ def test_decode_step_allocates_nothing():
 
 
 @pytest.mark.parametrize("quant,tied", [("int4", True), ("int8", False), ("none", True)])
-def test_artifact_roundtrip(tmp_path, quant, tied):
+def test_artifact_roundtrip(tmp_path, quant, tied, tiny_student):
     from llamba.quant.artifact import load_artifact, save_artifact
 
     model = tiny_student(tied=tied)
@@ -141,7 +125,7 @@ def test_artifact_roundtrip(tmp_path, quant, tied):
         load_for_cpu(path, "int8" if quant != "int8" else "int4")
 
 
-def test_int4_mixers_with_int8_mlps_roundtrip(tmp_path):
+def test_int4_mixers_with_int8_mlps_roundtrip(tmp_path, tiny_student):
     """The mixed format (--bits 4 --mlp-bits 8): per-linear widths survive the artifact and the compiled decoder."""
     from llamba.quant.artifact import load_artifact, save_artifact
 
@@ -162,7 +146,7 @@ def test_int4_mixers_with_int8_mlps_roundtrip(tmp_path):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path):
+def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path, tiny_student):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
 
@@ -198,7 +182,7 @@ def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path):
         load_artifact(wrong)
 
 
-def test_quantize_cli_writes_a_loadable_file(tmp_path):
+def test_quantize_cli_writes_a_loadable_file(tmp_path, tiny_student):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -47,7 +47,7 @@ class StudentSystem:
     def decode(self, n: int) -> None:
         dec, tok = self.dec, self.next
         for _ in range(n):
-            tok = dec._pick(dec.step(tok), 0.0, None)
+            tok = dec.next_token(dec.step(tok))
         self.next = tok
 
 

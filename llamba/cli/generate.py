@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
 import torch
 
 from llamba.cli.common import add_model_args, resolve_device, resolve_dtype
+from llamba.generation.prompts import check_prompt_text, encode_prompts
+from llamba.generation.sampling import SamplingParams
 
 
 def register(parser) -> None:
@@ -29,38 +32,27 @@ def register(parser) -> None:
     add_model_args(parser)
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool):
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                   for p in prompts]
-    tokenizer.padding_side = "left"  # recurrent prefill: padding first, so it never sits between prompt and answer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-
-
-def check_sampling(args) -> None:
-    """The same checks on every path (the GPU engine, transformers' generate, the CPU runtime), before any loading:
-    transformers' own generate accepted a top-p of 2."""
-    from llamba.generation.sampling import SamplingParams
-
+def sampling_params(args) -> SamplingParams:
+    """The options as the params every path samples with (the CUDA engine, transformers' generate, the CPU
+    runtime), checked before any loading: transformers' own generate accepted a top-p of 2."""
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
-    SamplingParams(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k or 0,
-                   top_p=1.0 if args.top_p is None else args.top_p, min_p=args.min_p or 0.0,
-                   repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty).validate()
+    return SamplingParams.from_options(args.temperature > 0, args.temperature if args.temperature > 0 else None,
+                                       args.top_k, args.top_p, args.min_p, args.repetition_penalty)
 
 
 def run(args) -> int:
     from llamba.checkpoint import load_model
+    from llamba.model import LlambaForCausalLM
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    check_sampling(args)
+    params = sampling_params(args)
+    check_prompt_text(args.prompt)
     if args.quant is not None or str(args.model).endswith(".safetensors"):
         from llamba.quant.generate import generate_cpu
 
-        return generate_cpu(args)
+        return generate_cpu(args, params)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, device), device=device)
     if tokenizer is None:
@@ -71,15 +63,21 @@ def run(args) -> int:
         prompts = (prompts * args.batch_size)[: args.batch_size]
     inputs = encode_prompts(tokenizer, prompts, chat=not args.no_chat_template).to(device)
     torch.manual_seed(args.seed)
-    sampling = {"do_sample": False} if args.temperature <= 0 else {
-        "do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p}
-    if args.repetition_penalty:
-        sampling["repetition_penalty"] = args.repetition_penalty
-    if args.stop:
-        sampling.update(stop_strings=args.stop, tokenizer=tokenizer)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    if isinstance(model, LlambaForCausalLM) and device.type == "cuda":
+        from llamba.generation import generate
+
+        # the CUDA-graph engine itself, which model.generate() would hand these options to
+        out = generate(model, inputs["input_ids"], inputs["attention_mask"], args.max_new_tokens,
+                       **dataclasses.asdict(params), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, stop_strings=args.stop,
+                       tokenizer=tokenizer if args.stop else None).sequences
+    else:  # a teacher, or a student on the CPU: transformers' generate
+        sampling = params.generate_kwargs()
+        if args.stop:
+            sampling.update(stop_strings=args.stop, tokenizer=tokenizer)
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
     seconds = time.perf_counter() - start
     new = out[:, inputs["input_ids"].shape[1]:]
     for i, row in enumerate(new):

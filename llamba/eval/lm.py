@@ -14,6 +14,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens
 from llamba.model import LlambaCache, LlambaForCausalLM
 
 
@@ -204,15 +205,18 @@ class LlambaLM(TemplateLM):
             until.append(eos_text)
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        if not kwargs.pop("do_sample", False):
-            temperature = 0.0
+        # greedy unless the task asks for sampling at a positive temperature; the processors' options as HFLM
+        # hands them to transformers' generate, so that teacher and student decode alike
+        params = SamplingParams.from_options(bool(kwargs.pop("do_sample", False)) and temperature > 0,
+                                             temperature or None, kwargs.pop("top_k", None),
+                                             kwargs.pop("top_p", None), kwargs.pop("min_p", None),
+                                             kwargs.pop("repetition_penalty", None))
 
         def finished(tokens: list[int]) -> bool:
             return tokens[-1] == self.eot_token_id or any(s in self.tok_decode(tokens) for s in until)
 
         out = []
-        for tokens in generate_tokens(self.model, [self.tok_encode(p) for p in prompts], max_new, finished,
-                                      temperature):
+        for tokens in generate_tokens(self.model, [self.tok_encode(p) for p in prompts], max_new, finished, params):
             text = self.tok_decode(tokens)
             for stop in until:  # as HFLM: cut at every stop sequence
                 text = text.split(stop)[0]
@@ -222,26 +226,27 @@ class LlambaLM(TemplateLM):
 
 @torch.no_grad()
 def generate_tokens(model: LlambaForCausalLM, prompts: list[list[int]], max_new: int, finished=None,
-                    temperature: float = 0.0) -> list[list[int]]:
+                    params: SamplingParams = GREEDY, generator: torch.Generator | None = None) -> list[list[int]]:
     """Batched decoding from the cache: the prompts are prefilled together (left-padded), then one token per step
-    for every row. Greedy at temperature 0. A row stops once ``finished(its tokens)`` says so."""
+    for every row, chosen by the sampler every generation path shares (greedy by default). A row stops once
+    ``finished(its tokens)`` says so."""
     device = model.backbone.embedding.weight.device
     ids, mask = _left_pad(prompts, 0, device)
     cache = model.allocate_cache(len(prompts))
     logits = model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+    seen = (seen_tokens_mask(ids, mask, model.config.vocab_size) if params.repetition_penalty != 1.0 else None)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new):
-        if temperature > 0:
-            nxt = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1)[:, 0]
-        else:
-            nxt = logits.argmax(-1)
+        nxt = select_tokens(logits, seen, params, generator)
         for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 generated[b].append(t)
                 done[b] = finished is not None and finished(generated[b])
         if all(done):
             break
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
         logits = model(nxt[:, None], past_key_values=cache).logits[:, -1]
     return generated
 

@@ -18,7 +18,7 @@ _FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "t
 def try_fast_generate(model, inputs, generation_config, kwargs: dict):
     """``LlambaForCausalLM.generate`` on CUDA: the CUDA-graph engine when every argument is one it supports
     (greedy or sampling, single sequence per prompt), else None so that transformers' generate() runs."""
-    device = model.backbone.embedding.weight.device
+    device = model.device  # not the embedding's weight: a quantized student's embedding has none
     if device.type != "cuda" or set(kwargs) - _FAST_KWARGS:
         return None
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llamba.generation.sampling import SamplingParams, select_tokens
+from llamba.generation.sampling import SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model.cache import LlambaCache
 from llamba.model.mixer import aligned_in_proj, split_in_proj
 from llamba.ops.decode import mixer_step
@@ -213,10 +213,7 @@ class Decoder:
             logits.append(self._prefill_logits(input_ids[rows], mask, view))
         self.cache.seen_tokens = input_ids.shape[1]
         if self.seen is not None:
-            self.seen.zero_()
-            weight = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(torch.int32)
-            counts = torch.zeros(self.seen.shape, dtype=torch.int32, device=self.seen.device)
-            self.seen.copy_(counts.scatter_add_(1, input_ids, weight) > 0)
+            self.seen.copy_(seen_tokens_mask(input_ids, attention_mask, self.seen.shape[1]))
         self._record(select_tokens(torch.cat(logits), self.seen, self.params))
 
     def advance(self) -> None:
@@ -225,15 +222,6 @@ class Decoder:
         else:
             self.step()
         self.cache.seen_tokens += 1
-
-
-def _stop_index(tokenizer, tokens: list[int], stop_strings: list[str], start: int) -> int | None:
-    """Index of the token that completes the first stop string, looking at tokens[start:] onwards."""
-    for k in range(start, len(tokens)):
-        text = tokenizer.decode(tokens[: k + 1], skip_special_tokens=False)
-        if any(s in text for s in stop_strings):
-            return k
-    return None
 
 
 _DECODERS_ATTR = "_llamba_decoders"
@@ -289,8 +277,7 @@ def generate(
         stop_strings = [stop_strings]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer (pass tokenizer=...)")
-    params = SamplingParams(bool(do_sample), float(temperature), int(top_k or 0), float(top_p if top_p is not None else 1.0),
-                            float(min_p or 0.0), float(repetition_penalty or 1.0)).validate()
+    params = SamplingParams.from_options(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     eos_ids = tuple(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())))
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     device = model.backbone.embedding.weight.device
@@ -313,7 +300,7 @@ def generate(
                 for row in range(batch):
                     if row in stop_at or bool(dec.finished[row]):
                         continue
-                    k = _stop_index(tokenizer, tokens[row], stop_strings, checked)
+                    k = stop_index(tokenizer, tokens[row], stop_strings, checked)
                     if k is not None:
                         stop_at[row] = k
                         dec.finished[row] = True

@@ -1,8 +1,11 @@
-"""Next-token selection on the device, with no host synchronisation (so it can live inside a CUDA graph).
+"""The one next-token sampler of every generation path: the CUDA engine (``llamba.generation.engine``), lm-eval's
+``generate_until`` (``llamba.eval.lm.generate_tokens``) and the quantized CPU runtime (``CpuDecoder.generate``).
 
-Order and semantics follow transformers' logits processors: repetition penalty, then temperature, top-k, top-p,
-min-p. Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1) draws from p) instead of
-``torch.multinomial``, which would synchronise with the host.
+Token selection runs on the device with no host synchronisation (so it can live inside a CUDA graph). Order and
+semantics follow transformers' logits processors: repetition penalty, then temperature, top-k, top-p, min-p.
+Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1) draws from p) instead of
+``torch.multinomial``, which would synchronise with the host. Stop strings are checked on the host, on the text
+of the new tokens (``stop_index``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,26 @@ class SamplingParams:
     min_p: float = 0.0      # 0.0: off
     repetition_penalty: float = 1.0  # 1.0: off
 
+    @classmethod
+    def from_options(cls, do_sample: bool = False, temperature: float | None = None, top_k: int | None = None,
+                     top_p: float | None = None, min_p: float | None = None,
+                     repetition_penalty: float | None = None) -> "SamplingParams":
+        """Checked params from options as transformers' ``generate`` takes them, None meaning "off"."""
+        return cls(bool(do_sample), float(1.0 if temperature is None else temperature), int(top_k or 0),
+                   float(1.0 if top_p is None else top_p), float(min_p or 0.0),
+                   float(1.0 if repetition_penalty is None else repetition_penalty)).validate()
+
+    def generate_kwargs(self) -> dict:
+        """These params as transformers' ``generate`` takes them, every processor explicit: transformers fills an
+        unset top_k with 50, which would make its path sample from another distribution than ours."""
+        kwargs: dict = {"do_sample": self.do_sample}
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          min_p=self.min_p if self.min_p > 0 else None)
+        return kwargs
+
     def validate(self) -> "SamplingParams":
         if self.temperature <= 0 and self.do_sample:
             raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature}); use greedy instead")
@@ -33,6 +56,17 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
         return self
+
+
+GREEDY = SamplingParams()
+
+
+def seen_tokens_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """(batch, vocab) bool: the tokens each row's prompt holds (padding excluded), the repetition penalty's set
+    before the first new token (transformers penalises prompt tokens too)."""
+    weight = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(torch.int32)
+    counts = torch.zeros((input_ids.shape[0], vocab), dtype=torch.int32, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, weight) > 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -93,3 +127,13 @@ def select_tokens(logits: torch.Tensor, seen: torch.Tensor | None, params: Sampl
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def stop_index(tokenizer, tokens: list[int], stop_strings: list[str], start: int = 0) -> int | None:
+    """Index of the token that completes the first stop string in the text of ``tokens`` (the new tokens only),
+    looking at tokens[start:] onwards (the earlier ones were checked before), or None."""
+    for k in range(start, len(tokens)):
+        text = tokenizer.decode(tokens[: k + 1], skip_special_tokens=False)
+        if any(s in text for s in stop_strings):
+            return k
+    return None

@@ -7,10 +7,13 @@ import time
 
 import torch
 
+from llamba.generation.prompts import encode_prompts
+from llamba.generation.sampling import GREEDY, SamplingParams
 
-def generate_cpu(args) -> int:
-    """Runs one prompt at a time (the runtime is batch 1), streaming tokens as they come."""
-    from llamba.cli.generate import encode_prompts
+
+def generate_cpu(args, params: SamplingParams = GREEDY) -> int:
+    """Runs one prompt at a time (the runtime is batch 1), with the sampler and the stop strings (``args.stop``)
+    of every other path."""
     from llamba.quant import load_for_cpu
 
     if getattr(args, "device", "cpu") not in ("cpu", "auto"):
@@ -25,8 +28,8 @@ def generate_cpu(args) -> int:
         if len(args.prompt) > 1:
             print(f"--- [{i}]")
         start = time.perf_counter()
-        tokens = decoder.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                                  eos_token_id=tokenizer.eos_token_id, generator=generator)
+        tokens = decoder.generate(ids, args.max_new_tokens, params, eos_token_id=tokenizer.eos_token_id,
+                                  generator=generator, stop_strings=getattr(args, "stop", None), tokenizer=tokenizer)
         seconds = time.perf_counter() - start
         print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
         print(f"[{len(tokens)} new tokens in {seconds:.2f}s: {len(tokens) / seconds:.1f} tok/s, "

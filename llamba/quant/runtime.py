@@ -12,6 +12,7 @@ import ctypes
 import torch
 from torch import nn
 
+from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model import LlambaCache
 from llamba.quant import kernels
 from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
@@ -83,12 +84,8 @@ class CpuDecoder:
         self.workspace = torch.zeros(self.lib.llamba_workspace_floats(ctypes.byref(self.c_model)))
         self.logits_buf = torch.zeros(self.c_model.head.n)
         self.logits = self.logits_buf[: cfg.vocab_size]
-        self._next = torch.zeros((), dtype=torch.long)
         self._args = (ctypes.byref(self.c_model), kernels.fptr(self.cache.conv_states), kernels.fptr(self.cache.ssm_states),
                       kernels.fptr(self.workspace), kernels.fptr(self.logits_buf))
-
-    def state_nbytes(self) -> int:
-        return self.cache.nbytes() + self.workspace.nbytes + self.logits_buf.nbytes
 
     def reset(self) -> None:
         self.cache.reset()
@@ -114,25 +111,35 @@ class CpuDecoder:
         return self.logits
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None, callback=None) -> list[int]:
-        """Prefill, then decode up to ``max_new_tokens`` (greedy when temperature is 0). ``callback(token)`` streams."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, params: SamplingParams = GREEDY,
+                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None,
+                 callback=None, stop_strings: list[str] | None = None, tokenizer=None) -> list[int]:
+        """Prefill, then decode up to ``max_new_tokens``, each token chosen by the sampler every generation path
+        shares (``llamba.generation.sampling``: repetition penalty over prompt and output, temperature, top-k,
+        top-p, min-p). Stops after an ``eos_token_id`` or the token that completes one of ``stop_strings`` in the
+        new tokens' text (which needs ``tokenizer``); that token is kept, as the CUDA engine keeps it.
+        ``callback(token)`` streams."""
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer (pass tokenizer=...)")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         self.reset()
         logits = self.prefill(input_ids)
+        seen = (seen_tokens_mask(input_ids.reshape(1, -1), None, self.config.vocab_size)
+                if params.repetition_penalty != 1.0 else None)
         out: list[int] = []
         for _ in range(max_new_tokens):
-            token = self._pick(logits, temperature, generator)
+            token = self.next_token(logits, params, seen, generator)
             out.append(token)
             if callback is not None:
                 callback(token)
-            if token == eos_token_id:
+            if token in eos or (stop_strings and stop_index(tokenizer, out, stop_strings, len(out) - 1) is not None):
                 break
+            if seen is not None:
+                seen[0, token] = True
             logits = self.step(token)
         return out
 
-    def _pick(self, logits: torch.Tensor, temperature: float, generator) -> int:
-        if temperature <= 0:
-            torch.argmax(logits, dim=0, out=self._next)
-            return int(self._next)
-        probs = torch.softmax(logits / temperature, dim=0)
-        return int(torch.multinomial(probs, 1, generator=generator))
+    def next_token(self, logits: torch.Tensor, params: SamplingParams = GREEDY, seen: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> int:
+        """The token after ``logits`` (vocab,), by the shared sampler; ``seen`` (1, vocab) for the penalty."""
+        return int(select_tokens(logits[None], seen, params, generator)[0])
