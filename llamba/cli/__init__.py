@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
         print(f"llamba {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: where it stopped (when the command knows) instead of a traceback
+        print(f"\nllamba {argv[0]}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except ImportError as err:
         extra = missing_extra(err, argv[0])
         if extra is None:

@@ -10,9 +10,25 @@ any recipe field can be overridden by a flag.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
+
+from llamba.cli.common import float_above, int_at_least
+
+TOKENS = int_at_least(1)  # budgets: whole numbers, '5e7' allowed
+
+
+def stage_list(text: str) -> tuple[int, ...]:
+    """'2,3' -> (2, 3)."""
+    try:
+        stages = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give stage numbers separated by commas, e.g. 1,2,3; got {text!r}") from None
+    if not stages or any(s not in (1, 2, 3) for s in stages):
+        raise argparse.ArgumentTypeError(f"stages are 1, 2 and 3; got {text!r}")
+    return stages
 
 
 def register(parser) -> None:
@@ -23,31 +39,32 @@ def register(parser) -> None:
     parser.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
     parser.add_argument("--recipe", help="built-in recipe name or .yaml path (default: the teacher's recipe on CUDA, "
                         "'smoke' on CPU)")
-    parser.add_argument("--stages", default="1,2,3", help="which stages to run, e.g. '3' or '2,3' (default 1,2,3)")
+    parser.add_argument("--stages", type=stage_list, default=(1, 2, 3), help="which stages to run, e.g. '3' or '2,3' (default 1,2,3)")
     parser.add_argument("--student", help="Llamba checkpoint to start the first requested stage from "
                         "(default: the previous stage's output in --out, else a fresh student)")
     parser.add_argument("--prepare-only", action="store_true", help="tokenize and pack the data into --out/data, then stop")
-    parser.add_argument("--max-tokens", type=float, help="training tokens to prepare (default: largest stage budget + 10%%)")
+    parser.add_argument("--max-tokens", type=TOKENS, help="training tokens to prepare (default: largest stage budget + 10%%)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     for s in (1, 2, 3):
-        parser.add_argument(f"--stage{s}-tokens", type=float, help=f"stage {s} token budget")
-        parser.add_argument(f"--stage{s}-lr", type=float, help=f"stage {s} peak learning rate")
-    parser.add_argument("--seq-len", type=int, help="sequence length (all stages)")
-    parser.add_argument("--micro-batch", type=int, help="sequences per GPU per forward (all stages)")
-    parser.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all GPUs (all stages)")
-    parser.add_argument("--d-state", type=int)
+        parser.add_argument(f"--stage{s}-tokens", type=TOKENS, help=f"stage {s} token budget")
+        parser.add_argument(f"--stage{s}-lr", type=float_above(0), help=f"stage {s} peak learning rate")
+    parser.add_argument("--seq-len", type=int_at_least(2), help="sequence length (all stages)")
+    parser.add_argument("--micro-batch", type=int_at_least(1), help="sequences per GPU per forward (all stages)")
+    parser.add_argument("--batch-tokens", type=int_at_least(1), help="tokens per optimizer step, all GPUs (all stages)")
+    parser.add_argument("--d-state", type=int_at_least(1))
     parser.add_argument("--init", choices=("identity", "attention"))
-    parser.add_argument("--temperature", type=float, help="stage 3 distillation temperature")
+    parser.add_argument("--temperature", type=float_above(0), help="stage 3 distillation temperature")
     parser.add_argument("--mixer-only", action="store_true", help="stage 2 trains only the mixers")
     parser.add_argument("--freeze-mlp", action="store_true", help="stage 3 keeps the MLPs frozen")
     parser.add_argument("--freeze-embeddings", action="store_true", help="stage 3 keeps embeddings and head frozen")
-    parser.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    parser.add_argument("--checkpoint-every", type=int_at_least(0),
+                        help="optimizer steps between checkpoints (0: only at the end of a stage)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None)
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the student blocks")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--val-tokens", type=float, help="held-out tokens to prepare")
-    parser.add_argument("--eval-tokens", type=float, help="held-out tokens the summary evaluates")
-    parser.add_argument("--sample-tokens", type=int, default=40, help="greedy sample length in the summary (0: none)")
+    parser.add_argument("--seed", type=int_at_least(0))
+    parser.add_argument("--val-tokens", type=TOKENS, help="held-out tokens to prepare")
+    parser.add_argument("--eval-tokens", type=TOKENS, help="held-out tokens the summary evaluates")
+    parser.add_argument("--sample-tokens", type=int_at_least(0), default=40, help="greedy sample length in the summary (0: none)")
 
 
 def build_recipe(args) -> dict:
@@ -88,16 +105,14 @@ def build_recipe(args) -> dict:
 def run(args) -> int:
     from llamba.distill.pipeline import Options, run as run_pipeline
 
-    try:
-        stages = tuple(sorted({int(s) for s in args.stages.split(",") if s.strip()}))
-    except ValueError:
-        raise ValueError(f"--stages {args.stages!r}: give stage numbers separated by commas, e.g. 1,2,3") from None
-    if not stages or any(s not in (1, 2, 3) for s in stages):
-        raise ValueError(f"--stages {args.stages!r}: stages are 1, 2 and 3")
+    if args.device is not None:
+        from llamba.cli.common import resolve_device
+
+        resolve_device(args.device)  # --device cuda without a GPU: refused now, not after the data is prepared
     recipe = build_recipe(args)
-    opts = Options(teacher=args.teacher, out=Path(args.out), recipe=recipe, data=args.data, stages=stages,
+    opts = Options(teacher=args.teacher, out=Path(args.out), recipe=recipe, data=args.data, stages=args.stages,
                    student=args.student, device=args.device,
-                   max_tokens=int(args.max_tokens) if args.max_tokens else None, prepare_only=args.prepare_only,
+                   max_tokens=args.max_tokens, prepare_only=args.prepare_only,
                    sample_tokens=args.sample_tokens, command="llamba distill " + shlex.join(sys.argv[2:] if
                    len(sys.argv) > 1 and sys.argv[1] == "distill" else sys.argv[1:]))
     run_pipeline(opts)
