@@ -277,3 +277,19 @@ def test_data_file_errors_name_file_and_line(tiny, tmp_path):
 ])
 def test_numeric_options_are_checked_when_parsed(capsys, argv, says):
     assert says in parse_error(capsys, argv)
+
+
+# -- the first run --------------------------------------------------------------------------------------------
+def test_cpu_run_says_it_is_the_smoke_preset(tiny, tmp_path, monkeypatch, capsys):
+    root, corpus, teacher, _ = tiny
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["distill", "--teacher", str(teacher), "--data", str(corpus), "--out", str(tmp_path / "run")]
+    assert "runs the `smoke` recipe" in error_of(capsys, base + ["--stage1-tokens", "1"])  # said first, then refused
+    assert "smoke" not in error_of(capsys, base + ["--recipe", "smoke", "--stage1-tokens", "1"])
+
+
+def test_commands_print_no_library_noise(tiny, tmp_path, capsys):
+    root, _, teacher, student = tiny
+    assert main(["convert", "--teacher", str(teacher), "--out", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("teacher:"), err  # no load / save bars

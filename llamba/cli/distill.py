@@ -67,6 +67,13 @@ def register(parser) -> None:
     parser.add_argument("--sample-tokens", type=int_at_least(0), default=40, help="greedy sample length in the summary (0: none)")
 
 
+# Measured: the README's command on a 2-core CPU took 25 min (teacher download, data preparation and the summary
+# included), with other work on the machine; the stages themselves are most of it.
+SMOKE_NOTICE = ("llamba distill: no CUDA GPU here, so this runs the `smoke` recipe: it checks the whole pipeline "
+                "(data, the three stages, the summary) in about 15-25 minutes on a 2-core CPU, and does NOT make a "
+                "usable student. For a real one, run on a GPU (or choose --recipe yourself).")
+
+
 def build_recipe(args) -> dict:
     import torch
 
@@ -76,6 +83,8 @@ def build_recipe(args) -> dict:
     if name is None:
         on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         name = RECIPE_FOR_TEACHER.get(args.teacher, "smollm2-135m") if on_gpu else "smoke"
+        if not on_gpu and not args.prepare_only:
+            print(SMOKE_NOTICE, file=sys.stderr, flush=True)
     recipe = load_recipe(name)
     top = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "batch_tokens": args.batch_tokens,
            "d_state": args.d_state, "init": args.init, "checkpoint_every": args.checkpoint_every,

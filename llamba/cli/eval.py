@@ -4,6 +4,7 @@ students side by side. The first model is the reference (teacher) for ratios and
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import shlex
@@ -102,6 +103,10 @@ def run(args) -> int:
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # lm-eval's notices are for its own CLI (--metadata hints, "pretrained is not a str" ...): a user of ours can
+    # act on none of them. Its errors still show.
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     names = [t for item in args.tasks for t in item.split(",") if t]
     want_ppl = "ppl" in names
     names = [t for t in names if t != "ppl"]
