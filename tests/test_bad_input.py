@@ -293,3 +293,33 @@ def test_commands_print_no_library_noise(tiny, tmp_path, capsys):
     assert main(["convert", "--teacher", str(teacher), "--out", str(tmp_path / "s")]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("teacher:"), err  # no load / save bars
+
+
+def test_cpu_bench_reports_each_measurement(monkeypatch, capsys, tmp_path):
+    """The default CPU benchmark runs for minutes: a line per measurement, not long silent gaps. The worker
+    processes are replaced by instant ones; the loop and its output are the real ones."""
+    import argparse
+
+    from llamba.bench import cpu
+
+    class InstantWorker:
+        rss_loaded = 1.0
+
+        def __init__(self, name, kind, spec):
+            pass
+
+        def call(self, cmd, arg):
+            return {"seconds": 0.5, "rss_mib": 1.0, "rss_growth_mib": 0.0}
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(cpu, "Worker", InstantWorker)
+    import llamba.teacher
+
+    monkeypatch.setattr(llamba.teacher, "resolve_teacher", lambda name: (tmp_path, None))
+    args = argparse.Namespace(teacher="t", model=str(tmp_path), contexts=[64, 128], new_tokens=4, quant=["none"],
+                              threads=1, repeats=2, rivals=["none"])
+    cpu.run_benchmark(args)
+    out = capsys.readouterr().out
+    assert "[1/6" in out and "[6/6" in out and "context 128: student-none decode round 2/2" in out, out
