@@ -67,11 +67,12 @@ def register(parser) -> None:
     parser.add_argument("--sample-tokens", type=int_at_least(0), default=40, help="greedy sample length in the summary (0: none)")
 
 
-# Measured: the README's command on a 2-core CPU took 25 min (teacher download, data preparation and the summary
-# included), with other work on the machine; the stages themselves are most of it.
+# Measured on 2-core CPUs: 3 min with the teacher and the prepared data cached (README); 25 min for a first run
+# (teacher download and data preparation included) on a machine busy with other work.
 SMOKE_NOTICE = ("llamba distill: no CUDA GPU here, so this runs the `smoke` recipe: it checks the whole pipeline "
-                "(data, the three stages, the summary) in about 15-25 minutes on a 2-core CPU, and does NOT make a "
-                "usable student. For a real one, run on a GPU (or choose --recipe yourself).")
+                "(data, the three stages, the summary) and does NOT make a usable student. On a 2-core CPU it takes "
+                "about 3 minutes once the teacher and data are cached, up to ~25 minutes on a first run. For a real "
+                "student, run on a GPU (or choose --recipe yourself).")
 
 
 def build_recipe(args) -> dict:
