@@ -80,17 +80,18 @@ def save_student(model: LlambaForCausalLM, tokenizer, out_dir) -> Path:
     sibling ``.tmp`` folder first, then swapped in, so a kill leaves either the old folder or the new one whole.
     An existing ``out_dir`` is replaced (callers refuse one they must not replace, see cli.common)."""
     out = Path(out_dir)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    where = out.resolve()  # `--out .` has no name to put .tmp beside
+    tmp, old = where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     write_digests(tmp)
-    if out.exists():
+    if where.exists():
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
+        os.replace(where, old)
+    os.replace(tmp, where)
     shutil.rmtree(old, ignore_errors=True)
     return out
 
