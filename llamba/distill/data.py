@@ -93,7 +93,7 @@ def jsonl_rows(path: Path, skip: int = 0) -> Iterator[tuple[int, dict]]:
                     raise ValueError(f"{path}: line {i} is not valid UTF-8 (column {err.start + 1}); "
                                      "re-save the file as UTF-8") from None
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg} at column {err.colno})") from None
+                    raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg} at character {err.pos + 1})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}: line {i} is a JSON {type(row).__name__}, expected an object like "
                                      '{"text": "..."}')
