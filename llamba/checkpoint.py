@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from llamba.model import LlambaConfig, LlambaForCausalLM
 from llamba.teacher import PICKLE_SUFFIXES, load_teacher
+from llamba.weightfiles import compare_shapes, read_shapes, verify_digests, write_digests
 
 
 def is_llamba_checkpoint(path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    data = json.loads(config.read_text())
-    return data.get("model_type") == "llamba" or "ssm_cfg" in data
+    try:
+        data = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config}: not valid JSON ({err}); the file is damaged") from None
+    return isinstance(data, dict) and (data.get("model_type") == "llamba" or "ssm_cfg" in data)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -36,28 +40,28 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: no *.safetensors weight file")
 
 
+def _remedy(folder: Path) -> str:
+    """What to do about a damaged student file: the stage outputs of a run are re-made by its own command."""
+    if folder.name == "final" and folder.parent.name.startswith("stage"):
+        return (f"Delete {folder.parent} and re-run the same `llamba distill` command to redo that stage "
+                "(the earlier stages are kept)")
+    if folder.name == "init":
+        return f"Delete {folder} and re-run the same `llamba distill` command to initialise the student again"
+    return "Restore the folder from a copy, or write the student again (llamba convert / llamba distill)"
+
+
 def check_weights(config: LlambaConfig, folder) -> None:
     """Compare every tensor's shape in the safetensors files with what ``config`` implies, before loading anything.
 
-    Raises ValueError naming the key and both shapes, or the missing / unexpected keys."""
+    Raises ValueError naming the key and both shapes, the missing / unexpected keys, or a damaged file."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in LlambaForCausalLM(config).state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    found = {}
-    for file in _weight_files(Path(folder)):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                found[key] = tuple(f.get_slice(key).get_shape())
+    found = read_shapes(_weight_files(Path(folder)), _remedy(Path(folder)))
     if config.tie_embeddings:
         found.pop("lm_head.weight", None)  # some writers store the tied head too; it is the embedding
-    for key, shape in found.items():
-        if key in expected and expected[key] != shape:
-            raise ValueError(f"weight {key!r} has shape {shape} in {folder}, but config.json implies {expected[key]}")
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match config.json; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                         f" unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    compare_shapes(expected, found, folder)
 
 
 def load_student(path, dtype: torch.dtype | None = None, device="cpu") -> LlambaForCausalLM:
@@ -66,16 +70,29 @@ def load_student(path, dtype: torch.dtype | None = None, device="cpu") -> Llamba
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
     config = LlambaConfig.from_pretrained(folder)
     check_weights(config, folder)
+    verify_digests(folder, _remedy(folder))
     model = LlambaForCausalLM.from_pretrained(folder, config=config, dtype=dtype or torch.float32, use_safetensors=True)
     return model.to(device).eval()
 
 
 def save_student(model: LlambaForCausalLM, tokenizer, out_dir) -> Path:
+    """Write the student (and its tokenizer, and the weight files' digests) to ``out_dir``, atomically: into a
+    sibling ``.tmp`` folder first, then swapped in, so a kill leaves either the old folder or the new one whole.
+    An existing ``out_dir`` is replaced (callers refuse one they must not replace, see cli.common)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    where = out.resolve()  # `--out .` has no name to put .tmp beside
+    tmp, old = where.with_name(where.name + ".tmp"), where.with_name(where.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(tmp)
+    write_digests(tmp)
+    if where.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(where, old)
+    os.replace(tmp, where)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

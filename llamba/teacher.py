@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llamba.weightfiles import write_digests
+
 LLAMA_FAMILY = ("llama",)  # model_type values whose blocks are Llama blocks (SmolLM2 and Llama-3.x are "llama")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -146,6 +148,8 @@ def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu",
 
     folder, gguf = resolve_teacher(name_or_path)
     config = _config_at(folder, gguf)  # refuses a non-Llama teacher before any weight is read
+    if not gguf:
+        check_teacher_weights(config, folder, name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(
         folder, config=config, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
@@ -153,6 +157,28 @@ def load_teacher(name_or_path, dtype: torch.dtype = torch.float32, device="cpu",
     if gguf and str(name_or_path) in KNOWN_TEACHERS and dtype == torch.float32:
         _keep_converted(str(name_or_path), model, tokenizer)
     return model.to(device).eval(), tokenizer
+
+
+def check_teacher_weights(config, folder: Path, name_or_path) -> None:
+    """Before transformers reads a weight: every safetensors file readable, its digest right when llamba wrote it,
+    and every tensor the shape the config implies (transformers would report a mismatch as a RuntimeError, and
+    fill a missing weight with random values)."""
+    from transformers import AutoModelForCausalLM
+
+    from llamba.weightfiles import compare_shapes, read_shapes, verify_digests
+
+    if str(name_or_path) in KNOWN_TEACHERS and folder == converted_folder(str(name_or_path)):
+        remedy = f"Delete {folder}: llamba converts the teacher again from its GGUF on the next run"
+    else:
+        remedy = "Download or save the teacher again"
+    found = read_shapes(sorted(folder.glob("*.safetensors")), remedy)
+    verify_digests(folder, remedy)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)
+    compare_shapes(expected, found, folder, unexpected_ok=True)  # old checkpoints carry extras transformers drops
 
 
 def _keep_converted(name: str, model, tokenizer) -> None:
@@ -169,6 +195,7 @@ def _keep_converted(name: str, model, tokenizer) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        write_digests(tmp)
         (tmp / "READY").touch()
         os.replace(tmp, target)  # atomic; if another process won the race, keep theirs
     except OSError:

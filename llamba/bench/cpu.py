@@ -181,6 +181,7 @@ def _student_checkpoint(model: str | None, teacher: str, workdir: Path) -> tuple
     from llamba.convert import student_from_teacher
     from llamba.teacher import load_teacher
 
+    print(f"bench: no --model: converting {teacher} into an (untrained) student", flush=True)
     teacher_model, tokenizer = load_teacher(teacher)
     path = workdir / "student"
     save_student(student_from_teacher(teacher_model, init="attention"), tokenizer, path)
@@ -197,6 +198,7 @@ def _artifact(student: str, quant: str, workdir: Path) -> str:
     from llamba.quant import quantize_student
     from llamba.quant.artifact import save_artifact
 
+    print(f"bench: quantizing the student ({quant})", flush=True)
     model = load_student(student, dtype=torch.float32)
     settings = quantize_student(model, quant)
     return str(save_artifact(model, load_tokenizer_from(student), workdir / f"student-{quant}.safetensors", settings))
@@ -250,6 +252,14 @@ def run_benchmark(args, on_row=None) -> dict:
         "student": {"checkpoint": student, "origin": student_origin}, "teacher": teacher,
         "teacher_gguf": gguf, "skipped": skipped, "rows": rows,
     }
+    total, done, t0 = len(contexts) * len(workers) * (1 + repeats), 0, time.perf_counter()
+
+    def progress(what: str) -> None:
+        # one line per measurement: the default run takes minutes, with long silent gaps otherwise
+        nonlocal done
+        done += 1
+        print(f"  [{done}/{total}, {time.perf_counter() - t0:.0f} s] {what}", flush=True)
+
     try:
         for ctx in contexts:
             prompt = [rng.randrange(100, 49000) for _ in range(ctx)]
@@ -257,11 +267,13 @@ def run_benchmark(args, on_row=None) -> dict:
             for name, w in workers.items():
                 r = w.call("prefill", prompt)
                 row["systems"][name] = {"prefill_tok_s": ctx / r["seconds"], "decode_runs_tok_s": []}
-            for _ in range(repeats):  # interleaved: every system decodes once per round
+                progress(f"context {ctx}: {name} prefill {ctx / r['seconds']:,.0f} tok/s")
+            for k in range(repeats):  # interleaved: every system decodes once per round
                 for name, w in workers.items():
                     r = w.call("decode", new_tokens)
                     s = row["systems"][name]
                     s["decode_runs_tok_s"].append(new_tokens / r["seconds"])
+                    progress(f"context {ctx}: {name} decode round {k + 1}/{repeats} {new_tokens / r['seconds']:.1f} tok/s")
                     s["rss_mib"], s["rss_growth_mib"] = r["rss_mib"], r["rss_growth_mib"]
             for name, s in row["systems"].items():
                 s["decode_tok_s"] = statistics.median(s["decode_runs_tok_s"])

@@ -35,10 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         check_command_extra(argv[0])
         module = importlib.import_module(f"llamba.cli.{argv[0]}")
         module.register(parser)
-        return int(module.run(parser.parse_args(argv[1:])) or 0)
+        args = parser.parse_args(argv[1:])
+        quiet_libraries()
+        return int(module.run(args) or 0)
     except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
         print(f"llamba {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: where it stopped (when the command knows) instead of a traceback
+        print(f"\nllamba {argv[0]}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except ImportError as err:
         extra = missing_extra(err, argv[0])
         if extra is None:
@@ -46,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamba {argv[0]}: error: {err}\n  this needs an optional dependency: pip install 'llamba[{extra}]'",
               file=sys.stderr)
         return 2
+
+
+def quiet_libraries() -> None:
+    """Keep a command's output to what its user needs: no per-file load / save bars from transformers (the models
+    load in a second), and not transformers' notice that our model's output still names ``past_key_values``
+    (llamba/model keeps that name for transformers 4.x; the notice repeats on every student command and says
+    nothing the user can act on)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.generic").addFilter(
+        lambda record: "`past_key_values`/`cache_params` are deprecated" not in record.getMessage())
 
 
 # What each extra of pyproject.toml brings, by import name (eval's lm-eval brings datasets), smallest extra first

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from llamba.cli.common import float_above, int_at_least, int_list
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+_ints = int_list(1)
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
     """'512x1,512x32' -> [(512, 1), (512, 32)] (prompt x batch)."""
     try:
-        return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+        pairs = [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PROMPTxBATCH pairs like 512x8,2048x1, got {text!r}") from None
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected PROMPTxBATCH pairs of positive integers like 512x8,2048x1, got {text!r}")
+    return pairs
 
 
 def register(parser) -> None:
@@ -32,34 +32,32 @@ def register(parser) -> None:
                              "weights, 'random-smollm2-135m': speed does not depend on the weights)")
     parser.add_argument("--contexts", type=_ints, default=None,
                         help="context lengths (GPU: the batch-16 decode sweep, default 1024,...,32768)")
-    parser.add_argument("--new-tokens", type=int, default=None,
+    parser.add_argument("--new-tokens", type=int_at_least(2), default=None,
                         help="tokens generated per measurement (default: 256 on the GPU, the CPU benchmark's own)")
     parser.add_argument("--quant", nargs="*", default=[], help="CPU only: quantized variants to include")
     parser.add_argument("--out", default=None, help="output path without suffix (writes .json and .md, plots beside)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU only: torch threads")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU only: timed rounds per measurement")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="CPU only: torch threads")
+    parser.add_argument("--repeats", type=int_at_least(1), default=None, help="CPU only: timed rounds per measurement")
     parser.add_argument("--rivals", nargs="*", default=None, help="CPU only: rivals (llama.cpp, transformers)")
-    parser.add_argument("--ppl-tokens", type=int, default=0, help="CPU only: also measure perplexity on this many tokens")
+    parser.add_argument("--ppl-tokens", type=int_at_least(0), default=0, help="CPU only: also measure perplexity on this many tokens")
     gpu = parser.add_argument_group("GPU options")
     gpu.add_argument("--batches", type=_ints, default=[1, 8, 32, 128, 256, 512, 1024])
     gpu.add_argument("--prompts", type=_ints, default=[512, 2048], help="prompt lengths for the batch sweep")
     gpu.add_argument("--hf-configs", type=_pairs, default=[(512, 1), (512, 32), (512, 128), (2048, 1), (2048, 32)],
                      help="PROMPTxBATCH pairs for plain transformers.generate")
-    gpu.add_argument("--sweep-new-tokens", type=int, default=64)
-    gpu.add_argument("--memory-budget-gib", type=float, default=16.0)
+    gpu.add_argument("--sweep-new-tokens", type=int_at_least(1), default=64)
+    gpu.add_argument("--memory-budget-gib", type=float_above(0), default=16.0)
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
     gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the dense pieces of the decode steps and prefills (teacher and student)")
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
-    dist.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant (after one warm-up)")
+    dist.add_argument("--steps", type=int_at_least(1), default=5, help="timed optimizer steps per variant (after one warm-up)")
     dist.add_argument("--variants", nargs="*", default=None, help="stage variants (default: all of llamba.bench.distill.VARIANTS)")
 
 
 def run(args) -> int:
     if args.study == "distill":
         return run_distill(args)
-    if args.new_tokens is not None and args.new_tokens < 2:
-        raise ValueError("--new-tokens must be at least 2")
     if args.device == "cpu":
         from llamba.bench import cpu
 
@@ -86,8 +84,6 @@ def run_distill(args) -> int:
     unknown = sorted(set(args.variants or []) - set(names))
     if unknown:
         raise ValueError(f"--variants {' '.join(unknown)}: choose from {', '.join(names)}")
-    if args.steps < 1:
-        raise ValueError("--steps must be at least 1")
     from llamba.bench.gpu import device_slug
 
     distill.run(args.recipe, args.variants or names, args.steps, args.out or f"results/bench-distill-{device_slug()}")

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import sys
 
-from llamba.cli.common import DTYPES, count_parameters
+from llamba.cli.common import DTYPE_NAMES, check_output_folder, count_parameters, dtype_of, int_at_least
 
 
 def register(parser) -> None:
     parser.add_argument("--teacher", required=True, help="smollm2-135m, a HF Llama folder or a .gguf file")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--d-state", type=int, default=64, help="SSM state size N per head (default 64)")
+    parser.add_argument("--out", required=True, help="output folder (new or empty; --force replaces a student in it)")
+    parser.add_argument("--force", action="store_true", help="replace the student already in --out")
+    parser.add_argument("--d-state", type=int_at_least(1), default=64, help="SSM state size N per head (default 64)")
     parser.add_argument("--init", default="identity", choices=["identity", "attention"],
                         help="mixer init: Llamba's pass-through, or from the teacher's attention weights")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
 
 
 def run(args) -> int:
+    check_output_folder(args.out, args.force, "student")  # before the teacher loads: a refusal costs nothing
+
     from llamba.checkpoint import save_student
     from llamba.convert import student_from_teacher
     from llamba.teacher import load_teacher
 
-    teacher, tokenizer = load_teacher(args.teacher, dtype=DTYPES[args.dtype])
+    teacher, tokenizer = load_teacher(args.teacher, dtype=dtype_of(args.dtype))
     student = student_from_teacher(teacher, d_state=args.d_state, init=args.init)
     out = save_student(student, tokenizer, args.out)
     print(f"teacher: {count_parameters(teacher):,} parameters; student: {count_parameters(student):,} parameters "

@@ -4,11 +4,30 @@ students side by side. The first model is the reference (teacher) for ratios and
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import shlex
+import argparse
 import sys
 import time
+
+from llamba.cli.common import int_at_least
+
+
+def limit(text: str) -> float | int:
+    """--limit: examples per task (a whole number >= 1) or a fraction of each task in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected examples per task (>= 1) or a fraction in (0, 1), got {text!r}")
+    if value >= 1:
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"a count of examples must be a whole number, got {text}")
+        return int(value)
+    return value
 
 
 def register(parser) -> None:
@@ -20,23 +39,17 @@ def register(parser) -> None:
                              "arc_challenge piqa winogrande hellaswag openbookqa lambada_openai mmlu mmlu_5shot gsm8k "
                              "(comma or space separated)")
     parser.add_argument("--data-dir", default="../shared/data/eval", help="benchmark files (see its README)")
-    parser.add_argument("--limit", type=float, default=None, help="examples per task (quick runs); a fraction if < 1")
+    parser.add_argument("--limit", type=limit, default=None, help="examples per task (quick runs); a fraction if < 1")
     parser.add_argument("--out", default="runs/eval", help="folder for eval.md, eval.json, eval.png")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-gen-toks", type=int, default=None, help="generation cap for GSM8K (lm-eval: 256)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16)
+    parser.add_argument("--max-gen-toks", type=int_at_least(1), default=None, help="generation cap for GSM8K (lm-eval: 256)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--ppl-text", default="../shared/data/corpus/gutenberg-val.jsonl.xz",
                         help="held-out text for --tasks ppl (.jsonl[.xz] with 'text', or .txt)")
-    parser.add_argument("--ppl-tokens", type=int, default=32768, help="token budget for ppl/KL")
-    parser.add_argument("--ppl-seq-len", type=int, default=512, help="window length for ppl/KL")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    parser.add_argument("--ppl-tokens", type=int_at_least(2), default=32768, help="token budget for ppl/KL")
+    parser.add_argument("--ppl-seq-len", type=int_at_least(2), default=512, help="window length for ppl/KL")
 
 
 def _load(name: str, dtype, device: str, fallback_tokenizer):
@@ -44,6 +57,28 @@ def _load(name: str, dtype, device: str, fallback_tokenizer):
 
     model, tokenizer = load_model(name, dtype=dtype, device=device)
     return model.to(dtype).eval(), tokenizer if tokenizer is not None else fallback_tokenizer
+
+
+def check_shared_tokenizer(names: list[str]) -> None:
+    """Perplexity and KL score every model on the first model's token ids: refuse, before any model loads, a model
+    whose tokenizer differs (its ids would mean other words, or index past its vocabulary)."""
+    from llamba.checkpoint import is_llamba_checkpoint, load_tokenizer_from
+    from llamba.distill.data import tokenizer_hash
+    from llamba.teacher import load_tokenizer
+
+    reference = None
+    for name in names:
+        student = os.path.isdir(name) and is_llamba_checkpoint(name)
+        tokenizer = load_tokenizer_from(name) if student else load_tokenizer(name)
+        if tokenizer is None:  # a student folder without tokenizer files: it is scored with the first model's
+            continue
+        if reference is None:
+            reference = (name, tokenizer_hash(tokenizer))
+        elif tokenizer_hash(tokenizer) != reference[1]:
+            raise ValueError(f"--tasks ppl: {name} has another tokenizer than {reference[0]}; perplexity and KL "
+                             f"compare models token by token on {reference[0]}'s tokens, so each model must share "
+                             "its tokenizer (a student distilled from it does). Evaluate this model in a separate "
+                             "`llamba eval` run, or leave out ppl")
 
 
 def _lm(model, tokenizer, batch_size: int):
@@ -61,15 +96,28 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
+    from llamba.cli.common import resolve_device
     from llamba.eval.ppl import perplexity_and_kl, read_documents, token_windows
     from llamba.eval.report import write_report
     from llamba.eval.suite import resolve_tasks, run_suite, table_rows
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # lm-eval's notices are for its own CLI (--metadata hints, "pretrained is not a str" ...): a user of ours can
+    # act on none of them. Its errors still show.
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     names = [t for item in args.tasks for t in item.split(",") if t]
     want_ppl = "ppl" in names
     names = [t for t in names if t != "ppl"]
+    args.device = str(resolve_device(args.device))
+    if want_ppl:
+        if args.ppl_tokens < args.ppl_seq_len:
+            raise ValueError(f"--ppl-tokens {args.ppl_tokens} is less than one window of --ppl-seq-len "
+                             f"{args.ppl_seq_len}")
+        if not os.path.isfile(os.path.expanduser(args.ppl_text)):
+            raise FileNotFoundError(f"--ppl-text {args.ppl_text}: no such file (.jsonl[.xz] with 'text', or .txt)")
+        check_shared_tokenizer(args.models)
     if names and not os.path.isdir(args.data_dir):
         raise FileNotFoundError(f"--data-dir {args.data_dir}: no such folder")
     specs, skipped = resolve_tasks(names, args.data_dir) if names else ([], {})
@@ -78,7 +126,7 @@ def run(args) -> int:
     if not specs and not want_ppl:
         raise ValueError("nothing to run: every requested task was skipped (see above)")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    limit = args.limit
 
     started = time.time()
     meta = {"command": "llamba eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),

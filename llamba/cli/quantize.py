@@ -6,17 +6,50 @@ import argparse
 import time
 from pathlib import Path
 
+from llamba.cli.common import int_at_least
+
+ARTIFACT_NAME = "model.cpu.safetensors"  # what --out DIR gets
+
+
+def group_size(text: str) -> int:
+    value = int_at_least(32)(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 (the kernels' block), got {text}")
+    return value
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("student", help="a float Llamba student checkpoint folder")
     parser.add_argument("--bits", type=int, choices=(4, 8, 32), default=4, help="weight bits (32: float32, no quantization)")
-    parser.add_argument("--group-size", type=int, default=32, help="inputs per scale/min pair (multiple of 32)")
+    parser.add_argument("--group-size", type=group_size, default=32, help="inputs per scale/min pair (multiple of 32)")
     parser.add_argument("--head-bits", type=int, choices=(4, 8, 32), default=None,
                         help="bits for embedding and head (default: 8 for --bits 4, else as --bits)")
     parser.add_argument("--mlp-bits", type=int, choices=(4, 8, 32), default=None,
                         help="bits for the MLPs (default: as --bits); --bits 4 --mlp-bits 8 keeps a trained student's "
                         "perplexity where all-int4 does not")
-    parser.add_argument("--out", required=True, help="output .safetensors file, or a folder (gets model.cpu.safetensors)")
+    parser.add_argument("--out", required=True, help=f"output .safetensors file, or a folder (gets {ARTIFACT_NAME})")
+    parser.add_argument("--force", action="store_true", help="replace an artifact already at --out")
+
+
+def output_file(out: str, student: Path, force: bool) -> Path:
+    """The artifact's path for ``--out``, refused before any work when it would overwrite something: an existing
+    file or a non-empty folder without --force, and the student's own folder (or any student) always, where a
+    second *.safetensors would break loading that student."""
+    from llamba.checkpoint import is_llamba_checkpoint
+
+    path = Path(out)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    if folder.is_dir() and (is_llamba_checkpoint(folder) or folder.resolve() == student.resolve()):
+        raise ValueError(f"--out {out} is inside a Llamba student folder; write the artifact to its own file or folder")
+    if path.suffix == ".safetensors":
+        if path.exists() and not force:
+            raise ValueError(f"--out {out} exists; choose a new file name, or add --force to replace it")
+        return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: is a file, expected a folder or a .safetensors file name")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty; choose a new folder, or add --force to replace {ARTIFACT_NAME} in it")
+    return path / ARTIFACT_NAME
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{src}: no such student checkpoint folder")
     if not is_llamba_checkpoint(src):
         raise ValueError(f"{src} is not a Llamba student checkpoint (convert or distill a teacher first)")
+    target = output_file(args.out, src, args.force)
     quant = {4: "int4", 8: "int8", 32: "none"}[args.bits]
     t0 = time.perf_counter()
     model, tokenizer = load_student(src, dtype=torch.float32), load_tokenizer_from(src)
     settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits)
-    out = save_artifact(model, tokenizer, args.out, settings)
+    out = save_artifact(model, tokenizer, target, settings)
     load_artifact(out)  # read back: the checksum and shapes are verified before we report success
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {quant}, group {settings['group_size']}, head {settings['head_bits']} bits, MLP {settings.get('mlp_bits', args.bits)} bits) "

@@ -35,18 +35,77 @@ PIECE_CHARS = 16_384  # long documents are tokenized in pieces (cut at newlines)
 # -- reading documents ---------------------------------------------------------------------------------------------
 def open_text(path: Path):
     """A text file, plain or .xz / .gz / .zst compressed, opened for reading."""
+    import io
+
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8")
+
+
+def open_binary(path: Path):
+    """A file, plain or .xz / .gz / .zst compressed, opened for reading its (decompressed) bytes."""
     name = path.name
     if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, "rb")
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import io
-
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        import io
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+# What a damaged compressed file raises while it is read (a truncated .xz raises EOFError, a garbled one LZMAError)
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
+
+
+def read_whole_text(path: Path) -> str:
+    """One file's text; a decoding or decompression error names the file (and the line, for bad UTF-8)."""
+    try:
+        with open_binary(path) as f:
+            data = f.read()
+    except READ_ERRORS as err:
+        raise ValueError(f"{path}: cannot be read ({err}); the file is damaged or not what its name says") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8 (byte {err.start}); re-save the file as UTF-8") from None
+
+
+def jsonl_rows(path: Path, skip: int = 0) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file (plain or compressed), from the
+    ``skip``-th such line on. Bad UTF-8, bad JSON, a line that is not an object and a damaged file all raise
+    ValueError naming the file and the line."""
+    n, i = 0, 0
+    try:
+        with open_binary(path) as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                n += 1
+                if n <= skip:
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}: line {i} is not valid UTF-8 (column {err.start + 1}); "
+                                     "re-save the file as UTF-8") from None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {i} is not valid JSON ({err.msg} at character {err.pos + 1})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {i} is a JSON {type(row).__name__}, expected an object like "
+                                     '{"text": "..."}')
+                yield i, row
+    except READ_ERRORS as err:
+        raise ValueError(f"{path}: cannot be read after line {i} ({err}); the file is damaged or truncated") from None
+
+
+def _text_of(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: 'text' is a {type(value).__name__}, expected a string")
+    return value
 
 
 def iter_documents(source: str, skip: int = 0) -> Iterator[str]:
@@ -70,22 +129,17 @@ def iter_documents(source: str, skip: int = 0) -> Iterator[str]:
         for batch in pq.ParquetFile(path).iter_batches(columns=["text"]):
             for text in batch.column(0).to_pylist():
                 if i >= skip:
-                    yield text
+                    yield _text_of(text, f"{path}: row {i + 1}")
                 i += 1
         return
     if ".txt" in path.name:
         if skip == 0:
-            with open_text(path) as f:
-                yield f.read()
+            yield read_whole_text(path)
         return
-    with open_text(path) as f:
-        for i, line in enumerate(f):
-            if i < skip or not line.strip():
-                continue
-            row = json.loads(line)
-            if "text" not in row:
-                raise ValueError(f"{path}: line {i + 1} has no 'text' field (keys: {sorted(row)[:5]})")
-            yield row["text"]
+    for line, row in jsonl_rows(path, skip):
+        if "text" not in row:
+            raise ValueError(f"{path}: line {line} has no 'text' field (keys: {sorted(row)[:5]})")
+        yield _text_of(row["text"], f"{path}: line {line}")
 
 
 def find_sources(data: str) -> dict[str, list[str]]:
@@ -171,6 +225,63 @@ def _source_key(source: str) -> str:
     return f"{name.strip('-')}-{hashlib.sha1(source.encode()).hexdigest()[:6]}"
 
 
+IDENTITY_BYTES = 1 << 20  # a source is known by the SHA-256 of its first MiB (all of it when smaller)
+
+
+def _prefix_sha256(path: Path, n: int) -> str | None:
+    """SHA-256 of the first ``n`` bytes of ``path``, None when the file is shorter."""
+    with open(path, "rb") as f:
+        data = f.read(n)
+    return hashlib.sha256(data).hexdigest() if len(data) == n else None
+
+
+def source_identity(source: str) -> dict | None:
+    """What a file source is, independent of where it lies: its first bytes (a source that grew at its end, like
+    the teacher-samples file, stays the same source). None for ``hf:`` names, which are no location."""
+    if source.startswith("hf:"):
+        return None
+    n = min(Path(source).stat().st_size, IDENTITY_BYTES)
+    return {"prefix_bytes": n, "prefix_sha256": _prefix_sha256(Path(source), n)}
+
+
+def _same_content(state: dict, source: str) -> bool:
+    ident = state.get("identity")
+    return ident is not None and _prefix_sha256(Path(source), ident["prefix_bytes"]) == ident["prefix_sha256"]
+
+
+def match_sources(manifest: dict, sources: dict[str, list[str]], out: Path, log=print) -> None:
+    """Find each source's record in the manifest by content, so a moved corpus folder (or a link that now points
+    elsewhere) continues its records instead of tokenizing everything again next to the old copy. A record found
+    under another path is moved to the source's current path (shards included); a file whose content no longer
+    matches the record kept under its own path is refused. Manifests written before identities were recorded get
+    them here; their records are matched by file name when their old path is gone."""
+    records = manifest["sources"]
+    wanted = [s for split in ("train", "val") for s in sources[split] if not s.startswith("hf:")]
+    for source in wanted:
+        state = records.get(source)
+        if state is not None:
+            if state.get("identity") is None:
+                state["identity"] = source_identity(source)
+            elif not _same_content(state, source):
+                raise ValueError(f"{source} changed since it was prepared into {out} (its first bytes differ from "
+                                 f"the record in {out / MANIFEST}); prepare it into a new folder (another --out) or "
+                                 f"delete {out} to prepare again")
+            continue
+        free = [k for k in records if k not in wanted and not k.startswith("hf:")]
+        found = [k for k in free if _same_content(records[k], source)]
+        if not found:  # an older manifest: no identity recorded; the same file name whose old path is gone
+            found = [k for k in free if records[k].get("identity") is None and not Path(k).exists()
+                     and Path(k).name == Path(source).name]
+        if found:
+            old = found[0]
+            log(f"data: {Path(source).name}: same content as the prepared {old}; continuing its records")
+            state = records[source] = records.pop(old)
+            state.setdefault("identity", source_identity(source))
+            for shard in manifest["shards"]:
+                if shard["source"] == old:
+                    shard["source"] = source
+
+
 def _write_shard(path: Path, tokens: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp")
     tokens.tofile(tmp)
@@ -209,6 +320,7 @@ def prepare_data(sources: dict[str, list[str]], tokenizer, out_dir, max_tokens: 
                     "tokenizer": {"name": tokenizer_name, "hash": tokenizer_hash(tokenizer),
                                   "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
                     "sources": {}, "shards": []}
+    match_sources(manifest, sources, out, log)
     holdout = not sources["val"]  # no validation file: every 100th training document goes to validation
     plans = [("train", s, None if max_tokens is None else max_tokens // len(sources["train"])) for s in sources["train"]]
     plans += [("val", s, max(1, val_tokens // len(sources["val"]))) for s in sources["val"]]
@@ -220,7 +332,8 @@ def prepare_data(sources: dict[str, list[str]], tokenizer, out_dir, max_tokens: 
 
     for split, source, cap in plans:
         state = manifest["sources"].setdefault(
-            source, {"split": split, "documents": 0, "tokens": {"train": 0, "val": 0}, "exhausted": False})
+            source, {"split": split, "documents": 0, "tokens": {"train": 0, "val": 0}, "exhausted": False,
+                     "identity": source_identity(source)})
         have = state["tokens"][split]
         val_cap = val_tokens // len(sources["train"]) if holdout and split == "train" else 0
         if state["exhausted"] or (cap is not None and have >= cap and state["tokens"]["val"] >= val_cap):
@@ -250,6 +363,9 @@ def prepare_data(sources: dict[str, list[str]], tokenizer, out_dir, max_tokens: 
                 if chars >= want_chars:
                     break
             if not batch:
+                if state["documents"] == 0:  # caught here, not later as a too-small split blamed on another file
+                    raise ValueError(f"{source}: no documents (the file is empty or has only blank lines); fill it "
+                                     "or remove it from --data")
                 exhausted = True
                 break
             done = False

@@ -10,7 +10,6 @@ Run folder layout (everything resumable: re-running the same command skips what 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -53,13 +52,150 @@ def _log(d):
 
 
 def _save_student_atomic(student, tokenizer, path: Path) -> None:
-    from llamba.checkpoint import save_student
+    from llamba.checkpoint import save_student  # writes beside the folder, then swaps it in
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_student(student, tokenizer, tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    save_student(student, tokenizer, path)
+
+
+# -- what a finished stage was trained with, and the checks made before any heavy work --------------------------
+# Settings that do not change what a stage computes; anything else differing from a finished stage's is refused.
+NOT_RESULT_SETTINGS = ("name", "checkpoint_every", "compile", "activation_checkpointing", "val_tokens", "eval_tokens")
+INIT_SETTINGS = ("d_state", "init", "seed")
+INIT_RECORD = "init_settings.json"
+
+
+def result_settings(cfg: dict) -> dict:
+    """The stage settings that decide its result, as JSON would give them back."""
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in NOT_RESULT_SETTINGS}))
+
+
+def _differences(recorded: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(recorded) | set(wanted))
+    return [f"{k}={recorded.get(k)!r} (now {wanted.get(k)!r})" for k in keys if recorded.get(k) != wanted.get(k)]
+
+
+def finished_stage_conflict(opts: Options, stage: int) -> str | None:
+    """Why a finished stage in --out cannot stand for what this command asks of it, or None. A finished stage is
+    not trained further in place: its learning rate has decayed to the end of its schedule, and more tokens on top
+    would be a different schedule than the one asked for; the message says how to get either result."""
+    stage_dir = opts.out / f"stage{stage}"
+    if not (stage_dir / "final" / "config.json").exists():
+        return None
+    try:
+        recorded = json.loads((stage_dir / "result.json").read_text()).get("settings")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:  # a run from before settings were recorded: nothing to compare with
+        return None
+    diff = _differences(recorded, result_settings(stage_config(opts.recipe, stage)))
+    if not diff:
+        return None
+    return (f"stage {stage} in {opts.out} is finished, trained with other settings than this command asks for: "
+            f"{'; '.join(diff)}. To train on from that student with the new settings, give a new --out and "
+            f"--stages {stage} --student {stage_dir / 'final'}; to redo stage {stage} (and the stages after it) with "
+            f"them here, delete {stage_dir} and run the same command again")
+
+
+def init_conflict(opts: Options) -> str | None:
+    record = opts.out / INIT_RECORD
+    if not (opts.out / "init" / "config.json").exists() or not record.exists():
+        return None
+    diff = _differences(json.loads(record.read_text()), {k: opts.recipe.get(k) for k in INIT_SETTINGS})
+    if not diff:
+        return None
+    return (f"the initialised student in {opts.out / 'init'} was built with other settings: {'; '.join(diff)}; "
+            f"give a new --out, or delete {opts.out} to start again")
+
+
+def check_inputs(opts: Options, d) -> None:
+    """Everything that can be refused from the options and the disk alone, before the tokenizer, the data and the
+    teacher load (on rank 0, which decides for all: ranks must not take different branches)."""
+    problem = None
+    if d.main:
+        checks = [lambda: init_conflict(opts), *(lambda s=s: finished_stage_conflict(opts, s) for s in sorted(opts.stages)),
+                  lambda: _student_problem(opts), lambda: _budget_problem(opts, d)]
+        problem = next((p for p in (check() for check in checks) if p), None)
+    problem = distributed.broadcast_object(problem, d)
+    if problem:
+        raise ValueError(problem)
+
+
+def _student_problem(opts: Options) -> str | None:
+    from llamba.checkpoint import is_llamba_checkpoint
+    from llamba.teacher import load_teacher_config
+
+    if not opts.student:
+        return None
+    path = Path(opts.student)
+    if not path.is_dir():
+        return f"--student {path}: no such folder (a Llamba student checkpoint folder)"
+    if not is_llamba_checkpoint(path):
+        looks = " it looks like a Transformer (teacher) folder: give it as --teacher, or" if (path / "config.json").exists() else ""
+        return (f"--student {path} is not a Llamba student checkpoint;{looks} leave --student out to start from a "
+                "student initialised from the teacher")
+    from llamba.model import LlambaConfig
+
+    student, teacher = LlambaConfig.from_pretrained(path), load_teacher_config(opts.teacher)
+    pairs = {"d_model": (student.d_model, teacher.hidden_size), "n_layer": (student.n_layer, teacher.num_hidden_layers),
+             "vocab_size": (student.vocab_size, teacher.vocab_size)}
+    wrong = [f"{k} {a} vs the teacher's {b}" for k, (a, b) in pairs.items() if a != b]
+    if wrong:
+        return f"--student {path} does not fit the teacher {opts.teacher}: {', '.join(wrong)}; distill it from its own teacher"
+    return None
+
+
+def _budget_problem(opts: Options, d) -> str | None:
+    """A budget below one optimizer step would run one step anyway and report it as the stage."""
+    from llamba.distill.trainer import batch_geometry
+
+    for stage in sorted(opts.stages):
+        cfg = stage_config(opts.recipe, stage)
+        if cfg["tokens"] < 1:
+            return f"stage {stage}: token budget {cfg['tokens']} must be at least 1"
+        _, step_tokens, _ = batch_geometry(cfg, d.world)
+        if cfg["tokens"] < step_tokens:
+            return (f"stage {stage}: token budget {cfg['tokens']:,} is less than one optimizer step of {step_tokens:,} "
+                    f"tokens (micro_batch {cfg['micro_batch']} x seq_len {cfg['seq_len']} x {d.world} process(es), "
+                    f"accumulated to about batch_tokens {cfg['batch_tokens']:,}); raise --stage{stage}-tokens or lower "
+                    "--batch-tokens")
+    return None
+
+
+def _interrupted(opts: Options, where: str) -> KeyboardInterrupt:
+    again = f"`{opts.command}`" if opts.command else "the same command"
+    return KeyboardInterrupt(f"interrupted {where}; run {again} again to resume from there")
+
+
+def _stage_stop_point(stage_dir: Path) -> str:
+    from llamba.distill.trainer import find_checkpoint
+
+    found = find_checkpoint(stage_dir / "checkpoint")
+    if found is None:
+        return "before its first checkpoint (the stage restarts from its beginning)"
+    state = json.loads((found / "state.json").read_text())
+    return f"after step {state['step']}/{state['steps']}, the last checkpoint ({found})"
+
+
+def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
+    """A damaged run checkpoint, named, with what to do, before the trainer reads it."""
+    import zipfile
+
+    from llamba.distill.trainer import find_checkpoint
+    from llamba.weightfiles import read_shapes
+
+    found = find_checkpoint(stage_dir / "checkpoint")
+    if found is None:
+        return
+    remedy = (f"Delete {found} to restart stage {stage} from its beginning (the earlier stages are kept), or restore "
+              "it from a copy")
+    read_shapes([found / "model.safetensors"], remedy)
+    try:
+        with zipfile.ZipFile(found / "optimizer.pt") as zf:
+            bad = zf.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        bad = str(err)
+    if bad is not None:
+        raise ValueError(f"{found / 'optimizer.pt'}: damaged ({bad}). {remedy}")
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -147,8 +283,12 @@ def run(opts: Options) -> dict | None:
             cache["teacher"] = load_teacher(opts.teacher, dtype=teacher_dtype, device=d.device, attn_implementation="sdpa")
         return cache["teacher"]
 
+    check_inputs(opts, d)
     tokenizer = load_tokenizer(opts.teacher)
-    data_dir = resolve_data(opts, tokenizer, get_teacher, d, log)
+    try:
+        data_dir = resolve_data(opts, tokenizer, get_teacher, d, log)
+    except KeyboardInterrupt:
+        raise _interrupted(opts, "during data preparation (every finished source is kept in the manifest)") from None
     if opts.prepare_only:
         distributed.teardown()
         return None
@@ -168,6 +308,8 @@ def run(opts: Options) -> dict | None:
     if distributed.broadcast_object((init_dir / "config.json").exists(), d):
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
     else:
+        if d.main:
+            (opts.out / INIT_RECORD).write_text(json.dumps({k: recipe.get(k) for k in INIT_SETTINGS}))
         torch.manual_seed(recipe["seed"])
         student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(d.device)
         if d.main:
@@ -187,6 +329,7 @@ def run(opts: Options) -> dict | None:
         if distributed.broadcast_object((final / "config.json").exists(), d):
             log(f"stage {stage}: done already ({final}); skipping")
             results[stage] = json.loads((stage_dir / "result.json").read_text())
+            results[stage].pop("settings", None)
             previous = final
             continue
         start_from = previous or (Path(opts.student) if opts.student and stage == min(opts.stages) else None)
@@ -199,10 +342,17 @@ def run(opts: Options) -> dict | None:
             log(f"stage {stage}: no earlier stage in {opts.out} and no --student: starting from the initialised student")
         cfg = stage_config(recipe, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        results[stage] = train_stage(stage, student, teacher, data_dir, stage_dir, cfg, d, metrics, log)
         if d.main:
+            _check_stage_checkpoint(stage, stage_dir)
+        try:
+            results[stage] = train_stage(stage, student, teacher, data_dir, stage_dir, cfg, d, metrics, log)
+        except KeyboardInterrupt:
+            metrics.close()
+            raise _interrupted(opts, f"in stage {stage} {_stage_stop_point(stage_dir)}") from None
+        if d.main:
+            # result.json first: a finished stage (final/ present) always has its settings on record
+            (stage_dir / "result.json").write_text(json.dumps({**results[stage], "settings": result_settings(cfg)}))
             _save_student_atomic(student, tokenizer, final)
-            (stage_dir / "result.json").write_text(json.dumps(results[stage]))
             shutil.rmtree(stage_dir / "checkpoint", ignore_errors=True)
         distributed.barrier(d)
         previous = final

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -64,7 +65,9 @@ def save_artifact(model, tokenizer, path, quant: dict) -> Path:
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json_string(),
         "quant": json.dumps(quant), "checksum": checksum(tensors), **_tokenizer_metadata(tokenizer),
     }
-    save_file(tensors, str(path), metadata=metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file, nor destroys the old one
     return path
 
 
