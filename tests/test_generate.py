@@ -50,8 +50,8 @@ def test_quantized_path_stops_at_a_stop_string(tiny_student_folder, capsys):
 def test_each_option_acts_on_the_quantized_path_as_on_the_float_path(tiny_student_folder, capsys, base, option):
     """One option more (greedy, or sampling at temperature 1): it changes the float path's tokens, and the CPU
     runtime (unquantized, so that its distributions are the float path's) gives the float path's tokens."""
-    plain = generated(capsys, tiny_student_folder, *base)
-    with_option = generated(capsys, tiny_student_folder, *base, *option)
+    plain = generated(capsys, tiny_student_folder, "--transformers", *base)
+    with_option = generated(capsys, tiny_student_folder, "--transformers", *base, *option)
     assert with_option != plain  # the option matters here
     assert generated(capsys, tiny_student_folder, "--quant", "none", *base, *option) == with_option
 
@@ -111,3 +111,21 @@ def test_cuda_path_decodes_as_the_cpu_float_path(tiny_student_folder, capsys):
     free = generated(capsys, tiny_student_folder, *cuda, "--temperature", "1").split()
     assert len(free) == 12 and free[4] not in free[:4], free
     assert generated(capsys, tiny_student_folder, *cuda, "--temperature", "1", "--stop", free[4]).split() == free[:5]
+
+
+@needs_compiler
+def test_a_float_student_on_the_cpu_runs_the_cpu_runtime(tiny_student_folder, capsys):
+    """Without --quant a float student on the CPU decodes through the runtime (unquantized: transformers' tokens)."""
+    reference = generated(capsys, tiny_student_folder, "--transformers")
+    assert main(["generate", "--model", str(tiny_student_folder), "--prompt", "w5 w7 w9", "--max-new-tokens", "12",
+                 "--device", "cpu", "--no-chat-template"]) == 0
+    out = capsys.readouterr()
+    assert "CPU runtime" in out.err and out.out.strip() == reference
+
+
+@needs_compiler
+def test_the_folder_llamba_quantize_writes_is_a_model(tiny_student_folder, tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert main(["quantize", str(tiny_student_folder), "--bits", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert generated(capsys, out) == generated(capsys, tiny_student_folder, "--quant", "int8")

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from llamba.cli.common import int_at_least
-
-ARTIFACT_NAME = "model.cpu.safetensors"  # what --out DIR gets
+from llamba.quant.artifact import ARTIFACT_NAME
 
 
 def group_size(text: str) -> int:

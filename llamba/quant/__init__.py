@@ -35,12 +35,12 @@ def load_for_cpu(path, quant: str | None = None, threads: int | None = None):
     """A ready ``CpuDecoder`` (``.generate``, ``.prefill``, ``.step``, ``.model``, ``.tokenizer``, ``.quant``) from
     either an artifact written by ``llamba quantize`` (``quant`` None or equal to the file's) or a float32 student
     checkpoint folder (quantized now with ``quant``, default 'none')."""
-    from llamba.quant.artifact import is_artifact, load_artifact
+    from llamba.quant.artifact import artifact_in, load_artifact
     from llamba.quant.runtime import CpuDecoder
 
     path = Path(path)
-    if is_artifact(path):
-        model, tokenizer, settings = load_artifact(path)
+    if (artifact := artifact_in(path)) is not None:
+        model, tokenizer, settings = load_artifact(artifact)
         if quant not in (None, settings["quant"]):
             raise ValueError(f"{path} was quantized as {settings['quant']}, not {quant}; quantize the student again "
                              f"with `llamba quantize --bits ...` or drop --quant")

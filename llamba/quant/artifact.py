@@ -71,6 +71,17 @@ def save_artifact(model, tokenizer, path, quant: dict) -> Path:
     return path
 
 
+ARTIFACT_NAME = "model.cpu.safetensors"  # what `llamba quantize --out DIR` writes into DIR
+
+
+def artifact_in(path) -> Path | None:
+    """The artifact a path names: the file itself, or ``DIR/model.cpu.safetensors`` for a folder that
+    ``llamba quantize --out DIR`` wrote; None for anything else (a student folder, a teacher, a missing path)."""
+    path = Path(path)
+    candidate = path / ARTIFACT_NAME if path.is_dir() else path
+    return candidate if is_artifact(candidate) else None
+
+
 def is_artifact(path) -> bool:
     path = Path(path)
     if not path.is_file() or path.suffix != ".safetensors":
