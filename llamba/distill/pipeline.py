@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class Options:
     prepare_only: bool = False
     sample_tokens: int = 40
     command: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _log(d):

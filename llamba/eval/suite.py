@@ -24,7 +24,6 @@ TABLE_METRICS = {
     "lambada_openai": ["acc", "perplexity"], "mmlu": ["acc"], "mmlu_5shot": ["acc"],
     "gsm8k": ["exact_match,strict-match", "exact_match,flexible-extract"],
 }
-LOWER_IS_BETTER = {"perplexity"}
 
 # lm-eval's mmlu/default/_default_template_yaml, verbatim prompt.
 MMLU_TEMPLATE: dict[str, Any] = {

@@ -22,7 +22,6 @@ from llamba.quant.reference import QuantizedWeight
 
 FORMAT = "llamba-cpu"
 FORMAT_VERSION = "1"
-QUANT_MODES = {"none": 32, "int8": 8, "int4": 4}
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
