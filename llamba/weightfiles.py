@@ -16,8 +16,9 @@ from pathlib import Path
 DIGESTS = "llamba-digests.json"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 4 MiB blocks (weight files are far larger than memory should hold twice)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
@@ -27,7 +28,7 @@ def file_sha256(path: Path) -> str:
 def write_digests(folder) -> None:
     """Record the digest of every ``*.safetensors`` file in ``folder`` (replacing any earlier record)."""
     folder = Path(folder)
-    digests = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+    digests = {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
     tmp = folder / (DIGESTS + ".tmp")
     tmp.write_text(json.dumps({"sha256": digests}, indent=1))
     os.replace(tmp, folder / DIGESTS)
@@ -45,7 +46,7 @@ def verify_digests(folder, remedy: str) -> None:
         raise ValueError(f"{record} is damaged ({err}); delete it to load the weights unchecked") from None
     for name, want in digests.items():
         path = folder / name
-        if path.is_file() and file_sha256(path) != want:
+        if path.is_file() and file_digest(path) != want:
             raise ValueError(f"{path}: its bytes differ from the SHA-256 recorded when llamba wrote it ({record}): "
                              f"the file is damaged. {remedy} (If you changed the weights on purpose, delete "
                              f"{record.name}.)")
