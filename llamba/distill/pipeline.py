@@ -169,7 +169,8 @@ def run(opts: Options) -> dict | None:
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
     else:
         torch.manual_seed(recipe["seed"])
-        student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(d.device)
+        student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"],
+                                       attention_layers=recipe.get("attention_layers") or ()).float().to(d.device)
         if d.main:
             _save_student_atomic(student, tokenizer, init_dir)
         distributed.barrier(d)
