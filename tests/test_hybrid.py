@@ -319,3 +319,29 @@ def test_engine_and_cpu_runtime_refuse_a_hybrid(teacher2):
         quantize_student(hybrid, "int8")
     pure = student_from_teacher(teacher2[0], d_state=8).float()
     Decoder(pure, 1, GREEDY, (EOS,), 0, capacity=8, use_graph=False)  # the check is about hybrids only
+
+
+def test_attention_inputs_positions_and_mask():
+    """RoPE is relative, so a constant shift of positions per document is invisible in the logits above; the
+    positions themselves are checked here (they matter for position-dependent rope types such as 'dynamic')."""
+    from llamba.model.modeling import build_attention_inputs
+
+    calls = []
+
+    def rotary(h, pos):
+        calls.append(pos)
+        return pos, pos
+
+    h = torch.zeros(1, 6, 4)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2]])
+    _, mask, _, pos = build_attention_inputs(rotary, h, seq_idx=seq_idx)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0]]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                             [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+    _, mask, _, pos = build_attention_inputs(rotary, torch.zeros(2, 4, 4),
+                                             attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert mask[1, 0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, True, True]]
+    assert build_attention_inputs(rotary, torch.zeros(2, 4, 4))[1] is None  # plain causal: SDPA's causal path
