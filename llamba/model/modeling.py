@@ -292,6 +292,7 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
         if use_cache and past_key_values is None:
-            past_key_values = self.allocate_cache(batch, max_length=getattr(self, "_generate_cache_length", None))
+            sized = {"max_length": getattr(self, "_generate_cache_length", None)} if self.config.is_hybrid else {}
+            past_key_values = self.allocate_cache(batch, **sized)
         return {**inputs, "past_key_values": past_key_values, "attention_mask": attention_mask,
                 "use_cache": use_cache, "logits_to_keep": 1}
