@@ -345,3 +345,34 @@ def test_attention_inputs_positions_and_mask():
     assert mask[1, 0].tolist() == [[True, False, False, False], [False, True, False, False],
                                    [False, False, True, False], [False, False, True, True]]
     assert build_attention_inputs(rotary, torch.zeros(2, 4, 4))[1] is None  # plain causal: SDPA's causal path
+
+
+def test_distill_pipeline_trains_a_hybrid(tmp_path):
+    """`llamba distill --attention-layers 1` end to end on a tiny teacher: the student is a hybrid from the start,
+    stage 1 leaves its attention layer as the teacher's, stages 2-3 train it, and every stage saves a hybrid."""
+    from safetensors.torch import load_file
+
+    from llamba.checkpoint import load_student
+    from llamba.distill.pipeline import Options, run
+    from llamba.distill.recipes import load_recipe
+    from llamba.distill.testing import make_corpus
+    from llamba.teacher import load_teacher
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40, n_val=5)
+    teacher_dir = make_teacher(tmp_path / "teacher", corpus, layers=2, hidden=32, heads=4, kv_heads=2, vocab=280)
+    r = load_recipe("smoke")
+    r.update(d_state=8, seq_len=32, micro_batch=2, batch_tokens=64, eval_tokens=256, val_tokens=512,
+             checkpoint_every=100, attention_layers=[1])
+    r["stages"] = {s: {"tokens": 128, "lr": 1e-2} for s in (1, 2, 3)}
+    run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), sample_tokens=0))
+    teacher_attn = load_teacher(teacher_dir, dtype=torch.float32)[0].model.layers[1].self_attn.state_dict()
+    weights = {s: load_file(str(next((tmp_path / "run" / f"stage{s}" / "final").glob("*.safetensors"))))
+               for s in (1, 2, 3)}
+    for s in (1, 2, 3):
+        assert load_student(tmp_path / "run" / f"stage{s}" / "final").config.attention_layers == [1]
+    q = "backbone.layers.1.mixer.q_proj.weight"
+    assert torch.equal(weights[1][q], teacher_attn["q_proj.weight"])  # stage 1 skips the attention layer
+    assert not torch.equal(weights[1]["backbone.layers.0.mixer.in_proj.weight"],
+                           load_file(str(next((tmp_path / "run" / "init").glob("*.safetensors"))))[
+                               "backbone.layers.0.mixer.in_proj.weight"])  # ... and trains the mixer
+    assert not torch.equal(weights[3][q], teacher_attn["q_proj.weight"])  # stages 2-3 train it
