@@ -376,3 +376,6 @@ def test_distill_pipeline_trains_a_hybrid(tmp_path):
                            load_file(str(next((tmp_path / "run" / "init").glob("*.safetensors"))))[
                                "backbone.layers.0.mixer.in_proj.weight"])  # ... and trains the mixer
     assert not torch.equal(weights[3][q], teacher_attn["q_proj.weight"])  # stages 2-3 train it
+    r["attention_layers"] = [0]
+    with pytest.raises(ValueError, match=r"attention layers \[1\].*asks for \[0\]"):  # resume with other layers
+        run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), sample_tokens=0))
