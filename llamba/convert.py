@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llamba.model import LlambaConfig, LlambaForCausalLM
+from llamba.model.config import check_attention_layers
 from llamba.teacher import check_llama_family
 
 INITS = ("identity", "attention")
@@ -14,9 +15,35 @@ def teacher_head_dim(tc) -> int:
     return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
 
 
-def student_config_from_teacher(tc, d_state: int = 64) -> LlambaConfig:
-    """One mixer head per teacher query head, of the teacher's head dim; MLP and vocabulary as the teacher's."""
+def parse_attention_layers(text: str | None, n_layer: int | None = None) -> list[int]:
+    """'5,14' -> [5, 14] (a hybrid's attention layers); '' or None -> []. ValueError on anything else, and on
+    indices out of range or repeated when ``n_layer`` is known."""
+    if text is None or not str(text).strip():
+        return []
+    try:
+        layers = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"attention layers {text!r}: give layer indices separated by commas, e.g. 5,14") from None
+    return check_attention_layers(layers, n_layer) if n_layer is not None else sorted(layers)
+
+
+def attention_cfg_from_teacher(tc) -> dict:
+    """The shape of the teacher's attention, as ``LlambaConfig.attention_cfg``."""
+    rope = getattr(tc, "rope_parameters", None)
+    if not rope:  # transformers < 5: rope_theta and rope_scaling
+        rope = {"rope_type": "default", **(getattr(tc, "rope_scaling", None) or {}),
+                "rope_theta": getattr(tc, "rope_theta", 10000.0)}
+    return {"num_attention_heads": tc.num_attention_heads, "num_key_value_heads": tc.num_key_value_heads,
+            "head_dim": teacher_head_dim(tc), "attention_bias": bool(getattr(tc, "attention_bias", False)),
+            "max_position_embeddings": tc.max_position_embeddings, "rope_parameters": dict(rope)}
+
+
+def student_config_from_teacher(tc, d_state: int = 64, attention_layers=()) -> LlambaConfig:
+    """One mixer head per teacher query head, of the teacher's head dim; MLP and vocabulary as the teacher's.
+    ``attention_layers``: a hybrid, whose layers with these indices keep the teacher's attention."""
     check_llama_family(tc)
+    attention_layers = check_attention_layers(attention_layers, tc.num_hidden_layers)
+    hybrid = {"attention_layers": attention_layers, "attention_cfg": attention_cfg_from_teacher(tc)} if attention_layers else {}
     n_heads = tc.num_attention_heads
     d_inner = n_heads * teacher_head_dim(tc)
     return LlambaConfig(
@@ -29,19 +56,21 @@ def student_config_from_teacher(tc, d_state: int = 64) -> LlambaConfig:
         mlp_cfg={"intermediate_size": tc.intermediate_size, "bias": bool(getattr(tc, "mlp_bias", False)), "act_fn": "silu"},
         ssm_cfg={"d_state": d_state, "n_v_heads": n_heads, "n_qk_heads": n_heads, "expand": d_inner / tc.hidden_size},
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=getattr(tc, "pad_token_id", None),
+        **hybrid,
     )
 
 
 @torch.no_grad()
-def student_from_teacher(teacher, d_state: int = 64, init: str = "identity") -> LlambaForCausalLM:
+def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", attention_layers=()) -> LlambaForCausalLM:
     """``init='identity'``: mixers start as Llamba's pass-through (gate, conv, D); ``'attention'``: additionally
     C <- W_q, B <- W_k / sqrt(head dim), x <- W_v (GQA heads repeated), out_proj <- W_o and D <- 0, so that
     C_t . B_s is the teacher's attention logit q_t . k_s / sqrt(d) (without RoPE) and the mixer starts as the
-    teacher's attention with its softmax linearised (MambaInLlama, RADLADS, LoLCATs copy these weights too)."""
+    teacher's attention with its softmax linearised (MambaInLlama, RADLADS, LoLCATs copy these weights too).
+    ``attention_layers``: a hybrid student; those layers keep the teacher's attention, weights copied as they are."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
     tc = teacher.config
-    config = student_config_from_teacher(tc, d_state)
+    config = student_config_from_teacher(tc, d_state, attention_layers)
     dtype = next(teacher.parameters()).dtype
     student = LlambaForCausalLM(config).to(dtype)
 
@@ -54,6 +83,9 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity") -> 
         s_layer.input_layernorm.weight.copy_(t_layer.input_layernorm.weight)
         s_layer.post_attention_layernorm.weight.copy_(t_layer.post_attention_layernorm.weight)
         s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
+        if config.is_attention_layer(s_layer.mixer.layer_idx):
+            s_layer.mixer.load_state_dict(t_layer.self_attn.state_dict())
+            continue
         s_layer.mixer.reset_parameters_to_identity()
         if init == "attention":
             _init_mixer_from_attention(s_layer.mixer, t_layer.self_attn, tc)

@@ -306,11 +306,16 @@ def run(opts: Options) -> dict | None:
     init_dir = opts.out / "init"
     if distributed.broadcast_object((init_dir / "config.json").exists(), d):
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
+        wanted = sorted(recipe.get("attention_layers") or ())
+        if list(student.config.attention_layers) != wanted:  # resuming must not silently change the architecture
+            raise ValueError(f"{init_dir} is a student with attention layers {student.config.attention_layers}, but "
+                             f"this run asks for {wanted}; use a new --out, or the same --attention-layers")
     else:
         if d.main:
             (opts.out / INIT_RECORD).write_text(json.dumps({k: recipe.get(k) for k in INIT_SETTINGS}))
         torch.manual_seed(recipe["seed"])
-        student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(d.device)
+        student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"],
+                                       attention_layers=recipe.get("attention_layers") or ()).float().to(d.device)
         if d.main:
             _save_student_atomic(student, tokenizer, init_dir)
         distributed.barrier(d)

@@ -104,16 +104,25 @@ class MatrixOrientation(nn.Module):
     def __init__(self, student):
         super().__init__()
         self.layers = student.backbone.layers
+        # a hybrid's attention layers are the teacher's attention already: nothing to orient
+        self.skip = set(getattr(student.config, "attention_layers", None) or ())
+        if len(self.skip) == len(self.layers):
+            raise ValueError("stage 1 (matrix orientation): every layer of this hybrid is attention, so there is no "
+                             "mixer to orient; run stages 2,3 only (--stages 2,3)")
 
     def trainable(self):
-        for block in self.layers:  # out_proj and the gate do not shape the matrix: they wait for stage 2
+        for i, block in enumerate(self.layers):  # out_proj and the gate do not shape the matrix: they wait for stage 2
+            if i in self.skip:
+                continue
             yield from block.mixer.in_proj.parameters()
             yield from block.mixer.conv1d.parameters()
             yield block.mixer.D
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         per_layer = []
-        for block, h, attention in zip(self.layers, targets.hidden_in, targets.attentions):
+        for i, (block, h, attention) in enumerate(zip(self.layers, targets.hidden_in, targets.attentions)):
+            if i in self.skip:
+                continue
             T = block.mixer.mixing_matrix(block.input_layernorm(h), seq_idx=seq_idx)
             per_layer.append(frobenius_loss(T, attention))
         return torch.stack(per_layer).sum(), per_layer

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from llamba.generation.sampling import SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model.cache import LlambaCache
+from llamba.model.config import refuse_hybrid
 from llamba.model.mixer import aligned_in_proj, split_in_proj
 from llamba.ops.decode import mixer_step
 
@@ -111,6 +112,7 @@ class Decoder:
 
     def __init__(self, model, batch_size: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                  capacity: int, use_graph: bool, compile: bool = False):
+        refuse_hybrid(model.config, "the CUDA generation engine (llamba.generation)")
         self.model, self.params, self.pad_id = model, params, pad_id
         device = model.backbone.embedding.weight.device
         vocab = model.config.vocab_size

@@ -1,4 +1,5 @@
-"""The recurrent inference cache: constant size per layer, whatever the context length."""
+"""The recurrent inference cache: constant size per mixer layer, whatever the context length; a hybrid's attention
+layers add a static, preallocated KV cache of ``max_length`` positions."""
 
 from __future__ import annotations
 
@@ -6,37 +7,88 @@ import torch
 
 from llamba.ops.ssd.naive import state_dtype
 
+# A hybrid's KV cache length when none is given (generate() sizes it to prompt + new tokens itself).
+DEFAULT_MAX_LENGTH = 4096
+
 
 class LlambaCache:
-    """Per layer: the last ``d_conv - 1`` raw conv inputs (model dtype) and the SSM state (float32, float64 for a
-    float64 model). Preallocated once, then updated in place, so captured CUDA graphs stay valid."""
+    """Per mixer layer: the last ``d_conv - 1`` raw conv inputs (model dtype) and the SSM state (float32, float64 for
+    a float64 model). Preallocated once, then updated in place, so captured CUDA graphs stay valid.
+
+    Per attention layer of a hybrid (``config.attention_layers``): keys and values after RoPE, (batch, kv heads,
+    max_length, head dim), plus which cached positions are real tokens (not left padding) and each row's count of
+    real tokens (the next RoPE position)."""
 
     is_compileable = False  # transformers' generate() asks; our CUDA-graph path lives in llamba.generation
 
-    def __init__(self, config, batch_size: int, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, config, batch_size: int, dtype: torch.dtype = torch.float32, device=None,
+                 max_length: int | None = None):
         k = config.ssm_cfg["d_conv"]
         self.conv_states = torch.zeros(config.n_layer, batch_size, config.conv_dim, k - 1, dtype=dtype, device=device)
         self.ssm_states = torch.zeros(
             config.n_layer, batch_size, config.n_v_heads, config.head_dim, config.d_state,
             dtype=state_dtype(dtype), device=device)
         self.seen_tokens = 0
+        attention_layers = list(getattr(config, "attention_layers", None) or [])
+        self.attention_slot = {layer: slot for slot, layer in enumerate(attention_layers)}
+        self.max_length = None
+        if attention_layers:
+            a = config.attention_cfg
+            self.max_length = int(max_length or min(DEFAULT_MAX_LENGTH, a["max_position_embeddings"]))
+            shape = (len(attention_layers), batch_size, a["num_key_value_heads"], self.max_length, a["head_dim"])
+            self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.key_valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
+            self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
     def batch_size(self) -> int:
         return self.conv_states.shape[1]
 
+    @property
+    def has_attention(self) -> bool:
+        return bool(self.attention_slot)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def check_room(self, new_tokens: int) -> None:
+        end = self.seen_tokens + new_tokens
+        if self.has_attention and end > self.max_length:
+            raise ValueError(
+                f"the hybrid's KV cache holds {self.max_length} positions, but {self.seen_tokens} cached + "
+                f"{new_tokens} new tokens need {end}. Allocate a longer one with "
+                f"model.allocate_cache(batch_size, max_length={end}) (or larger) and pass it as past_key_values.")
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs=None):
+        """transformers' ``Cache.update`` for ``LlamaAttention``: write the new (batch, kv heads, L, head dim) keys
+        and values after the ``seen_tokens`` cached ones and return all of them."""
+        slot, start = self.attention_slot[layer_idx], self.seen_tokens
+        end = start + key.shape[2]
+        self.key_cache[slot, :, :, start:end].copy_(key)
+        self.value_cache[slot, :, :, start:end].copy_(value)
+        return self.key_cache[slot, :, :, :end], self.value_cache[slot, :, :, :end]
 
     def reset(self) -> None:
         self.conv_states.zero_()
         self.ssm_states.zero_()
+        if self.has_attention:
+            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid):
+                t.zero_()
         self.seen_tokens = 0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        extra = [self.key_cache, self.value_cache] if self.has_attention else []
+        return [self.conv_states, self.ssm_states, *extra]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows named by ``beam_idx``."""
-        self.conv_states.copy_(self.conv_states[:, beam_idx.to(self.conv_states.device)])
-        self.ssm_states.copy_(self.ssm_states[:, beam_idx.to(self.ssm_states.device)])
+        for t in self._tensors():
+            t.copy_(t[:, beam_idx.to(t.device)])
+        if self.has_attention:
+            for t in (self.key_valid, self.n_valid):
+                t.copy_(t[beam_idx.to(t.device)])
 
     def nbytes(self) -> int:
-        return self.conv_states.nbytes + self.ssm_states.nbytes
+        extra = self.key_valid.nbytes + self.n_valid.nbytes if self.has_attention else 0
+        return sum(t.nbytes for t in self._tensors()) + extra

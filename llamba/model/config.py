@@ -18,6 +18,37 @@ DEFAULT_SSM_CFG = {
     "d_conv": 4,
     "conv_bias": True,
 }
+# What a hybrid's softmax-attention layers need (the teacher's Llama attention); filled from the teacher by convert.
+DEFAULT_ATTENTION_CFG = {
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "attention_bias": False,
+    "max_position_embeddings": 131072,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+HYBRID_FIELDS = ("attention_layers", "attention_cfg")
+
+
+def check_attention_layers(layers, n_layer: int) -> list[int]:
+    """The attention layer indices as a sorted list; ValueError unless they are integers in [0, n_layer), unique."""
+    layers = list(layers or [])
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layer]
+    if bad:
+        raise ValueError(f"attention layers {bad}: layer indices must be integers in 0..{n_layer - 1} "
+                         f"(the model has {n_layer} layers)")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"attention layers {layers}: each index may appear only once")
+    return sorted(layers)
+
+
+def refuse_hybrid(config, what: str) -> None:
+    """For code written for pure students only: a clear error on a hybrid instead of silently wrong output."""
+    if getattr(config, "attention_layers", None):
+        raise NotImplementedError(
+            f"{what} does not support hybrid students yet (this one keeps softmax attention in layers "
+            f"{list(config.attention_layers)}); run it with transformers' generate() on the float model instead "
+            "(model.generate on CPU, or on CUDA with llamba.generation skipped for hybrids)")
 
 
 class LlambaConfig(PretrainedConfig):
@@ -42,6 +73,8 @@ class LlambaConfig(PretrainedConfig):
         norm_epsilon: float = 1e-5,
         mlp_cfg: dict | None = None,
         ssm_cfg: dict | None = None,
+        attention_layers: list[int] | None = None,
+        attention_cfg: dict | None = None,
         **kwargs,
     ):
         self.d_model = d_model
@@ -53,6 +86,9 @@ class LlambaConfig(PretrainedConfig):
         self.norm_epsilon = norm_epsilon
         self.mlp_cfg = {**DEFAULT_MLP_CFG, **(mlp_cfg or {})}
         self.ssm_cfg = {**DEFAULT_SSM_CFG, **(ssm_cfg or {})}
+        # Hybrid students: these layers keep the teacher's softmax attention (written to config.json only if any).
+        self.attention_layers = check_attention_layers(attention_layers, n_layer)
+        self.attention_cfg = {**DEFAULT_ATTENTION_CFG, **(attention_cfg or {})} if self.attention_layers else {}
         kwargs.pop("tie_word_embeddings", None)
         super().__init__(tie_word_embeddings=tie_embeddings, **kwargs)
         self.validate_shapes()
@@ -68,6 +104,35 @@ class LlambaConfig(PretrainedConfig):
         if ssm["n_v_heads"] % ssm["n_qk_heads"]:
             raise ValueError(
                 f"ssm_cfg.n_v_heads={ssm['n_v_heads']} must be a multiple of ssm_cfg.n_qk_heads={ssm['n_qk_heads']}")
+
+    def to_dict(self) -> dict:
+        """A pure student's dict (hence config.json) stays exactly the official cartesia one: no hybrid fields."""
+        out = super().to_dict()
+        if not self.attention_layers:
+            for key in HYBRID_FIELDS:
+                out.pop(key, None)
+        return out
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.attention_layers)
+
+    def is_attention_layer(self, layer_idx: int) -> bool:
+        return layer_idx in self.attention_layers
+
+    def llama_attention_config(self):
+        """A transformers ``LlamaConfig`` with the attention shape, for ``LlamaAttention`` / ``LlamaRotaryEmbedding``."""
+        from transformers import LlamaConfig
+
+        a = self.attention_cfg
+        cfg = LlamaConfig(
+            hidden_size=self.d_model, num_hidden_layers=self.n_layer, vocab_size=self.vocab_size,
+            intermediate_size=self.mlp_cfg["intermediate_size"], num_attention_heads=a["num_attention_heads"],
+            num_key_value_heads=a["num_key_value_heads"], head_dim=a["head_dim"], attention_bias=a["attention_bias"],
+            attention_dropout=0.0, max_position_embeddings=a["max_position_embeddings"],
+            rope_parameters=dict(a["rope_parameters"]), rms_norm_eps=self.norm_epsilon)
+        cfg._attn_implementation = "sdpa"
+        return cfg
 
     # Derived sizes, named as in the mixer's equations.
     @property

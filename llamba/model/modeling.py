@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
 from llamba.model.cache import LlambaCache
 from llamba.model.config import LlambaConfig
@@ -53,18 +54,79 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlambaBlock(_BlockBase):
-    """h = x + mixer(RMSNorm(x));  out = h + MLP(RMSNorm(h))."""
+def build_attention_inputs(rotary, h: torch.Tensor, cache: LlambaCache | None = None, seq_idx: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None):
+    """What a hybrid's attention layers need for the L new tokens of h (batch, L, d): ((cos, sin), mask, valid, pos).
 
-    def __init__(self, config: LlambaConfig, layer_idx: int):
+    mask (batch, 1, L, cached + L), True where a token may attend: causal, never to left padding (``attention_mask``
+    0, or padding the cache saw), never across documents (``seq_idx``); None for a plain causal forward (SDPA's own
+    causal path). Positions (RoPE) count real tokens only, and restart at each document. A padded token attends to
+    itself alone (its output is never used; this keeps its softmax finite). valid (batch, L): the real new tokens."""
+    batch, length = h.shape[:2]
+    device = h.device
+    start = cache.seen_tokens if cache is not None else 0
+    valid = (attention_mask[:, -length:].bool() if attention_mask is not None
+             else torch.ones(batch, length, dtype=torch.bool, device=device))
+    idx = torch.arange(length, device=device)
+    same_doc = None
+    if seq_idx is not None:
+        if start:
+            raise NotImplementedError("packed documents (seq_idx) cannot continue a hybrid's cache; prefill them alone")
+        same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]
+        first = torch.ones_like(seq_idx, dtype=torch.bool)
+        first[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        pos = idx - torch.where(first, idx, 0).cummax(-1).values
+    else:
+        base = cache.n_valid[:, None] if start else 0
+        pos = (base + valid.long().cumsum(-1) - 1).clamp(min=0)
+    position_embeddings = rotary(h, pos)
+    if start == 0 and same_doc is None and bool(valid.all()):
+        return position_embeddings, None, valid, pos
+    key_valid = torch.cat([cache.key_valid[:, :start], valid], 1) if start else valid
+    keys = torch.arange(start + length, device=device)[None, :]
+    queries = (start + idx)[:, None]
+    mask = (keys <= queries)[None] & key_valid[:, None, :]
+    if same_doc is not None:
+        mask = mask & same_doc
+    mask = mask | (keys == queries)[None]
+    return position_embeddings, mask[:, None], valid, pos
+
+
+class LlambaAttention(LlamaAttention):
+    """A hybrid's softmax-attention layer: transformers' ``LlamaAttention`` (GQA, RoPE, SDPA) with the teacher's
+    weights (``q_proj`` ... ``o_proj``), called like ``DiscreteMamba2``. ``attention_inputs`` comes from the model
+    (once per forward); without it (a layer run alone, as in distillation stage 2) the layer builds its own."""
+
+    def __init__(self, config: LlambaConfig, layer_idx: int, rotary: nn.Module):
+        super().__init__(config.llama_attention_config(), layer_idx)
+        self._rotary = (rotary,)  # the model's one rotary embedding, kept out of this module's tree
+
+    def forward(self, u, cache=None, seq_idx=None, attention_mask=None, attention_inputs=None):
+        if attention_inputs is None:
+            attention_inputs = build_attention_inputs(self._rotary[0], u, cache, seq_idx, attention_mask)
+        position_embeddings, mask = attention_inputs[:2]
+        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        return out
+
+
+class LlambaBlock(_BlockBase):
+    """h = x + mixer(RMSNorm(x));  out = h + MLP(RMSNorm(h)). The mixer is a Discrete Mamba-2, or in a hybrid's
+    ``attention_layers`` the teacher's attention."""
+
+    def __init__(self, config: LlambaConfig, layer_idx: int, rotary: nn.Module | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.d_model, config.norm_epsilon)
-        self.mixer = DiscreteMamba2(config, layer_idx)
+        if config.is_attention_layer(layer_idx):
+            self.mixer = LlambaAttention(config, layer_idx, rotary)
+        else:
+            self.mixer = DiscreteMamba2(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_epsilon)
         self.mlp = SwiGLU(config.d_model, config.mlp_cfg["intermediate_size"], config.mlp_cfg["bias"])
 
-    def forward(self, x, cache=None, seq_idx=None, attention_mask=None):
-        h = x + self.mixer(self.input_layernorm(x), cache=cache, seq_idx=seq_idx, attention_mask=attention_mask)
+    def forward(self, x, cache=None, seq_idx=None, attention_mask=None, attention_inputs=None):
+        extra = {"attention_inputs": attention_inputs} if isinstance(self.mixer, LlambaAttention) else {}
+        h = x + self.mixer(self.input_layernorm(x), cache=cache, seq_idx=seq_idx, attention_mask=attention_mask,
+                           **extra)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -93,6 +155,8 @@ class LlambaPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.conv1d.weight, a=5 ** 0.5)
             if module.conv1d.bias is not None:
                 init.zeros_(module.conv1d.bias)
+        elif isinstance(module, LlamaRotaryEmbedding):
+            super()._init_weights(module)  # recomputes inv_freq (a non-persistent buffer) after meta-device loading
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -103,7 +167,9 @@ class LlambaModel(LlambaPreTrainedModel):
     def __init__(self, config: LlambaConfig):
         super().__init__(config)
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList([LlambaBlock(config, i) for i in range(config.n_layer)])
+        # A hybrid's one rotary embedding, shared by its attention layers (non-persistent buffers: no weight keys).
+        self.rotary_emb = LlamaRotaryEmbedding(config.llama_attention_config()) if config.is_hybrid else None
+        self.layers = nn.ModuleList([LlambaBlock(config, i, self.rotary_emb) for i in range(config.n_layer)])
         self.final_layernorm = RMSNorm(config.d_model, config.norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
@@ -117,14 +183,23 @@ class LlambaModel(LlambaPreTrainedModel):
     def forward(self, input_ids=None, inputs_embeds=None, cache=None, seq_idx=None, attention_mask=None,
                 output_hidden_states=False):
         h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        attn = None
+        if self.rotary_emb is not None:
+            if cache is not None:
+                cache.check_room(h.shape[1])
+            attn = build_attention_inputs(self.rotary_emb, h, cache, seq_idx, attention_mask)
         hidden_states = []
         for layer in self.layers:
             if output_hidden_states:
                 hidden_states.append(h)
-            h = layer(h, cache=cache, seq_idx=seq_idx, attention_mask=attention_mask)
+            h = layer(h, cache=cache, seq_idx=seq_idx, attention_mask=attention_mask, attention_inputs=attn)
         h = self.final_layernorm(h)
         if output_hidden_states:
             hidden_states.append(h)
+        if cache is not None and attn is not None:  # which new positions are real tokens, and the next positions
+            valid = attn[2]
+            cache.key_valid[:, cache.seen_tokens:cache.seen_tokens + valid.shape[1]].copy_(valid)
+            cache.n_valid.add_(valid.sum(-1))
         if cache is not None:
             cache.seen_tokens += (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         return h, tuple(hidden_states) if output_hidden_states else None
@@ -151,9 +226,10 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def allocate_cache(self, batch_size: int) -> LlambaCache:
+    def allocate_cache(self, batch_size: int, max_length: int | None = None) -> LlambaCache:
+        """``max_length``: positions a hybrid's KV cache holds (prompt + generated); ignored by a pure student."""
         p = self.backbone.embedding.weight
-        return LlambaCache(self.config, batch_size, dtype=p.dtype, device=p.device)
+        return LlambaCache(self.config, batch_size, dtype=p.dtype, device=p.device, max_length=max_length)
 
     def forward(
         self,
@@ -195,7 +271,17 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         out = try_fast_generate(self, inputs, generation_config, kwargs)
         if out is not None:
             return out
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if not self.config.is_hybrid or ids is None:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        # A hybrid's KV cache, allocated by prepare_inputs_for_generation, holds as much as this call needs.
+        gc = generation_config if generation_config is not None else self.generation_config
+        new = kwargs.get("max_new_tokens", gc.max_new_tokens)
+        self._generate_cache_length = ids.shape[1] + new if new is not None else kwargs.get("max_length", gc.max_length)
+        try:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        finally:
+            self._generate_cache_length = None
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
@@ -206,6 +292,7 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
         if use_cache and past_key_values is None:
-            past_key_values = self.allocate_cache(batch)
+            sized = {"max_length": getattr(self, "_generate_cache_length", None)} if self.config.is_hybrid else {}
+            past_key_values = self.allocate_cache(batch, **sized)
         return {**inputs, "past_key_values": past_key_values, "attention_mask": attention_mask,
                 "use_cache": use_cache, "logits_to_keep": 1}

@@ -14,6 +14,7 @@ from torch import nn
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model import LlambaCache
+from llamba.model.config import refuse_hybrid
 from llamba.quant import kernels
 from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
 
@@ -54,6 +55,7 @@ class CpuDecoder:
     """Greedy or sampled generation with a (quantized or float32) Llamba student on the CPU, batch 1."""
 
     def __init__(self, model, threads: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        refuse_hybrid(model.config, "the quantized CPU runtime (llamba.quant)")
         self.lib = kernels.load_kernels()
         if self.lib is None:
             raise RuntimeError(f"the CPU decode kernel could not be built ({kernels.kernel_error()}); "
