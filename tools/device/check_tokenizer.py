@@ -11,8 +11,12 @@ from llamba.teacher import load_tokenizer
 
 check, data = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 tok = load_tokenizer("smollm2-135m")
-if tokenize_documents(tok, check["texts"]) != check["ids"]:
+ids = tokenize_documents(tok, check["texts"])
+if [d[:-1] for d in ids] != [d[:-1] for d in check["ids"]]:
     sys.exit("tokenizer: different ids here than where the shards were prepared; re-prepare the data on this machine")
+if ids[0][-1] != check["ids"][0][-1]:  # the shards keep their own EOS: the manifest names it, the trainer reads it
+    print(f"tokenizer: same text ids, but EOS {ids[0][-1]} here vs {check['ids'][0][-1]} in the shards "
+          "(transformers / tokenizers versions read the GGUF's EOS differently)")
 here = tokenizer_hash(tok)
 manifest = json.loads((data / "manifest.json").read_text())
 if manifest["tokenizer"]["hash"] != here:
