@@ -178,7 +178,7 @@ def prefill_rates(teacher, student, contexts=(2048, 8192), tokens=16384, rounds:
 
         def run_student():
             dec.cache.reset()
-            dec._prefill_logits(ids, None, dec.cache)
+            dec.prefill_logits(ids, None, dec.cache)
 
         runs = {"student_host": run_student, "teacher_host": lambda: st.prefill(ids)}
         with torch.no_grad():
