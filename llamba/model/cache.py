@@ -80,6 +80,14 @@ class LlambaCache:
                 t.zero_()
         self.seen_tokens = 0
 
+    def stepped(self) -> None:
+        """After a decode step of one (real) token per row: the count, and a hybrid's real-token counts and
+        device-side position (device ops only, so a captured step advances them on replay)."""
+        if self.has_attention:
+            self.n_valid += 1
+            self.position += 1
+        self.seen_tokens += 1
+
     def sync_position(self) -> None:
         """Set the device-side position from ``seen_tokens`` (after a forward, or rows prefilled apart)."""
         if self.has_attention:

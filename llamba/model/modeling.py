@@ -364,10 +364,7 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         attn = backbone.step_attention_inputs(h, cache) if cache.has_attention else None
         for layer in backbone.layers:
             h = layer.step(h, cache, options, attn)
-        if attn is not None:
-            cache.n_valid += 1
-            cache.position += 1
-        cache.seen_tokens += 1
+        cache.stepped()
         return self._head(h, options.pieces)
 
     def _head(self, h, pieces):
