@@ -6,6 +6,7 @@ Weight names follow the official ``cartesia-ai/Llamba-*`` checkpoints (``backbon
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -96,6 +97,21 @@ def build_attention_inputs(rotary, h: torch.Tensor, cache: LlambaCache | None = 
     return position_embeddings, mask[:, None], valid, pos
 
 
+def _cache_argument() -> str:
+    """What ``LlamaAttention.forward`` calls its KV cache: ``past_key_values`` in transformers 5.17, ``cache`` later.
+    A wrong name would vanish into its ``**kwargs`` and the layer would run without its cache (the keys of one step
+    only), so the name is read from the signature and anything else is refused."""
+    params = inspect.signature(LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(f"this transformers' LlamaAttention.forward takes no cache argument ({list(params)}); "
+                      "hybrid students need transformers 5.17 or later")
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
 class StepAttention(NamedTuple):
     """What a hybrid's attention layers need for one decode step (``LlambaModel.step_attention_inputs``): RoPE's
     (cos, sin) at each row's position, the mask over the static KV cache (batch, 1, 1, max_length), and the slot
@@ -120,7 +136,8 @@ class LlambaAttention(LlamaAttention):
         if attention_inputs is None:
             attention_inputs = build_attention_inputs(self._rotary[0], u, cache, seq_idx, attention_mask)
         position_embeddings, mask = attention_inputs[:2]
-        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask,
+                                 **{CACHE_ARGUMENT: cache})
         return out
 
     def step(self, u: torch.Tensor, cache: LlambaCache, inputs: StepAttention) -> torch.Tensor:
