@@ -217,3 +217,17 @@ def test_cuda_graph_step_matches_eager_and_the_forward_in_bf16(route, hybrid_stu
             want = model(tok[:, None], past_key_values=ref, use_cache=True).logits[:, -1].float()
             got = eager.decode_logits(tok).float()
             assert (got - want).abs().max() < 0.03 * want.abs().max(), (route, t)
+
+
+@torch.no_grad()
+def test_a_selected_copy_steps_on_its_own(hybrid_student):
+    """``select_rows`` (lm-eval's cached contexts) copies the device-side position too: stepping the copy leaves
+    the original where it was, and the copy's step equals the original's on the same row."""
+    model = hybrid_student((1,), dtype=torch.float64)
+    cache = model.allocate_cache(2, max_length=16)
+    model.prefill(torch.randint(1, 97, (2, 5)), cache)
+    copy = cache.select_rows(torch.tensor([1, 1]))
+    got = model.step(torch.tensor([4, 4]), copy)
+    assert cache.position.item() == 5 and copy.position.item() == 6
+    want = model.step(torch.tensor([4, 4]), cache)
+    torch.testing.assert_close(got, want[[1, 1]], **EXACT)
