@@ -52,6 +52,29 @@ def make_default_init_student(seed: int = 0, **ssm):
     return LlambaForCausalLM(cfg).eval()
 
 
+def make_hybrid_student(attention_layers=(1,), n_layer: int = 3, dtype=torch.float32, seed: int = 0,
+                        max_position_embeddings: int = 512):
+    """A Llamba student of ``n_layer`` layers (d_model 64, vocabulary 97 as ``make_default_init_student``) whose
+    ``attention_layers`` keep Llama attention (4 query heads, 2 key/value heads of 16, Llama-3 scaled RoPE), every
+    weight moved off its init so that each layer matters (the engine's and CPU runtime's hybrid tests)."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = LlambaConfig(d_model=64, n_layer=n_layer, vocab_size=97, mlp_cfg={"intermediate_size": 96},
+                       ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8},
+                       attention_layers=list(attention_layers),
+                       attention_cfg={"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                      "max_position_embeddings": max_position_embeddings, "rope_parameters": rope})
+    model = LlambaForCausalLM(cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
+
+
 def make_left_padded(batch: int = 3, length: int = 9, vocab: int = 97, seed: int = 1):
     """(ids, attention_mask) of random prompts, row r left-padded with 2r zeros: prompts of different lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -93,6 +116,11 @@ def tiny_student():
 @pytest.fixture
 def default_init_student():
     return make_default_init_student
+
+
+@pytest.fixture
+def hybrid_student():
+    return make_hybrid_student
 
 
 @pytest.fixture

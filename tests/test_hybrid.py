@@ -306,21 +306,23 @@ def test_bad_attention_layer_indices(teacher2, tmp_path, capsys):
     assert json.loads((tmp_path / "s" / "config.json").read_text())["attention_layers"] == [1]
 
 
-def test_engine_and_cpu_runtime_refuse_a_hybrid(teacher2):
-    from llamba.generation.engine import Decoder
-    from llamba.generation.sampling import GREEDY
-    from llamba.quant import quantize_student
+def test_engine_cpu_runtime_and_quantization_take_a_converted_hybrid(teacher2):
+    """They refused hybrids before; now a hybrid converted from the teacher decodes through the generation engine
+    (eager here; tests/test_engine_hybrid.py has the CUDA graph) and the CPU runtime, with transformers' greedy
+    tokens, and quantizes (tests/test_cpu_runtime_hybrid.py checks the quantized runtime against its forward)."""
+    from llamba.generation import generate
+    from llamba.quant import kernels, quantize_student
     from llamba.quant.runtime import CpuDecoder
 
-    hybrid = student_from_teacher(teacher2[0], d_state=8, attention_layers=[1]).float()
-    with pytest.raises(NotImplementedError, match=r"CUDA generation engine.*hybrid.*\[1\]"):
-        Decoder(hybrid, 1, GREEDY, (EOS,), 0, capacity=8, use_graph=False)
-    with pytest.raises(NotImplementedError, match=r"quantized CPU runtime.*hybrid"):
-        CpuDecoder(hybrid)
-    with pytest.raises(NotImplementedError, match=r"quantization.*hybrid"):
-        quantize_student(hybrid, "int8")
-    pure = student_from_teacher(teacher2[0], d_state=8).float()
-    Decoder(pure, 1, GREEDY, (EOS,), 0, capacity=8, use_graph=False)  # the check is about hybrids only
+    hybrid = _jitter(student_from_teacher(teacher2[0], d_state=8, attention_layers=[1]).float())
+    ids = _ids(1, 9)
+    ref = hybrid.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    assert generate(hybrid, ids, max_new_tokens=8).new_tokens[0].tolist() == ref
+    if kernels.load_kernels() is None:
+        pytest.skip(f"no C compiler for the CPU runtime: {kernels.kernel_error()}")
+    assert CpuDecoder(hybrid).generate(ids, 8) == ref
+    assert quantize_student(hybrid, "int8")["quant"] == "int8"
+    assert len(CpuDecoder(hybrid).generate(ids, 8)) == 8
 
 
 def test_attention_inputs_positions_and_mask():

@@ -47,6 +47,10 @@ def register(parser) -> None:
                      help="PROMPTxBATCH pairs for plain transformers.generate")
     gpu.add_argument("--sweep-new-tokens", type=int_at_least(1), default=64)
     gpu.add_argument("--memory-budget-gib", type=float_above(0), default=16.0)
+    gpu.add_argument("--hybrids", type=int_at_least(1), nargs="*", default=[2, 4],
+                     help="also bench hybrid students with these numbers K of attention layers (none: skip)")
+    gpu.add_argument("--hybrid-batches", type=_ints, default=[1, 64, 256],
+                     help="batch sizes for the hybrids' decode (at the largest --prompts; two of 8 or more fit the largest batch)")
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
     gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the dense pieces of the decode steps and prefills (teacher and student)")
     dist = parser.add_argument_group("distill study options")

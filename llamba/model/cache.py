@@ -42,6 +42,9 @@ class LlambaCache:
             self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.key_valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
             self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
+            # ``seen_tokens`` on the device: the KV slot a decode step writes. ``LlambaForCausalLM.step`` reads and
+            # advances it there, so a captured CUDA graph replays a step at the right position.
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -75,9 +78,36 @@ class LlambaCache:
         self.conv_states.zero_()
         self.ssm_states.zero_()
         if self.has_attention:
-            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid):
+            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid, self.position):
                 t.zero_()
         self.seen_tokens = 0
+
+    def stepped(self) -> None:
+        """After a decode step of one (real) token per row: the count, and a hybrid's real-token counts and
+        device-side position (device ops only, so a captured step advances them on replay)."""
+        if self.has_attention:
+            self.n_valid += 1
+            self.position += 1
+        self.seen_tokens += 1
+
+    def sync_position(self) -> None:
+        """Set the device-side position from ``seen_tokens`` (after a forward, or rows prefilled apart)."""
+        if self.has_attention:
+            self.position.fill_(self.seen_tokens)
+
+    def rows(self, rows: slice) -> "LlambaCache":
+        """A cache over batch rows ``rows`` that writes straight into this one's buffers (prefill in row groups);
+        it starts from ``seen_tokens`` 0: the caller sets this cache's count once every group is in."""
+        view = LlambaCache.__new__(LlambaCache)
+        view.conv_states = self.conv_states[:, rows]
+        view.ssm_states = self.ssm_states[:, rows]
+        view.seen_tokens = 0
+        view.attention_slot, view.max_length = self.attention_slot, self.max_length
+        if self.has_attention:
+            view.key_cache, view.value_cache = self.key_cache[:, rows], self.value_cache[:, rows]
+            view.key_valid, view.n_valid = self.key_valid[rows], self.n_valid[rows]
+            view.position = torch.zeros_like(self.position)
+        return view
 
     def _tensors(self) -> list[torch.Tensor]:
         extra = [self.key_cache, self.value_cache] if self.has_attention else []
@@ -102,6 +132,7 @@ class LlambaCache:
                 setattr(out, name, getattr(self, name).index_select(1, rows))
         if self.has_attention:
             out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)
+            out.position = self.position.clone()  # its own: a step or forward on the copy must not move this one's
         return out
 
     def nbytes(self) -> int:

@@ -42,15 +42,6 @@ def check_attention_layers(layers, n_layer: int) -> list[int]:
     return sorted(layers)
 
 
-def refuse_hybrid(config, what: str) -> None:
-    """For code written for pure students only: a clear error on a hybrid instead of silently wrong output."""
-    if getattr(config, "attention_layers", None):
-        raise NotImplementedError(
-            f"{what} does not support hybrid students yet (this one keeps softmax attention in layers "
-            f"{list(config.attention_layers)}); run it with transformers' generate() on the float model instead "
-            "(model.generate on CPU, or on CUDA with llamba.generation skipped for hybrids)")
-
-
 class LlambaConfig(PretrainedConfig):
     """Field names follow the cartesia ``config.json`` (``d_model``, ``n_layer``, ``mlp_cfg``, ``ssm_cfg`` ...), so an
     official file loads unchanged; the HF names (``hidden_size``, ``num_hidden_layers``) are aliases."""
