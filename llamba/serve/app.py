@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 from typing import Literal
@@ -295,6 +296,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_context: in
         yield
         if manage_scheduler:
             await asyncio.to_thread(scheduler.stop)
+            stats = scheduler.stats()
+            print(f"llamba serve: stopped after {stats['decode_steps']} decode steps", file=sys.stderr, flush=True)
 
     app = FastAPI(title="llamba serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
