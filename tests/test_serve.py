@@ -354,6 +354,16 @@ def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429():
         assert time.monotonic() - started < 2.0
         b.close()
         wait_for(lambda: get(server, "/health")["busy_slots"] == 0, "the second stream's slot to be freed", 2.0)
+
+        # a client of a non-streaming request that leaves is noticed too (polled every 0.5 s)
+        u = urlparse(server.url)
+        sock = socket.create_connection((u.hostname, u.port), timeout=10)
+        data = json.dumps(long).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        wait_for(lambda: get(server, "/health")["busy_slots"] == 1, "the request to take a slot")
+        sock.close()
+        wait_for(lambda: get(server, "/health")["busy_slots"] == 0, "the non-streaming request's slot", 2.0)
         out = client(server).completions.create(model=MODEL, prompt="w5", max_tokens=3, temperature=0)
         assert out.usage.completion_tokens == 3
 

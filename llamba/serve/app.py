@@ -132,8 +132,6 @@ class Api:
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
         self.vocab = scheduler.slots.vocab_size
         self.created = int(time.time())
-        if tokenizer.pad_token is None:  # encode_prompts' convention; set once here, not per request
-            tokenizer.pad_token = tokenizer.eos_token
 
     def completion_prompt(self, body: CompletionBody) -> list[int]:
         if isinstance(body.prompt, list):
