@@ -63,19 +63,24 @@ def make_left_padded(batch: int = 3, length: int = 9, vocab: int = 97, seed: int
     return ids, mask
 
 
-def make_tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0):
+def make_tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0, attention_layers=()):
     """A float64 (by default) Llamba of d_model 32 with a non-trivial conv, gate and decay, so that every cache
-    field matters (the lm-eval model's and perplexity's tests)."""
+    field matters (the lm-eval model's and perplexity's tests). ``attention_layers``: a hybrid, those layers
+    softmax attention (4 query / 2 KV heads of dim 8)."""
     from llamba.model import LlambaConfig, LlambaForCausalLM
 
     torch.manual_seed(seed)
+    hybrid = {"attention_layers": list(attention_layers),
+              "attention_cfg": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}}
     config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
-                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8},
+                          **(hybrid if attention_layers else {}))
     model = LlambaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         for layer in model.backbone.layers:
-            layer.mixer.conv1d.weight.normal_(0, 0.5)
-            layer.mixer.D.normal_(0, 1)
+            if not config.is_attention_layer(layer.mixer.layer_idx):
+                layer.mixer.conv1d.weight.normal_(0, 0.5)
+                layer.mixer.D.normal_(0, 1)
     return model
 
 

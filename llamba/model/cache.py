@@ -3,6 +3,8 @@ layers add a static, preallocated KV cache of ``max_length`` positions."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from llamba.ops.ssd.naive import state_dtype
@@ -99,6 +101,19 @@ class LlambaCache:
         view.conv_states, view.ssm_states = self.conv_states[:, rows], self.ssm_states[:, rows]
         view.seen_tokens, view.attention_slot, view.max_length = 1, {}, None
         return view
+
+    def select_rows(self, rows: torch.Tensor) -> LlambaCache:
+        """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
+        once, then each of its continuations on its own copy (lm-eval scoring). KV included, so a hybrid's
+        continuations still see their context."""
+        out = copy.copy(self)
+        rows = rows.to(self.conv_states.device)
+        for name in ("conv_states", "ssm_states", "key_cache", "value_cache"):
+            if hasattr(self, name):
+                setattr(out, name, getattr(self, name).index_select(1, rows))
+        if self.has_attention:
+            out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)
+        return out
 
     def nbytes(self) -> int:
         extra = self.key_valid.nbytes + self.n_valid.nbytes if self.has_attention else 0

@@ -6,6 +6,8 @@ Weight names follow the official ``cartesia-ai/Llamba-*`` checkpoints (``backbon
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,21 @@ def build_attention_inputs(rotary, h: torch.Tensor, cache: LlambaCache | None = 
     return position_embeddings, mask[:, None], valid, pos
 
 
+def _cache_argument() -> str:
+    """What ``LlamaAttention.forward`` calls its KV cache: ``past_key_values`` in transformers 5.17, ``cache`` later.
+    A wrong name would vanish into its ``**kwargs`` and the layer would run without its cache (the keys of one step
+    only), so the name is read from the signature and anything else is refused."""
+    params = inspect.signature(LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(f"this transformers' LlamaAttention.forward takes no cache argument ({list(params)}); "
+                      "hybrid students need transformers 5.17 or later")
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
 class LlambaAttention(LlamaAttention):
     """A hybrid's softmax-attention layer: transformers' ``LlamaAttention`` (GQA, RoPE, SDPA) with the teacher's
     weights (``q_proj`` ... ``o_proj``), called like ``DiscreteMamba2``. ``attention_inputs`` comes from the model
@@ -105,7 +122,8 @@ class LlambaAttention(LlamaAttention):
         if attention_inputs is None:
             attention_inputs = build_attention_inputs(self._rotary[0], u, cache, seq_idx, attention_mask)
         position_embeddings, mask = attention_inputs[:2]
-        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask,
+                                 **{CACHE_ARGUMENT: cache})
         return out
 
 
