@@ -121,6 +121,17 @@ class LlambaCache:
             for t in (self.key_valid, self.n_valid):
                 t.copy_(t[beam_idx.to(t.device)])
 
+    def row_view(self, rows: slice) -> "LlambaCache":
+        """A cache over batch rows ``rows`` that reads and writes this one's buffers, continuing them (``seen_tokens``
+        1: the mixers take their recurrent step, whatever each row has seen; ``llamba serve`` keeps one request per
+        row). A hybrid's KV rows would need a write position per row, which ``update`` does not have yet."""
+        if self.has_attention:
+            raise NotImplementedError("row views of a hybrid's cache: its KV layers write at one shared position")
+        view = LlambaCache.__new__(LlambaCache)
+        view.conv_states, view.ssm_states = self.conv_states[:, rows], self.ssm_states[:, rows]
+        view.seen_tokens, view.attention_slot, view.max_length = 1, {}, None
+        return view
+
     def select_rows(self, rows: torch.Tensor) -> LlambaCache:
         """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
         once, then each of its continuations on its own copy (lm-eval scoring). KV included, so a hybrid's

@@ -113,38 +113,48 @@ class CpuDecoder:
     def reset(self) -> None:
         self.cache.reset()
 
+    def new_cache(self) -> LlambaCache:
+        """Another batch-1 float32 cache that ``prefill`` and ``step`` can run on (``llamba serve`` keeps one per
+        slot; the model weights, workspace and logits buffer are shared)."""
+        return LlambaCache(self.config, 1, dtype=torch.float32, max_length=self.max_length)
+
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Feed a prompt (1, L) or (L,) through the chunked scan, in pieces; returns the last position's logits."""
+    def prefill(self, input_ids: torch.Tensor, cache: LlambaCache | None = None) -> torch.Tensor:
+        """Feed a prompt (1, L) or (L,) through the chunked scan, in pieces, continuing ``cache`` (default: this
+        decoder's own); returns the last position's logits."""
+        cache = self.cache if cache is None else cache
         ids = input_ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("empty prompt: give at least one token")
-        if self.max_length is not None and self.cache.seen_tokens + ids.shape[1] > self.max_length:
-            raise ValueError(f"the hybrid's KV cache holds {self.max_length} positions, but {self.cache.seen_tokens} "
-                             f"cached + {ids.shape[1]} new tokens need {self.cache.seen_tokens + ids.shape[1]}: build "
+        if cache.max_length is not None and cache.seen_tokens + ids.shape[1] > cache.max_length:
+            raise ValueError(f"the hybrid's KV cache holds {cache.max_length} positions, but {cache.seen_tokens} "
+                             f"cached + {ids.shape[1]} new tokens need {cache.seen_tokens + ids.shape[1]}: build "
                              "the CpuDecoder with a larger max_length (generate() grows it itself)")
         for start in range(0, ids.shape[1], self.prefill_chunk):
             piece = ids[:, start:start + self.prefill_chunk]
-            out = self.model(piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.logits.copy_(out.logits[0, -1])
         return self.logits
 
-    def step(self, token: int) -> torch.Tensor:
-        """Feed one token; returns the next-token logits (a view of a buffer that the next step overwrites)."""
+    def step(self, token: int, cache: LlambaCache | None = None) -> torch.Tensor:
+        """Feed one token to ``cache`` (default: this decoder's own, which must be float32 and contiguous, as
+        ``new_cache`` makes them); returns the next-token logits (a view of a buffer that the next step overwrites)."""
         lib, (model, conv, ssm, work, logits) = self.lib, self._args
-        if self._segments is None:
-            if lib.llamba_decode_step(model, int(token), conv, ssm, work, logits) != 0:
-                raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
-            self.cache.seen_tokens += 1
-            return self.logits
-        return self._hybrid_step(int(token))
+        cache = self.cache if cache is None else cache
+        if cache is not self.cache:
+            conv, ssm = kernels.fptr(cache.conv_states), kernels.fptr(cache.ssm_states)
+        if self._segments is not None:
+            return self._hybrid_step(int(token), cache, conv, ssm)
+        if lib.llamba_decode_step(model, int(token), conv, ssm, work, logits) != 0:
+            raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
+        cache.seen_tokens += 1
+        return self.logits
 
     @torch.inference_mode()
-    def _hybrid_step(self, token: int) -> torch.Tensor:
+    def _hybrid_step(self, token: int, cache: LlambaCache, conv, ssm) -> torch.Tensor:
         """The C mixer blocks in runs, and each attention block as ``LlambaBlock.step`` (modules: float32 or
         quantized linears alike) on the same residual stream ``h``; the cache's bookkeeping as the model's step."""
-        lib, (model, conv, ssm, work, logits) = self.lib, self._args
-        cache = self.cache
+        lib, (model, _, _, work, logits) = self.lib, self._args
         if cache.seen_tokens >= cache.max_length:
             raise ValueError(f"the hybrid's KV cache is full ({cache.max_length} positions): generate fewer tokens, "
                              "or build the CpuDecoder with a larger max_length")
