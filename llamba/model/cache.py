@@ -95,13 +95,18 @@ class LlambaCache:
         if self.has_attention:
             self.position.fill_(self.seen_tokens)
 
-    def rows(self, rows: slice) -> "LlambaCache":
-        """A cache over batch rows ``rows`` that writes straight into this one's buffers (prefill in row groups);
-        it starts from ``seen_tokens`` 0: the caller sets this cache's count once every group is in."""
+    def rows(self, rows: slice, seen_tokens: int = 0) -> "LlambaCache":
+        """A cache over batch rows ``rows`` that reads and writes this one's buffers. ``seen_tokens`` 0 (prefill in
+        row groups: the caller sets this cache's count once every group is in) or the rows' count when they continue
+        (``llamba serve`` steps a prefix of its slots; any count > 0 makes the mixers take their recurrent step). A
+        hybrid's continuing view is refused: its KV layers write at one shared position, not one per row."""
+        if seen_tokens and self.has_attention:
+            raise NotImplementedError("continuing row views of a hybrid's cache: its KV layers write at one shared "
+                                      "position")
         view = LlambaCache.__new__(LlambaCache)
         view.conv_states = self.conv_states[:, rows]
         view.ssm_states = self.ssm_states[:, rows]
-        view.seen_tokens = 0
+        view.seen_tokens = seen_tokens
         view.attention_slot, view.max_length = self.attention_slot, self.max_length
         if self.has_attention:
             view.key_cache, view.value_cache = self.key_cache[:, rows], self.value_cache[:, rows]
@@ -120,17 +125,6 @@ class LlambaCache:
         if self.has_attention:
             for t in (self.key_valid, self.n_valid):
                 t.copy_(t[beam_idx.to(t.device)])
-
-    def row_view(self, rows: slice) -> "LlambaCache":
-        """A cache over batch rows ``rows`` that reads and writes this one's buffers, continuing them (``seen_tokens``
-        1: the mixers take their recurrent step, whatever each row has seen; ``llamba serve`` keeps one request per
-        row). A hybrid's KV rows would need a write position per row, which ``update`` does not have yet."""
-        if self.has_attention:
-            raise NotImplementedError("row views of a hybrid's cache: its KV layers write at one shared position")
-        view = LlambaCache.__new__(LlambaCache)
-        view.conv_states, view.ssm_states = self.conv_states[:, rows], self.ssm_states[:, rows]
-        view.seen_tokens, view.attention_slot, view.max_length = 1, {}, None
-        return view
 
     def select_rows(self, rows: torch.Tensor) -> LlambaCache:
         """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamba.model.config import refuse_hybrid
 
 
 class LlambaSlots:
@@ -27,7 +26,11 @@ class LlambaSlots:
     captured graph of fixed shape."""
 
     def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
-        refuse_hybrid(model.config, "llamba serve's slot cache (KV layers need a write position per slot)")
+        if model.config.is_hybrid:  # requests join at different times: each slot's KV would need its own position
+            raise NotImplementedError(
+                f"llamba serve does not serve hybrid students yet (this one keeps attention in layers "
+                f"{model.config.attention_layers}): its slot cache has no per-slot KV write position; use "
+                "`llamba generate` for it, or serve a pure student")
         self.model = model.eval()
         self.n_slots, self.max_context = n_slots, max_context
         self.vocab_size = model.config.vocab_size
@@ -61,7 +64,7 @@ class LlambaSlots:
         rows = max(slots) + 1
         tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         tok[index] = torch.tensor(tokens, device=self.device)
-        out = self.model(tok[:, None], past_key_values=self.cache.row_view(slice(0, rows)), logits_to_keep=1)
+        out = self.model(tok[:, None], past_key_values=self.cache.rows(slice(0, rows), seen_tokens=1), logits_to_keep=1)
         return out.logits[index, -1].float()
 
     def release(self, slot: int) -> None:
@@ -75,7 +78,7 @@ class _DecodeGraph:
 
     def __init__(self, slots: LlambaSlots):
         self.tok = torch.zeros(slots.n_slots, 1, dtype=torch.long, device=slots.device)
-        view = slots.cache.row_view(slice(0, slots.n_slots))
+        view = slots.cache.rows(slice(0, slots.n_slots), seen_tokens=1)
 
         def step():
             return slots.model(self.tok, past_key_values=view, logits_to_keep=1).logits[:, -1]
