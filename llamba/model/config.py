@@ -28,6 +28,10 @@ DEFAULT_ATTENTION_CFG = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 HYBRID_FIELDS = ("attention_layers", "attention_cfg")
+# ssm_cfg["mixer"]: which recurrence the non-attention layers run. Absent means Discrete Mamba-2, so the official
+# config.json files (which have no such field) load unchanged and a Discrete Mamba-2 student writes none.
+DEFAULT_MIXER = "discrete_mamba2"
+MIXERS = (DEFAULT_MIXER, "gateloop")
 
 
 def check_attention_layers(layers, n_layer: int) -> list[int]:
@@ -43,12 +47,24 @@ def check_attention_layers(layers, n_layer: int) -> list[int]:
 
 
 def refuse_hybrid(config, what: str) -> None:
-    """For code written for pure students only: a clear error on a hybrid instead of silently wrong output."""
+    """For code written for pure Discrete Mamba-2 students only: a clear error on a hybrid, or on a GateLoop student
+    (its mixers rotate B and C by a cumulative phase that such code would skip), instead of silently wrong output."""
+    if mixer_name(config) != DEFAULT_MIXER:
+        raise NotImplementedError(
+            f"{what} does not support {mixer_name(config)!r} mixers yet (ssm_cfg.mixer): it runs the Discrete "
+            "Mamba-2 recurrence only and would skip their phase rotation; run this student with the model's own "
+            "forward / generate() on the float model instead (model.generate: transformers' generate() with the "
+            "recurrent cache, on CPU or CUDA)")
     if getattr(config, "attention_layers", None):
         raise NotImplementedError(
             f"{what} does not support hybrid students yet (this one keeps softmax attention in layers "
             f"{list(config.attention_layers)}); run it with transformers' generate() on the float model instead "
             "(model.generate on CPU, or on CUDA with llamba.generation skipped for hybrids)")
+
+
+def mixer_name(config) -> str:
+    """The mixer of a config's non-attention layers: ssm_cfg["mixer"], Discrete Mamba-2 when absent."""
+    return (getattr(config, "ssm_cfg", None) or {}).get("mixer") or DEFAULT_MIXER
 
 
 class LlambaConfig(PretrainedConfig):
@@ -104,6 +120,12 @@ class LlambaConfig(PretrainedConfig):
         if ssm["n_v_heads"] % ssm["n_qk_heads"]:
             raise ValueError(
                 f"ssm_cfg.n_v_heads={ssm['n_v_heads']} must be a multiple of ssm_cfg.n_qk_heads={ssm['n_qk_heads']}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"ssm_cfg.mixer={ssm.get('mixer')!r}: unknown mixer; choose one of {MIXERS} "
+                             f"(or leave it out for {DEFAULT_MIXER!r})")
+        if self.mixer == "gateloop" and ssm["d_state"] % 2:
+            raise ValueError(f"ssm_cfg.d_state={ssm['d_state']}: a 'gateloop' mixer rotates pairs of state dims "
+                             "(dim j with dim j + d_state/2, as RoPE pairs them), so d_state must be even")
 
     def to_dict(self) -> dict:
         """A pure student's dict (hence config.json) stays exactly the official cartesia one: no hybrid fields."""
@@ -133,6 +155,10 @@ class LlambaConfig(PretrainedConfig):
             rope_parameters=dict(a["rope_parameters"]), rms_norm_eps=self.norm_epsilon)
         cfg._attn_implementation = "sdpa"
         return cfg
+
+    @property
+    def mixer(self) -> str:
+        return mixer_name(self)
 
     # Derived sizes, named as in the mixer's equations.
     @property
