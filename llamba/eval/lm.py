@@ -34,6 +34,8 @@ def _repeat_rows(model: LlambaForCausalLM, cache: LlambaCache, rows: list[int]) 
     out = model.allocate_cache(len(rows))
     out.conv_states.copy_(cache.conv_states.index_select(1, index))
     out.ssm_states.copy_(cache.ssm_states.index_select(1, index))
+    if cache.phase_states is not None:  # a GateLoop student's state is only meaningful with its phase
+        out.phase_states.copy_(cache.phase_states.index_select(1, index))
     out.seen_tokens = cache.seen_tokens
     return out
 
