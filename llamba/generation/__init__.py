@@ -8,6 +8,7 @@ import torch
 
 from llamba.generation.engine import Decoder, GenerationOutput, generate
 from llamba.generation.sampling import SamplingParams, process_logits, select_tokens
+from llamba.model.config import DEFAULT_MIXER, mixer_name
 
 # What model.generate() may pass for the fast path to take over; anything else goes to transformers.
 _FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
@@ -21,6 +22,8 @@ def try_fast_generate(model, inputs, generation_config, kwargs: dict):
     device = model.device  # not the embedding's weight: a quantized student's embedding has none
     if device.type != "cuda" or set(kwargs) - _FAST_KWARGS or getattr(model.config, "attention_layers", None):
         return None  # a hybrid (attention layers) has no engine yet: transformers' generate() runs it
+    if mixer_name(model.config) != DEFAULT_MIXER:
+        return None  # nor a GateLoop student (the engine's decode step has no phase rotation): the same
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         return None

@@ -62,6 +62,17 @@ def refuse_hybrid(config, what: str) -> None:
             "(model.generate on CPU, or on CUDA with llamba.generation skipped for hybrids)")
 
 
+def check_mixer(mixer: str | None, d_state: int) -> None:
+    """ValueError, saying what to change, for an unknown mixer name or a d_state the mixer cannot have."""
+    mixer = mixer or DEFAULT_MIXER
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer {mixer!r} (ssm_cfg.mixer / --mixer): unknown; choose one of {', '.join(MIXERS)} "
+                         f"(none means {DEFAULT_MIXER})")
+    if mixer == "gateloop" and d_state % 2:
+        raise ValueError(f"d_state={d_state} with the 'gateloop' mixer: it rotates pairs of state dims (dim j with "
+                         "dim j + d_state/2, as RoPE pairs them), so d_state must be even; give an even --d-state")
+
+
 def mixer_name(config) -> str:
     """The mixer of a config's non-attention layers: ssm_cfg["mixer"], Discrete Mamba-2 when absent."""
     return (getattr(config, "ssm_cfg", None) or {}).get("mixer") or DEFAULT_MIXER
@@ -120,12 +131,7 @@ class LlambaConfig(PretrainedConfig):
         if ssm["n_v_heads"] % ssm["n_qk_heads"]:
             raise ValueError(
                 f"ssm_cfg.n_v_heads={ssm['n_v_heads']} must be a multiple of ssm_cfg.n_qk_heads={ssm['n_qk_heads']}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"ssm_cfg.mixer={ssm.get('mixer')!r}: unknown mixer; choose one of {MIXERS} "
-                             f"(or leave it out for {DEFAULT_MIXER!r})")
-        if self.mixer == "gateloop" and ssm["d_state"] % 2:
-            raise ValueError(f"ssm_cfg.d_state={ssm['d_state']}: a 'gateloop' mixer rotates pairs of state dims "
-                             "(dim j with dim j + d_state/2, as RoPE pairs them), so d_state must be even")
+        check_mixer(self.mixer, ssm["d_state"])
 
     def to_dict(self) -> dict:
         """A pure student's dict (hence config.json) stays exactly the official cartesia one: no hybrid fields."""
