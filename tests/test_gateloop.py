@@ -427,3 +427,20 @@ def test_identity_init_and_attention_init_sizes():
         student_from_teacher(teacher, d_state=5, mixer="gateloop")
     with pytest.raises(ValueError, match="unknown"):
         student_from_teacher(teacher, d_state=4, mixer="rwkv")
+
+
+def test_hybrid_with_gateloop_mixers_decodes_like_its_forward():
+    from llamba.convert import student_from_teacher
+    from llamba.model import LlambaAttention
+
+    student = student_from_teacher(llama_teacher(ROPES["llama3"]), d_state=8, init="attention", mixer="gateloop",
+                                   attention_layers=[1]).double()
+    assert isinstance(student.backbone.layers[0].mixer, GateLoopMamba2)
+    assert isinstance(student.backbone.layers[1].mixer, LlambaAttention)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = student(ids).logits
+        cache = student.allocate_cache(2, max_length=32)
+        pieces = [student(ids[:, :12], past_key_values=cache).logits]
+        pieces += [student(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 20)]
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
