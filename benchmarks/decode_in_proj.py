@@ -14,7 +14,6 @@ bf16 weights; the routes take turns for a few rounds and each keeps its best.
 import argparse
 import json
 import sys
-from unittest.mock import patch
 
 import torch
 
@@ -28,10 +27,9 @@ ROUTES = ("one", "split", "kernel")
 
 def step_ms(student, batch: int, route: str, ids: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
     """Milliseconds per graph-replayed decode step on ``route``, and the first step's logits."""
-    with patch.object(engine, "_in_proj_route", lambda batch_size, device: route):
-        dec = engine.Decoder(student, batch, SamplingParams(), (), 0, steps + 8, use_graph=True, compile=True)
+    dec = engine.Decoder(student, batch, SamplingParams(), (), 0, steps + 8, use_graph=True, compile=True, in_proj=route)
     dec.start(ids, None, 64)
-    logits = dec._decode_logits(dec.tok).float()
+    logits = dec.decode_logits(dec.tok).float()
     ms = _cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False) / steps * 1e3
     del dec
     _free()

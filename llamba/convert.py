@@ -101,6 +101,35 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", att
     return student.eval()
 
 
+@torch.no_grad()
+def restore_teacher_layers(student, teacher, layers) -> LlambaForCausalLM:
+    """A copy of ``student`` in which ``layers`` are the teacher's own layers again (attention, MLP and norms) and
+    every other weight is the student's: how a pure student becomes a hybrid (``--attention-layers auto:K``) and
+    how each layer's worth is measured. The MLP and norms come back with the attention because in a trained
+    student they have adapted to the mixer before them; the teacher's attention wants the teacher's MLP after it."""
+    tc, config = teacher.config, student.config
+    layers = check_attention_layers(sorted(set(config.attention_layers) | set(layers)), config.n_layer)
+    hybrid = LlambaConfig.from_dict({**config.to_dict(), "attention_layers": layers,
+                                     "attention_cfg": config.attention_cfg or attention_cfg_from_teacher(tc)})
+    weight = next(student.parameters())
+    with torch.device(weight.device):
+        out = LlambaForCausalLM(hybrid).to(weight.dtype)
+    restored = [f"backbone.layers.{i}." for i in layers if not config.is_attention_layer(i)]
+    kept = {k: v for k, v in student.state_dict().items() if not k.startswith(tuple(restored))}
+    missing, unexpected = out.load_state_dict(kept, strict=False)
+    if unexpected or not all(k.startswith(tuple(restored)) for k in missing):  # the two layouts must differ only there
+        raise RuntimeError(f"restoring layers {layers}: unexpected keys {unexpected[:3]}, missing {missing[:3]}")
+    for i in layers:
+        if config.is_attention_layer(i):
+            continue
+        s_layer, t_layer = out.backbone.layers[i], teacher.model.layers[i]
+        s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
+        s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
+        s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
+        s_layer.mixer.load_state_dict(t_layer.self_attn.state_dict())
+    return out.train(student.training)
+
+
 def _init_mixer_from_attention(mixer, attn, tc) -> None:
     head_dim = teacher_head_dim(tc)
     if mixer.d_state != head_dim or mixer.head_dim != head_dim:

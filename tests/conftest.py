@@ -52,6 +52,29 @@ def make_default_init_student(seed: int = 0, **ssm):
     return LlambaForCausalLM(cfg).eval()
 
 
+def make_hybrid_student(attention_layers=(1,), n_layer: int = 3, dtype=torch.float32, seed: int = 0,
+                        max_position_embeddings: int = 512):
+    """A Llamba student of ``n_layer`` layers (d_model 64, vocabulary 97 as ``make_default_init_student``) whose
+    ``attention_layers`` keep Llama attention (4 query heads, 2 key/value heads of 16, Llama-3 scaled RoPE), every
+    weight moved off its init so that each layer matters (the engine's and CPU runtime's hybrid tests)."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = LlambaConfig(d_model=64, n_layer=n_layer, vocab_size=97, mlp_cfg={"intermediate_size": 96},
+                       ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8},
+                       attention_layers=list(attention_layers),
+                       attention_cfg={"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                                      "max_position_embeddings": max_position_embeddings, "rope_parameters": rope})
+    model = LlambaForCausalLM(cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
+
+
 def make_left_padded(batch: int = 3, length: int = 9, vocab: int = 97, seed: int = 1):
     """(ids, attention_mask) of random prompts, row r left-padded with 2r zeros: prompts of different lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -63,19 +86,24 @@ def make_left_padded(batch: int = 3, length: int = 9, vocab: int = 97, seed: int
     return ids, mask
 
 
-def make_tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0):
+def make_tiny_llamba(vocab: int = 61, dtype=torch.float64, seed: int = 0, attention_layers=()):
     """A float64 (by default) Llamba of d_model 32 with a non-trivial conv, gate and decay, so that every cache
-    field matters (the lm-eval model's and perplexity's tests)."""
+    field matters (the lm-eval model's and perplexity's tests). ``attention_layers``: a hybrid, those layers
+    softmax attention (4 query / 2 KV heads of dim 8)."""
     from llamba.model import LlambaConfig, LlambaForCausalLM
 
     torch.manual_seed(seed)
+    hybrid = {"attention_layers": list(attention_layers),
+              "attention_cfg": {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}}
     config = LlambaConfig(d_model=32, n_layer=2, vocab_size=vocab, mlp_cfg={"intermediate_size": 64},
-                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8})
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8},
+                          **(hybrid if attention_layers else {}))
     model = LlambaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         for layer in model.backbone.layers:
-            layer.mixer.conv1d.weight.normal_(0, 0.5)
-            layer.mixer.D.normal_(0, 1)
+            if not config.is_attention_layer(layer.mixer.layer_idx):
+                layer.mixer.conv1d.weight.normal_(0, 0.5)
+                layer.mixer.D.normal_(0, 1)
     return model
 
 
@@ -88,6 +116,11 @@ def tiny_student():
 @pytest.fixture
 def default_init_student():
     return make_default_init_student
+
+
+@pytest.fixture
+def hybrid_student():
+    return make_hybrid_student
 
 
 @pytest.fixture

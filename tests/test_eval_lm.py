@@ -9,9 +9,11 @@ from llamba.eval.lm import score_continuations, score_plain
 from llamba.model import LlambaConfig, LlambaForCausalLM
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
-def test_cached_context_scores_equal_plain_forward(dtype, tol, tiny_llamba):
-    model = tiny_llamba(dtype=dtype)
+@pytest.mark.parametrize("dtype,tol,attention_layers", [(torch.float64, 1e-9, ()), (torch.float32, 2e-4, ()),
+                                                         (torch.float64, 1e-9, (1,))])
+def test_cached_context_scores_equal_plain_forward(dtype, tol, attention_layers, tiny_llamba):
+    """Also for a hybrid, whose continuations must see their context through the copied KV cache."""
+    model = tiny_llamba(dtype=dtype, attention_layers=attention_layers)
     rng = random.Random(0)
     vocab = model.config.vocab_size
     # ragged contexts (1 to 23 tokens: left padding, conv state shorter than the kernel) and 1 to 4 ragged
@@ -38,10 +40,11 @@ def test_all_two_token_continuations_use_the_step_path(tiny_llamba):
             assert abs(ll - score_plain(model, ctx, cont)[0]) < 1e-9
 
 
-def test_batched_cached_generation_equals_greedy_without_cache(tiny_llamba):
+@pytest.mark.parametrize("attention_layers", [(), (0,)])
+def test_batched_cached_generation_equals_greedy_without_cache(attention_layers, tiny_llamba):
     from llamba.eval.lm import generate_tokens
 
-    model = tiny_llamba()
+    model = tiny_llamba(attention_layers=attention_layers)
     prompts = [[5, 9, 2, 7, 7, 1, 30], [4], [11, 12, 13]]  # ragged: left padding in the prefill
     got = generate_tokens(model, prompts, max_new=6)
     for prompt, tokens in zip(prompts, got):

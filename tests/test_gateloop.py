@@ -339,15 +339,34 @@ def test_cli_convert_refuses_bad_mixer_before_loading_the_teacher(tmp_path, caps
     assert "unknown; choose one of" in capsys.readouterr().err
 
 
-def test_engine_and_cpu_runtime_refuse_gateloop():
-    """Both run the plain Discrete Mamba-2 step on their own and would skip the rotation: a clear error instead."""
+@pytest.mark.parametrize("route", ["one", "split", "kernel"])
+@torch.no_grad()
+def test_model_step_and_engine_rotate_like_the_forward(route):
+    """The model's own decode step (what the engine captures) turns the phase as the forward does, on every in_proj
+    route; the engine's tokens equal transformers' generate over the forward."""
     from llamba.generation import generate
+    from llamba.model.functional import EAGER, StepOptions
+
+    model = tiny_model()
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref, ours = model.allocate_cache(2), model.allocate_cache(2)
+    model(ids, past_key_values=ref, use_cache=True)
+    model.prefill(ids, ours, None, EAGER)
+    for t in range(4):
+        tok = torch.tensor([5 + t, 60 - t])
+        want = model(tok[:, None], past_key_values=ref, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(model.step(tok, ours, StepOptions(EAGER, route)), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.phase_states, ref.phase_states, rtol=1e-12, atol=1e-12)
+    got = generate(model, ids, max_new_tokens=6).sequences
+    assert torch.equal(got, model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_cpu_runtime_and_quantization_refuse_gateloop():
+    """Both run the C Discrete Mamba-2 step, which has no rotation: a clear error, not silently wrong tokens."""
     from llamba.quant import quantize_student
     from llamba.quant.runtime import CpuDecoder
 
     model = tiny_model(dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="'gateloop' mixers.*model.generate"):
-        generate(model, torch.randint(0, 101, (1, 5)), max_new_tokens=2)
     with pytest.raises(NotImplementedError, match="'gateloop' mixers"):
         quantize_student(model, "int8")
     with pytest.raises(NotImplementedError, match="'gateloop' mixers"):
@@ -444,3 +463,17 @@ def test_hybrid_with_gateloop_mixers_decodes_like_its_forward():
         pieces = [student(ids[:, :12], past_key_values=cache).logits]
         pieces += [student(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 20)]
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+
+
+def test_llamba_generate_runs_a_float_gateloop_student_through_transformers_not_the_c_runtime(tmp_path):
+    import argparse
+
+    from llamba.cli.generate import uses_cpu_runtime
+
+    folder = tmp_path / "student"
+    tiny_model(dtype=torch.float32).save_pretrained(folder)
+    args = argparse.Namespace(model=str(folder), quant=None, transformers=False, batch_size=None, dtype="auto")
+    assert not uses_cpu_runtime(args, torch.device("cpu"))
+    LlambaForCausalLM(tiny_config(None)).save_pretrained(tmp_path / "plain")
+    args.model = str(tmp_path / "plain")
+    assert uses_cpu_runtime(args, torch.device("cpu"))

@@ -54,7 +54,7 @@ def test_engine_prefill_matches_model_forward(compile, default_init_student, lef
     dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False, compile=compile)
     cache = model.allocate_cache(3)
     with torch.no_grad():
-        got = dec._prefill_logits(ids, mask, dec.cache)
+        got = dec.prefill_logits(ids, mask, dec.cache)
         want = model(input_ids=ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
     assert rel(got, want[:, :got.shape[-1]]) < 1e-5
     assert dec.cache.seen_tokens == cache.seen_tokens == ids.shape[1]
@@ -76,7 +76,7 @@ def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch, default_init_s
         dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False)
         with torch.no_grad():
             dec.start(ids, mask, prefill_rows=2)
-            logits[r] = dec._decode_logits(dec.tok)
+            logits[r] = dec.decode_logits(dec.tok)
             for _ in range(4):
                 dec.step()
         tokens[r] = dec.out[:, :5].clone()

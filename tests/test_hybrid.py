@@ -47,12 +47,12 @@ def teacher3(tmp_path_factory):
     return _teacher(tmp_path_factory.mktemp("hybrid") / "t3", 3)
 
 
-def _jitter(model, seed=0):
+def _jitter(model, seed=0, scale=0.05):
     """Move every weight off its init, so that each mixer matters (a pass-through mixer would hide bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
 
@@ -260,6 +260,8 @@ def test_distill_flag_sets_the_recipe_field():
     assert cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke", "--attention-layers", "5,14"]))[
         "attention_layers"] == [5, 14]
     assert "attention_layers" not in cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke"]))
+    assert cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke", "--attention-layers", "auto:4"]))[
+        "attention_layers"] == "auto:4"
 
 
 # -- (e) the clear errors -------------------------------------------------------------------------------------------
@@ -304,21 +306,23 @@ def test_bad_attention_layer_indices(teacher2, tmp_path, capsys):
     assert json.loads((tmp_path / "s" / "config.json").read_text())["attention_layers"] == [1]
 
 
-def test_engine_and_cpu_runtime_refuse_a_hybrid(teacher2):
-    from llamba.generation.engine import Decoder
-    from llamba.generation.sampling import GREEDY
-    from llamba.quant import quantize_student
+def test_engine_cpu_runtime_and_quantization_take_a_converted_hybrid(teacher2):
+    """They refused hybrids before; now a hybrid converted from the teacher decodes through the generation engine
+    (eager here; tests/test_engine_hybrid.py has the CUDA graph) and the CPU runtime, with transformers' greedy
+    tokens, and quantizes (tests/test_cpu_runtime_hybrid.py checks the quantized runtime against its forward)."""
+    from llamba.generation import generate
+    from llamba.quant import kernels, quantize_student
     from llamba.quant.runtime import CpuDecoder
 
-    hybrid = student_from_teacher(teacher2[0], d_state=8, attention_layers=[1]).float()
-    with pytest.raises(NotImplementedError, match=r"CUDA generation engine.*hybrid.*\[1\]"):
-        Decoder(hybrid, 1, GREEDY, (EOS,), 0, capacity=8, use_graph=False)
-    with pytest.raises(NotImplementedError, match=r"quantized CPU runtime.*hybrid"):
-        CpuDecoder(hybrid)
-    with pytest.raises(NotImplementedError, match=r"quantization.*hybrid"):
-        quantize_student(hybrid, "int8")
-    pure = student_from_teacher(teacher2[0], d_state=8).float()
-    Decoder(pure, 1, GREEDY, (EOS,), 0, capacity=8, use_graph=False)  # the check is about hybrids only
+    hybrid = _jitter(student_from_teacher(teacher2[0], d_state=8, attention_layers=[1]).float())
+    ids = _ids(1, 9)
+    ref = hybrid.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    assert generate(hybrid, ids, max_new_tokens=8).new_tokens[0].tolist() == ref
+    if kernels.load_kernels() is None:
+        pytest.skip(f"no C compiler for the CPU runtime: {kernels.kernel_error()}")
+    assert CpuDecoder(hybrid).generate(ids, 8) == ref
+    assert quantize_student(hybrid, "int8")["quant"] == "int8"
+    assert len(CpuDecoder(hybrid).generate(ids, 8)) == 8
 
 
 def test_attention_inputs_positions_and_mask():
@@ -380,3 +384,99 @@ def test_distill_pipeline_trains_a_hybrid(tmp_path):
     # resume with other layers: refused (the finished stage records the layers it was trained with)
     with pytest.raises(ValueError, match=r"attention_layers=\[1\] \(now \[0\]\)"):
         run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), sample_tokens=0))
+
+
+# -- choosing the layers (auto:K) -----------------------------------------------------------------------------------
+def test_restoring_every_layer_gives_the_teacher_and_one_layer_changes_only_it(teacher3):
+    from llamba.convert import restore_teacher_layers
+
+    teacher, _ = teacher3
+    student = student_from_teacher(teacher, d_state=8).double()
+    _jitter(student.backbone.layers)  # embedding, final norm and head stay the teacher's: restoring keeps them
+    ids = _ids(2, 9)
+    whole = restore_teacher_layers(student, teacher, [0, 1, 2])
+    torch.testing.assert_close(whole(ids).logits[..., :280], teacher(ids).logits, **TEACHER_TOL)
+    one = restore_teacher_layers(student, teacher, [1])
+    assert one.config.attention_layers == [1] and isinstance(one.backbone.layers[1].mixer, LlambaAttention)
+    s, o, t = student.state_dict(), one.state_dict(), teacher.state_dict()
+    for k, v in o.items():
+        if k.startswith("backbone.layers.1."):  # the teacher's layer: attention, MLP and both norms
+            name = k.removeprefix("backbone.layers.1.").replace("mixer.", "self_attn.")
+            assert torch.equal(v, t[f"model.layers.1.{name}"]), k
+        else:
+            assert torch.equal(v, s[k]), k
+    assert student.config.attention_layers == []  # the student itself is left as it was
+
+
+def _ranking_setup(tmp_path, teacher3):
+    from llamba.distill.data import prepare_data
+    from llamba.distill.testing import make_corpus
+
+    teacher, tok = teacher3
+    corpus = make_corpus(tmp_path / "corpus", n_docs=10, n_val=4)
+    data = tmp_path / "data"
+    prepare_data({"train": [str(corpus / "train.jsonl")], "val": [str(corpus / "val.jsonl")]}, tok, data, 2000, 600)
+    return teacher, data
+
+
+def test_ranking_finds_the_broken_layer_and_restoring_it_recovers_its_kl(teacher3, tmp_path):
+    """A student whose layer 1 is broken (noise on all its weights): restoring layer 1 must recover the most KL, and
+    every row's drop is the pure KL minus that row's KL."""
+    from llamba.distill.select import chosen_layers, rank_layers, write_ranking
+
+    teacher, data = _ranking_setup(tmp_path, teacher3)
+    student = student_from_teacher(teacher, d_state=8, init="attention").double()
+    _jitter(student.backbone.layers[1], scale=0.3)
+    r = rank_layers(teacher, student, data, seq_len=16, eval_tokens=256, micro_batch=4, device="cpu")
+    assert r["ranking"][0] == 1 and chosen_layers(r, 1) == [1]
+    assert sorted(r["ranking"]) == [0, 1, 2] and [row["layer"] for row in r["layers"]] == [0, 1, 2]
+    for row in r["layers"]:
+        assert row["kl_drop"] == pytest.approx(r["pure_kl"] - row["kl"], rel=1e-12)
+    assert r["layers"][1]["kl"] < 0.2 * r["pure_kl"] < r["layers"][0]["kl"]
+    write_ranking(tmp_path / "ranking", r, 1)
+    assert json.loads((tmp_path / "ranking.json").read_text())["chosen"] == [1]
+    assert "| 1 | 1 |" in (tmp_path / "ranking.md").read_text()
+    with pytest.raises(ValueError, match="needs a pure student"):
+        rank_layers(teacher, student_from_teacher(teacher, d_state=8, attention_layers=[0]).double(), data,
+                    seq_len=16, eval_tokens=256, micro_batch=4, device="cpu")
+
+
+def test_auto_spec_and_its_checks():
+    from llamba.distill.select import auto_count, check_auto
+
+    assert auto_count("auto:4") == 4 and auto_count([1, 2]) is None and auto_count(None) is None
+    with pytest.raises(ValueError, match="auto:K"):
+        auto_count("automatic")
+    assert "between 1 and" in check_auto(0, 30, (2, 3)) and "between 1 and" in check_auto(31, 30, (2, 3))
+    assert "add stage 3" in check_auto(2, 30, (1, 2))
+    assert check_auto(30, 30, (3,)) is None
+
+
+def test_distill_auto_chooses_layers_before_stage3_and_resumes_with_them(tmp_path):
+    """`llamba distill --attention-layers auto:1`: stage 2 trains the pure student, the ranking picks one layer,
+    stage 3 trains that hybrid; a rerun keeps the choice; a run without stage 3 is refused before any work."""
+    from llamba.checkpoint import load_student
+    from llamba.distill.pipeline import Options, run
+    from llamba.distill.recipes import load_recipe
+    from llamba.distill.testing import make_corpus
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40, n_val=5)
+    teacher_dir = make_teacher(tmp_path / "teacher", corpus, layers=3, hidden=32, heads=4, kv_heads=2, vocab=280)
+    r = load_recipe("smoke")
+    r.update(d_state=8, seq_len=32, micro_batch=2, batch_tokens=64, eval_tokens=256, val_tokens=512, select_tokens=128,
+             checkpoint_every=100, attention_layers="auto:1")
+    r["stages"] = {s: {"tokens": 128, "lr": 1e-2} for s in (1, 2, 3)}
+    with pytest.raises(ValueError, match="add stage 3"):
+        run(Options(teacher=str(teacher_dir), out=tmp_path / "no3", recipe=r, data=str(corpus), stages=(2,)))
+    assert not (tmp_path / "no3" / "init").exists()
+    summary = run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), stages=(2, 3),
+                          sample_tokens=0))
+    ranking = json.loads((tmp_path / "run" / "select" / "ranking.json").read_text())
+    assert ranking["k"] == 1 and ranking["chosen"] == [ranking["ranking"][0]]
+    assert load_student(tmp_path / "run" / "stage2" / "final").config.attention_layers == []
+    assert load_student(tmp_path / "run" / "stage3" / "final").config.attention_layers == ranking["chosen"]
+    assert summary["attention_layers"] == ranking["chosen"] and summary["selection"]["chosen"] == ranking["chosen"]
+    assert "chosen by KL-guided ranking" in (tmp_path / "run" / "summary.md").read_text()
+    again = run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), stages=(2, 3),
+                        sample_tokens=0))
+    assert again["eval"]["final"] == summary["eval"]["final"]

@@ -80,3 +80,20 @@ def test_sampling_draws_from_the_distribution():
     assert greedy.shape == (4,)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0).validate()
+
+
+def test_nan_and_negative_params_are_refused_and_named():
+    """NaN passes every `<`/`<=` range check: `--temperature nan` meant greedy, a NaN penalty was taken as on."""
+    from llamba.generation.sampling import InvalidSamplingParam
+
+    nan = float("nan")
+    for kwargs, param in [({"temperature": nan}, "temperature"), ({"temperature": -1.0}, "temperature"),
+                          ({"temperature": 0.7, "top_p": nan}, "top_p"),
+                          ({"temperature": 0.7, "min_p": nan}, "min_p"),
+                          ({"repetition_penalty": nan}, "repetition_penalty"),
+                          ({"temperature": float("inf")}, "temperature")]:
+        with pytest.raises(InvalidSamplingParam) as err:
+            SamplingParams.from_temperature(**kwargs)
+        assert err.value.param == param, kwargs
+    assert SamplingParams.from_temperature(0.0) == SamplingParams()
+    assert SamplingParams.from_temperature(0.5, top_k=3).do_sample

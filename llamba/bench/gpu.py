@@ -32,14 +32,21 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 # -- helpers ------------------------------------------------------------------------------------------------
 def _free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def _cuda_time(fn, repeats: int = 1, warm: bool = True) -> float:
+def _cuda_time(fn, repeats: int = 1, warm: bool = True, device: str = "cuda") -> float:
     """Seconds per call, timed with CUDA events (after one warm call unless ``warm=False``: decode loops are
-    warm from their capture, and a second pass would run past the cache)."""
+    warm from their capture, and a second pass would run past the cache). On a CPU device (the smoke test) the
+    host clock times it instead."""
     if warm:
         fn()
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -101,23 +108,35 @@ def build_models(teacher_name: str | None, model_path: str | None):
 
 
 # -- one measurement each -----------------------------------------------------------------------------------
-def _prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), device="cuda")
+def _prompts(batch: int, length: int, vocab: int, device: str = "cuda") -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), device=device)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def student_decode(student, batch, prompt, new_tokens, compile_step, prefill_rows=64) -> dict:
-    torch.cuda.reset_peak_memory_stats()
-    dec = Decoder(student, batch, GREEDY, (), 0, new_tokens, use_graph=True, compile=compile_step)
-    ids = _prompts(batch, prompt, student.config.vocab_size)
-    torch.cuda.synchronize()
+    """Prefill seconds and decode tokens/s of the engine (a hybrid's KV cache sized to prompt + new tokens).
+    Off CUDA (the CPU smoke test) the same engine runs eagerly, timed by the host clock, with no peak memory."""
+    device = student.device.type
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dec = Decoder(student, batch, GREEDY, (), 0, new_tokens, use_graph=cuda, compile=compile_step,
+                  max_length=prompt + new_tokens if student.config.is_hybrid else None)
+    ids = _prompts(batch, prompt, student.config.vocab_size, device)
+    _sync(device)
     t0 = time.perf_counter()
     dec.start(ids, None, prefill_rows)
-    torch.cuda.synchronize()
+    _sync(device)
     prefill_s = time.perf_counter() - t0
     steps = new_tokens - 1
-    t = _cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False)
+    t = _cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False, device=device)
     out = {"prefill_s": prefill_s, "decode_tok_s": batch * steps / t, "step_ms": t / steps * 1e3,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "state_bytes_per_seq": dec.cache.nbytes() // batch}
+           "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+           "state_bytes_per_seq": dec.cache.nbytes() // batch}
     del dec, ids
     _free()
     return out
@@ -178,7 +197,7 @@ def prefill_rates(teacher, student, contexts=(2048, 8192), tokens=16384, rounds:
 
         def run_student():
             dec.cache.reset()
-            dec._prefill_logits(ids, None, dec.cache)
+            dec.prefill_logits(ids, None, dec.cache)
 
         runs = {"student_host": run_student, "teacher_host": lambda: st.prefill(ids)}
         with torch.no_grad():
@@ -203,11 +222,17 @@ def decode_floor(hw, weight_bytes, n_params, batch, per_seq_bytes, attn_flops_pe
     return batch / max(t_bytes, t_flops)
 
 
-def student_step_bytes(student) -> int:
-    """Per sequence and token: read and write the SSM state and the conv state, write one row of logits."""
+def student_step_bytes(student, context: float = 0.0) -> float:
+    """Per sequence and token: read and write the SSM state and the conv state of each mixer layer, write one row
+    of logits; a hybrid's attention layers read their keys and values over ``context`` positions (bf16)."""
     cfg = student.config
-    state = cfg.n_layer * (cfg.n_v_heads * cfg.head_dim * cfg.d_state * 4 + cfg.conv_dim * 3 * 2)
-    return 2 * state + cfg.vocab_size * 2
+    n_mixers = cfg.n_layer - len(cfg.attention_layers)
+    state = n_mixers * (cfg.n_v_heads * cfg.head_dim * cfg.d_state * 4 + cfg.conv_dim * 3 * 2)
+    kv = 0.0
+    if cfg.is_hybrid:
+        a = cfg.attention_cfg
+        kv = 2 * len(cfg.attention_layers) * a["num_key_value_heads"] * a["head_dim"] * 2 * (context + 1)
+    return 2 * state + kv + cfg.vocab_size * 2
 
 
 def teacher_step_bytes(teacher, context: float) -> float:
@@ -325,7 +350,95 @@ def run_benchmark(args) -> dict:
 
     results["largest_batch"] = largest_batch(student, teacher, args, results["decode"])
     log("largest", results["largest_batch"])
+
+    del student
+    _free()
+    results["hybrids"] = []
+    for k in args.hybrids:
+        results["hybrids"].append(hybrid_study(teacher, hw, k, args, log))
     return results
+
+
+# -- hybrids ----------------------------------------------------------------------------------------------------
+def attention_layers_for(n_layer: int, k: int) -> list[int]:
+    """K attention layers spread evenly through the stack (30 layers: K=2 -> [10, 20], K=4 -> [6, 12, 18, 24])."""
+    if not 0 < k <= n_layer:
+        raise ValueError(f"a hybrid of {n_layer} layers can keep 1..{n_layer} attention layers, not {k}")
+    return [(i + 1) * n_layer // (k + 1) for i in range(k)]  # distinct: steps of n_layer / (k + 1) >= 1 - 1/(k+1)
+
+
+def hybrid_study(teacher, hw, k: int, args, log=print) -> dict:
+    """A hybrid student of the teacher's shapes with ``k`` attention layers (``attention_layers_for``), through the
+    same engine as the pure student: decode tokens/s at ``args.hybrid_batches`` (prompt ``max(args.prompts)``),
+    the batch-16 context sweep, and on CUDA the largest batch within the memory budget."""
+    from llamba.convert import student_from_teacher
+
+    layers = attention_layers_for(teacher.config.num_hidden_layers, k)
+    dtype = next(teacher.parameters()).dtype
+    student = student_from_teacher(teacher, d_state=64, attention_layers=layers).to(dtype).eval()
+    cuda = student.device.type == "cuda"
+    compile_step = not args.no_compile
+    sw, sn = param_bytes(student), param_count(student)
+    prompt, new = max(args.prompts), args.new_tokens
+    a = student.config.attention_cfg
+    attn_flops = lambda ctx: 4 * len(layers) * a["num_attention_heads"] * a["head_dim"] * ctx  # noqa: E731
+    out = {"k": k, "attention_layers": layers, "params": sn, "decode": [], "context_sweep": []}
+    for batch in args.hybrid_batches:
+        row = {"prompt": prompt, "batch": batch, "new_tokens": new}
+        try:
+            row.update(student_decode(student, batch, prompt, new, compile_step))
+            ctx = prompt + new / 2
+            row["floor_tok_s"] = decode_floor(hw, sw, sn, batch, student_step_bytes(student, ctx), attn_flops(ctx))
+            row["of_floor"] = row["decode_tok_s"] / row["floor_tok_s"]
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+            _free()
+        out["decode"].append(row)
+        log("hybrid", k, row)
+        if row.get("oom"):
+            break
+    for ctx in args.contexts:
+        row = {"context": ctx, "batch": 16, "new_tokens": args.sweep_new_tokens}
+        try:
+            r = student_decode(student, 16, ctx, args.sweep_new_tokens, compile_step)
+            c = ctx + args.sweep_new_tokens / 2
+            row.update(tok_s=r["decode_tok_s"], peak_gib=r["peak_gib"],
+                       floor_tok_s=decode_floor(hw, sw, sn, 16, student_step_bytes(student, c), attn_flops(c)))
+        except torch.OutOfMemoryError:
+            row["oom"] = True
+            _free()
+        out["context_sweep"].append(row)
+        log("hybrid sweep", k, row)
+    if cuda:
+        rows = [r for r in out["decode"] if not r.get("oom") and r["batch"] >= 8]
+        out["largest_batch"] = _fit_batch(lambda b: student_decode(student, b, prompt, 16, compile_step), rows,
+                                          args.memory_budget_gib)
+        out["largest_batch"].update(budget_gib=args.memory_budget_gib, prompt=prompt)
+        log("hybrid largest", k, out["largest_batch"])
+    del student
+    _free()
+    return out
+
+
+def _fit_batch(decode, rows, budget: float) -> dict:
+    """The largest batch whose measured peak stays within ``budget`` GiB: a line through the last two measured
+    peaks (``rows``, batch >= 8) predicts it, real runs (``decode(batch)``) check it, shrinking by 7% a try."""
+    if len(rows) < 2:
+        return {}
+    (b1, m1), (b2, m2) = (rows[-2]["batch"], rows[-2]["peak_gib"]), (rows[-1]["batch"], rows[-1]["peak_gib"])
+    slope = (m2 - m1) / (b2 - b1)
+    guess = int((budget - (m1 - slope * b1)) / slope) // 8 * 8
+    entry = {"predicted": guess, "gib_per_seq": slope}
+    for _ in range(4):
+        try:
+            r = decode(guess)
+            if r["peak_gib"] <= budget:
+                entry.update(batch=guess, peak_gib=r["peak_gib"], decode_tok_s=r["decode_tok_s"])
+                break
+        except torch.OutOfMemoryError:
+            _free()
+        guess = int(guess * 0.93) // 8 * 8
+    return entry
 
 
 def largest_batch(student, teacher, args, decode_rows) -> dict:
@@ -338,23 +451,10 @@ def largest_batch(student, teacher, args, decode_rows) -> dict:
         rows = [r for r in decode_rows if r["model"] == who and r["prompt"] == prompt and not r.get("oom") and r["batch"] >= 8]
         if len(rows) < 2:
             continue
-        (b1, m1), (b2, m2) = (rows[-2]["batch"], rows[-2]["peak_gib"]), (rows[-1]["batch"], rows[-1]["peak_gib"])
-        slope = (m2 - m1) / (b2 - b1)
-        guess = int((budget - (m1 - slope * b1)) / slope) // 8 * 8
-        entry = {"predicted": guess, "gib_per_seq": slope}
-        for _ in range(4):
-            try:
-                if who == "student":
-                    r = student_decode(student, guess, prompt, 16, not args.no_compile)
-                else:
-                    r = teacher_decode(teacher, guess, prompt, 16, not args.no_compile)
-                if r["peak_gib"] <= budget:
-                    entry.update(batch=guess, peak_gib=r["peak_gib"], decode_tok_s=r["decode_tok_s"])
-                    break
-            except torch.OutOfMemoryError:
-                _free()
-            guess = int(guess * 0.93) // 8 * 8
-        out[who] = entry
+        run = student_decode if who == "student" else teacher_decode
+        model = student if who == "student" else teacher
+        out[who] = _fit_batch(lambda b, run=run, model=model: run(model, b, prompt, 16, not args.no_compile), rows,
+                              budget)
     if "batch" in out.get("student", {}) and "batch" in out.get("teacher", {}):
         out["ratio"] = out["student"]["batch"] / out["teacher"]["batch"]
     return out
@@ -422,7 +522,30 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {who} | {_fmt(e.get('batch'))} | {_fmt(e.get('peak_gib'), 2)} | {_fmt(e.get('gib_per_seq'), 4)} | {_fmt(e.get('decode_tok_s'))} |")
         if "ratio" in lb:
             lines.append(f"\nstudent / teacher largest batch: {lb['ratio']:.1f}x")
+    lines += hybrids_markdown(r.get("hybrids") or [])
     return "\n".join(lines) + "\n"
+
+
+def hybrids_markdown(hybrids: list[dict]) -> list[str]:
+    if not hybrids:
+        return []
+    lines = ["", "## Hybrid students (K attention layers, static KV cache, same engine)", "",
+             "| K | layers | prompt | batch | tok/s | floor | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for h in hybrids:
+        for d in h["decode"]:
+            lines.append(f"| {h['k']} | {h['attention_layers']} | {d['prompt']} | {d['batch']} | "
+                         f"{_fmt(d.get('decode_tok_s'))}{' OOM' if d.get('oom') else ''} | {_fmt(d.get('floor_tok_s'))} | "
+                         f"{_fmt(d.get('peak_gib'), 1)} |")
+        e = h.get("largest_batch") or {}
+        if "batch" in e:
+            lines.append(f"| {h['k']} | largest in {e['budget_gib']} GiB | {e['prompt']} | {e['batch']} | "
+                         f"{_fmt(e.get('decode_tok_s'))} | | {_fmt(e.get('peak_gib'), 2)} |")
+    lines += ["", "Batch 16 as the context grows:", "", "| K | context | tok/s | floor |", "|---|---|---|---|"]
+    for h in hybrids:
+        for c in h["context_sweep"]:
+            lines.append(f"| {h['k']} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} | "
+                         f"{_fmt(c.get('floor_tok_s'))} |")
+    return lines
 
 
 def device_slug() -> str:

@@ -3,7 +3,7 @@
 Prefill runs causal SDPA (flash kernels) and computes logits for the last position only; each decode step writes
 the new keys/values at a device-side position and attends over the cache with a mask, so the step has fixed
 shapes and is captured as one CUDA graph, like the student's. Around attention, prefill and decode run the same
-(compiled) dense functions as the student's engine. No key/value head is copied per query head: SDPA reads them
+(compiled) dense functions as the student's blocks (``llamba.model.functional``). No key/value head is copied per query head: SDPA reads them
 grouped in prefill, and in decode a group's query heads are folded into the query length.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llamba.generation.engine import _block_tail, _compiled_pieces, _logits_head, _mixer_inputs, tail_weights
+from llamba.model.functional import pieces_for, tail_weights
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ class StaticLlama:
             raise ValueError("StaticLlama supports Llama attention without biases")
         self.qkv_weights = [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in attns]
         self._splits = [self.n_q * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-        self._pieces = _compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head)
+        self._pieces = pieces_for(compile)
         self._attention = _compiled_attention() if compile else (_decode_rope, _decode_probs, _prefill_rope)
         self._decode_logits = self._decode_logits_eager
         self.graph = None
@@ -98,21 +98,22 @@ class StaticLlama:
         rows = rows or slice(0, input_ids.shape[0])
         b, T = input_ids.shape
         m = self.model.model
-        pre, tail, head = self._pieces
+        norm_of, tail, head = self._pieces
         rope = self._attention[2]
         h = m.embed_tokens(input_ids)
         for i, layer in enumerate(m.layers):
             norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
+            u = norm_of(h, norm.weight, norm.variance_epsilon)
+            q, k, v = F.linear(u, self.qkv_weights[i]).split(self._splits, dim=-1)
             q, k = (t.transpose(1, 2) for t in rope(q, k, self.cos[:T], self.sin[:T], self.n_q, self.n_kv,
                                                      self.head_dim))
             v = v.view(b, T, self.n_kv, self.head_dim).transpose(1, 2)
             self.k[i, rows, :, :T] = k
             self.v[i, rows, :, :T] = v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            h = tail(h, o.transpose(1, 2).reshape(b, T, -1),
-                     *tail_weights(layer.self_attn.o_proj, norm2, norm2.variance_epsilon, layer.mlp))
-        return head(h[:, -1:], m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight,
+            o = F.linear(o.transpose(1, 2).reshape(b, T, -1), layer.self_attn.o_proj.weight)
+            h = tail(h, o, *tail_weights(norm2, layer.mlp, norm2.variance_epsilon))
+        return head(h, m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight,
                     self.model.lm_head.bias, self.model.config.vocab_size)
 
     def _decode_logits_eager(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -122,20 +123,21 @@ class StaticLlama:
         cache run as cuBLAS batched products (masked SDPA over the whole cache, with 3 query rows per key/value
         head, measured far off its bytes floor)."""
         m = self.model.model
-        pre, tail, head = self._pieces
+        norm_of, tail, head = self._pieces
         rope, probs_of, _ = self._attention
         b = tok.shape[0]
         h = m.embed_tokens(tok[:, None])
         scale = self.head_dim ** -0.5
         for i, layer in enumerate(m.layers):
             norm, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            q, k, v = pre(h, norm.weight, norm.variance_epsilon, self.qkv_weights[i], None, self._splits, "one")
+            u = norm_of(h, norm.weight, norm.variance_epsilon)
+            q, k, v = F.linear(u, self.qkv_weights[i]).split(self._splits, dim=-1)
             q, k = rope(q, k, self.cos, self.sin, pos, self.n_kv, self.head_dim)
             self.k[i].index_copy_(2, pos, k)
             self.v[i].index_copy_(2, pos, v.view(b, 1, self.n_kv, self.head_dim).transpose(1, 2))
             probs = probs_of(torch.matmul(q, self.k[i].transpose(-1, -2)), self.positions, pos, scale)
             o = torch.matmul(probs, self.v[i]).reshape(b, 1, self.n_q * self.head_dim)
-            h = tail(h, o, *tail_weights(layer.self_attn.o_proj, norm2, norm2.variance_epsilon, layer.mlp))
+            h = tail(h, F.linear(o, layer.self_attn.o_proj.weight), *tail_weights(norm2, layer.mlp, norm2.variance_epsilon))
         return head(h, m.norm.weight, m.norm.variance_epsilon, self.model.lm_head.weight, self.model.lm_head.bias,
                     self.model.config.vocab_size)
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": "Zero-shot benchmark suite (lm-evaluation-harness), perplexity and KL, teacher and student side by side.",
     "bench": "Throughput benchmark: student against the Transformer teacher (GPU or CPU).",
     "quantize": "Quantize a student's weights for the CPU runtime (int8 / int4), one file.",
+    "serve": "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching.",
 }
 
 
@@ -68,11 +69,12 @@ def quiet_libraries() -> None:
 
 
 # What each extra of pyproject.toml brings, by import name (eval's lm-eval brings datasets), smallest extra first
-EXTRAS = {"gguf": {"gguf", "accelerate"}, "gpu": {"triton"}, "edge": {"llama_cpp"},
+EXTRAS = {"gguf": {"gguf", "accelerate"}, "gpu": {"triton"}, "edge": {"llama_cpp"}, "serve": {"fastapi", "uvicorn"},
           "eval": {"gguf", "accelerate", "lm_eval", "datasets", "matplotlib", "yaml"},
           "train": {"gguf", "accelerate", "datasets", "pyarrow", "zstandard", "yaml", "tensorboard", "matplotlib"}}
 # The extra that brings everything a command needs, and what it imports in any case (checked before any work)
-COMMAND_EXTRA = {"distill": ("train", ("yaml", "matplotlib")), "eval": ("eval", ("lm_eval", "matplotlib"))}
+COMMAND_EXTRA = {"distill": ("train", ("yaml", "matplotlib")), "eval": ("eval", ("lm_eval", "matplotlib")),
+                 "serve": ("serve", ("fastapi", "uvicorn"))}
 
 
 def check_command_extra(command: str) -> None:

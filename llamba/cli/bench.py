@@ -21,9 +21,10 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def register(parser) -> None:
-    parser.add_argument("study", nargs="?", choices=["models", "distill"], default="models",
+    parser.add_argument("study", nargs="?", choices=["models", "distill", "serve"], default="models",
                         help="models (default): the student against its teacher, decode and prefill; distill: "
-                             "distillation tokens/s and MFU per stage in the real trainer, beside the plain loss path")
+                             "distillation tokens/s and MFU per stage in the real trainer, beside the plain loss path; "
+                             "serve: `llamba serve` under loopback load (tokens/s, TTFT, inter-token latency)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--model", default=None,
                         help="student checkpoint (default on the GPU: convert the teacher with student_from_teacher)")
@@ -47,8 +48,18 @@ def register(parser) -> None:
                      help="PROMPTxBATCH pairs for plain transformers.generate")
     gpu.add_argument("--sweep-new-tokens", type=int_at_least(1), default=64)
     gpu.add_argument("--memory-budget-gib", type=float_above(0), default=16.0)
+    gpu.add_argument("--hybrids", type=int_at_least(1), nargs="*", default=[2, 4],
+                     help="also bench hybrid students with these numbers K of attention layers (none: skip)")
+    gpu.add_argument("--hybrid-batches", type=_ints, default=[1, 64, 256],
+                     help="batch sizes for the hybrids' decode (at the largest --prompts; two of 8 or more fit the largest batch)")
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
     gpu.add_argument("--no-compile", action="store_true", help="do not torch.compile the dense pieces of the decode steps and prefills (teacher and student)")
+    srv = parser.add_argument_group("serve study options")
+    srv.add_argument("--concurrency", type=_ints, default=None, help="client counts (default 1,16,64,256,1024)")
+    srv.add_argument("--prompt-tokens", type=int_at_least(1), default=128, help="prompt length of every request")
+    srv.add_argument("--requests-per-client", type=int_at_least(1), default=2)
+    srv.add_argument("--max-batch", type=int_at_least(1), default=None, help="server slots (default: the top concurrency)")
+    srv.add_argument("--prefill-chunk", type=int_at_least(1), default=256)
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
     dist.add_argument("--steps", type=int_at_least(1), default=5, help="timed optimizer steps per variant (after one warm-up)")
@@ -58,6 +69,8 @@ def register(parser) -> None:
 def run(args) -> int:
     if args.study == "distill":
         return run_distill(args)
+    if args.study == "serve":
+        return run_serve(args)
     if args.device == "cpu":
         from llamba.bench import cpu
 
@@ -87,4 +100,21 @@ def run_distill(args) -> int:
     from llamba.bench.gpu import device_slug
 
     distill.run(args.recipe, args.variants or names, args.steps, args.out or f"results/bench-distill-{device_slug()}")
+    return 0
+
+
+def run_serve(args) -> int:
+    from llamba.bench import serve
+    from llamba.cli.common import resolve_device
+
+    device = resolve_device(args.device)
+    if args.concurrency is None:
+        args.concurrency = serve.DEFAULT_CONCURRENCY
+    if args.new_tokens is None:
+        args.new_tokens = 64
+    if args.out is None:
+        from llamba.bench.gpu import device_slug
+
+        args.out = f"results/serve-{device_slug() if device.type == 'cuda' else 'cpu'}"
+    serve.main(args)
     return 0

@@ -57,7 +57,8 @@ def register(parser) -> None:
     parser.add_argument("--mixer", help="the student's mixer (recipe field mixer): discrete_mamba2 "
                         "(default) or gateloop (needs an even d_state; docs/gateloop.md)")
     parser.add_argument("--attention-layers", help="hybrid student: these layers (e.g. 5,14) keep the teacher's "
-                        "attention (recipe field attention_layers; stage 1 skips them)")
+                        "attention (recipe field attention_layers; stage 1 skips them); auto:K chooses K by "
+                        "measurement before stage 3 (each layer restored in turn, ranked by the KL it recovers)")
     parser.add_argument("--temperature", type=float_above(0), help="stage 3 distillation temperature")
     parser.add_argument("--mixer-only", action="store_true", help="stage 2 trains only the mixers")
     parser.add_argument("--stage2-align", choices=("block", "attention"),
@@ -117,7 +118,10 @@ def build_recipe(args) -> dict:
     if args.attention_layers is not None:
         from llamba.convert import parse_attention_layers
 
-        recipe["attention_layers"] = parse_attention_layers(args.attention_layers)
+        from llamba.distill.select import AUTO
+
+        spec = args.attention_layers.strip()
+        recipe["attention_layers"] = spec if AUTO.fullmatch(spec) else parse_attention_layers(spec)
     if args.temperature is not None:
         recipe["stages"][3]["temperature"] = args.temperature
     if args.mixer_only:

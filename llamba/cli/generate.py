@@ -11,7 +11,7 @@ import torch
 
 from llamba.cli.common import add_model_args, resolve_device, resolve_dtype
 from llamba.generation.prompts import check_prompt_text, encode_prompts
-from llamba.generation.sampling import SamplingParams
+from llamba.generation.sampling import InvalidSamplingParam, SamplingParams
 
 
 def register(parser) -> None:
@@ -38,10 +38,19 @@ def register(parser) -> None:
 def sampling_params(args) -> SamplingParams:
     """The options as the params every path samples with (the CUDA engine, transformers' generate, the CPU
     runtime), checked before any loading: transformers' own generate accepted a top-p of 2."""
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
-    return SamplingParams.from_options(args.temperature > 0, args.temperature if args.temperature > 0 else None,
-                                       args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    try:
+        return SamplingParams.from_temperature(args.temperature, args.top_k, args.top_p, args.min_p,
+                                               args.repetition_penalty)
+    except InvalidSamplingParam as err:
+        raise ValueError(f"--{err.param.replace('_', '-')}: {err}") from None
+
+
+def wants_quant_runtime(model: str, quant: str | None) -> bool:
+    """A quantized artifact (file, or the folder `llamba quantize --out DIR` wrote), or any student with --quant:
+    only the CPU runtime (llamba.quant) runs these."""
+    from llamba.quant.artifact import artifact_in
+
+    return quant is not None or artifact_in(model) is not None
 
 
 def uses_cpu_runtime(args, device) -> bool:
@@ -50,12 +59,16 @@ def uses_cpu_runtime(args, device) -> bool:
     times faster than transformers' generate (issue 21 measured 44 against 5 tokens/s at SmolLM2-135M's shape on 2
     cores). A batch (--batch-size), another --dtype or --transformers keeps transformers' generate."""
     from llamba.checkpoint import is_llamba_checkpoint
-    from llamba.quant.artifact import artifact_in
 
-    if args.quant is not None or artifact_in(args.model) is not None:
+    if wants_quant_runtime(args.model, args.quant):
         return True
-    return (device.type == "cpu" and not args.transformers and args.batch_size is None
-            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model)))
+    if not (device.type == "cpu" and not args.transformers and args.batch_size is None
+            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model))):
+        return False
+    from llamba.model import LlambaConfig
+    from llamba.model.config import DEFAULT_MIXER
+
+    return LlambaConfig.from_pretrained(args.model).mixer == DEFAULT_MIXER  # the C step has no GateLoop rotation
 
 
 def run(args) -> int:

@@ -21,6 +21,7 @@ import torch
 from llamba.distill import distributed
 from llamba.distill.data import MANIFEST, check_tokenizer, find_sources, load_manifest, prepare_data, split_tokens
 from llamba.distill.recipes import stage_config
+from llamba.distill.select import auto_count
 from llamba.distill.stages import STAGES
 from llamba.distill.trainer import Metrics, train_stage
 from llamba.model.config import DEFAULT_MIXER, check_mixer
@@ -114,7 +115,7 @@ def check_inputs(opts: Options, d) -> None:
     problem = None
     if d.main:
         checks = [lambda: init_conflict(opts), *(lambda s=s: finished_stage_conflict(opts, s) for s in sorted(opts.stages)),
-                  lambda: _student_problem(opts), lambda: _budget_problem(opts, d)]
+                  lambda: _student_problem(opts), lambda: _budget_problem(opts, d), lambda: _auto_problem(opts)]
         problem = next((p for p in (check() for check in checks) if p), None)
     problem = distributed.broadcast_object(problem, d)
     if problem:
@@ -147,6 +148,14 @@ def _student_problem(opts: Options) -> str | None:
         return (f"--student {path} has {student.mixer} mixers, but this run asks for --mixer {asked}; leave --mixer "
                 f"out to train it as it is, or convert a {asked} student (llamba convert --mixer {asked})")
     return None
+
+
+def _auto_problem(opts: Options) -> str | None:
+    from llamba.distill.select import auto_count, check_auto
+    from llamba.teacher import load_teacher_config
+
+    k = auto_count(opts.recipe.get("attention_layers"))
+    return None if k is None else check_auto(k, load_teacher_config(opts.teacher).num_hidden_layers, opts.stages)
 
 
 def _budget_problem(opts: Options, d) -> str | None:
@@ -201,6 +210,24 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
         bad = str(err)
     if bad is not None:
         raise ValueError(f"{found / 'optimizer.pt'}: damaged ({bad}). {remedy}")
+
+
+def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, k: int, eval_args: dict, d, log):
+    """``auto:K``: the hybrid stage 3 trains, built once on rank 0 from the student that stands before stage 3 (and
+    saved, so a resumed run trains the same one); every rank loads it."""
+    from llamba.checkpoint import load_student
+    from llamba.distill.select import select_attention_layers
+
+    hybrid_dir = opts.out / "select" / "final"
+    if not distributed.broadcast_object((hybrid_dir / "config.json").exists(), d):
+        if d.main:
+            hybrid, _ = select_attention_layers(teacher, student, data_dir, k, opts.out / "select",
+                                                {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", 131072)}, log)
+            _save_student_atomic(hybrid, tokenizer, hybrid_dir)
+        distributed.barrier(d)
+    else:
+        log(f"attention layers: chosen already ({hybrid_dir})")
+    return load_student(hybrid_dir, dtype=torch.float32, device=d.device)
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -309,10 +336,13 @@ def run(opts: Options) -> dict | None:
 
     # Each resume decision is rank 0's view of the disk, taken before rank 0 writes: a rank that looked later could
     # see rank 0's fresh files, take the other branch and pair its collectives with the wrong ones (a hang).
+    # auto:K: the student is pure until the layers are chosen, just before stage 3
+    auto_k = auto_count(recipe.get("attention_layers"))
+    init_layers = () if auto_k is not None else recipe.get("attention_layers") or ()
     init_dir = opts.out / "init"
     if distributed.broadcast_object((init_dir / "config.json").exists(), d):
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
-        wanted = sorted(recipe.get("attention_layers") or ())
+        wanted = sorted(init_layers)
         if list(student.config.attention_layers) != wanted:  # resuming must not silently change the architecture
             raise ValueError(f"{init_dir} is a student with attention layers {student.config.attention_layers}, but "
                              f"this run asks for {wanted}; use a new --out, or the same --attention-layers")
@@ -324,8 +354,7 @@ def run(opts: Options) -> dict | None:
             (opts.out / INIT_RECORD).write_text(json.dumps({k: recipe.get(k) for k in INIT_SETTINGS}))
         torch.manual_seed(recipe["seed"])
         student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"],
-                                       attention_layers=recipe.get("attention_layers") or (),
-                                       mixer=recipe.get("mixer")).float().to(d.device)
+                                       attention_layers=init_layers, mixer=recipe.get("mixer")).float().to(d.device)
         if d.main:
             _save_student_atomic(student, tokenizer, init_dir)
         distributed.barrier(d)
@@ -354,6 +383,8 @@ def run(opts: Options) -> dict | None:
             log(f"stage {stage}: starting from {start_from}")
         elif stage > 1:
             log(f"stage {stage}: no earlier stage in {opts.out} and no --student: starting from the initialised student")
+        if stage == 3 and auto_k is not None:
+            student = _hybrid_for_stage3(opts, student, teacher, tokenizer, data_dir, auto_k, eval_args, d, log)
         cfg = stage_config(recipe, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         if d.main:
@@ -385,6 +416,7 @@ def run(opts: Options) -> dict | None:
                       "teacher": generation_sample(teacher, tokenizer, SAMPLE_PROMPT, opts.sample_tokens, d.device),
                       "student": generation_sample(student, tokenizer, SAMPLE_PROMPT, opts.sample_tokens, d.device)}
         device_name = torch.cuda.get_device_name(d.device) if cuda else "cpu"
+        ranking_path = opts.out / "select" / "ranking.json"  # auto:K's layer ranking, when it ran
         summary = {
             "teacher": opts.teacher, "recipe": recipe.get("name"), "command": opts.command, "data": str(data_dir),
             "device": device_name, "world_size": d.world, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -393,6 +425,8 @@ def run(opts: Options) -> dict | None:
             "wall_s_total": time.perf_counter() - t_run,
             "eval": {"init": json.loads(init_eval_path.read_text()), "final": final_eval},
             "sample": sample, "student_path": str(previous) if previous else None,
+            "attention_layers": list(student.config.attention_layers),
+            "selection": json.loads(ranking_path.read_text()) if ranking_path.exists() else None,
             "recipe_settings": {str(s): stage_config(recipe, s) for s in sorted(opts.stages)},
         }
         write_summary(opts.out, summary)

@@ -10,7 +10,7 @@ import yaml
 RECIPE_DIR = Path(__file__).parent / "recipes"
 FLOATS = ("lr", "weight_decay", "warmup", "decay", "min_lr_ratio", "grad_clip", "temperature", "inherited_lr_scale")
 INTS = ("tokens", "seq_len", "micro_batch", "batch_tokens", "checkpoint_every", "seed", "val_tokens", "eval_tokens",
-        "d_state")
+        "d_state", "select_tokens")
 # The teachers named in the recipes; anything else gets the recipe given by --recipe (default: by size, else smoke).
 RECIPE_FOR_TEACHER = {"smollm2-135m": "smollm2-135m", "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b",
                       "meta-llama/Llama-3.2-3B-Instruct": "llama-3.2-3b", "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b"}

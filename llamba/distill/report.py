@@ -82,6 +82,9 @@ def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
         md += [f"Command: `{summary['command']}`", ""]
     md += [f"Device: {summary['device']} x {summary['world_size']}; recipe `{summary['recipe']}`; "
            f"date {summary['date']}; data `{summary['data']}`.", ""]
+    if summary.get("attention_layers"):
+        how = "chosen by KL-guided ranking (select/ranking.md)" if summary.get("selection") else "given"
+        md += [f"Hybrid: layers {summary['attention_layers']} keep the teacher's attention ({how}).", ""]
     md += ["| stage | tokens | steps | wall (s) | tokens/s | first loss | last loss |", "|---|---|---|---|---|---|---|"]
     for k, s in sorted(summary["stages"].items()):
         md.append(f"| {k} | {s['tokens']:,} | {s['steps']} | {s['wall_s']:.0f} | {s['tokens_per_s']:,.0f} | "

@@ -15,7 +15,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens
-from llamba.model import LlambaCache, LlambaForCausalLM
+from llamba.model import LlambaForCausalLM
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -26,18 +26,6 @@ def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
         ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s):] = 1
     return ids, (None if bool(mask.all()) else mask)
-
-
-def _repeat_rows(model: LlambaForCausalLM, cache: LlambaCache, rows: list[int]) -> LlambaCache:
-    """A new cache whose i-th row is a copy of ``cache`` row ``rows[i]``."""
-    index = torch.tensor(rows, device=cache.conv_states.device)
-    out = model.allocate_cache(len(rows))
-    out.conv_states.copy_(cache.conv_states.index_select(1, index))
-    out.ssm_states.copy_(cache.ssm_states.index_select(1, index))
-    if cache.phase_states is not None:  # a GateLoop student's state is only meaningful with its phase
-        out.phase_states.copy_(cache.phase_states.index_select(1, index))
-    out.seen_tokens = cache.seen_tokens
-    return out
 
 
 def _score(logprobs: torch.Tensor, target: list[int]) -> tuple[float, bool]:
@@ -52,20 +40,20 @@ def score_continuations(model: LlambaForCausalLM, contexts: list[list[int]],
     """For each context ``contexts[b]`` and each of its continuations ``continuations[b][j]`` (non-empty token
     lists): (log p(continuation | context), greedy?). Each context is read once."""
     device = model.backbone.embedding.weight.device
-    ids, mask = _left_pad(contexts, 0, device)
-    cache = model.allocate_cache(len(contexts))
-    last = model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
-    first = F.log_softmax(last, dim=-1)  # predicts each continuation's first token
-
     owner = [b for b, conts in enumerate(continuations) for _ in conts]
     flat = [c for conts in continuations for c in conts]
     width = max(len(c) for c in flat) - 1
+    ids, mask = _left_pad(contexts, 0, device)
+    cache = model.allocate_cache(len(contexts), max_length=ids.shape[1] + width)  # a hybrid's KV: context + rest
+    last = model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+    first = F.log_softmax(last, dim=-1)  # predicts each continuation's first token
+
     rest = None
     if width > 0:  # the remaining tokens, right-padded: causal, so padding never reaches a position we read
         inp = torch.zeros((len(flat), width), dtype=torch.long, device=device)
         for r, c in enumerate(flat):
             inp[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-        rest = model(inp, past_key_values=_repeat_rows(model, cache, owner)).logits
+        rest = model(inp, past_key_values=cache.select_rows(torch.tensor(owner))).logits
 
     scores: list[list[tuple[float, bool]]] = [[] for _ in contexts]
     for r, c in enumerate(flat):
@@ -164,7 +152,7 @@ class LlambaLM(TemplateLM):
         for req in tqdm(requests, desc="llamba rolling loglikelihood", disable=disable_tqdm):
             (string,) = req.args
             tokens = [self.prefix_token_id] + self.tok_encode(string)
-            cache = self.model.allocate_cache(1)
+            cache = self.model.allocate_cache(1, max_length=len(tokens))  # a hybrid's KV holds the document
             total = 0.0
             for start in range(0, len(tokens) - 1, self.rolling_chunk):
                 inp = torch.tensor([tokens[start: start + self.rolling_chunk]], device=self.device)
@@ -234,7 +222,7 @@ def generate_tokens(model: LlambaForCausalLM, prompts: list[list[int]], max_new:
     ``finished(its tokens)`` says so."""
     device = model.backbone.embedding.weight.device
     ids, mask = _left_pad(prompts, 0, device)
-    cache = model.allocate_cache(len(prompts))
+    cache = model.allocate_cache(len(prompts), max_length=ids.shape[1] + max_new)
     logits = model(ids, past_key_values=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
     seen = (seen_tokens_mask(ids, mask, model.config.vocab_size) if params.repetition_penalty != 1.0 else None)
     generated: list[list[int]] = [[] for _ in prompts]

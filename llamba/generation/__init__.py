@@ -20,10 +20,8 @@ def try_fast_generate(model, inputs, generation_config, kwargs: dict):
     """``LlambaForCausalLM.generate`` on CUDA: the CUDA-graph engine when every argument is one it supports
     (greedy or sampling, single sequence per prompt), else None so that transformers' generate() runs."""
     device = model.device  # not the embedding's weight: a quantized student's embedding has none
-    if device.type != "cuda" or set(kwargs) - _FAST_KWARGS or getattr(model.config, "attention_layers", None):
-        return None  # a hybrid (attention layers) has no engine yet: transformers' generate() runs it
-    if mixer_name(model.config) != DEFAULT_MIXER:
-        return None  # nor a GateLoop student (the engine's decode step has no phase rotation): the same
+    if device.type != "cuda" or set(kwargs) - _FAST_KWARGS:
+        return None
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         return None

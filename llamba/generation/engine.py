@@ -1,10 +1,14 @@
 """Batched generation for Llamba: one prefill, then a decode loop that is one captured CUDA graph per batch size.
 
-The recurrent cache has a constant size, so a decode step has fixed shapes and fixed addresses: it is captured
-once per (batch size, sampling settings) and replayed for every token. Everything a step needs (the last token,
-the write position, finished flags, the repetition-penalty set) lives in device tensors the graph updates
+The decode step is the model's own (``LlambaForCausalLM.step``): the recurrent cache has a constant size and a
+hybrid's KV cache is preallocated (``max_length``), so a step has fixed shapes and fixed addresses, and is
+captured once per (batch size, sampling settings) and replayed for every token. Everything a step needs (the last
+token, the write positions, finished flags, the repetition-penalty set) lives in device tensors the graph updates
 itself, so the loop never waits on the GPU except every ``check_every`` tokens, when it looks whether all rows
 have finished and checks stop strings on the host. Off CUDA the same step runs eagerly.
+
+What the engine decides is how the model runs: the dense pieces eager or compiled (``llamba.model.functional``)
+and the mixers' in_proj route (``_in_proj_route``), handed to the model as ``StepOptions``.
 """
 
 from __future__ import annotations
@@ -12,13 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from llamba.generation.sampling import SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model.cache import LlambaCache
-from llamba.model.config import refuse_hybrid
-from llamba.model.mixer import aligned_in_proj, split_in_proj
-from llamba.ops.decode import mixer_step
+from llamba.model.functional import StepOptions, pieces_for
 
 
 @dataclass
@@ -26,31 +27,6 @@ class GenerationOutput:
     sequences: torch.Tensor   # (batch, prompt_len + n): prompt then new tokens, pad after each row's end
     new_tokens: torch.Tensor  # (batch, n)
     lengths: torch.Tensor     # (batch,) new tokens per row, the EOS or stop string's last token included
-
-
-def _row_view(cache: LlambaCache, rows: slice) -> LlambaCache:
-    """A cache over some batch rows of ``cache`` that writes straight into its buffers."""
-    view = LlambaCache.__new__(LlambaCache)
-    view.conv_states = cache.conv_states[:, rows]
-    view.ssm_states = cache.ssm_states[:, rows]
-    view.seen_tokens = 0
-    return view
-
-
-def _rms_norm(h, weight, eps: float):
-    x = h.to(torch.promote_types(h.dtype, torch.float32))
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-
-
-def _mixer_inputs(h, norm_w, eps, in_w, in_b, splits, in_proj: str):
-    """RMSNorm, then in_proj as (xBC, z, A_log); with ``in_proj`` "kernel", as (xBC, z, u): the A_log rows are
-    left to the fused decode kernel, which computes them from u (``_in_proj_route``)."""
-    u = _rms_norm(h, norm_w, eps)
-    if in_proj == "split":
-        return split_in_proj(u, in_w, in_b, splits[0], splits[1])
-    if in_proj == "kernel":
-        return (*aligned_in_proj(u, in_w, in_b, splits[0], splits[1]), u)
-    return torch.split(F.linear(u, in_w, in_b), splits, dim=-1)
 
 
 def _in_proj_route(batch_size: int, device: torch.device) -> str:
@@ -63,18 +39,6 @@ def _in_proj_route(batch_size: int, device: torch.device) -> str:
     # kernel route was 1.02x / 1.13x / 1.13x / 1.07x / 1.02x faster than the best other at batch 1 / 8 / 64 / 256 /
     # 1024 ("split" beat "one" by 1.13-1.21x from batch 256 on).
     return "kernel"
-
-
-def _block_tail(h, y, out_w, out_b, norm_w, eps, gate_w, gate_b, up_w, up_b, down_w, down_b):
-    h = h + F.linear(y, out_w, out_b)
-    u = _rms_norm(h, norm_w, eps)
-    return h + F.linear(F.silu(F.linear(u, gate_w, gate_b)) * F.linear(u, up_w, up_b), down_w, down_b)
-
-
-def tail_weights(out_proj, norm, eps: float, mlp) -> tuple:
-    """``_block_tail``'s weights after (h, y) for one block: its output projection, post-mixer norm and SwiGLU."""
-    return (out_proj.weight, out_proj.bias, norm.weight, eps, mlp.gate_proj.weight, mlp.gate_proj.bias,
-            mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
 def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
@@ -92,31 +56,31 @@ def capture_graph(fn, warmups: int = 1) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _logits_head(h, norm_w, eps, lm_w, lm_b, vocab: int):
-    return F.linear(_rms_norm(h, norm_w, eps), lm_w, lm_b)[:, -1, :vocab]
-
-
-_COMPILED = None
-
-
-def _compiled_pieces():
-    """The three pieces compiled once per process, dynamic in the batch size (the Triton step stays outside)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = tuple(torch.compile(f, dynamic=True) for f in (_mixer_inputs, _block_tail, _logits_head))
-    return _COMPILED
+def _check_graph_safe(model) -> None:
+    rotary = getattr(model.backbone, "rotary_emb", None)
+    rope_type = str(getattr(rotary, "rope_type", ""))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise NotImplementedError(
+            f"a hybrid with rope_type {rope_type!r} recomputes its RoPE frequencies from host-side lengths, which a "
+            "CUDA graph cannot replay: run generate(..., use_cuda_graph=False)")
 
 
 class Decoder:
-    """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting."""
+    """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting.
+
+    ``max_length``: the positions a hybrid's KV cache holds (prompt + new tokens; required for a hybrid, ignored
+    otherwise). ``in_proj``: the mixers' in_proj route (default: ``_in_proj_route`` for this batch and device)."""
 
     def __init__(self, model, batch_size: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
-                 capacity: int, use_graph: bool, compile: bool = False):
-        refuse_hybrid(model.config, "the CUDA generation engine (llamba.generation)")
+                 capacity: int, use_graph: bool, compile: bool = False, max_length: int | None = None,
+                 in_proj: str | None = None):
         self.model, self.params, self.pad_id = model, params, pad_id
         device = model.backbone.embedding.weight.device
         vocab = model.config.vocab_size
-        self.cache = model.allocate_cache(batch_size)
+        if model.config.is_hybrid and max_length is None:
+            raise ValueError("a hybrid's Decoder needs max_length: the positions its KV cache holds (prompt length "
+                             "+ new tokens)")
+        self.cache = model.allocate_cache(batch_size, max_length=max_length)
         self.tok = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.out = torch.full((batch_size, capacity), pad_id, dtype=torch.long, device=device)
@@ -125,21 +89,27 @@ class Decoder:
         self.seen = (torch.zeros(batch_size, vocab, dtype=torch.bool, device=device)
                      if params.repetition_penalty != 1.0 else None)
         self.graph = None
-        mixer = model.backbone.layers[0].mixer
-        self._splits = [mixer.d_inner + 2 * mixer.n_qk_heads * mixer.d_state, mixer.d_inner, mixer.n_v_heads]
-        self._in_proj = _in_proj_route(batch_size, device)
-        main = self._splits[0] + self._splits[1]  # in_proj's A_log rows, for the "kernel" route and the prefill
-        self._a_proj = [(layer.mixer.in_proj.weight[main:],
-                         None if layer.mixer.in_proj.bias is None else layer.mixer.in_proj.bias[main:])
-                        for layer in model.backbone.layers]
-        self._pieces = (_compiled_pieces() if compile else (_mixer_inputs, _block_tail, _logits_head))
-        self._logits = self._decode_logits
+        self.pieces = pieces_for(compile)
+        self.options = StepOptions(self.pieces, in_proj or _in_proj_route(batch_size, device))
         if use_graph:
+            _check_graph_safe(model)
             self._capture()
 
     @property
     def capacity(self) -> int:
         return self.out.shape[1]
+
+    @property
+    def max_length(self) -> int | None:
+        """How many positions the cache holds (None: any number, a pure student's recurrent cache)."""
+        return self.cache.max_length
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if self.max_length is not None and prompt_len + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) need "
+                f"{prompt_len + max_new_tokens} positions of the hybrid's KV cache, which holds {self.max_length}: "
+                f"build the Decoder with max_length={prompt_len + max_new_tokens} or more")
 
     def _record(self, nxt: torch.Tensor) -> None:
         """Write the chosen tokens at ``pos`` and update every per-row flag, all on the device."""
@@ -152,57 +122,31 @@ class Decoder:
         self.tok.copy_(nxt)
         self.pos += 1
 
-    def _prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        cache: LlambaCache) -> torch.Tensor:
-        """Last-position logits of prompts (b, T) that start ``cache``: the model's forward, with the same pieces
-        as the decode step around each mixer (compiled with ``compile``: the norms, residuals and SwiGLU as a few
-        fused kernels instead of a dozen eager ones per layer), and the head on the last position only."""
-        backbone, (pre, tail, head) = self.model.backbone, self._pieces
-        h = backbone.embedding(input_ids)
-        for layer, a_proj in zip(backbone.layers, self._a_proj):
-            mixer, norm, norm2 = layer.mixer, layer.input_layernorm, layer.post_attention_layernorm
-            # in_proj as split_in_proj runs it (an aligned GEMM, then the A_log rows apart), with those rows' weight
-            # cut once ahead: Inductor failed to compile the cut inside, with dynamic shapes
-            xBC, z, u = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
-                            "kernel")
-            y = mixer.mix(xBC, z, F.linear(u, *a_proj), cache, attention_mask=attention_mask)
-            h = tail(h, y, *tail_weights(mixer.out_proj, norm2, norm2.eps, layer.mlp))
-        cache.seen_tokens += input_ids.shape[1]
-        final = backbone.final_layernorm
-        return head(h[:, -1:], final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
-                    self.model.config.vocab_size)
+    def prefill_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache: LlambaCache) -> torch.Tensor:
+        """Last-position logits of prompts (b, T) that start ``cache``: the model's prefill with the engine's
+        pieces (compiled with ``compile``: the norms, residuals and SwiGLU as a few fused kernels per layer)."""
+        return self.model.prefill(input_ids, cache, attention_mask, self.pieces)
 
-    def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
-        """The model's single-token recurrent path (what ``model(tok, past_key_values=cache)`` runs for a
-        continuing cache). Between the fused Triton mixer steps, each piece is a function of tensors only, so
-        with ``compile`` one compiled kernel set serves every layer and batch size."""
-        backbone, (pre, tail, head) = self.model.backbone, self._pieces
-        h = backbone.embedding(tok[:, None])
-        for i, layer in enumerate(backbone.layers):
-            mixer, norm, norm2 = layer.mixer, layer.input_layernorm, layer.post_attention_layernorm
-            xBC, z, A_log = pre(h, norm.weight, norm.eps, mixer.in_proj.weight, mixer.in_proj.bias, self._splits,
-                                self._in_proj)
-            A_log = (A_log[:, 0], *self._a_proj[i]) if self._in_proj == "kernel" else A_log[:, 0]  # u, or A_log
-            y = mixer_step(xBC[:, 0], z[:, 0], A_log, self.cache.conv_states[i], self.cache.ssm_states[i],
-                           mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.z_bias, mixer.n_qk_heads)
-            h = tail(h, y[:, None], *tail_weights(mixer.out_proj, norm2, norm2.eps, layer.mlp))
-        final = backbone.final_layernorm
-        return head(h, final.weight, final.eps, self.model.lm_head.weight, self.model.lm_head.bias,
-                    self.model.config.vocab_size)
+    def decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        """The model's decode step on the engine's cache, with the engine's pieces and in_proj route."""
+        return self.model.step(tok, self.cache, self.options)
 
     def step(self) -> None:
-        logits = self._logits(self.tok)
+        logits = self.decode_logits(self.tok)
         self._record(select_tokens(logits, self.seen, self.params))
 
     def _capture(self) -> None:
         # Warm-up (and compilation) and capture run real steps on scratch state; start() resets everything.
+        self.cache.reset()
         with torch.no_grad():
             self.graph = capture_graph(self.step, warmups=2)
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prefill_rows: int) -> None:
         """Prefill the cache with the (left-padded) prompts and choose each row's first new token."""
-        batch = input_ids.shape[0]
+        batch, length = input_ids.shape
+        self.check_fits(length, 1)
         self.cache.reset()
         self.out.fill_(self.pad_id)
         self.finished.zero_()
@@ -210,33 +154,47 @@ class Decoder:
         logits = []
         for r0 in range(0, batch, prefill_rows):
             rows = slice(r0, min(batch, r0 + prefill_rows))
-            view = _row_view(self.cache, rows)
             mask = attention_mask[rows] if attention_mask is not None else None
-            logits.append(self._prefill_logits(input_ids[rows], mask, view))
-        self.cache.seen_tokens = input_ids.shape[1]
+            logits.append(self.prefill_logits(input_ids[rows], mask, self.cache.rows(rows)))
+        self.cache.seen_tokens = length
+        self.cache.sync_position()
         if self.seen is not None:
             self.seen.copy_(seen_tokens_mask(input_ids, attention_mask, self.seen.shape[1]))
         self._record(select_tokens(torch.cat(logits), self.seen, self.params))
 
     def advance(self) -> None:
+        if self.max_length is not None and self.cache.seen_tokens >= self.max_length:
+            raise ValueError(f"the hybrid's KV cache is full ({self.max_length} positions): build the Decoder with "
+                             "a larger max_length")
         if self.graph is not None:
             self.graph.replay()
+            self.cache.seen_tokens += 1  # the step's host-side count, which a replay does not run
         else:
             self.step()
-        self.cache.seen_tokens += 1
 
 
 _DECODERS_ATTR = "_llamba_decoders"
 
 
-def _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_graph, compile=False) -> Decoder:
-    """Decoders (and their graphs) are kept on the model, one per batch size and setting, and reused."""
+def _round_up(n: int, multiple: int = 256) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_graph, compile=False,
+                 prompt_len: int = 0) -> Decoder:
+    """Decoders (and their graphs) are kept on the model, one per batch size and setting, and reused. A hybrid's
+    is rebuilt when its KV cache cannot hold the prompt and the new tokens (sized to a multiple of 256 positions:
+    its step attends over the whole preallocated cache, so it is not made larger than needed)."""
     decoders = model.__dict__.setdefault(_DECODERS_ATTR, {})
     key = (batch, params, eos_ids, pad_id, use_graph, compile)
     dec = decoders.get(key)
-    if dec is None or dec.capacity < max_new_tokens:
+    needed = prompt_len + max_new_tokens
+    hybrid = model.config.is_hybrid
+    if dec is None or dec.capacity < max_new_tokens or (hybrid and dec.max_length < needed):
         decoders.pop(key, None)
-        dec = Decoder(model, batch, params, eos_ids, pad_id, max(max_new_tokens, 256), use_graph, compile)
+        dec = None  # free the old graph and cache before allocating the new ones
+        dec = Decoder(model, batch, params, eos_ids, pad_id, max(max_new_tokens, 256), use_graph, compile,
+                      max_length=_round_up(needed) if hybrid else None)
         decoders[key] = dec
     return dec
 
@@ -291,7 +249,9 @@ def generate(
         torch.manual_seed(seed)
 
     batch = input_ids.shape[0]
-    dec = _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_cuda_graph, compile)
+    dec = _decoder_for(model, batch, params, eos_ids, pad_id, max_new_tokens, use_cuda_graph, compile,
+                       prompt_len=input_ids.shape[1])
+    dec.check_fits(input_ids.shape[1], max_new_tokens)
     dec.start(input_ids, attention_mask, prefill_rows)
     stop_at: dict[int, int] = {}
     checked = 0

@@ -14,13 +14,20 @@ def check_prompt_text(prompts: list[str]) -> None:
                              f"{err.start}); pass the prompt as UTF-8 text") from None
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """``messages`` ({"role", "content"} dicts) as the prompt text the tokenizer's chat template makes of them, ending
+    with the assistant's turn; ValueError when the tokenizer has no template (the model was not tuned for chat)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; send raw text to a completion instead")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: bool):
     """A left-padded batch (``input_ids``, ``attention_mask``) of ``prompts``, through the tokenizer's chat template
     when ``chat`` and it has one. A prompt of no tokens is refused: there would be nothing to continue from."""
     check_prompt_text(prompts)
     if chat and getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                   for p in prompts]
+        prompts = [chat_text(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     tokenizer.padding_side = "left"  # recurrent prefill: padding first, so it never sits between prompt and answer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

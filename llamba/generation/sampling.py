@@ -10,9 +10,18 @@ of the new tokens (``stop_index``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+class InvalidSamplingParam(ValueError):
+    """A sampling option out of range; ``param`` names it (the server reports it in the error's ``param``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,16 @@ class SamplingParams:
                    float(1.0 if top_p is None else top_p), float(min_p or 0.0),
                    float(1.0 if repetition_penalty is None else repetition_penalty)).validate()
 
+    @classmethod
+    def from_temperature(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         min_p: float | None = None, repetition_penalty: float | None = None) -> "SamplingParams":
+        """Checked params from options as users give them (``llamba generate``, ``llamba serve``): temperature 0 is
+        greedy, > 0 samples. NaN passes ``< 0`` checks silently (it would have meant greedy), so it is refused."""
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidSamplingParam("temperature", f"temperature must be a number >= 0 (0: greedy), got {temperature}")
+        return cls.from_options(temperature > 0, temperature if temperature > 0 else None, top_k, top_p, min_p,
+                                repetition_penalty)
+
     def generate_kwargs(self) -> dict:
         """These params as transformers' ``generate`` takes them, every processor explicit: transformers fills an
         unset top_k with 50, which would make its path sample from another distribution than ours."""
@@ -45,16 +64,20 @@ class SamplingParams:
         return kwargs
 
     def validate(self) -> "SamplingParams":
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every range check below
+                raise InvalidSamplingParam(name, f"{name} must be a finite number (got {getattr(self, name)})")
         if self.temperature <= 0 and self.do_sample:
-            raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature}); use greedy instead")
+            raise InvalidSamplingParam(
+                "temperature", f"temperature must be > 0 when sampling (got {self.temperature}); use greedy instead")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (got {self.top_k})")
+            raise InvalidSamplingParam("top_k", f"top_k must be >= 0 (got {self.top_k})")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise InvalidSamplingParam("top_p", f"top_p must be in (0, 1] (got {self.top_p})")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1] (got {self.min_p})")
+            raise InvalidSamplingParam("min_p", f"min_p must be in [0, 1] (got {self.min_p})")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+            raise InvalidSamplingParam("repetition_penalty", f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
         return self
 
 

@@ -3,6 +3,8 @@ layers add a static, preallocated KV cache of ``max_length`` positions."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from llamba.model.config import mixer_name
@@ -49,6 +51,9 @@ class LlambaCache:
             self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.key_valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
             self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
+            # ``seen_tokens`` on the device: the KV slot a decode step writes. ``LlambaForCausalLM.step`` reads and
+            # advances it there, so a captured CUDA graph replays a step at the right position.
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -84,9 +89,37 @@ class LlambaCache:
         if self.phase_states is not None:
             self.phase_states.zero_()
         if self.has_attention:
-            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid):
+            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid, self.position):
                 t.zero_()
         self.seen_tokens = 0
+
+    def stepped(self) -> None:
+        """After a decode step of one (real) token per row: the count, and a hybrid's real-token counts and
+        device-side position (device ops only, so a captured step advances them on replay)."""
+        if self.has_attention:
+            self.n_valid += 1
+            self.position += 1
+        self.seen_tokens += 1
+
+    def sync_position(self) -> None:
+        """Set the device-side position from ``seen_tokens`` (after a forward, or rows prefilled apart)."""
+        if self.has_attention:
+            self.position.fill_(self.seen_tokens)
+
+    def rows(self, rows: slice) -> "LlambaCache":
+        """A cache over batch rows ``rows`` that writes straight into this one's buffers (prefill in row groups);
+        it starts from ``seen_tokens`` 0: the caller sets this cache's count once every group is in."""
+        view = LlambaCache.__new__(LlambaCache)
+        view.conv_states = self.conv_states[:, rows]
+        view.ssm_states = self.ssm_states[:, rows]
+        view.phase_states = None if self.phase_states is None else self.phase_states[:, rows]
+        view.seen_tokens = 0
+        view.attention_slot, view.max_length = self.attention_slot, self.max_length
+        if self.has_attention:
+            view.key_cache, view.value_cache = self.key_cache[:, rows], self.value_cache[:, rows]
+            view.key_valid, view.n_valid = self.key_valid[rows], self.n_valid[rows]
+            view.position = torch.zeros_like(self.position)
+        return view
 
     def _tensors(self) -> list[torch.Tensor]:
         extra = [self.key_cache, self.value_cache] if self.has_attention else []
@@ -100,6 +133,31 @@ class LlambaCache:
         if self.has_attention:
             for t in (self.key_valid, self.n_valid):
                 t.copy_(t[beam_idx.to(t.device)])
+
+    def row_view(self, rows: slice) -> "LlambaCache":
+        """A cache over batch rows ``rows`` that reads and writes this one's buffers, continuing them (``seen_tokens``
+        1: the mixers take their recurrent step, whatever each row has seen; ``llamba serve`` keeps one request per
+        row). A hybrid's KV rows would need a write position per row, which ``update`` does not have yet."""
+        if self.has_attention:
+            raise NotImplementedError("row views of a hybrid's cache: its KV layers write at one shared position")
+        view = LlambaCache.__new__(LlambaCache)
+        view.conv_states, view.ssm_states = self.conv_states[:, rows], self.ssm_states[:, rows]
+        view.seen_tokens, view.attention_slot, view.max_length = 1, {}, None
+        return view
+
+    def select_rows(self, rows: torch.Tensor) -> LlambaCache:
+        """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
+        once, then each of its continuations on its own copy (lm-eval scoring). KV included, so a hybrid's
+        continuations still see their context."""
+        out = copy.copy(self)
+        rows = rows.to(self.conv_states.device)
+        for name in ("conv_states", "ssm_states", "phase_states", "key_cache", "value_cache"):
+            if getattr(self, name, None) is not None:
+                setattr(out, name, getattr(self, name).index_select(1, rows))
+        if self.has_attention:
+            out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)
+            out.position = self.position.clone()  # its own: a step or forward on the copy must not move this one's
+        return out
 
     def nbytes(self) -> int:
         extra = self.key_valid.nbytes + self.n_valid.nbytes if self.has_attention else 0

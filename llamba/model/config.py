@@ -46,20 +46,15 @@ def check_attention_layers(layers, n_layer: int) -> list[int]:
     return sorted(layers)
 
 
-def refuse_hybrid(config, what: str) -> None:
-    """For code written for pure Discrete Mamba-2 students only: a clear error on a hybrid, or on a GateLoop student
-    (its mixers rotate B and C by a cumulative phase that such code would skip), instead of silently wrong output."""
+def refuse_rotating(config, what: str) -> None:
+    """For code that runs the Discrete Mamba-2 recurrence only (the C decode step of the CPU runtime, quantization
+    for it): a clear error on a GateLoop student, whose mixers rotate B and C by a cumulative phase that such code
+    would skip, instead of silently wrong output."""
     if mixer_name(config) != DEFAULT_MIXER:
         raise NotImplementedError(
             f"{what} does not support {mixer_name(config)!r} mixers yet (ssm_cfg.mixer): it runs the Discrete "
-            "Mamba-2 recurrence only and would skip their phase rotation; run this student with the model's own "
-            "forward / generate() on the float model instead (model.generate: transformers' generate() with the "
-            "recurrent cache, on CPU or CUDA)")
-    if getattr(config, "attention_layers", None):
-        raise NotImplementedError(
-            f"{what} does not support hybrid students yet (this one keeps softmax attention in layers "
-            f"{list(config.attention_layers)}); run it with transformers' generate() on the float model instead "
-            "(model.generate on CPU, or on CUDA with llamba.generation skipped for hybrids)")
+            "Mamba-2 recurrence only and would skip their phase rotation; run this student as a float model "
+            "instead (`llamba generate` without --quant, model.generate, the CUDA engine)")
 
 
 def check_mixer(mixer: str | None, d_state: int) -> None:

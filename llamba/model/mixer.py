@@ -122,8 +122,7 @@ class DiscreteMamba2(nn.Module):
         theta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mixer between its two projections: in_proj's (xBC, z, A_log), each (batch, L, width), to the gated
-        output (batch, L, d_inner) that out_proj reads. The generation engine calls it between its own compiled
-        projections and norms. ``theta``: a rotating mixer's ``phase(u)``, required for one."""
+        output (batch, L, d_inner) that out_proj reads. ``theta``: a rotating mixer's ``phase(u)``, required for one."""
         batch, length, _ = xBC.shape
         continuing = cache is not None and cache.seen_tokens > 0
         if self.rotates and theta is None:  # without it the output would silently be plain Discrete Mamba-2's
@@ -132,12 +131,7 @@ class DiscreteMamba2(nn.Module):
             raise ValueError("theta given to a Discrete Mamba-2 mixer, which has no phase")
 
         if continuing and length == 1 and attention_mask is None and seq_idx is None:
-            conv = self.conv1d
-            phase = None if theta is None else (theta[:, 0], cache.phase_states[self.layer_idx])
-            y = mixer_step(
-                xBC[:, 0], z[:, 0], A_log[:, 0], cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
-                conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads, phase=phase)
-            return y[:, None]
+            return self._mix_step(xBC[:, 0], z[:, 0], A_log[:, 0], cache, None if theta is None else theta[:, 0])[:, None]
 
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -174,6 +168,40 @@ class DiscreteMamba2(nn.Module):
             cache.conv_states[self.layer_idx].copy_(new_conv_state)
             cache.ssm_states[self.layer_idx].copy_(final_state)
         return y.reshape(batch, length, self.d_inner)
+
+    # -- one token -------------------------------------------------------------------------------------------
+    def step(self, u: torch.Tensor, cache: LlambaCache, in_proj: str = "one") -> torch.Tensor:
+        """One token per row of a continuing cache: u (batch, 1, d_model), the normed input, to the mixer's output
+        (batch, 1, d_model), this layer's conv and SSM state in ``cache`` updated in place; what ``forward(u,
+        cache)`` computes for one token. It reads no host-side cache field, so a CUDA graph can replay it.
+        ``in_proj`` (``llamba.model.functional.StepOptions``) picks how in_proj runs; all routes are the same
+        product, in different GEMMs (see ``split_in_proj``)."""
+        xBC, z, A_log = self._step_projection(u[:, 0], in_proj)
+        theta = self.phase(u)
+        return self.out_proj(self._mix_step(xBC, z, A_log, cache, None if theta is None else theta[:, 0])[:, None])
+
+    def _step_projection(self, u: torch.Tensor, route: str):
+        """in_proj of u (batch, d_model) as (xBC, z, A_log); with ``route`` "kernel", A_log is given as (u, its
+        weight rows, their bias) for the fused decode kernel to compute."""
+        d_xbc = self.d_inner + 2 * self.n_qk_heads * self.d_state
+        if not isinstance(self.in_proj, nn.Linear) or route == "one":  # a quantized stand-in takes its own route
+            return torch.split(self.in_proj(u), [d_xbc, self.d_inner, self.n_v_heads], dim=-1)
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        if route == "split":
+            return split_in_proj(u, weight, bias, d_xbc, self.d_inner)
+        if route == "kernel":
+            main = d_xbc + self.d_inner
+            return (*aligned_in_proj(u, weight, bias, d_xbc, self.d_inner),
+                    (u, weight[main:], None if bias is None else bias[main:]))
+        raise ValueError(f"in_proj route {route!r}: choose 'one', 'split' or 'kernel'")
+
+    def _mix_step(self, xBC, z, A_log, cache: LlambaCache, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused decode step (Triton on CUDA, else its PyTorch twin) on this layer's states: (batch, d_inner).
+        ``theta`` (batch, G, N/2): a rotating mixer's phase increment, its phase state in ``cache`` turned in place."""
+        conv = self.conv1d
+        phase = None if theta is None else (theta, cache.phase_states[self.layer_idx])
+        return mixer_step(xBC, z, A_log, cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
+                          conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads, phase=phase)
 
     def mixing_matrix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer's token-mixing matrix for input u (batch, L, d_model): (batch, H, L, L), D on the diagonal.

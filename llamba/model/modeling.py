@@ -6,15 +6,20 @@ Weight names follow the official ``cartesia-ai/Llamba-*`` checkpoints (``backbon
 
 from __future__ import annotations
 
+import inspect
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from llamba.model import functional as fn
 from llamba.model.cache import LlambaCache
 from llamba.model.config import LlambaConfig
+from llamba.model.functional import StepOptions
 from llamba.model.mixer import DiscreteMamba2, GateLoopMamba2, mixer_class, rope_frequencies
 
 try:  # lets gradient_checkpointing_enable() wrap our blocks
@@ -37,10 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32) if dtype != torch.float64 else x
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return fn.rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -51,7 +53,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if isinstance(self.down_proj, nn.Linear) and isinstance(self.gate_proj, nn.Linear):
+            return fn.swiglu(x, self.gate_proj.weight, self.gate_proj.bias, self.up_proj.weight, self.up_proj.bias,
+                             self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # quantized stand-ins: their own forward
 
 
 def build_attention_inputs(rotary, h: torch.Tensor, cache: LlambaCache | None = None, seq_idx: torch.Tensor | None = None,
@@ -92,6 +97,32 @@ def build_attention_inputs(rotary, h: torch.Tensor, cache: LlambaCache | None = 
     return position_embeddings, mask[:, None], valid, pos
 
 
+def _cache_argument() -> str:
+    """What ``LlamaAttention.forward`` calls its KV cache: ``past_key_values`` in transformers 5.17, ``cache`` later.
+    A wrong name would vanish into its ``**kwargs`` and the layer would run without its cache (the keys of one step
+    only), so the name is read from the signature and anything else is refused."""
+    params = inspect.signature(LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(f"this transformers' LlamaAttention.forward takes no cache argument ({list(params)}); "
+                      "hybrid students need transformers 5.17 or later")
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
+class StepAttention(NamedTuple):
+    """What a hybrid's attention layers need for one decode step (``LlambaModel.step_attention_inputs``): RoPE's
+    (cos, sin) at each row's position, the mask over the static KV cache (batch, 1, 1, max_length), and the slot
+    (1,) the new key and value go to, all device tensors."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    write: torch.Tensor
+
+
 class LlambaAttention(LlamaAttention):
     """A hybrid's softmax-attention layer: transformers' ``LlamaAttention`` (GQA, RoPE, SDPA) with the teacher's
     weights (``q_proj`` ... ``o_proj``), called like ``DiscreteMamba2``. ``attention_inputs`` comes from the model
@@ -105,8 +136,33 @@ class LlambaAttention(LlamaAttention):
         if attention_inputs is None:
             attention_inputs = build_attention_inputs(self._rotary[0], u, cache, seq_idx, attention_mask)
         position_embeddings, mask = attention_inputs[:2]
-        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask, cache=cache)
+        out, _ = super().forward(u, position_embeddings=position_embeddings, attention_mask=mask,
+                                 **{CACHE_ARGUMENT: cache})
         return out
+
+    def step(self, u: torch.Tensor, cache: LlambaCache, inputs: StepAttention) -> torch.Tensor:
+        """One token per row: u (batch, 1, d_model), the normed input, to the layer's output (batch, 1, d_model);
+        what ``forward(u, cache)`` computes for one token, with fixed shapes and device-side positions, so that a
+        CUDA graph replays it. The new key and value are written at ``inputs.write`` of this layer's slot of the
+        static KV cache, and the query attends over the whole preallocated cache with ``inputs.mask`` (causal, no
+        left padding). A group's query heads are folded into the query rows, so no key/value head is copied per
+        query head; the two products are batched GEMMs, the softmax in at least float32 (as SDPA's)."""
+        batch = u.shape[0]
+        hd = self.head_dim
+        q = self.q_proj(u).view(batch, 1, -1, hd).transpose(1, 2)
+        k = self.k_proj(u).view(batch, 1, -1, hd).transpose(1, 2)
+        v = self.v_proj(u).view(batch, 1, -1, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, inputs.cos, inputs.sin)
+        slot = cache.attention_slot[self.layer_idx]
+        keys, values = cache.key_cache[slot], cache.value_cache[slot]  # (batch, kv heads, max_length, hd)
+        keys.index_copy_(2, inputs.write, k)
+        values.index_copy_(2, inputs.write, v)
+        n_q, n_kv = q.shape[1], keys.shape[1]
+        q = q.reshape(batch, n_kv, n_q // n_kv, hd)  # query head h reads kv head h // groups, as repeat_kv
+        scores = torch.matmul(q, keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+        probs = (scores * self.scaling).masked_fill(~inputs.mask, float("-inf")).softmax(-1).to(q.dtype)
+        out = torch.matmul(probs, values).reshape(batch, 1, n_q * hd)
+        return self.o_proj(out)
 
 
 class LlambaBlock(_BlockBase):
@@ -123,11 +179,32 @@ class LlambaBlock(_BlockBase):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_epsilon)
         self.mlp = SwiGLU(config.d_model, config.mlp_cfg["intermediate_size"], config.mlp_cfg["bias"])
 
-    def forward(self, x, cache=None, seq_idx=None, attention_mask=None, attention_inputs=None):
+    def forward(self, x, cache=None, seq_idx=None, attention_mask=None, attention_inputs=None, pieces=None):
+        """``pieces`` (``llamba.model.functional``): the norms and the MLP as those functions (eager or compiled)
+        instead of the modules; the same arithmetic."""
         extra = {"attention_inputs": attention_inputs} if isinstance(self.mixer, LlambaAttention) else {}
-        h = x + self.mixer(self.input_layernorm(x), cache=cache, seq_idx=seq_idx, attention_mask=attention_mask,
-                           **extra)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out = self.mixer(self._norm(x, pieces), cache=cache, seq_idx=seq_idx, attention_mask=attention_mask, **extra)
+        return self._tail(x, out, pieces)
+
+    def step(self, h, cache: LlambaCache, options: StepOptions = StepOptions(), attention: StepAttention | None = None):
+        """One token per row (batch, 1, d_model) through the block, its mixer's ``step`` owning its part of the
+        cache; ``attention``: the step's inputs for an attention layer (``LlambaModel.step_attention_inputs``)."""
+        u = self._norm(h, options.pieces)
+        if isinstance(self.mixer, LlambaAttention):
+            out = self.mixer.step(u, cache, attention)
+        else:
+            out = self.mixer.step(u, cache, options.in_proj)
+        return self._tail(h, out, options.pieces)
+
+    def _norm(self, x, pieces):
+        norm = self.input_layernorm
+        return norm(x) if pieces is None else pieces.rms_norm(x, norm.weight, norm.eps)
+
+    def _tail(self, x, mixer_out, pieces):
+        if pieces is None:
+            h = x + mixer_out
+            return h + self.mlp(self.post_attention_layernorm(h))
+        return pieces.block_tail(x, mixer_out, *fn.tail_weights(self.post_attention_layernorm, self.mlp))
 
 
 class LlambaPreTrainedModel(PreTrainedModel):
@@ -184,28 +261,49 @@ class LlambaModel(LlambaPreTrainedModel):
         self.embedding = value
 
     def forward(self, input_ids=None, inputs_embeds=None, cache=None, seq_idx=None, attention_mask=None,
-                output_hidden_states=False):
+                output_hidden_states=False, pieces=None):
         h = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden_states = [] if output_hidden_states else None
+        h = self.run_layers(h, cache, seq_idx, attention_mask, pieces, hidden_states)
+        norm = self.final_layernorm
+        h = norm(h) if pieces is None else pieces.rms_norm(h, norm.weight, norm.eps)
+        if output_hidden_states:
+            hidden_states.append(h)
+        return h, tuple(hidden_states) if output_hidden_states else None
+
+    def run_layers(self, h, cache=None, seq_idx=None, attention_mask=None, pieces=None, hidden_states=None):
+        """The layers over the embedded tokens h (batch, L, d_model), before the final norm; the cache's count and
+        the hybrid's key bookkeeping advanced by L. ``hidden_states``: a list that receives each layer's input."""
         attn = None
         if self.rotary_emb is not None:
             if cache is not None:
                 cache.check_room(h.shape[1])
             attn = build_attention_inputs(self.rotary_emb, h, cache, seq_idx, attention_mask)
-        hidden_states = []
         for layer in self.layers:
-            if output_hidden_states:
+            if hidden_states is not None:
                 hidden_states.append(h)
-            h = layer(h, cache=cache, seq_idx=seq_idx, attention_mask=attention_mask, attention_inputs=attn)
-        h = self.final_layernorm(h)
-        if output_hidden_states:
-            hidden_states.append(h)
+            h = layer(h, cache=cache, seq_idx=seq_idx, attention_mask=attention_mask, attention_inputs=attn,
+                      pieces=pieces)
         if cache is not None and attn is not None:  # which new positions are real tokens, and the next positions
             valid = attn[2]
             cache.key_valid[:, cache.seen_tokens:cache.seen_tokens + valid.shape[1]].copy_(valid)
             cache.n_valid.add_(valid.sum(-1))
         if cache is not None:
-            cache.seen_tokens += (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
-        return h, tuple(hidden_states) if output_hidden_states else None
+            cache.seen_tokens += h.shape[1]
+            cache.sync_position()
+        return h
+
+    def step_attention_inputs(self, h: torch.Tensor, cache: LlambaCache) -> StepAttention:
+        """A decode step's attention inputs for a hybrid, from device state only (``cache.position``, ``n_valid``,
+        ``key_valid``): the new token is real and goes to slot ``position``; its RoPE position is the row's count of
+        real tokens, so left padding takes none. The slot is clamped into the cache: a step past its end (which
+        ``check_room`` and the engine refuse on the host) must not write out of bounds on the device."""
+        write = cache.position.clamp(max=cache.max_length - 1)
+        cache.key_valid.index_fill_(1, write, True)
+        keys = torch.arange(cache.max_length, device=h.device)
+        mask = (cache.key_valid & (keys <= write)[None])[:, None, None, :]
+        cos, sin = self.rotary_emb(h, cache.n_valid[:, None])
+        return StepAttention(cos, sin, mask, write)
 
 
 class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
@@ -264,6 +362,38 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=past_key_values, hidden_states=hidden_states)
+
+    def prefill(self, input_ids: torch.Tensor, cache: LlambaCache, attention_mask: torch.Tensor | None = None,
+                pieces: fn.Pieces | None = fn.EAGER) -> torch.Tensor:
+        """Prompts (batch, L), left-padded where ``attention_mask`` is 0, into ``cache``: the forward with
+        ``pieces`` around each mixer (compiled ones fuse the norms, residuals and SwiGLU) and the final norm and
+        head on the last position only. Returns its logits (batch, vocab)."""
+        backbone = self.backbone
+        h = backbone.run_layers(backbone.embedding(input_ids), cache, attention_mask=attention_mask, pieces=pieces)
+        return self._head(h, pieces)
+
+    def step(self, tokens: torch.Tensor, cache: LlambaCache, options: StepOptions = StepOptions()) -> torch.Tensor:
+        """One decode step: tokens (batch,) after what ``cache`` has seen, to the next logits (batch, vocab); the
+        model's forward for one token, with fixed shapes and every position on the device, so that the
+        generation engine captures this very call in its CUDA graph (replaying it does not run the host-side
+        parts: the room check and ``seen_tokens``, which the engine keeps itself). ``options``: the pieces and
+        the mixers' in_proj route (``llamba.model.functional.StepOptions``)."""
+        backbone = self.backbone
+        cache.check_room(1)
+        h = backbone.embedding(tokens[:, None])
+        attn = backbone.step_attention_inputs(h, cache) if cache.has_attention else None
+        for layer in backbone.layers:
+            h = layer.step(h, cache, options, attn)
+        cache.stepped()
+        return self._head(h, options.pieces)
+
+    def _head(self, h, pieces):
+        """Last-position logits (batch, vocab) of the last layer's output h (batch, L, d_model)."""
+        norm = self.backbone.final_layernorm
+        if pieces is None:
+            return self.lm_head(norm(h[:, -1]))[:, : self.config.vocab_size]
+        return pieces.logits_head(h, norm.weight, norm.eps, self.lm_head.weight, self.lm_head.bias,
+                                  self.config.vocab_size)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """On CUDA, greedy and sampled decoding run through ``llamba.generation`` (static cache, CUDA-graph decode

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 
-from llamba.model.config import refuse_hybrid
-
 QUANT_CHOICES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 # Embedding + head stay int8 when the body is int4: measured perplexity cost of an int4 head in results/edge-cpu.md.
@@ -20,9 +18,10 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
     ``quant='int4'`` keeps the MLPs int8: on a trained student int4 MLPs cost far more perplexity than int4 mixers
     (results/edge-cpu-ppl-student.json)."""
+    from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
-    refuse_hybrid(model.config, "quantization for the CPU runtime (llamba.quant)")
+    refuse_rotating(model.config, "quantization for the CPU runtime (llamba.quant)")
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
     head_bits = DEFAULT_HEAD_BITS[quant] if head_bits is None else head_bits

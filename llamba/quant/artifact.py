@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from llamba.model import LlambaConfig, LlambaForCausalLM
-from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
+from llamba.model import LlambaAttention, LlambaConfig, LlambaForCausalLM
+from llamba.quant.modules import MIXER_LINEARS, QuantizedEmbedding, QuantizedLinear
 from llamba.quant.reference import QuantizedWeight
 
 FORMAT = "llamba-cpu"
@@ -119,8 +119,10 @@ def load_artifact(path):
 def _build(config: LlambaConfig, tensors: dict[str, torch.Tensor], path: Path):
     with torch.device("meta"):
         model = LlambaForCausalLM(config)
+    kinds = ["attention" if config.is_attention_layer(i) else "mixer" for i in range(config.n_layer)]
     linears = [(f"backbone.layers.{i}.{name}", layer, name) for i, layer in enumerate(model.backbone.layers)
-               for name in ("mixer.in_proj", "mixer.out_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+               for name in (*(f"mixer.{n}" for n in MIXER_LINEARS[kinds[i]]), "mlp.gate_proj", "mlp.up_proj",
+                            "mlp.down_proj")]
     linears.append(("lm_head", model, "lm_head"))
     for prefix, owner, name in linears:
         if f"{prefix}.data" not in tensors:
@@ -151,10 +153,22 @@ def _build(config: LlambaConfig, tensors: dict[str, torch.Tensor], path: Path):
         raise ValueError(f"{path}: tensors do not match the config ({str(err).splitlines()[-1].strip()})") from err
     if config.tie_embeddings and not isinstance(model.lm_head, QuantizedLinear):
         model.lm_head.weight = model.backbone.embedding.weight
+    if model.backbone.rotary_emb is not None:  # a hybrid's RoPE tables: computed buffers, not stored, still on meta
+        _rebuild_rotary(model)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left or unexpected:
         raise ValueError(f"{path}: artifact does not match its config: missing {left[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def _rebuild_rotary(model) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(model.config.llama_attention_config())
+    model.backbone.rotary_emb = rotary
+    for block in model.backbone.layers:
+        if isinstance(block.mixer, LlambaAttention):
+            block.mixer._rotary = (rotary,)
 
 
 def _load_tokenizer(meta: dict):

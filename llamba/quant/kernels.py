@@ -74,6 +74,13 @@ def load_kernels(portable: bool = False):
         return None
     lib.llamba_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, c_float_p, c_float_p, c_float_p, c_float_p]
     lib.llamba_decode_step.restype = ctypes.c_int
+    lib.llamba_mixer_blocks.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64, c_float_p, c_float_p,
+                                        c_float_p, c_float_p]
+    lib.llamba_mixer_blocks.restype = None
+    lib.llamba_embed.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, c_float_p]
+    lib.llamba_embed.restype = ctypes.c_int
+    lib.llamba_head.argtypes = [ctypes.POINTER(Model), c_float_p, c_float_p, c_float_p]
+    lib.llamba_head.restype = None
     lib.llamba_linear_rows.argtypes = [ctypes.POINTER(Linear), c_float_p, ctypes.c_int64, c_float_p, c_float_p]
     lib.llamba_linear_rows.restype = None
     lib.llamba_workspace_floats.argtypes = [ctypes.POINTER(Model)]

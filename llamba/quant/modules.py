@@ -75,6 +75,10 @@ class QuantizedEmbedding(nn.Module):
         return dequantize(self.weight_q, torch.float32, rows=flat).reshape(*ids.shape, self.table.in_features)
 
 
+# The linears of a block's mixer that quantization replaces, by kind of layer (the artifact loads the same names).
+MIXER_LINEARS = {"mixer": ("in_proj", "out_proj"), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
 def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None,
                    mlp_bits: int | None = None) -> None:
     """Replace the student's linears (in place) by quantized ones. ``head_bits``: bits for the head and embedding
@@ -82,9 +86,11 @@ def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None
     A tied model keeps one shared table for both."""
     head_bits = bits if head_bits is None else head_bits
     mlp_bits = bits if mlp_bits is None else mlp_bits
-    for layer in model.backbone.layers:
+    for i, layer in enumerate(model.backbone.layers):
         mixer, mlp = layer.mixer, layer.mlp
-        for parent, name, b in ((mixer, "in_proj", bits), (mixer, "out_proj", bits), (mlp, "gate_proj", mlp_bits),
+        # a hybrid's attention layer: its projections at the mixers' bits (the runtime runs them in PyTorch)
+        mixing = MIXER_LINEARS["attention" if model.config.is_attention_layer(i) else "mixer"]
+        for parent, name, b in (*((mixer, n, bits) for n in mixing), (mlp, "gate_proj", mlp_bits),
                                 (mlp, "up_proj", mlp_bits), (mlp, "down_proj", mlp_bits)):
             if b < 32:
                 setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))

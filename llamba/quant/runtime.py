@@ -3,6 +3,13 @@
 Everything a token touches is allocated once here: the recurrent cache (float32 conv and SSM state, constant
 size), the kernel's workspace and the logits buffer. Resident memory therefore does not depend on the context
 length; the prompt is prefilled in fixed-size pieces so that peak memory does not either.
+
+A hybrid student's attention layers run in PyTorch, through their own ``LlambaBlock.step`` (the one the CUDA
+engine captures, tested against the model's forward), between C calls over the runs of mixer blocks; their
+static KV cache is preallocated for ``max_length`` positions (the one memory that grows with the context, and
+only up to that bound). Why not C: attention is a few layers of a hybrid (K of 30), a step of it is a handful of
+PyTorch calls on one row, and a second attention implementation would be one more thing to keep equal to
+transformers' (RoPE scaling variants, GQA layout) for little gain.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from torch import nn
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model import LlambaCache
-from llamba.model.config import refuse_hybrid
+from llamba.model.config import refuse_rotating
+from llamba.model.functional import StepOptions
 from llamba.quant import kernels
 from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
 
@@ -54,8 +62,11 @@ def _f(t: torch.Tensor | None, keep: list) -> int | None:
 class CpuDecoder:
     """Greedy or sampled generation with a (quantized or float32) Llamba student on the CPU, batch 1."""
 
-    def __init__(self, model, threads: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
-        refuse_hybrid(model.config, "the quantized CPU runtime (llamba.quant)")
+    def __init__(self, model, threads: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 max_length: int | None = None):
+        """``max_length``: the positions a hybrid's KV cache holds (prompt + new tokens; default the model's
+        cache default, and ``generate`` grows it when a call needs more); ignored for a pure student."""
+        refuse_rotating(model.config, "the CPU runtime (llamba.quant)")
         self.lib = kernels.load_kernels()
         if self.lib is None:
             raise RuntimeError(f"the CPU decode kernel could not be built ({kernels.kernel_error()}); "
@@ -69,6 +80,8 @@ class CpuDecoder:
         keep: list = []  # tensors whose memory the C structs point into
         layers = (kernels.Layer * cfg.n_layer)()
         for i, block in enumerate(model.backbone.layers):
+            if cfg.is_attention_layer(i):
+                continue  # zeros: the C code never runs this layer (see _segments)
             mixer, mlp = block.mixer, block.mlp
             conv = mixer.conv1d
             layers[i] = kernels.Layer(
@@ -82,34 +95,84 @@ class CpuDecoder:
             _c_table(model.backbone.embedding, keep), _f(model.backbone.final_layernorm.weight, keep),
             _c_linear(model.lm_head, keep))
         self._keep, self._layers = keep, layers
-        self.cache = LlambaCache(cfg, 1, dtype=torch.float32)
         self.workspace = torch.zeros(self.lib.llamba_workspace_floats(ctypes.byref(self.c_model)))
         self.logits_buf = torch.zeros(self.c_model.head.n)
         self.logits = self.logits_buf[: cfg.vocab_size]
+        self.h = torch.zeros(cfg.d_model)  # a hybrid's residual stream between the C and the PyTorch layers
+        self._segments = _segments(cfg)
+        self._allocate(max_length)
+
+    def _allocate(self, max_length: int | None) -> None:
+        self.cache = LlambaCache(self.config, 1, dtype=torch.float32, max_length=max_length)
         self._args = (ctypes.byref(self.c_model), kernels.fptr(self.cache.conv_states), kernels.fptr(self.cache.ssm_states),
                       kernels.fptr(self.workspace), kernels.fptr(self.logits_buf))
+
+    @property
+    def max_length(self) -> int | None:
+        """How many positions a hybrid's KV cache holds (None for a pure student: any number)."""
+        return self.cache.max_length
 
     def reset(self) -> None:
         self.cache.reset()
 
+    def new_cache(self) -> LlambaCache:
+        """Another batch-1 float32 cache that ``prefill`` and ``step`` can run on (``llamba serve`` keeps one per
+        slot; the model weights, workspace and logits buffer are shared)."""
+        return LlambaCache(self.config, 1, dtype=torch.float32, max_length=self.max_length)
+
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Feed a prompt (1, L) or (L,) through the chunked scan, in pieces; returns the last position's logits."""
+    def prefill(self, input_ids: torch.Tensor, cache: LlambaCache | None = None) -> torch.Tensor:
+        """Feed a prompt (1, L) or (L,) through the chunked scan, in pieces, continuing ``cache`` (default: this
+        decoder's own); returns the last position's logits."""
+        cache = self.cache if cache is None else cache
         ids = input_ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("empty prompt: give at least one token")
+        if cache.max_length is not None and cache.seen_tokens + ids.shape[1] > cache.max_length:
+            raise ValueError(f"the hybrid's KV cache holds {cache.max_length} positions, but {cache.seen_tokens} "
+                             f"cached + {ids.shape[1]} new tokens need {cache.seen_tokens + ids.shape[1]}: build "
+                             "the CpuDecoder with a larger max_length (generate() grows it itself)")
         for start in range(0, ids.shape[1], self.prefill_chunk):
             piece = ids[:, start:start + self.prefill_chunk]
-            out = self.model(piece, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.logits.copy_(out.logits[0, -1])
         return self.logits
 
-    def step(self, token: int) -> torch.Tensor:
-        """Feed one token; returns the next-token logits (a view of a buffer that the next step overwrites)."""
+    def step(self, token: int, cache: LlambaCache | None = None) -> torch.Tensor:
+        """Feed one token to ``cache`` (default: this decoder's own, which must be float32 and contiguous, as
+        ``new_cache`` makes them); returns the next-token logits (a view of a buffer that the next step overwrites)."""
         lib, (model, conv, ssm, work, logits) = self.lib, self._args
+        cache = self.cache if cache is None else cache
+        if cache is not self.cache:
+            conv, ssm = kernels.fptr(cache.conv_states), kernels.fptr(cache.ssm_states)
+        if self._segments is not None:
+            return self._hybrid_step(int(token), cache, conv, ssm)
         if lib.llamba_decode_step(model, int(token), conv, ssm, work, logits) != 0:
             raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
-        self.cache.seen_tokens += 1
+        cache.seen_tokens += 1
+        return self.logits
+
+    @torch.inference_mode()
+    def _hybrid_step(self, token: int, cache: LlambaCache, conv, ssm) -> torch.Tensor:
+        """The C mixer blocks in runs, and each attention block as ``LlambaBlock.step`` (modules: float32 or
+        quantized linears alike) on the same residual stream ``h``; the cache's bookkeeping as the model's step."""
+        lib, (model, _, _, work, logits) = self.lib, self._args
+        if cache.seen_tokens >= cache.max_length:
+            raise ValueError(f"the hybrid's KV cache is full ({cache.max_length} positions): generate fewer tokens, "
+                             "or build the CpuDecoder with a larger max_length")
+        h = self.h
+        if lib.llamba_embed(model, token, kernels.fptr(h)) != 0:
+            raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
+        hv = h.view(1, 1, -1)
+        backbone = self.model.backbone
+        attention = backbone.step_attention_inputs(hv, cache)
+        for first, last, is_attention in self._segments:
+            if is_attention:
+                h.copy_(backbone.layers[first].step(hv, cache, StepOptions(None), attention).reshape(-1))
+            else:
+                lib.llamba_mixer_blocks(model, first, last, kernels.fptr(h), conv, ssm, work)
+        cache.stepped()
+        lib.llamba_head(model, kernels.fptr(h), work, logits)
         return self.logits
 
     @torch.inference_mode()
@@ -124,6 +187,9 @@ class CpuDecoder:
         if stop_strings and tokenizer is None:
             raise ValueError("stop_strings need the tokenizer (pass tokenizer=...)")
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        needed = input_ids.numel() + max_new_tokens
+        if self.max_length is not None and needed > self.max_length:
+            self._allocate(needed)  # a hybrid's KV cache, grown to what this call needs
         self.reset()
         logits = self.prefill(input_ids)
         seen = (seen_tokens_mask(input_ids.reshape(1, -1), None, self.config.vocab_size)
@@ -145,3 +211,18 @@ class CpuDecoder:
                    generator: torch.Generator | None = None) -> int:
         """The token after ``logits`` (vocab,), by the shared sampler; ``seen`` (1, vocab) for the penalty."""
         return int(select_tokens(logits[None], seen, params, generator)[0])
+
+
+def _segments(config) -> list[tuple[int, int, bool]] | None:
+    """A hybrid's layers as runs (first, last + 1, is_attention): each run of mixer blocks is one C call, each
+    attention block one PyTorch step. None for a pure student (one C call does the whole step)."""
+    if not config.is_hybrid:
+        return None
+    runs: list[tuple[int, int, bool]] = []
+    for i in range(config.n_layer):
+        attention = config.is_attention_layer(i)
+        if runs and not attention and not runs[-1][2]:
+            runs[-1] = (runs[-1][0], i + 1, False)
+        else:
+            runs.append((i, i + 1, attention))
+    return runs

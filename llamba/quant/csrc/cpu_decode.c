@@ -218,16 +218,17 @@ int64_t llamba_workspace_floats(const Model* m) {
   return 3 * m->d_model + proj_dim + conv_dim + m->d_inner + 2 * m->inter + 2 * (max3(m->d_model, m->d_inner, m->inter) / 32 + 1);
 }
 
-/* conv_states (n_layer, conv_dim, width - 1) and ssm_states (n_layer, H, P, N), float32, updated in place;
- * logits receives head->n floats. Returns 0, or -1 for a token id outside the embedding. */
-int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float* ssm_states, float* work, float* logits) {
+/* Mixer blocks first..last-1 on the residual stream h (d_model floats, updated in place). conv_states
+ * (n_layer, conv_dim, width - 1) and ssm_states (n_layer, H, P, N), float32, are indexed by layer and updated in
+ * place; work is the workspace (its first d_model floats, the whole step's h, are not touched here). A hybrid's
+ * caller runs its attention layers itself between such ranges (llamba/quant/runtime.py). */
+void llamba_mixer_blocks(const Model* m, int64_t first, int64_t last, float* h, float* conv_states, float* ssm_states,
+                         float* work) {
   const int64_t d = m->d_model, d_inner = m->d_inner, H = m->n_heads, G = m->n_groups, P = m->head_dim,
                 N = m->d_state, width = m->width, inter = m->inter;
   const int64_t conv_dim = d_inner + 2 * G * N, proj_dim = conv_dim + d_inner + H, heads_per_group = H / G;
-  if (token < 0 || token >= m->embedding.n) return -1;
 
-  float* ws = work;
-  float* h = ws;    ws += d;
+  float* ws = work + d;
   float* xn = ws;   ws += d;
   float* proj = ws; ws += proj_dim;
   float* xbc = ws;  ws += conv_dim;
@@ -236,8 +237,7 @@ int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float*
   float* out = ws;  ws += d;
   float* xsum = ws;
 
-  table_row(&m->embedding, token, h);
-  for (int64_t li = 0; li < m->n_layer; ++li) {
+  for (int64_t li = first; li < last; ++li) {
     const Layer* L = &m->layers[li];
 
     /* Discrete Mamba-2 mixer */
@@ -284,8 +284,31 @@ int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float*
     gemv(&L->down, gu, out, xsum);
     for (int64_t i = 0; i < d; ++i) h[i] += out[i];
   }
+}
+
+/* h (d_model floats) <- the embedding of token. Returns 0, or -1 for a token id outside the embedding. */
+int llamba_embed(const Model* m, int64_t token, float* h) {
+  if (token < 0 || token >= m->embedding.n) return -1;
+  table_row(&m->embedding, token, h);
+  return 0;
+}
+
+/* logits (head->n floats) <- head(final_norm(h)). */
+void llamba_head(const Model* m, const float* h, float* work, float* logits) {
+  const int64_t d = m->d_model, d_inner = m->d_inner, conv_dim = d_inner + 2 * m->n_groups * m->d_state;
+  float* xn = work + d;
+  float* xsum = xn + d + (conv_dim + d_inner + m->n_heads) + conv_dim + d_inner + 2 * m->inter + d;
   rms_norm(h, m->final_norm, xn, d, m->eps);
   gemv(&m->head, xn, logits, xsum);
+}
+
+/* A pure student's whole step: embedding, every block, final norm and head. logits receives head->n floats.
+ * Returns 0, or -1 for a token id outside the embedding. */
+int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float* ssm_states, float* work, float* logits) {
+  float* h = work;
+  if (llamba_embed(m, token, h) != 0) return -1;
+  llamba_mixer_blocks(m, 0, m->n_layer, h, conv_states, ssm_states, work);
+  llamba_head(m, h, work, logits);
   return 0;
 }
 

@@ -1,0 +1,151 @@
+"""``llamba bench serve``: ``llamba serve`` under load, on loopback, for the student and then the teacher served
+through the same server (same scheduler, same HTTP path; only the slot model differs).
+
+At each concurrency c, c clients each send ``requests_per_client`` streaming completions back to back (random
+token-id prompts of ``prompt_tokens``, exactly ``new_tokens`` new tokens: greedy with no EOS stop is not
+guaranteed, so the prompt is random and the count comes from the usage chunk). Measured per level: output
+tokens/s over the level's wall time, time to first token (request sent -> first text event) and inter-token
+latency (gaps between a stream's text events) at p50 / p99. The client speaks HTTP/1.1 over asyncio streams
+itself: a client library's per-request overhead would be measured as the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import resource
+import statistics
+import time
+from urllib.parse import urlparse
+
+DEFAULT_CONCURRENCY = [1, 16, 64, 256, 1024]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def stream_one(host: str, port: int, body: dict) -> dict:
+    """One streaming completion; returns its first-token time, its inter-token gaps and its token count."""
+    data = json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    sent = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        rest = await reader.read()
+        writer.close()
+        raise RuntimeError(f"the server answered {status.decode().strip()}: {rest[-300:].decode(errors='replace')}")
+    times, tokens = [], 0
+    while line := await reader.readline():  # chunked framing lines are skipped: only "data: " lines matter
+        if not line.startswith(b"data: "):
+            continue
+        if line.startswith(b"data: [DONE]"):
+            break
+        event = json.loads(line[6:])
+        if "error" in event:
+            raise RuntimeError(f"the stream failed: {event['error']['message']}")
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif event["choices"] and event["choices"][0]["text"]:
+            times.append(time.perf_counter())
+    writer.close()
+    if not times:
+        raise RuntimeError("a stream ended without any text")
+    return {"ttft": times[0] - sent, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens}
+
+
+async def load_level(url: str, model: str, concurrency: int, requests_per_client: int, prompt_tokens: int,
+                     new_tokens: int, vocab: int, seed: int = 0) -> dict:
+    u = urlparse(url)
+    rng = random.Random(seed)
+
+    def body() -> dict:
+        return {"model": model, "prompt": [rng.randrange(2, vocab) for _ in range(prompt_tokens)],
+                "max_tokens": new_tokens, "temperature": 0}
+
+    async def client() -> list[dict]:
+        return [await stream_one(u.hostname, u.port, body()) for _ in range(requests_per_client)]
+
+    start = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(client() for _ in range(concurrency))) for r in rs]
+    wall = time.perf_counter() - start
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "seconds": wall,
+            "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+            "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
+            "itl_p99_ms": 1e3 * percentile(gaps, 99), "ttft_mean_ms": 1e3 * statistics.fmean(ttft)}
+
+
+def raise_open_files(needed: int) -> None:
+    """Client and server ends of every connection are file descriptors of this process: 1024 clients need more
+    than the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, needed))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < needed:
+        raise ValueError(f"{needed} open files are needed for this concurrency, the hard limit is {hard}; "
+                         "raise it (ulimit -n) or lower --concurrency")
+
+
+def bench_system(label: str, model_path: str, args) -> dict:
+    from llamba.serve.server import BackgroundServer, build_app, load_served
+
+    top = max(args.concurrency)
+    slots = args.max_batch or top
+    served = load_served(model_path, slots, args.prompt_tokens + args.new_tokens, args.device, "auto",
+                         threads=args.threads, name=label)
+    app = build_app(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
+                    default_max_tokens=args.new_tokens)
+    levels = []
+    with BackgroundServer(app) as server:
+        # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation)
+        asyncio.run(load_level(server.url, label, 1, 1, args.prompt_tokens, args.new_tokens, served.slots.vocab_size))
+        for c in args.concurrency:
+            level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
+                                           args.new_tokens, served.slots.vocab_size, seed=c))
+            print(f"  {label} c={c}: {level['output_tokens_per_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} "
+                  f"ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 {level['itl_p99_ms']:.2f} ms", flush=True)
+            levels.append(level)
+    return {"model": model_path, "slots": slots, "kind": type(served.slots).__name__, "levels": levels}
+
+
+def table(systems: dict) -> str:
+    rows = ["| system | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in systems.items():
+        for lv in s["levels"]:
+            rows.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['output_tokens_per_s']:.1f} | "
+                        f"{lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} | "
+                        f"{lv['itl_p99_ms']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(args) -> dict:
+    from llamba.bench import report
+
+    if args.model is None:
+        raise ValueError("llamba bench serve needs --model (a student checkpoint or artifact); --teacher adds the "
+                         "teacher, served the same way")
+    raise_open_files(4 * max(args.concurrency) + 256)
+    systems = {"student": bench_system("student", args.model, args)}
+    if args.teacher:
+        systems["teacher"] = bench_system("teacher", args.teacher, args)
+    result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
+              "systems": systems}
+    notes = (f"loopback HTTP, streaming completions: prompts of {args.prompt_tokens} random tokens, "
+             f"{args.new_tokens} new tokens each (greedy), {args.requests_per_client} requests per client",
+             "slots: " + ", ".join(f"{k} {v['slots']} ({v['kind']})" for k, v in systems.items()),
+             "TTFT includes queueing for a slot; ITL: gaps between a stream's events, one token each")
+    print(report.write(args.out, result, "llamba serve under load", [table(systems)], notes))
+    return result

@@ -1,0 +1,45 @@
+"""``llamba serve``: the OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching."""
+
+from __future__ import annotations
+
+from llamba.cli.common import add_model_args, float_above, int_at_least
+
+
+def register(parser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a Llamba checkpoint, a `llamba quantize` artifact, or a teacher (name, folder, .gguf)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int_at_least(0), default=8000)
+    parser.add_argument("--max-batch", type=int_at_least(1), default=None,
+                        help="cache slots: sequences decoded together (default: 64 on GPU, 8 on CPU)")
+    parser.add_argument("--max-queue", type=int_at_least(0), default=None,
+                        help="requests that may wait for a slot; past it the server answers 429 (default: 4 x --max-batch)")
+    parser.add_argument("--max-context", type=int_at_least(2), default=2048,
+                        help="prompt + new tokens per request (a teacher's KV cache is this long per slot)")
+    parser.add_argument("--max-tokens-default", type=int_at_least(1), default=256,
+                        help="new tokens when a request gives no max_tokens")
+    parser.add_argument("--prefill-chunk", type=int_at_least(1), default=256,
+                        help="prompt tokens prefilled between two decode steps of the running batch")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
+                        help="serve a student through the CPU runtime (llamba.quant), quantized on load")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads")
+    parser.add_argument("--shutdown-timeout", type=float_above(0), default=30.0,
+                        help="seconds open requests may take to finish after SIGTERM before they are cancelled")
+    add_model_args(parser)
+
+
+def run(args) -> int:
+    from llamba.cli.common import resolve_device
+    from llamba.serve.server import build_app, load_served, run_foreground
+
+    device = resolve_device(args.device)  # before loading: a bad --device is refused at once
+    slots = args.max_batch or (64 if device.type == "cuda" else 8)
+    served = load_served(args.model, slots, args.max_context, args.device, args.dtype, args.quant, args.threads,
+                         args.served_model_name)
+    queue = args.max_queue if args.max_queue is not None else 4 * slots
+    app = build_app(served, queue, args.prefill_chunk, args.max_tokens_default)
+    print(f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "
+          f"context {served.max_context})", flush=True)
+    run_foreground(app, args.host, args.port, args.shutdown_timeout)
+    return 0

@@ -1,0 +1,230 @@
+"""Slot models: a served model's cache preallocated for ``n_slots`` sequences, that requests join and leave one at a
+time while the others keep decoding. Every kind of model the server runs has the same four calls:
+
+- ``begin()``, then ``prefill(piece)`` for each piece of one prompt: fills a *staging* cache (one row) and returns
+  the last position's logits. Staging keeps a half-prefilled prompt out of the slot rows, so that decode steps can
+  run between its pieces (every decode step advances every slot row of the batch it runs over).
+- ``join(slots)``: copies the staged state into those slot rows (several for ``n`` > 1 choices of one prompt): the
+  join at a token boundary. It overwrites whatever a slot held, which is the state reset.
+- ``decode(slots, tokens)``: one token for each of ``slots``; returns their next-token logits (len(slots), vocab).
+- ``release(slot)``: the slot is free again.
+
+Free rows inside a decode batch compute garbage that no one reads; rows never mix, so it cannot reach the others.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llamba.model.config import refuse_hybrid
+
+
+class LlambaSlots:
+    """A float Llamba student (CPU or CUDA): one ``LlambaCache`` of ``n_slots`` rows, decoded as one batch by the
+    model's own recurrent step. On CPU a step runs over rows [0, highest busy slot] only (slots are handed out
+    lowest first, so that is the busy ones and a few holes); on CUDA, with ``cuda_graph``, over all rows as one
+    captured graph of fixed shape."""
+
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
+        refuse_hybrid(model.config, "llamba serve's slot cache (KV layers need a write position per slot)")
+        self.model = model.eval()
+        self.n_slots, self.max_context = n_slots, max_context
+        self.vocab_size = model.config.vocab_size
+        self.device = model.backbone.embedding.weight.device
+        self.cache = model.allocate_cache(n_slots)
+        self.staging = model.allocate_cache(1)
+        self._busy = torch.zeros(n_slots, dtype=torch.bool)
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = _DecodeGraph(self) if use_graph else None
+
+    def begin(self) -> None:
+        self.staging.reset()
+
+    @torch.inference_mode()
+    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
+        out = self.model(piece.to(self.device)[None], past_key_values=self.staging, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def join(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.cache.conv_states[:, slot].copy_(self.staging.conv_states[:, 0])
+            self.cache.ssm_states[:, slot].copy_(self.staging.ssm_states[:, 0])
+            self._busy[slot] = True
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        index = torch.tensor(slots, device=self.device)
+        if self.graph is not None:
+            return self.graph.run(index, torch.tensor(tokens, device=self.device))
+        rows = max(slots) + 1
+        tok = torch.zeros(rows, dtype=torch.long, device=self.device)
+        tok[index] = torch.tensor(tokens, device=self.device)
+        out = self.model(tok[:, None], past_key_values=self.cache.row_view(slice(0, rows)), logits_to_keep=1)
+        return out.logits[index, -1].float()
+
+    def release(self, slot: int) -> None:
+        self._busy[slot] = False
+
+
+class _DecodeGraph:
+    """The slot batch's decode step captured as one CUDA graph over all ``n_slots`` rows: a static token buffer in,
+    static logits out, replayed once per token. Only the model's own forward is captured, so whatever kernels it
+    picks on CUDA (the fused Triton mixer step) are the ones replayed."""
+
+    def __init__(self, slots: LlambaSlots):
+        self.tok = torch.zeros(slots.n_slots, 1, dtype=torch.long, device=slots.device)
+        view = slots.cache.row_view(slice(0, slots.n_slots))
+
+        def step():
+            return slots.model(self.tok, past_key_values=view, logits_to_keep=1).logits[:, -1]
+
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: compiles kernels and settles the allocator before capture
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step()
+        slots.cache.reset()  # the warm-up and capture ran real steps on the (empty) slots
+
+    def run(self, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        self.tok.zero_()
+        self.tok[index, 0] = tokens
+        self.graph.replay()
+        return self.logits[index].float()
+
+
+class QuantSlots:
+    """The CPU runtime (``llamba.quant.CpuDecoder``: an int8 / int4 artifact, or a float32 student with ``--quant
+    none``): one batch-1 cache per slot, all on the same weights. Its compiled step is batch 1, so a decode step runs
+    the slots one after another: requests still join and leave at token boundaries, but the batch shares no GEMM."""
+
+    def __init__(self, decoder, n_slots: int, max_context: int):
+        self.decoder = decoder
+        self.n_slots, self.max_context = n_slots, max_context
+        self.vocab_size = decoder.config.vocab_size
+        self.caches = [decoder.new_cache() for _ in range(n_slots)]
+        self.staging = decoder.new_cache()
+
+    def begin(self) -> None:
+        self.staging.reset()
+
+    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
+        return self.decoder.prefill(piece, cache=self.staging).clone()
+
+    def join(self, slots: list[int]) -> None:
+        for slot in slots:
+            cache = self.caches[slot]
+            cache.conv_states.copy_(self.staging.conv_states)
+            cache.ssm_states.copy_(self.staging.ssm_states)
+            cache.seen_tokens = self.staging.seen_tokens
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        return torch.stack([self.decoder.step(tok, cache=self.caches[slot]).clone()
+                            for slot, tok in zip(slots, tokens)])
+
+    def release(self, slot: int) -> None:
+        pass
+
+
+class TeacherSlots:
+    """A transformers Llama (the teacher, served to compare against) with a static KV cache of ``n_slots`` rows x
+    ``max_context`` positions and a position per row, so rows at different lengths decode as one batch (a key is
+    visible to a row up to that row's position). transformers' own static cache keeps one position for the whole
+    batch, and ``llamba.bench.llama_static`` too, so neither fits slots that join at different times. The layers
+    run through the model's own modules (norms, projections, rotary embedding, MLP); attention is SDPA."""
+
+    def __init__(self, model, n_slots: int, max_context: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from llamba.teacher import check_llama_family
+
+        check_llama_family(model.config)
+        self._rope = apply_rotary_pos_emb
+        cfg = model.config
+        self.model = model.eval()
+        self.n_slots = n_slots
+        self.max_context = min(max_context, getattr(cfg, "max_position_embeddings", max_context))
+        self.vocab_size = cfg.vocab_size
+        self.n_q, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
+        p = next(model.parameters())
+        self.device = p.device
+        shape = (cfg.num_hidden_layers, n_slots + 1, self.n_kv, self.max_context, self.head_dim)  # last row: staging
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.pos = torch.zeros(n_slots + 1, dtype=torch.long, device=p.device)  # next write position per row
+        self.staging = n_slots
+
+    def _forward(self, ids: torch.Tensor, rows: slice, positions: torch.Tensor, keys: int,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """ids (b, L) at ``positions`` (b, L) for the cache rows ``rows`` (b of them); attends over the first ``keys``
+        cached positions under ``mask`` (b, 1, L, keys); returns the last position's logits (b, vocab)."""
+        m = self.model.model
+        b, L = ids.shape
+        row_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
+        h = m.embed_tokens(ids)
+        cos, sin = m.rotary_emb(h, positions)
+        for i, layer in enumerate(m.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, L, self.n_q, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            # (row, position) index pairs: each row writes at its own positions
+            self.k[i][row_index, :, positions] = k.transpose(1, 2)
+            self.v[i][row_index, :, positions] = v.transpose(1, 2)
+            # a slice of rows reads the cache in place (an index list would copy it every step)
+            o = F.scaled_dot_product_attention(q, self.k[i, rows, :, :keys], self.v[i, rows, :, :keys],
+                                               attn_mask=mask, enable_gqa=self.n_q != self.n_kv)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, L, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(m.norm(h[:, -1])).float()
+
+    def begin(self) -> None:
+        self.pos[self.staging] = 0
+
+    @torch.inference_mode()
+    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
+        start, L = int(self.pos[self.staging]), piece.shape[0]
+        if start + L > self.max_context:
+            raise ValueError(f"the prompt needs {start + L} positions; the KV cache holds {self.max_context}")
+        positions = torch.arange(start, start + L, device=self.device)
+        keys = torch.arange(start + L, device=self.device)
+        mask = (keys[None, :] <= positions[:, None])[None, None]
+        rows = slice(self.staging, self.staging + 1)
+        logits = self._forward(piece.to(self.device)[None], rows, positions[None], start + L, mask)
+        self.pos[self.staging] = start + L
+        return logits[0]
+
+    @torch.inference_mode()
+    def join(self, slots: list[int]) -> None:
+        n = int(self.pos[self.staging])
+        for slot in slots:
+            self.k[:, slot, :, :n].copy_(self.k[:, self.staging, :, :n])
+            self.v[:, slot, :, :n].copy_(self.v[:, self.staging, :, :n])
+            self.pos[slot] = n
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Rows [0, highest slot] as one batch; a free row among them sits at position 0 (``release``) and writes
+        there, which the next join overwrites."""
+        index = torch.tensor(slots, device=self.device)
+        rows = max(slots) + 1
+        pos = self.pos[:rows].clone()
+        keys = int(pos.max()) + 1  # attend over the longest row's keys only, not the whole cache
+        mask = (torch.arange(keys, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        tok = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        tok[index, 0] = torch.tensor(tokens, device=self.device)
+        logits = self._forward(tok, slice(0, rows), pos[:, None], keys, mask)
+        self.pos[index] += 1
+        return logits[index]
+
+    def release(self, slot: int) -> None:
+        self.pos[slot] = 0

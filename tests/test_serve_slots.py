@@ -1,0 +1,92 @@
+"""The slot models behind ``llamba serve``, driven through the scheduler without HTTP: the teacher's per-row KV
+cache and the CPU runtime's per-slot caches give every concurrent request exactly its tokens alone, and (CUDA only)
+the captured decode graph matches the plain step."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import make_tiny_student, make_word_tokenizer
+from llamba.serve.scheduler import Request, Scheduler
+
+pytestmark = [pytest.mark.usefixtures("one_cpu_thread"), pytest.mark.timeout(120)]
+
+
+def greedy_alone(logits_of, prompt: list[int], max_tokens: int) -> list[int]:
+    out = []
+    for _ in range(max_tokens):
+        out.append(int(logits_of(prompt + out).argmax()))
+    return out
+
+
+def collect(slots, prompts, max_tokens, prefill_chunk=4):
+    """Like run_concurrently, but returns each request's generated tokens (parsed from the word tokenizer's text)."""
+    tokenizer = make_word_tokenizer()
+    tokenizer.eos_token = "w99"
+    scheduler = Scheduler(slots, tokenizer, max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
+    done, texts, errors = threading.Semaphore(0), [""] * len(prompts), []
+
+    def emitter(i):
+        def emit(event):
+            if event.kind == "text":
+                texts[i] += event.text
+            elif event.kind == "error":
+                errors.append(event.text)
+            if event.kind in ("finish", "error"):
+                done.release()
+        return emit
+
+    for i, p in enumerate(prompts):
+        scheduler.submit(Request(p, max_tokens, emitter(i)))
+    for _ in prompts:
+        assert done.acquire(timeout=60)
+    scheduler.stop()
+    assert not errors, errors
+    return [[int(w[1:]) for w in t.split()] for t in texts]
+
+
+PROMPTS = [[5, 6, 7], [8] * 11, [20, 30, 40, 50, 60, 70, 80], [9], [33, 44, 55, 66, 77, 88, 22, 11, 3, 4]]
+
+
+def test_teacher_slots_give_each_request_its_tokens_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamba.serve.slots import TeacherSlots
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=128)).double().eval()
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: teacher(torch.tensor([ids])).logits[0, -1], p, 8) for p in PROMPTS]
+    assert len({tuple(e) for e in expected}) == len(PROMPTS)
+    # 3 slots for 5 requests: later ones join rows that others left, at other positions
+    got = collect(TeacherSlots(teacher, 3, 64), PROMPTS, 8)
+    assert got == expected
+
+
+def test_cpu_runtime_slots_give_each_request_its_tokens_alone():
+    from llamba.quant.kernels import load_kernels
+    from llamba.quant.runtime import CpuDecoder
+    from llamba.serve.slots import QuantSlots
+
+    if load_kernels() is None:
+        pytest.skip("no C compiler for the CPU runtime")
+    decoder = CpuDecoder(make_tiny_student(tied=False))
+    expected = [decoder.generate(torch.tensor(p), 8) for p in PROMPTS]
+    got = collect(QuantSlots(decoder, 2, 64), PROMPTS, 8)
+    assert got == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_the_plain_step():
+    from llamba.serve.slots import LlambaSlots
+
+    model = make_tiny_student(tied=False).cuda()
+    plain = collect(LlambaSlots(model, 4, 64, cuda_graph=False), PROMPTS, 8)
+    graphed = collect(LlambaSlots(model, 4, 64, cuda_graph=True), PROMPTS, 8)
+    assert graphed == plain
