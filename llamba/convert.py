@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from llamba.model import LlambaConfig, LlambaForCausalLM
-from llamba.model.config import check_attention_layers
+from llamba.model.config import DEFAULT_MIXER, check_attention_layers, check_mixer
 from llamba.teacher import check_llama_family
 
 INITS = ("identity", "attention")
@@ -38,10 +38,13 @@ def attention_cfg_from_teacher(tc) -> dict:
             "max_position_embeddings": tc.max_position_embeddings, "rope_parameters": dict(rope)}
 
 
-def student_config_from_teacher(tc, d_state: int = 64, attention_layers=()) -> LlambaConfig:
+def student_config_from_teacher(tc, d_state: int = 64, attention_layers=(), mixer: str | None = None) -> LlambaConfig:
     """One mixer head per teacher query head, of the teacher's head dim; MLP and vocabulary as the teacher's.
-    ``attention_layers``: a hybrid, whose layers with these indices keep the teacher's attention."""
+    ``attention_layers``: a hybrid, whose layers with these indices keep the teacher's attention. ``mixer``: the
+    other layers' mixer (``llamba.model.config.MIXERS``; None: Discrete Mamba-2, whose config names no mixer)."""
     check_llama_family(tc)
+    check_mixer(mixer, d_state)
+    named = {"mixer": mixer} if mixer and mixer != DEFAULT_MIXER else {}
     attention_layers = check_attention_layers(attention_layers, tc.num_hidden_layers)
     hybrid = {"attention_layers": attention_layers, "attention_cfg": attention_cfg_from_teacher(tc)} if attention_layers else {}
     n_heads = tc.num_attention_heads
@@ -54,23 +57,29 @@ def student_config_from_teacher(tc, d_state: int = 64, attention_layers=()) -> L
         pad_vocab_size_multiple=1,  # keep the teacher's vocabulary exactly, so embedding and head copy 1:1
         norm_epsilon=tc.rms_norm_eps,
         mlp_cfg={"intermediate_size": tc.intermediate_size, "bias": bool(getattr(tc, "mlp_bias", False)), "act_fn": "silu"},
-        ssm_cfg={"d_state": d_state, "n_v_heads": n_heads, "n_qk_heads": n_heads, "expand": d_inner / tc.hidden_size},
+        ssm_cfg={"d_state": d_state, "n_v_heads": n_heads, "n_qk_heads": n_heads, "expand": d_inner / tc.hidden_size,
+                 **named},
         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id, pad_token_id=getattr(tc, "pad_token_id", None),
         **hybrid,
     )
 
 
 @torch.no_grad()
-def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", attention_layers=()) -> LlambaForCausalLM:
+def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", attention_layers=(),
+                         mixer: str | None = None) -> LlambaForCausalLM:
     """``init='identity'``: mixers start as Llamba's pass-through (gate, conv, D); ``'attention'``: additionally
     C <- W_q, B <- W_k / sqrt(head dim), x <- W_v (GQA heads repeated), out_proj <- W_o and D <- 0, so that
     C_t . B_s is the teacher's attention logit q_t . k_s / sqrt(d) (without RoPE) and the mixer starts as the
     teacher's attention with its softmax linearised (MambaInLlama, RADLADS, LoLCATs copy these weights too).
-    ``attention_layers``: a hybrid student; those layers keep the teacher's attention, weights copied as they are."""
+    ``attention_layers``: a hybrid student; those layers keep the teacher's attention, weights copied as they are.
+    ``mixer='gateloop'``: GateLoop mixers; with ``init='attention'`` their phase bias is also the teacher's RoPE
+    frequencies (phase weight 0), so that with the decay at 1 the mixing matrix is the teacher's linear attention
+    *with* RoPE, (q_t R_t) . (k_s R_s) / sqrt(d). With ``'identity'`` the phase starts at Llama's default frequencies
+    for d_state (``GateLoopMamba2.reset_parameters_to_identity``)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
     tc = teacher.config
-    config = student_config_from_teacher(tc, d_state, attention_layers)
+    config = student_config_from_teacher(tc, d_state, attention_layers, mixer)
     dtype = next(teacher.parameters()).dtype
     student = LlambaForCausalLM(config).to(dtype)
 
@@ -138,3 +147,20 @@ def _init_mixer_from_attention(mixer, attn, tc) -> None:
     w[d_inner + gn:d_inner + 2 * gn] = attn.q_proj.weight
     mixer.out_proj.weight.copy_(attn.o_proj.weight)
     mixer.D.zero_()  # attention has no skip: the token's own value reaches the output only through C_t . B_t
+    if mixer.rotates:
+        inv_freq, scaling = teacher_rope(tc)
+        # RoPE multiplies q and k by `scaling` each (1 except for yarn-like types): fold both into B.
+        w[d_inner:d_inner + gn] *= scaling ** 2
+        mixer.phase_proj.weight.zero_()  # the phase starts input-independent: exactly the teacher's RoPE
+        mixer.phase_proj.bias.copy_(inv_freq.to(mixer.phase_proj.bias.dtype).repeat(mixer.n_qk_heads))
+
+
+def teacher_rope(tc) -> tuple[torch.Tensor, float]:
+    """(inv_freq (head dim / 2,), attention_scaling): the teacher's RoPE as transformers' Llama computes it from
+    ``rope_theta`` / ``rope_scaling`` (``rope_parameters``). Dim j pairs with dim j + head dim / 2 (rotate_half),
+    the GateLoop mixer's pairing, so inv_freq is its phase bias as it stands. Types whose frequencies change with
+    the sequence length ('dynamic') give their short-context frequencies, which a fixed bias can only follow."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rotary = LlamaRotaryEmbedding(tc)
+    return rotary.inv_freq.detach().to(torch.float64), float(rotary.attention_scaling)

@@ -54,6 +54,8 @@ def register(parser) -> None:
     parser.add_argument("--batch-tokens", type=int_at_least(1), help="tokens per optimizer step, all GPUs (all stages)")
     parser.add_argument("--d-state", type=int_at_least(1))
     parser.add_argument("--init", choices=("identity", "attention"))
+    parser.add_argument("--mixer", help="the student's mixer (recipe field mixer): discrete_mamba2 "
+                        "(default) or gateloop (needs an even d_state; docs/gateloop.md)")
     parser.add_argument("--attention-layers", help="hybrid student: these layers (e.g. 5,14) keep the teacher's "
                         "attention (recipe field attention_layers; stage 1 skips them); auto:K chooses K by "
                         "measurement before stage 3 (each layer restored in turn, ranked by the KL it recovers)")
@@ -96,7 +98,7 @@ def build_recipe(args) -> dict:
             print(SMOKE_NOTICE, file=sys.stderr, flush=True)
     recipe = load_recipe(name)
     top = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "batch_tokens": args.batch_tokens,
-           "d_state": args.d_state, "init": args.init, "checkpoint_every": args.checkpoint_every,
+           "d_state": args.d_state, "init": args.init, "mixer": args.mixer, "checkpoint_every": args.checkpoint_every,
            "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "seed": args.seed,
            "val_tokens": args.val_tokens, "eval_tokens": args.eval_tokens}
     for k, v in top.items():
@@ -109,6 +111,10 @@ def build_recipe(args) -> dict:
             v = getattr(args, f"stage{s}_{field}")
             if v is not None:
                 recipe["stages"][s][field] = v
+    if recipe.get("mixer") is not None:
+        from llamba.model.config import check_mixer
+
+        check_mixer(recipe.get("mixer"), recipe["d_state"])  # a typo or an odd d_state fails before any work
     if args.attention_layers is not None:
         from llamba.convert import parse_attention_layers
 

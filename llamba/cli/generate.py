@@ -62,8 +62,13 @@ def uses_cpu_runtime(args, device) -> bool:
 
     if wants_quant_runtime(args.model, args.quant):
         return True
-    return (device.type == "cpu" and not args.transformers and args.batch_size is None
-            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model)))
+    if not (device.type == "cpu" and not args.transformers and args.batch_size is None
+            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model))):
+        return False
+    from llamba.model import LlambaConfig
+    from llamba.model.config import DEFAULT_MIXER
+
+    return LlambaConfig.from_pretrained(args.model).mixer == DEFAULT_MIXER  # the C step has no GateLoop rotation
 
 
 def run(args) -> int:

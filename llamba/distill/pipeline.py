@@ -24,6 +24,7 @@ from llamba.distill.recipes import stage_config
 from llamba.distill.select import auto_count
 from llamba.distill.stages import STAGES
 from llamba.distill.trainer import Metrics, train_stage
+from llamba.model.config import DEFAULT_MIXER, check_mixer
 
 FINEWEB = "hf:HuggingFaceFW/fineweb-edu:sample-10BT:train"
 SAMPLE_PROMPT = "The old house at the end of the lane"
@@ -60,7 +61,7 @@ def _save_student_atomic(student, tokenizer, path: Path) -> None:
 # -- what a finished stage was trained with, and the checks made before any heavy work --------------------------
 # Settings that do not change what a stage computes; anything else differing from a finished stage's is refused.
 NOT_RESULT_SETTINGS = ("name", "checkpoint_every", "compile", "activation_checkpointing", "val_tokens", "eval_tokens")
-INIT_SETTINGS = ("d_state", "init", "seed")
+INIT_SETTINGS = ("d_state", "init", "seed", "mixer")  # a record without "mixer" (older runs) reads as the default
 INIT_RECORD = "init_settings.json"
 
 
@@ -110,6 +111,7 @@ def init_conflict(opts: Options) -> str | None:
 def check_inputs(opts: Options, d) -> None:
     """Everything that can be refused from the options and the disk alone, before the tokenizer, the data and the
     teacher load (on rank 0, which decides for all: ranks must not take different branches)."""
+    check_mixer(opts.recipe.get("mixer"), opts.recipe["d_state"])  # the same on every rank: all refuse alike
     problem = None
     if d.main:
         checks = [lambda: init_conflict(opts), *(lambda s=s: finished_stage_conflict(opts, s) for s in sorted(opts.stages)),
@@ -141,6 +143,10 @@ def _student_problem(opts: Options) -> str | None:
     wrong = [f"{k} {a} vs the teacher's {b}" for k, (a, b) in pairs.items() if a != b]
     if wrong:
         return f"--student {path} does not fit the teacher {opts.teacher}: {', '.join(wrong)}; distill it from its own teacher"
+    asked = opts.recipe.get("mixer")
+    if asked is not None and student.mixer != asked:  # the recipe's mixer cannot change a given student's
+        return (f"--student {path} has {student.mixer} mixers, but this run asks for --mixer {asked}; leave --mixer "
+                f"out to train it as it is, or convert a {asked} student (llamba convert --mixer {asked})")
     return None
 
 
@@ -340,12 +346,15 @@ def run(opts: Options) -> dict | None:
         if list(student.config.attention_layers) != wanted:  # resuming must not silently change the architecture
             raise ValueError(f"{init_dir} is a student with attention layers {student.config.attention_layers}, but "
                              f"this run asks for {wanted}; use a new --out, or the same --attention-layers")
+        if student.config.mixer != (recipe.get("mixer") or DEFAULT_MIXER):
+            raise ValueError(f"{init_dir} is a student with {student.config.mixer} mixers, but this run asks for "
+                             f"{recipe.get('mixer')}; use a new --out, or the same --mixer")
     else:
         if d.main:
             (opts.out / INIT_RECORD).write_text(json.dumps({k: recipe.get(k) for k in INIT_SETTINGS}))
         torch.manual_seed(recipe["seed"])
         student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"],
-                                       attention_layers=init_layers).float().to(d.device)
+                                       attention_layers=init_layers, mixer=recipe.get("mixer")).float().to(d.device)
         if d.main:
             _save_student_atomic(student, tokenizer, init_dir)
         distributed.barrier(d)

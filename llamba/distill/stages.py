@@ -114,9 +114,7 @@ class MatrixOrientation(nn.Module):
         for i, block in enumerate(self.layers):  # out_proj and the gate do not shape the matrix: they wait for stage 2
             if i in self.skip:
                 continue
-            yield from block.mixer.in_proj.parameters()
-            yield from block.mixer.conv1d.parameters()
-            yield block.mixer.D
+            yield from block.mixer.matrix_parameters()
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         per_layer = []

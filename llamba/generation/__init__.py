@@ -8,6 +8,7 @@ import torch
 
 from llamba.generation.engine import Decoder, GenerationOutput, generate
 from llamba.generation.sampling import SamplingParams, process_logits, select_tokens
+from llamba.model.config import DEFAULT_MIXER, mixer_name
 
 # What model.generate() may pass for the fast path to take over; anything else goes to transformers.
 _FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",

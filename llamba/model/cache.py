@@ -7,6 +7,7 @@ import copy
 
 import torch
 
+from llamba.model.config import mixer_name
 from llamba.ops.ssd.naive import state_dtype
 
 # A hybrid's KV cache length when none is given (generate() sizes it to prompt + new tokens itself).
@@ -19,7 +20,11 @@ class LlambaCache:
 
     Per attention layer of a hybrid (``config.attention_layers``): keys and values after RoPE, (batch, kv heads,
     max_length, head dim), plus which cached positions are real tokens (not left padding) and each row's count of
-    real tokens (the next RoPE position)."""
+    real tokens (the next RoPE position).
+
+    A GateLoop student (``ssm_cfg.mixer == 'gateloop'``) also keeps each mixer's cumulative phase, (batch, G, N/2) in
+    the state dtype: its SSM state is written in the frame of B and C rotated by that phase, so the two go together
+    (``phase_states``; None for Discrete Mamba-2, whose cache is unchanged)."""
 
     is_compileable = False  # transformers' generate() asks; our CUDA-graph path lives in llamba.generation
 
@@ -30,6 +35,10 @@ class LlambaCache:
         self.ssm_states = torch.zeros(
             config.n_layer, batch_size, config.n_v_heads, config.head_dim, config.d_state,
             dtype=state_dtype(dtype), device=device)
+        self.phase_states = None
+        if mixer_name(config) == "gateloop":
+            self.phase_states = torch.zeros(config.n_layer, batch_size, config.n_qk_heads, config.d_state // 2,
+                                            dtype=state_dtype(dtype), device=device)
         self.seen_tokens = 0
         attention_layers = list(getattr(config, "attention_layers", None) or [])
         self.attention_slot = {layer: slot for slot, layer in enumerate(attention_layers)}
@@ -77,6 +86,8 @@ class LlambaCache:
     def reset(self) -> None:
         self.conv_states.zero_()
         self.ssm_states.zero_()
+        if self.phase_states is not None:
+            self.phase_states.zero_()
         if self.has_attention:
             for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid, self.position):
                 t.zero_()
@@ -106,6 +117,7 @@ class LlambaCache:
         view = LlambaCache.__new__(LlambaCache)
         view.conv_states = self.conv_states[:, rows]
         view.ssm_states = self.ssm_states[:, rows]
+        view.phase_states = None if self.phase_states is None else self.phase_states[:, rows]
         view.seen_tokens = seen_tokens
         view.attention_slot, view.max_length = self.attention_slot, self.max_length
         if self.has_attention:
@@ -116,7 +128,8 @@ class LlambaCache:
 
     def _tensors(self) -> list[torch.Tensor]:
         extra = [self.key_cache, self.value_cache] if self.has_attention else []
-        return [self.conv_states, self.ssm_states, *extra]
+        phase = [self.phase_states] if self.phase_states is not None else []
+        return [self.conv_states, self.ssm_states, *phase, *extra]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows named by ``beam_idx``."""
@@ -132,8 +145,8 @@ class LlambaCache:
         continuations still see their context."""
         out = copy.copy(self)
         rows = rows.to(self.conv_states.device)
-        for name in ("conv_states", "ssm_states", "key_cache", "value_cache"):
-            if hasattr(self, name):
+        for name in ("conv_states", "ssm_states", "phase_states", "key_cache", "value_cache"):
+            if getattr(self, name, None) is not None:
                 setattr(out, name, getattr(self, name).index_select(1, rows))
         if self.has_attention:
             out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)

@@ -28,6 +28,10 @@ DEFAULT_ATTENTION_CFG = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 HYBRID_FIELDS = ("attention_layers", "attention_cfg")
+# ssm_cfg["mixer"]: which recurrence the non-attention layers run. Absent means Discrete Mamba-2, so the official
+# config.json files (which have no such field) load unchanged and a Discrete Mamba-2 student writes none.
+DEFAULT_MIXER = "discrete_mamba2"
+MIXERS = (DEFAULT_MIXER, "gateloop")
 
 
 def check_attention_layers(layers, n_layer: int) -> list[int]:
@@ -40,6 +44,33 @@ def check_attention_layers(layers, n_layer: int) -> list[int]:
     if len(set(layers)) != len(layers):
         raise ValueError(f"attention layers {layers}: each index may appear only once")
     return sorted(layers)
+
+
+def refuse_rotating(config, what: str) -> None:
+    """For code that runs the Discrete Mamba-2 recurrence only (the C decode step of the CPU runtime, quantization
+    for it): a clear error on a GateLoop student, whose mixers rotate B and C by a cumulative phase that such code
+    would skip, instead of silently wrong output."""
+    if mixer_name(config) != DEFAULT_MIXER:
+        raise NotImplementedError(
+            f"{what} does not support {mixer_name(config)!r} mixers yet (ssm_cfg.mixer): it runs the Discrete "
+            "Mamba-2 recurrence only and would skip their phase rotation; run this student as a float model "
+            "instead (`llamba generate` without --quant, model.generate, the CUDA engine)")
+
+
+def check_mixer(mixer: str | None, d_state: int) -> None:
+    """ValueError, saying what to change, for an unknown mixer name or a d_state the mixer cannot have."""
+    mixer = mixer or DEFAULT_MIXER
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer {mixer!r} (ssm_cfg.mixer / --mixer): unknown; choose one of {', '.join(MIXERS)} "
+                         f"(none means {DEFAULT_MIXER})")
+    if mixer == "gateloop" and d_state % 2:
+        raise ValueError(f"d_state={d_state} with the 'gateloop' mixer: it rotates pairs of state dims (dim j with "
+                         "dim j + d_state/2, as RoPE pairs them), so d_state must be even; give an even --d-state")
+
+
+def mixer_name(config) -> str:
+    """The mixer of a config's non-attention layers: ssm_cfg["mixer"], Discrete Mamba-2 when absent."""
+    return (getattr(config, "ssm_cfg", None) or {}).get("mixer") or DEFAULT_MIXER
 
 
 class LlambaConfig(PretrainedConfig):
@@ -95,6 +126,7 @@ class LlambaConfig(PretrainedConfig):
         if ssm["n_v_heads"] % ssm["n_qk_heads"]:
             raise ValueError(
                 f"ssm_cfg.n_v_heads={ssm['n_v_heads']} must be a multiple of ssm_cfg.n_qk_heads={ssm['n_qk_heads']}")
+        check_mixer(self.mixer, ssm["d_state"])
 
     def to_dict(self) -> dict:
         """A pure student's dict (hence config.json) stays exactly the official cartesia one: no hybrid fields."""
@@ -124,6 +156,10 @@ class LlambaConfig(PretrainedConfig):
             rope_parameters=dict(a["rope_parameters"]), rms_norm_eps=self.norm_epsilon)
         cfg._attn_implementation = "sdpa"
         return cfg
+
+    @property
+    def mixer(self) -> str:
+        return mixer_name(self)
 
     # Derived sizes, named as in the mixer's equations.
     @property

@@ -4,6 +4,10 @@
     [x | B | C] <- causal depthwise conv (kernel 4, bias, no activation)
     a = exp(-softplus(A_log));  S_t = a_t S_{t-1} + x_t B_t^T;  y_t = S_t C_t + D x_t
     out = out_proj(y * silu(z + z_bias))
+
+``GateLoopMamba2`` (``ssm_cfg.mixer = 'gateloop'``) adds a phase per group and state pair, theta = phase_proj(u)
+(weight + bias), making the transition complex: a_t = |a_t| e^{i theta_t}; computed as the same scan of B and C
+rotated by the cumulative phase (docs/gateloop.md).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamba.model.cache import LlambaCache
-from llamba.model.config import LlambaConfig
+from llamba.model.config import DEFAULT_MIXER, LlambaConfig, mixer_name
 from llamba.ops.conv import causal_conv
 from llamba.ops.decode import mixer_step
+from llamba.ops.gateloop import gateloop_mixing_matrix, rotate_by_phase
 from llamba.ops.ssd import mixing_matrix, needs_grad, ssd_scan, use_triton
 from llamba.ops.ssd.naive import state_dtype
 
@@ -40,6 +45,8 @@ def aligned_in_proj(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 class DiscreteMamba2(nn.Module):
+    rotates = False  # GateLoopMamba2: B and C are rotated by a cumulative phase (``phase``)
+
     def __init__(self, config: LlambaConfig, layer_idx: int = 0):
         super().__init__()
         ssm = config.ssm_cfg
@@ -81,6 +88,16 @@ class DiscreteMamba2(nn.Module):
     def log_decay(self, A_log: torch.Tensor) -> torch.Tensor:
         return -F.softplus(A_log.to(state_dtype(A_log.dtype)))
 
+    def phase(self, u: torch.Tensor) -> torch.Tensor | None:
+        """The per-token phase increments theta (batch, L, G, N/2) of a rotating mixer; None: no rotation."""
+        return None
+
+    def matrix_parameters(self):
+        """The parameters that shape ``mixing_matrix`` (what MOHAWK stage 1 trains)."""
+        yield from self.in_proj.parameters()
+        yield from self.conv1d.parameters()
+        yield self.D
+
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -92,7 +109,7 @@ class DiscreteMamba2(nn.Module):
         """u (batch, L, d_model). With a cache that has seen tokens, continues from its state; a single token
         goes through the recurrent step. ``attention_mask`` (batch, L), 0 on left padding: padded tokens leave
         the state untouched. ``seq_idx`` (batch, L): document index for packed sequences (state resets)."""
-        return self.out_proj(self.mix(*self._split_projection(u), cache, seq_idx, attention_mask))
+        return self.out_proj(self.mix(*self._split_projection(u), cache, seq_idx, attention_mask, theta=self.phase(u)))
 
     def mix(
         self,
@@ -102,14 +119,19 @@ class DiscreteMamba2(nn.Module):
         cache: LlambaCache | None = None,
         seq_idx: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        theta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mixer between its two projections: in_proj's (xBC, z, A_log), each (batch, L, width), to the gated
-        output (batch, L, d_inner) that out_proj reads."""
+        output (batch, L, d_inner) that out_proj reads. ``theta``: a rotating mixer's ``phase(u)``, required for one."""
         batch, length, _ = xBC.shape
         continuing = cache is not None and cache.seen_tokens > 0
+        if self.rotates and theta is None:  # without it the output would silently be plain Discrete Mamba-2's
+            raise ValueError(f"{type(self).__name__}.mix needs theta=mixer.phase(u): its B and C rotate by the phase")
+        if not self.rotates and theta is not None:
+            raise ValueError("theta given to a Discrete Mamba-2 mixer, which has no phase")
 
         if continuing and length == 1 and attention_mask is None and seq_idx is None:
-            return self._mix_step(xBC[:, 0], z[:, 0], A_log[:, 0], cache)[:, None]
+            return self._mix_step(xBC[:, 0], z[:, 0], A_log[:, 0], cache, None if theta is None else theta[:, 0])[:, None]
 
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
         padded = attention_mask is not None and not bool(attention_mask.all())
@@ -131,6 +153,13 @@ class DiscreteMamba2(nn.Module):
         log_a = self.log_decay(A_log)
         if padded:
             log_a = log_a * attention_mask[:, -length:, None].to(log_a.dtype)  # ... nor decay it
+        if theta is not None:
+            if padded:
+                theta = theta * attention_mask[:, -length:, None, None].to(theta.dtype)  # ... nor turn its phase
+            B, C, final_phase = rotate_by_phase(
+                B, C, theta, cache.phase_states[self.layer_idx] if continuing else None, seq_idx)
+            if cache is not None:
+                cache.phase_states[self.layer_idx].copy_(final_phase)
         initial_state = cache.ssm_states[self.layer_idx] if continuing else None
         y, final_state = ssd_scan(
             x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx, chunk_size=self.chunk_size,
@@ -148,7 +177,8 @@ class DiscreteMamba2(nn.Module):
         ``in_proj`` (``llamba.model.functional.StepOptions``) picks how in_proj runs; all routes are the same
         product, in different GEMMs (see ``split_in_proj``)."""
         xBC, z, A_log = self._step_projection(u[:, 0], in_proj)
-        return self.out_proj(self._mix_step(xBC, z, A_log, cache)[:, None])
+        theta = self.phase(u)
+        return self.out_proj(self._mix_step(xBC, z, A_log, cache, None if theta is None else theta[:, 0])[:, None])
 
     def _step_projection(self, u: torch.Tensor, route: str):
         """in_proj of u (batch, d_model) as (xBC, z, A_log); with ``route`` "kernel", A_log is given as (u, its
@@ -165,11 +195,13 @@ class DiscreteMamba2(nn.Module):
                     (u, weight[main:], None if bias is None else bias[main:]))
         raise ValueError(f"in_proj route {route!r}: choose 'one', 'split' or 'kernel'")
 
-    def _mix_step(self, xBC, z, A_log, cache: LlambaCache) -> torch.Tensor:
-        """The fused decode step (Triton on CUDA, else its PyTorch twin) on this layer's states: (batch, d_inner)."""
+    def _mix_step(self, xBC, z, A_log, cache: LlambaCache, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused decode step (Triton on CUDA, else its PyTorch twin) on this layer's states: (batch, d_inner).
+        ``theta`` (batch, G, N/2): a rotating mixer's phase increment, its phase state in ``cache`` turned in place."""
         conv = self.conv1d
+        phase = None if theta is None else (theta, cache.phase_states[self.layer_idx])
         return mixer_step(xBC, z, A_log, cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
-                          conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads)
+                          conv.weight, conv.bias, self.D, self.z_bias, self.n_qk_heads, phase=phase)
 
     def mixing_matrix(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The mixer's token-mixing matrix for input u (batch, L, d_model): (batch, H, L, L), D on the diagonal.
@@ -179,6 +211,10 @@ class DiscreteMamba2(nn.Module):
         xBC, _, A_log = self._split_projection(u)
         xBC, _ = causal_conv(xBC, self.conv1d.weight, self.conv1d.bias, None, seq_idx)
         _, B, C = self._split_xBC(xBC)
+        theta = self.phase(u)
+        if theta is not None:
+            return gateloop_mixing_matrix(B, C, self.log_decay(A_log), theta, D=self.D, seq_idx=seq_idx,
+                                          n_heads=self.n_v_heads)
         return mixing_matrix(B, C, self.log_decay(A_log), D=self.D, seq_idx=seq_idx, n_heads=self.n_v_heads)
 
     @torch.no_grad()
@@ -196,3 +232,58 @@ class DiscreteMamba2(nn.Module):
         if self.conv1d.bias is not None:
             self.conv1d.bias.zero_()
         self.D.fill_(1.0)
+
+
+def rope_frequencies(d_state: int, base: float = 10000.0) -> torch.Tensor:
+    """Llama's default RoPE inverse frequencies base^(-2j/N), j < N/2, float64: a fresh GateLoop mixer's phase bias
+    (``llamba convert`` puts the teacher's own there instead)."""
+    return base ** -(torch.arange(0, d_state, 2, dtype=torch.float64) / d_state)
+
+
+class GateLoopMamba2(DiscreteMamba2):
+    """Discrete Mamba-2 with GateLoop's complex transition: per value head h and state pair j (dims j, j + N/2),
+    a_t = exp(-softplus(A_log_t)) e^{i theta_t}, with theta_t = phase_proj(u_t) per query/key group (the heads of a
+    group share B and C, so they share its rotation) and pair. Its state is the real scan's, in the frame of B and C
+    rotated by the cumulative phase, which the cache keeps beside it (``LlambaCache.phase_states``)."""
+
+    rotates = True
+
+    def __init__(self, config: LlambaConfig, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        if self.d_state % 2:
+            raise ValueError(f"d_state={self.d_state}: a GateLoop mixer rotates pairs of state dims, so it must be even")
+        # A linear map plus a bias, as in GateLoop; its own module rather than more in_proj rows, so that in_proj
+        # keeps the Discrete Mamba-2 layout (and its aligned-GEMM split) exactly.
+        self.phase_proj = nn.Linear(self.d_model, self.n_qk_heads * self.d_state // 2, bias=True)
+
+    def phase(self, u: torch.Tensor) -> torch.Tensor:
+        """theta (batch, L, G, N/2) in the state dtype. Computed in it (never under autocast) because theta is summed
+        along the sequence: a bf16 rounding of it would be a systematic error in every later position's angle."""
+        dtype = state_dtype(u.dtype)
+        p = self.phase_proj
+        if not isinstance(p, nn.Linear):  # a quantized stand-in
+            theta = p(u).to(dtype)
+        else:
+            with torch.autocast(u.device.type, enabled=False):
+                theta = F.linear(u.to(dtype), p.weight.to(dtype), p.bias.to(dtype))
+        return theta.view(*u.shape[:-1], self.n_qk_heads, self.d_state // 2)
+
+    def matrix_parameters(self):
+        yield from super().matrix_parameters()
+        yield from self.phase_proj.parameters()
+
+    @torch.no_grad()
+    def reset_parameters_to_identity(self) -> None:
+        """As Discrete Mamba-2's, and the phase input-independent at Llama's default RoPE frequencies (weight 0):
+        a relative-position rotation from the start that the data dependence is learnt on top of."""
+        super().reset_parameters_to_identity()
+        self.phase_proj.weight.zero_()
+        self.phase_proj.bias.copy_(rope_frequencies(self.d_state).repeat(self.n_qk_heads))
+
+
+MIXER_CLASSES = {DEFAULT_MIXER: DiscreteMamba2, "gateloop": GateLoopMamba2}
+
+
+def mixer_class(config) -> type[DiscreteMamba2]:
+    """The mixer class of a config's non-attention layers (``ssm_cfg.mixer``, checked by ``LlambaConfig``)."""
+    return MIXER_CLASSES[mixer_name(config)]

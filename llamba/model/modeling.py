@@ -20,7 +20,7 @@ from llamba.model import functional as fn
 from llamba.model.cache import LlambaCache
 from llamba.model.config import LlambaConfig
 from llamba.model.functional import StepOptions
-from llamba.model.mixer import DiscreteMamba2
+from llamba.model.mixer import DiscreteMamba2, GateLoopMamba2, mixer_class, rope_frequencies
 
 try:  # lets gradient_checkpointing_enable() wrap our blocks
     from transformers.modeling_layers import GradientCheckpointingLayer as _BlockBase
@@ -175,7 +175,7 @@ class LlambaBlock(_BlockBase):
         if config.is_attention_layer(layer_idx):
             self.mixer = LlambaAttention(config, layer_idx, rotary)
         else:
-            self.mixer = DiscreteMamba2(config, layer_idx)
+            self.mixer = mixer_class(config)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_epsilon)
         self.mlp = SwiGLU(config.d_model, config.mlp_cfg["intermediate_size"], config.mlp_cfg["bias"])
 
@@ -232,6 +232,9 @@ class LlambaPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.conv1d.weight, a=5 ** 0.5)
             if module.conv1d.bias is not None:
                 init.zeros_(module.conv1d.bias)
+            if isinstance(module, GateLoopMamba2):  # after its phase_proj's nn.Linear init (children come first)
+                init.zeros_(module.phase_proj.weight)
+                init.copy_(module.phase_proj.bias, rope_frequencies(module.d_state).repeat(module.n_qk_heads))
         elif isinstance(module, LlamaRotaryEmbedding):
             super()._init_weights(module)  # recomputes inv_freq (a non-persistent buffer) after meta-device loading
 

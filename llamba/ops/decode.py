@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llamba.ops.conv import conv_step
+from llamba.ops.gateloop.recurrent import gateloop_step
 from llamba.ops.ssd.naive import state_dtype
 from llamba.ops.ssd.recurrent import ssd_step
 
@@ -23,10 +24,11 @@ def a_log_rows(A_log):
     return rows if bias is None else rows + bias.to(acc)
 
 
-def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
+def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
     """xBC (b, conv_dim) raw in_proj rows; z (b, d_inner); A_log (b, H) or its projection (``a_log_rows``);
-    conv_state (b, conv_dim, K-1) and ssm_state (b, H, P, N) updated in place; z_bias (d_inner) or None. Returns
-    the gated output (b, d_inner) before out_proj."""
+    conv_state (b, conv_dim, K-1) and ssm_state (b, H, P, N) updated in place; z_bias (d_inner) or None. ``phase``:
+    a GateLoop mixer's (theta (b, G, N/2), phase state (b, G, N/2), updated in place). Returns the gated output
+    (b, d_inner) before out_proj."""
     A_log = a_log_rows(A_log)
     batch, n_heads, head_dim, d_state = ssm_state.shape
     d_inner = n_heads * head_dim
@@ -34,13 +36,22 @@ def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bia
     x, B, C = torch.split(xBC, [d_inner, n_qk_heads * d_state, n_qk_heads * d_state], dim=-1)
     x = x.reshape(batch, n_heads, head_dim)
     log_a = -F.softplus(A_log.to(state_dtype(x.dtype)))
-    y = ssd_step(ssm_state, x, B.reshape(batch, n_qk_heads, d_state), C.reshape(batch, n_qk_heads, d_state), log_a)
+    B, C = B.reshape(batch, n_qk_heads, d_state), C.reshape(batch, n_qk_heads, d_state)
+    if phase is None:
+        y = ssd_step(ssm_state, x, B, C, log_a)
+    else:
+        theta, phase_state = phase
+        y = gateloop_step(ssm_state, phase_state, x, B, C, log_a, theta)
     y = y + D.to(y.dtype)[:, None] * x
     return y.reshape(batch, d_inner) * F.silu(z if z_bias is None else z + z_bias)
 
 
-def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
-    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference."""
+def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
+    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference. A GateLoop
+    step (``phase`` given) always takes the PyTorch one: the fused kernel has no phase rotation yet."""
+    if phase is not None:
+        return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
+                                phase)
     if xBC.is_cuda and xBC.dtype != torch.float64:
         try:
             from llamba.ops.triton_decode import mixer_step_triton

@@ -18,8 +18,10 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
     ``quant='int4'`` keeps the MLPs int8: on a trained student int4 MLPs cost far more perplexity than int4 mixers
     (results/edge-cpu-ppl-student.json)."""
+    from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
+    refuse_rotating(model.config, "quantization for the CPU runtime (llamba.quant)")
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
     head_bits = DEFAULT_HEAD_BITS[quant] if head_bits is None else head_bits

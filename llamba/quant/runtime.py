@@ -21,6 +21,7 @@ from torch import nn
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model import LlambaCache
+from llamba.model.config import refuse_rotating
 from llamba.model.functional import StepOptions
 from llamba.quant import kernels
 from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
@@ -65,6 +66,7 @@ class CpuDecoder:
                  max_length: int | None = None):
         """``max_length``: the positions a hybrid's KV cache holds (prompt + new tokens; default the model's
         cache default, and ``generate`` grows it when a call needs more); ignored for a pure student."""
+        refuse_rotating(model.config, "the CPU runtime (llamba.quant)")
         self.lib = kernels.load_kernels()
         if self.lib is None:
             raise RuntimeError(f"the CPU decode kernel could not be built ({kernels.kernel_error()}); "
