@@ -81,6 +81,26 @@ def test_cpu_runtime_slots_give_each_request_its_tokens_alone():
     assert got == expected
 
 
+def test_gateloop_student_slots_carry_the_phase_into_the_slot():
+    """A GateLoop student's state means nothing without its cumulative phase: a request joining its slot takes
+    both, so each request still gets its tokens alone."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+    from llamba.serve.slots import LlambaSlots
+
+    torch.manual_seed(0)
+    config = LlambaConfig(d_model=32, n_layer=2, vocab_size=100, mlp_cfg={"intermediate_size": 64},
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8, "mixer": "gateloop"})
+    model = LlambaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a phase that depends on the input, and mixers that matter
+            p.add_(0.3 * torch.randn_like(p))
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 8) for p in PROMPTS]
+    expected = [e[:e.index(99)] if 99 in e else e for e in expected]  # w99 is the tokenizer's EOS: it stops there
+    got = collect(LlambaSlots(model, 3, 64, cuda_graph=False), PROMPTS, 8)
+    assert got == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_the_plain_step():

@@ -139,6 +139,17 @@ class LlambaCache:
             for t in (self.key_valid, self.n_valid):
                 t.copy_(t[beam_idx.to(t.device)])
 
+    def load_row(self, row: int, source: LlambaCache, source_row: int = 0) -> None:
+        """Overwrite this cache's row ``row`` with ``source``'s row ``source_row``: every recurrent state (conv,
+        SSM, a GateLoop mixer's phase), so the row continues exactly where the source's did (``llamba serve``: a
+        request prefilled in a staging cache joins its slot). A hybrid's KV rows have no per-row position: refused."""
+        if self.has_attention:
+            raise NotImplementedError("loading one row of a hybrid's cache: its KV layers keep one shared position")
+        for mine, theirs in ((self.conv_states, source.conv_states), (self.ssm_states, source.ssm_states),
+                             (self.phase_states, source.phase_states)):
+            if mine is not None:
+                mine[:, row].copy_(theirs[:, source_row])
+
     def select_rows(self, rows: torch.Tensor) -> LlambaCache:
         """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
         once, then each of its continuations on its own copy (lm-eval scoring). KV included, so a hybrid's

@@ -52,8 +52,7 @@ class LlambaSlots:
     @torch.inference_mode()
     def join(self, slots: list[int]) -> None:
         for slot in slots:
-            self.cache.conv_states[:, slot].copy_(self.staging.conv_states[:, 0])
-            self.cache.ssm_states[:, slot].copy_(self.staging.ssm_states[:, 0])
+            self.cache.load_row(slot, self.staging)
             self._busy[slot] = True
 
     @torch.inference_mode()
@@ -123,8 +122,7 @@ class QuantSlots:
     def join(self, slots: list[int]) -> None:
         for slot in slots:
             cache = self.caches[slot]
-            cache.conv_states.copy_(self.staging.conv_states)
-            cache.ssm_states.copy_(self.staging.ssm_states)
+            cache.load_row(0, self.staging)
             cache.seen_tokens = self.staging.seen_tokens
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
