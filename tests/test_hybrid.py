@@ -480,3 +480,14 @@ def test_distill_auto_chooses_layers_before_stage3_and_resumes_with_them(tmp_pat
     again = run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), stages=(2, 3),
                         sample_tokens=0))
     assert again["eval"]["final"] == summary["eval"]["final"]
+
+
+def test_a_hybrids_attention_layers_train_as_inherited_weights(teacher3):
+    """--inherited-lr-scale: the teacher's attention a hybrid keeps is copied like its MLPs, not a new mixer."""
+    from llamba.distill.trainer import new_mixer_parameters
+
+    teacher, _ = teacher3
+    student = student_from_teacher(teacher, d_state=8, attention_layers=[1])
+    new = {id(p) for p in new_mixer_parameters(student)}
+    assert all(id(p) not in new for p in student.backbone.layers[1].mixer.parameters())
+    assert all(id(p) in new for i in (0, 2) for p in student.backbone.layers[i].mixer.parameters())

@@ -48,6 +48,13 @@ def param_groups(params, weight_decay: float, mixer_params=(), inherited_lr_scal
     return [g for g in groups if g["params"]]
 
 
+def new_mixer_parameters(student) -> list:
+    """The parameters the conversion made new: the recurrent mixers'. A hybrid's attention layers are the teacher's
+    own, copied like its MLPs, so they are inherited weights (``inherited_lr_scale``), not new ones."""
+    attention = set(getattr(student.config, "attention_layers", None) or ())
+    return [p for i, block in enumerate(student.backbone.layers) if i not in attention for p in block.mixer.parameters()]
+
+
 # -- checkpoints --------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, student, optimizer, state: dict) -> None:
     """Write to ``path.tmp`` then swap it in with renames: a kill at any moment leaves a complete checkpoint."""
@@ -152,7 +159,7 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         for block in student.backbone.layers:
             block.compile()
     fused = d.device.type == "cuda"
-    mixers = [p for block in student.backbone.layers for p in block.mixer.parameters()]
+    mixers = new_mixer_parameters(student)
     groups = param_groups(params, cfg["weight_decay"], mixers, cfg.get("inherited_lr_scale", 1.0))
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"],
                                   betas=tuple(cfg["betas"]), eps=1e-8, fused=fused)
