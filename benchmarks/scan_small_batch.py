@@ -10,7 +10,6 @@ everything on the way. The data behind the dispatch's threshold (``FUSED_MIN_PRO
 import argparse
 import json
 import sys
-from unittest.mock import patch
 
 import torch
 
@@ -27,7 +26,7 @@ ROUTES = ("two_kernel", "fused")
 
 def dispatch(batch_heads: int, P: int, device) -> str:
     """The route ``ssd_chunk_triton`` takes (d_state = head dim)."""
-    return "fused" if tc._use_fused_forward(batch_heads, P, device) else "two_kernel"
+    return "fused" if tc.AUTO.fused_forward(batch_heads, P, device) else "two_kernel"
 
 
 def main() -> int:
@@ -51,14 +50,14 @@ def main() -> int:
                                                                          output_final_state=True))
         outputs = {}
         for route in ROUTES:
-            with patch.object(tc, "FUSED_MIN_PROGRAMS_PER_SM", 0 if route == "fused" else 1 << 30):
-                with torch.no_grad():
-                    fwd = lambda: tc.ssd_chunk_triton(x, B, C, la)  # noqa: E731
-                    outputs[route] = fwd()[0].float()
-                    row[f"{route}_fwd_gpu_ms"] = _gpu_ms(fwd)
-                _, _, states = tc._forward(x, B, C, la, None, None, keep_states=True)
-                row[f"{route}_bwd_gpu_ms"] = _gpu_ms(lambda: tc._backward(x, B, C, la, None, states, dy, None, None,
-                                                                          False))
+            forced = tc.Dispatch(forward=route)
+            with torch.no_grad():
+                fwd = lambda: tc.ssd_chunk_triton(x, B, C, la, dispatch=forced)  # noqa: E731
+                outputs[route] = fwd()[0].float()
+                row[f"{route}_fwd_gpu_ms"] = _gpu_ms(fwd)
+            _, _, states = tc._forward(x, B, C, la, None, None, keep_states=True, dispatch=forced)
+            row[f"{route}_bwd_gpu_ms"] = _gpu_ms(lambda: tc._backward(x, B, C, la, None, states, dy, None, None,
+                                                                      False, forced))
         row["dispatch"] = dispatch(batch * H, D, x.device)
         row["rel_diff"] = max(((out - outputs["two_kernel"]).norm() / outputs["two_kernel"].norm()).item()
                               for out in outputs.values())

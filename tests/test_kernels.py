@@ -48,13 +48,13 @@ SCAN_CASES = [  # batch, length, H, G, P, N, with seq_idx, with initial state, f
 @pytest.mark.parametrize("case", SCAN_CASES)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("forward", ["two-kernel", "fused"])
-def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
+def test_triton_scan_matches_float64_loop(case, dtype, forward):
     """forward: the one-pass forward and backward ("fused"), or the two-kernel ones (a sequential carry of the
     state, or of its gradient, then per-chunk programs)."""
     from llamba.ops.ssd import triton_chunk
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
-    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
+    route = triton_chunk.Dispatch(forward="fused" if forward == "fused" else "two_kernel")
     b, L, H, G, P, N, with_seq, with_init, final_in_loss = case
     dev = DEV
     x = torch.randn(b, L, H, P, device=dev).to(dtype)
@@ -69,7 +69,7 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
     ((y_ref * dy).sum() + (s_ref * ds).sum()).backward()
 
     ins = [t.clone().requires_grad_() for t in (x, B, C, la)] + ([s0.clone().requires_grad_()] if with_init else [])
-    y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq)
+    y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq, dispatch=route)
     assert y.dtype == dtype and s.dtype == torch.float32 and y.shape == x.shape
     ((y.float() * dy.float()).sum() + ((s * ds.float()).sum() if final_in_loss else 0)).backward()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -79,7 +79,7 @@ def test_triton_scan_matches_float64_loop(case, dtype, forward, monkeypatch):
         assert torch.isfinite(got.grad).all(), name
         assert rel(got.grad, want.grad) < tol * (2 if name == "log_a" else 1), name
     with torch.no_grad():  # inference keeps no per-chunk snapshots; the result is the same
-        y_inf, s_inf = ssd_chunk_triton(x, B, C, la, initial_state=s0, seq_idx=seq)
+        y_inf, s_inf = ssd_chunk_triton(x, B, C, la, initial_state=s0, seq_idx=seq, dispatch=route)
     assert torch.equal(y_inf, y.detach()) and torch.equal(s_inf, s.detach())
 
 
@@ -102,7 +102,6 @@ def test_cuda_scan_backward_matches_float64_and_triton(case, monkeypatch):
     from llamba.ops.ssd import cuda_backward, triton_chunk
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
-    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0)
     b, L, H, P, N, with_seq, with_init, final_in_loss = case
     x = torch.randn(b, L, H, P, device="cuda").bfloat16()
     B = (torch.randn(b, L, H, N, device="cuda") / N ** 0.5).bfloat16()
@@ -120,9 +119,9 @@ def test_cuda_scan_backward_matches_float64_and_triton(case, monkeypatch):
     monkeypatch.setattr(cuda_backward, "backward", lambda *a, _f=cuda_backward.backward: calls.append(1) or _f(*a))
     grads = {}
     for route in ("triton", "cuda"):
-        monkeypatch.setattr(triton_chunk, "CUDA_BACKWARD", "always" if route == "cuda" else "never")
+        forced = triton_chunk.Dispatch(forward="fused", cuda_backward="always" if route == "cuda" else "never")
         ins = [t.clone().requires_grad_() for t in (x, B, C, la)] + ([s0.clone().requires_grad_()] if with_init else [])
-        y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq)
+        y, s = ssd_chunk_triton(*ins[:4], initial_state=ins[4] if with_init else None, seq_idx=seq, dispatch=forced)
         ((y.float() * dy.float()).sum() + ((s * ds.float()).sum() if final_in_loss else 0)).backward()
         grads[route] = [t.grad for t in ins]
     assert len(calls) == 1, "the CUDA backward did not run"
@@ -174,14 +173,14 @@ def test_triton_chunk_cumsum_matches_torch(length):
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("forward", ["two-kernel", "fused"])
-def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
+def test_triton_scan_reads_strided_inputs(forward):
     """Inputs sliced out of wider tensors (as the mixer slices them from in_proj's output) give exactly what their
     contiguous copies give, gradients included: every stride reaches the kernels, and what they write back is laid
     out as the gradient of the input it belongs to."""
     from llamba.ops.ssd import triton_chunk
     from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
-    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
+    route = triton_chunk.Dispatch(forward="fused" if forward == "fused" else "two_kernel")
     b, L, H, P, N = 2, 100, 3, 64, 64
     wide = torch.randn(b, L, H * P + 2 * H * N + H + 5, device=DEV)  # x | B | C | log-decays | unused
     wide[..., H * P:-H - 5] /= N ** 0.5
@@ -195,7 +194,7 @@ def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
     dy = torch.randn(b, L, H, P, device=DEV)
     results = []
     for x_, B_, C_, a_ in (strided, packed):
-        y, s = ssd_chunk_triton(x_, B_, C_, a_)
+        y, s = ssd_chunk_triton(x_, B_, C_, a_, dispatch=route)
         (y * dy).sum().backward()
         results.append([y, s] + [t.grad for t in (x_, B_, C_, a_)])
     for name, got, want in zip("y final dx dB dC dA".split(), *results):
@@ -206,11 +205,11 @@ def test_triton_scan_reads_strided_inputs(forward, monkeypatch):
 @pytest.mark.triton
 @pytest.mark.parametrize("forward", ["two-kernel", "fused"])
 @pytest.mark.parametrize("with_z_bias", [True, False])
-def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias, monkeypatch):
+def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias):
     """Inference: the output kernels apply the mixer's D skip and silu gate; training keeps them in PyTorch."""
     from llamba.ops.ssd import skip_and_gate, ssd_chunk, ssd_scan, triton_chunk
 
-    monkeypatch.setattr(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", 0 if forward == "fused" else 1 << 30)
+    route = triton_chunk.Dispatch(forward="fused" if forward == "fused" else "two_kernel")
     b, L, H, G, P, N = 2, 150, 4, 2, 64, 64
     x, z = torch.randn(b, L, H, P, device=DEV), torch.randn(b, L, H * P, device=DEV)
     B, C = (torch.randn(b, L, G, N, device=DEV) / N ** 0.5 for _ in range(2))
@@ -219,14 +218,14 @@ def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias, m
     y64, _ = ssd_chunk(*(t.double() for t in (x, B, C, la)))
     want = skip_and_gate(y64, x.double(), D.double(), z.double(), z_bias.double() if with_z_bias else None)
     with torch.no_grad():
-        got, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias))
+        got, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias), dispatch=route)
     assert rel(got, want) < 1e-4
     D.requires_grad_()  # a gradient is needed: the scan runs under autograd and the gate in PyTorch
-    trained, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias))
+    trained, _ = ssd_scan(x, B, C, la, backend="triton", gate=(D, z, z_bias), dispatch=route)
     trained.sum().backward()
     assert rel(trained, want) < 1e-4 and D.grad is not None
     with pytest.raises(ValueError, match="no backward"):
-        triton_chunk.ssd_chunk_triton(x, B, C, la, gate=(D, z, z_bias))
+        triton_chunk.ssd_chunk_triton(x, B, C, la, gate=(D, z, z_bias), dispatch=route)
 
 
 @triton_kernel
@@ -408,3 +407,20 @@ def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
                if isinstance(obj, JITFunction) and name.endswith("_kernel")}
     assert {r["kernel"] for r in rows} == kernels  # every kernel is covered, in every launch setting used
     assert [r for r in rows if not r["shared_fits"]] == []
+
+
+def test_scan_dispatch_is_an_argument_with_clear_errors():
+    """The kernels' choice is a value passed down (no module state to patch): the auto rule, a forced route, a
+    target GPU's SM count, and refusals that name the choices."""
+    from llamba.ops.ssd.triton_chunk import AUTO, Dispatch
+
+    cpu = torch.device("cpu")
+    assert AUTO.sms(cpu) == 1 and Dispatch(sm_count=132).sms(cpu) == 132
+    assert AUTO.fused_forward(1, 64, cpu) and not Dispatch(sm_count=132).fused_forward(9, 64, cpu)
+    assert Dispatch(forward="fused", sm_count=132).fused_forward(1, 64, cpu)
+    assert not Dispatch(forward="two_kernel").fused_forward(1 << 20, 64, cpu)
+    with pytest.raises(ValueError, match="choose one of"):
+        Dispatch(forward="one-pass")
+    with pytest.raises(ValueError, match="'wide', 'always' or 'never'"):
+        Dispatch(cuda_backward="sometimes")
+

@@ -13,7 +13,6 @@ import re
 import subprocess
 import tempfile
 from contextlib import contextmanager
-from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -74,23 +73,23 @@ def ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
     return regs, int(spills.group(1)), int(spills.group(2))
 
 
-def launch_all(length: int = 128) -> None:
+def launch_all(length: int = 128, sm_count: int | None = None) -> None:
     """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
     changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
-    the prefill conv, the decode step."""
+    the prefill conv, the decode step. ``sm_count``: the target GPU's, which sizes the scan's tiles."""
     bf16 = torch.bfloat16
     for batch, _, H, P, N in SCAN_SHAPES:
         x = torch.randn(batch, length, H, P, dtype=bf16)
         B, C = torch.randn(batch, length, H, N, dtype=bf16), torch.randn(batch, length, H, N, dtype=bf16)
         la = -F.softplus(torch.randn(batch, length, H))
-        for fused_min in (0, 1 << 30):  # the one-pass forward (and backward), then the two-kernel ones
-            with patch.object(triton_chunk, "FUSED_MIN_PROGRAMS_PER_SM", fused_min):
-                _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True)
-                gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * P, dtype=bf16), None)
-                triton_chunk._forward(x, B, C, la, None, None, keep_states=False, gate=gate)  # inference, gated
-                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False)
-                final = torch.randn(batch, H, P, N)  # a loss on the final state too: the builds that read its gradient
-                triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), final, final, False)
+        for forward in ("fused", "two_kernel"):  # the one-pass forward (and backward), then the two-kernel ones
+            route = triton_chunk.Dispatch(forward=forward, sm_count=sm_count)
+            _, _, states = triton_chunk._forward(x, B, C, la, None, None, keep_states=True, dispatch=route)
+            gate = (torch.randn(H, dtype=bf16), torch.randn(batch, length, H * P, dtype=bf16), None)
+            triton_chunk._forward(x, B, C, la, None, None, keep_states=False, gate=gate, dispatch=route)  # gated
+            triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), None, None, False, route)
+            final = torch.randn(batch, H, P, N)  # a loss on the final state too: the builds that read its gradient
+            triton_chunk._backward(x, B, C, la, None, states, torch.randn_like(x), final, final, False, route)
     for batch, _, channels in CONV_SHAPES:
         xBC = torch.randn(batch, length, channels, dtype=bf16)
         mask = torch.ones(batch, length, dtype=torch.long)
@@ -114,9 +113,8 @@ def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report compiles real kernels: unset TRITON_INTERPRET")
     found: list = []
-    with (patch.object(triton_chunk, "_sm_count", lambda device: sms), torch.no_grad(),
-          compile_instead_of_launch(GPUTarget("cuda", arch, 32), found)):
-        launch_all()
+    with torch.no_grad(), compile_instead_of_launch(GPUTarget("cuda", arch, 32), found):
+        launch_all(sm_count=sms)
     gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     rows, seen = [], set()
     for name, consts, warps, stages, ptx, shared in found:

@@ -48,16 +48,18 @@ def skip_and_gate(y, x, D, z, z_bias=None):
     return (y + D.to(y.dtype)[:, None] * x) * F.silu(gate)
 
 
-def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto", gate=None):
+def ssd_scan(x, B, C, log_a, initial_state=None, seq_idx=None, chunk_size=128, backend="auto", gate=None,
+             dispatch=None):
     """Chunked scan; returns (y, final_state). ``backend``: see ``use_triton``. ``gate`` = (D, z, z_bias) makes y
     ``skip_and_gate(y, x, D, z, z_bias)``, computed inside the Triton output kernel when nothing needs a
-    gradient."""
+    gradient. ``dispatch``: the Triton kernels' choice (``triton_chunk.Dispatch``; default from the device)."""
     if use_triton(x, backend):
         from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 
         fuse = gate is not None and not needs_grad(x, B, C, log_a, initial_state, *gate)
+        routing = {} if dispatch is None else {"dispatch": dispatch}
         y, final_state = ssd_chunk_triton(x, B, C, log_a, initial_state=initial_state, seq_idx=seq_idx,
-                                          chunk_size=chunk_size, gate=gate if fuse else None)
+                                          chunk_size=chunk_size, gate=gate if fuse else None, **routing)
         if fuse:
             return y, final_state
     else:

@@ -31,6 +31,7 @@ the result does not depend on it, so the kernels use their own tile size.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -47,6 +48,7 @@ LAUNCH = {"states": dict(num_warps=4, num_stages=4), "states_reverse": dict(num_
           "output": dict(num_warps=4, num_stages=2),
           "backward": dict(num_warps=4, num_stages=2), "fused_backward": dict(num_warps=4, num_stages=2)}
 FUSED_MIN_PROGRAMS_PER_SM = 1  # the one-pass forward from this many (batch x head x 64-wide P tile) per SM
+FORWARDS = ("auto", "fused", "two_kernel")
 # The one-pass backward in CUDA (cuda_backward.py): "wide" where one Triton program cannot hold the state gradient
 # (head dim past 64), "always" where it applies, or "never"
 CUDA_BACKWARD = "wide"
@@ -433,16 +435,44 @@ def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device``; 1 for the CPU interpreter, where any tiling works."""
-    return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
+@dataclass(frozen=True)
+class Dispatch:
+    """How the scan chooses its kernels. The default reads the device; a benchmark forces one forward route
+    (``forward``: "fused" one-pass or "two_kernel"), and the register report tiles for a target GPU it is not
+    running on (``sm_count``), by passing their own instead of patching module state."""
+
+    forward: str = "auto"
+    sm_count: int | None = None
+    cuda_backward: str | None = None  # "wide", "always" or "never"; None: CUDA_BACKWARD
+
+    def __post_init__(self):
+        if self.forward not in FORWARDS:
+            raise ValueError(f"forward={self.forward!r}: choose one of {FORWARDS}")
+        if self.cuda_backward not in (None, "wide", "always", "never"):
+            raise ValueError(f"cuda_backward={self.cuda_backward!r}: choose 'wide', 'always' or 'never'")
+
+    def sms(self, device: torch.device) -> int:
+        """Streaming multiprocessors to fill; 1 for the CPU interpreter, where any tiling works."""
+        if self.sm_count is not None:
+            return self.sm_count
+        return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
+
+    def fused_forward(self, batch_heads: int, P: int, device: torch.device) -> bool:
+        """The one-pass forward reads its inputs once but runs every chunk of a sequence in turn: it wins once
+        batch x heads fills the GPU; below that the two-kernel forward spreads the output over all chunks at once."""
+        if self.forward != "auto":
+            return self.forward == "fused"
+        return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * self.sms(device)
 
 
-def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device) -> tuple[int, int]:
+AUTO = Dispatch()
+
+
+def _state_tiles(batch_heads: int, P: int, N: int, device: torch.device, dispatch: Dispatch) -> tuple[int, int]:
     """The carry kernels run one program per state tile through every chunk. A wide tile reads each chunk's
     inputs once; narrower tiles re-read them but put more programs to work when batch x heads is small."""
     BP, BN = _tile(P, 64), _tile(N, 64)
-    if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * _sm_count(device):
+    if batch_heads * triton.cdiv(P, BP) * triton.cdiv(N, BN) < 2 * dispatch.sms(device):
         BP = min(BP, 32)
     return BP, BN
 
@@ -471,12 +501,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _chunk_states(v, k, cs, seq, init, n_chunks, H, HPG, reverse):
+def _chunk_states(v, k, cs, seq, init, n_chunks, H, HPG, reverse, dispatch: Dispatch):
     """(the state entering each chunk, final state); reversed: (the gradient of the state leaving each chunk,
     the initial state's gradient), from v = dy and k = C. ``cs``: ``_chunk_cumsum`` of the log-decay."""
     batch, length, _, P = v.shape
     N = k.shape[-1]
-    BP, BN = _state_tiles(batch * H, P, N, v.device)
+    BP, BN = _state_tiles(batch * H, P, N, v.device, dispatch)
     states = torch.empty(batch, n_chunks, H, P, N, device=v.device, dtype=_snapshot_dtype(v.dtype))
     final = torch.empty(batch, H, P, N, device=v.device, dtype=torch.float32)
     init_ = init if init is not None else final
@@ -493,12 +523,6 @@ def _chunk_states(v, k, cs, seq, init, n_chunks, H, HPG, reverse):
     return states, final
 
 
-def _use_fused_forward(batch_heads: int, P: int, device: torch.device) -> bool:
-    """The one-pass forward reads its inputs once but runs every chunk of a sequence in turn: it wins once
-    batch x heads fills the GPU; below that the two-kernel forward spreads the output over all chunks at once."""
-    return batch_heads * triton.cdiv(P, 64) >= FUSED_MIN_PROGRAMS_PER_SM * _sm_count(device)
-
-
 def _gate_args(gate, dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
     """Pointers, strides and flags of the output kernels' skip and gate; ``gate`` is (D, z, z_bias) or None."""
     if gate is None:
@@ -508,19 +532,20 @@ def _gate_args(gate, dummy: torch.Tensor) -> tuple[tuple, tuple, dict]:
             dict(GATED=True, HAS_Z_BIAS=z_bias is not None))
 
 
-def _forward(x, B, C, la, seq, init, keep_states=True, gate=None):
+def _forward(x, B, C, la, seq, init, keep_states=True, gate=None, dispatch: Dispatch = AUTO):
     """(y, final state, per-chunk state snapshots for the backward). The two-kernel path needs the snapshots
     itself, so ``keep_states=False`` only saves their writes in the fused one (which then returns None). With
     ``gate`` = (D, z (batch, T, H*P), z_bias or None), y is (y + D x) * silu(z + z_bias)."""
     batch, length, H, P = x.shape
     gate_ptrs, gate_strides, gate_flags = _gate_args(gate, la)
-    if _use_fused_forward(batch * H, P, x.device):
+    if dispatch.fused_forward(batch * H, P, x.device):
         return _fused_forward(x, B, C, la, seq, init, keep_states, gate_ptrs, gate_strides, gate_flags)
     G, N = B.shape[2], B.shape[3]
     HPG = H // G
     n_chunks = triton.cdiv(length, BT)
     cs = _chunk_cumsum(la, n_chunks)
-    states, final = _chunk_states(x, B, cs, seq, init, n_chunks, H, HPG, reverse=False)  # state entering each chunk
+    states, final = _chunk_states(x, B, cs, seq, init, n_chunks, H, HPG, reverse=False,  # state entering each chunk
+                                  dispatch=dispatch)
     y = torch.empty(batch, length, H, P, device=x.device, dtype=x.dtype)
     BP, BN = _output_tiles(P, N)
     grid = (n_chunks, triton.cdiv(P, BP), batch * H)
@@ -566,7 +591,7 @@ def _sum_over_later_chunks(within: torch.Tensor, length: int) -> torch.Tensor:
     return (within + later[:, :, None]).flatten(1, 2)[:, :length]
 
 
-def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
+def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init, dispatch: Dispatch = AUTO):
     """Gradients of x, B, C, log_a and the initial state. log_a's comes from the identity
     dcs_t = C_t . dC_t - B_t . dB_t (+ <dS_final, S_final> at the last token) for the gradient of the cumulative
     log-decay, summed over all later tokens: no kernel needs the decay gradients through the states."""
@@ -602,9 +627,10 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
             ALL_P=BP >= P, HAS_DFINAL=d_final is not None, BP=BP, BN=BN, **meta, **LAUNCH["fused_backward"])
         return d_init
 
-    fused = _use_fused_forward(batch * H, P, x.device)
+    fused = dispatch.fused_forward(batch * H, P, x.device)  # the backward pairs with the forward's route
     BP, BN = _fused_tiles(P, N, x.dtype)
-    use_cuda = CUDA_BACKWARD == "always" or (CUDA_BACKWARD == "wide" and BP < P)
+    cuda_route = dispatch.cuda_backward or CUDA_BACKWARD
+    use_cuda = cuda_route == "always" or (cuda_route == "wide" and BP < P)
     if fused and use_cuda and cuda_backward.supports(x, B, C, dy, states_in, HPG):
         # the single reversed pass below as a CUDA kernel, whose block holds all of the state gradient
         dla = torch.empty(batch, length, H, device=x.device, dtype=torch.float32)
@@ -618,7 +644,8 @@ def _backward(x, B, C, la, seq, states_in, dy, d_final, final, has_init):
             grads_out = torch.empty_like(states_in)
             d_init = reversed_pass(BP, BN, grads_out=grads_out)
         else:  # the state gradient's snapshots from their own pass; dx in small programs per chunk too
-            grads_out, d_init = _chunk_states(dy, C, cs, seq, d_final, n_chunks, H, HPG, reverse=True)
+            grads_out, d_init = _chunk_states(dy, C, cs, seq, d_final, n_chunks, H, HPG, reverse=True,
+                                              dispatch=dispatch)
         BP, BN = _tile(P, 64), _tile(N, 64)
         n_dx, n_n = (0 if fused else triton.cdiv(P, BP)), triton.cdiv(N, BN)
         dcs = torch.empty(n_n, batch, n_chunks, BT, H, device=x.device, dtype=torch.float32)
@@ -667,10 +694,11 @@ def _kernel_inputs(x, B, C, log_a, initial_state, seq_idx):
 
 class _SSDChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, B, C, log_a, initial_state, seq_idx):
+    def forward(ctx, x, B, C, log_a, initial_state, seq_idx, dispatch):
         xc, Bc, Cc, la, seq, init = _kernel_inputs(x, B, C, log_a, initial_state, seq_idx)
         backward_ahead = any(ctx.needs_input_grad[:5])
-        y, final, states = _forward(xc, Bc, Cc, la, seq, init, keep_states=backward_ahead)
+        y, final, states = _forward(xc, Bc, Cc, la, seq, init, keep_states=backward_ahead, dispatch=dispatch)
+        ctx.dispatch = dispatch
         ctx.save_for_backward(xc, Bc, Cc, la, seq, states, final)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
         ctx.dtypes = (log_a.dtype, initial_state.dtype if initial_state is not None else None)
@@ -684,10 +712,11 @@ class _SSDChunk(torch.autograd.Function):
         if indexing.span(dy) > indexing.INDEX_LIMIT:  # a view into a larger gradient (of a tensor cut in pieces)
             dy = dy.contiguous()
         d_final = d_final.to(torch.float32).contiguous() if d_final is not None else None
-        dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final, final, ctx.has_init)
+        dx, dB, dC, dla, d_init = _backward(xc, Bc, Cc, la, seq, states, dy, d_final, final, ctx.has_init,
+                                            ctx.dispatch)
         la_dtype, init_dtype = ctx.dtypes
         d_init = d_init.to(init_dtype) if ctx.has_init else None
-        return dx, dB.to(Bc.dtype), dC.to(Cc.dtype), dla.to(la_dtype), d_init, None
+        return dx, dB.to(Bc.dtype), dC.to(Cc.dtype), dla.to(la_dtype), d_init, None, None
 
 
 def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
@@ -702,7 +731,7 @@ def _piece_fits(x, B, C, z, rows: int, tokens: int) -> bool:
             and max(made) <= indexing.INDEX_LIMIT and max(rows * H, n_chunks) <= indexing.GRID_LIMIT)
 
 
-def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: int):
+def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: int, dispatch: Dispatch):
     """``ssd_chunk_triton`` piece by piece (``llamba.ops.indexing``): groups of rows apart, spans of tokens in turn,
     each span starting from the state the previous one left (dropped for a row whose document ends there)."""
 
@@ -711,7 +740,7 @@ def _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows: int, tokens: 
             state = state * (seq_idx[rs, ts.start] == seq_idx[rs, ts.start - 1]).to(state.dtype)[:, None, None, None]
         piece_gate = None if gate is None else (gate[0], gate[1][rs, ts], gate[2])
         return ssd_chunk_triton(x[rs, ts], B[rs, ts], C[rs, ts], log_a[rs, ts], state,
-                                seq_idx[rs, ts] if seq_idx is not None else None, gate=piece_gate)
+                                seq_idx[rs, ts] if seq_idx is not None else None, gate=piece_gate, dispatch=dispatch)
 
     return indexing.by_pieces(*x.shape[:2], rows, tokens,
                               lambda rs: initial_state[rs] if initial_state is not None else None, step)
@@ -726,12 +755,14 @@ def ssd_chunk_triton(
     seq_idx: torch.Tensor | None = None,
     chunk_size: int = 128,
     gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    dispatch: Dispatch = AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same function as ``ssd_chunk``: returns (y like x, final_state (batch, H, P, N) float32). Differentiable in
     x, B, C, log_a and initial_state.
 
     ``gate`` = (D (H,), z (batch, T, H*P), z_bias (H*P,) or None) makes y the mixer's output before out_proj,
-    (y + D x) * silu(z + z_bias), computed by the output kernel. Inference only: it has no backward."""
+    (y + D x) * silu(z + z_bias), computed by the output kernel. Inference only: it has no backward.
+    ``dispatch``: how the kernels are chosen (``Dispatch``; the default reads the device)."""
     batch, length, H, P = x.shape
     G = B.shape[2]
     if H % G:
@@ -748,9 +779,9 @@ def ssd_chunk_triton(
     z = gate[1] if gate is not None else None
     rows, tokens = indexing.piece_sizes(batch, length, functools.partial(_piece_fits, x, B, C, z), BT)
     if (rows, tokens) != (batch, length):
-        return _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows, tokens)
+        return _by_pieces(x, B, C, log_a, initial_state, seq_idx, gate, rows, tokens, dispatch)
     if gate is None:
-        return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx)
+        return _SSDChunk.apply(x, B, C, log_a, initial_state, seq_idx, dispatch)
     D, z, z_bias = gate
     if needs_grad(x, B, C, log_a, initial_state, *gate):
         raise ValueError("the fused skip and gate have no backward: apply them outside ssd_chunk_triton to train")
@@ -760,5 +791,5 @@ def ssd_chunk_triton(
                          f"({H * P},)")
     xc, Bc, Cc, la, seq, init = _kernel_inputs(x, B, C, log_a, initial_state, seq_idx)
     gate = (D.contiguous(), _last_dim_contiguous(z), z_bias.contiguous() if z_bias is not None else None)
-    y, final, _ = _forward(xc, Bc, Cc, la, seq, init, keep_states=False, gate=gate)
+    y, final, _ = _forward(xc, Bc, Cc, la, seq, init, keep_states=False, gate=gate, dispatch=dispatch)
     return y, final
