@@ -149,3 +149,37 @@ def tiny_student_folder(tmp_path):
     from llamba.checkpoint import save_student
 
     return save_student(make_tiny_student(), make_word_tokenizer(), tmp_path / "student")
+
+
+def check_generate_is_greedy_and_padding_does_not_leak(model, vocab: int):
+    """model.generate() equals greedy decoding by full forwards, and a short prompt left-padded in a batch gives
+    what it gives alone. Returns (batch, mask, short) for checks of the cache a model keeps beside."""
+    ids = torch.randint(1, vocab, (2, 9))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    manual = ids
+    with torch.no_grad():
+        for _ in range(6):
+            manual = torch.cat([manual, model(manual).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, manual)
+    short = ids[1:, :4]
+    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.tensor([[1] * 9, [0] * 5 + [1] * 4])
+    both = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(both[1, 5:], alone[0]) and torch.equal(both[0], out[0])
+    return batch, mask, short
+
+
+@torch.no_grad()
+def check_prefill_then_decode_is_the_forward(model, vocab: int):
+    """A prompt in two prefills then token-by-token decode gives the full forward's logits (float64: 1e-10).
+    Returns (full logits, the cache)."""
+    ids = torch.randint(0, vocab, (3, 40))
+    full = model(ids).logits
+    cache = model.allocate_cache(3)
+    pieces = [model(ids[:, :17], past_key_values=cache).logits]
+    pieces.append(model(ids[:, 17:30], past_key_values=cache).logits)  # a second prefill continues the first
+    pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(30, 40)]
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+    return full, cache
+

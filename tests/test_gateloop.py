@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import check_generate_is_greedy_and_padding_does_not_leak, check_prefill_then_decode_is_the_forward
 from llamba.checkpoint import load_student, save_student
 from llamba.model import GateLoopMamba2, LlambaConfig, LlambaForCausalLM
 from llamba.ops.gateloop import (advance_phase, cumulative_phase, gateloop_mixing_matrix, gateloop_scan, gateloop_step,
@@ -201,33 +202,13 @@ def test_fresh_mixer_phase_is_rope_like_and_input_independent():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_forward_equals_prefill_then_decode(tied):
-    model = tiny_model(tie_embeddings=tied)
-    ids = torch.randint(0, 101, (3, 40))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(3)
-        pieces = [model(ids[:, :17], past_key_values=cache).logits]
-        pieces.append(model(ids[:, 17:30], past_key_values=cache).logits)  # a second prefill continues the first
-        pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(30, 40)]
-    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+    _, cache = check_prefill_then_decode_is_the_forward(tiny_model(tie_embeddings=tied), 101)
     assert cache.phase_states.abs().max() > 0  # the decode steps did carry a phase
 
 
 def test_generate_matches_manual_greedy_and_padding_does_not_leak():
     model = tiny_model()
-    ids = torch.randint(1, 101, (2, 9))
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    manual = ids
-    with torch.no_grad():
-        for _ in range(6):
-            manual = torch.cat([manual, model(manual).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(out, manual)
-    short = ids[1:, :4]
-    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
-    mask = torch.tensor([[1] * 9, [0] * 5 + [1] * 4])
-    both = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(both[1, 5:], alone[0]) and torch.equal(both[0], out[0])
+    batch, mask, short = check_generate_is_greedy_and_padding_does_not_leak(model, 101)
     # padding turns no phase: the padded row's cache holds exactly the short prompt's phase
     caches = [model.allocate_cache(n) for n in (2, 1)]
     with torch.no_grad():

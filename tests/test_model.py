@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import check_generate_is_greedy_and_padding_does_not_leak, check_prefill_then_decode_is_the_forward
 from llamba.checkpoint import load_model, load_student, save_student
 from llamba.model import Z_BIAS_IDENTITY, LlambaConfig, LlambaForCausalLM
 
@@ -34,16 +35,8 @@ def test_silu_of_identity_bias_is_one():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_forward_equals_prefill_then_decode(tied):
-    model = tiny_model(tie_embeddings=tied)
-    ids = torch.randint(0, 101, (3, 40))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.allocate_cache(3)
-        pieces = [model(ids[:, :17], past_key_values=cache).logits]
-        pieces.append(model(ids[:, 17:30], past_key_values=cache).logits)  # a second prefill continues the first
-        pieces += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(30, 40)]
+    full, cache = check_prefill_then_decode_is_the_forward(tiny_model(tie_embeddings=tied), 101)
     assert full.shape == (3, 40, 101)  # padded vocabulary rows are cut off
-    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
     assert cache.get_seq_length() == 40
 
 
@@ -64,20 +57,7 @@ def test_float32_state_for_bfloat16_model():
 
 def test_generate_matches_manual_greedy_and_padding_does_not_leak():
     model = tiny_model()
-    ids = torch.randint(1, 101, (2, 9))
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    manual = ids
-    with torch.no_grad():
-        for _ in range(6):
-            manual = torch.cat([manual, model(manual).logits[:, -1:].argmax(-1)], 1)
-    assert torch.equal(out, manual)
-    # A short prompt left-padded in a batch gives what it gives alone.
-    short = ids[1:, :4]
-    batch = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
-    mask = torch.tensor([[1] * 9, [0] * 5 + [1] * 4])
-    both = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    alone = model.generate(short, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(both[1, 5:], alone[0]) and torch.equal(both[0], out[0])
+    check_generate_is_greedy_and_padding_does_not_leak(model, 101)
 
 
 def test_save_load_roundtrip_is_bit_exact(tmp_path):
