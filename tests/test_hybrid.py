@@ -491,3 +491,26 @@ def test_a_hybrids_attention_layers_train_as_inherited_weights(teacher3):
     new = {id(p) for p in new_mixer_parameters(student)}
     assert all(id(p) not in new for p in student.backbone.layers[1].mixer.parameters())
     assert all(id(p) in new for i in (0, 2) for p in student.backbone.layers[i].mixer.parameters())
+
+
+def test_select_module_ranks_any_pure_student(tmp_path, capsys):
+    """`python -m llamba.distill.select`: the ranking of a saved pure student, without a distillation around it."""
+    from llamba.checkpoint import save_student
+    from llamba.distill.data import prepare_data
+    from llamba.distill.select import main
+    from llamba.distill.testing import make_corpus
+    from llamba.teacher import load_teacher
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=10, n_val=4)
+    teacher_dir = make_teacher(tmp_path / "teacher", corpus, layers=3, hidden=32, heads=4, kv_heads=2, vocab=280)
+    teacher, tok = load_teacher(teacher_dir, dtype=torch.float32)
+    student = student_from_teacher(teacher, d_state=8, init="attention")
+    _jitter(student.backbone.layers[2], scale=0.3)
+    save_student(student, tok, tmp_path / "student")
+    prepare_data({"train": [str(corpus / "train.jsonl")], "val": [str(corpus / "val.jsonl")]}, tok, tmp_path / "data",
+                 2000, 600)
+    assert main(["--teacher", str(teacher_dir), "--student", str(tmp_path / "student"), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "ranking"), "--tokens", "256", "--seq-len", "16", "--device", "cpu"]) == 0
+    ranking = json.loads((tmp_path / "ranking.json").read_text())
+    assert ranking["ranking"][0] == 2 and ranking["chosen"] is None
+    assert "ranking (most KL recovered first): [2" in capsys.readouterr().out
