@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamba.ops.decode import mixer_step_torch
+from llamba.ops.step import mixer_step_torch
 from llamba.ops.ssd import ssd_loop
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -234,7 +234,7 @@ def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias):
                                    (2, 9, 3, 64, 64)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_triton_decode_step_matches_float64(shape, dtype):
-    from llamba.ops.triton_decode import mixer_step_triton
+    from llamba.ops.step.triton_kernel import mixer_step_triton
 
     b, H, G, P, N = shape
     d_inner, dev = H * P, DEV
@@ -301,7 +301,7 @@ def test_decode_step_refuses_a_batch_past_the_int32_limit(monkeypatch):
     """A decode batch whose state reaches 2^31 elements (8 GB per layer) is refused before any launch, with what to
     do instead: unlike a prefill, a step cannot be cut into spans of tokens."""
     from llamba.ops import indexing
-    from llamba.ops.triton_decode import mixer_step_triton
+    from llamba.ops.step.triton_kernel import mixer_step_triton
 
     batch, H, P, N = 4, 2, 16, 16
     conv_dim = H * P + 2 * N
@@ -346,7 +346,7 @@ def test_triton_causal_conv_in_pieces_matches_one_launch(limit, monkeypatch):
     """The prefill conv past the int32 limit (lowered here): rows apart, then spans of tokens passing the conv
     state on, with left padding and an incoming state: the same output and state as one launch, exactly."""
     from llamba.ops import indexing
-    from llamba.ops.triton_conv import causal_conv_triton
+    from llamba.ops.conv.triton_kernel import causal_conv_triton
 
     batch, length, channels = 3, 200, 48  # one row: 9600 elements
     xBC = torch.randn(batch, length, channels, device=DEV)
@@ -369,7 +369,7 @@ def test_triton_causal_conv_matches_float64(length, width, dtype):
     """The fused prefill conv against the PyTorch conv on the masked input, with and without a conv state, with and
     without left padding (x channels zeroed there, the state shifted over padded inputs as zeros)."""
     from llamba.ops.conv import causal_conv
-    from llamba.ops.triton_conv import causal_conv_triton
+    from llamba.ops.conv.triton_kernel import causal_conv_triton
 
     batch, channels, x_channels = 3, 200, 72  # channels: not a multiple of the kernel's tile
     xBC = torch.randn(batch, length, channels, device=DEV).to(dtype)
@@ -399,8 +399,9 @@ def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
     from triton.runtime.jit import JITFunction
 
     from llamba.bench.registers import compile_report
-    from llamba.ops import triton_conv, triton_decode
+    from llamba.ops.conv import triton_kernel as triton_conv
     from llamba.ops.ssd import triton_chunk
+    from llamba.ops.step import triton_kernel as triton_decode
 
     rows = compile_report(arch=90, sms=132)
     kernels = {name for module in (triton_chunk, triton_conv, triton_decode) for name, obj in vars(module).items()

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 from llamba.ops.conv import causal_conv
-from llamba.ops.decode import mixer_step_torch
+from llamba.ops.step import mixer_step_torch
 from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
-from llamba.ops.triton_conv import causal_conv_triton
-from llamba.ops.triton_decode import mixer_step_triton
+from llamba.ops.conv.triton_kernel import causal_conv_triton
+from llamba.ops.step.triton_kernel import mixer_step_triton
 
 # (batch, T, heads, head dim P, d_state N): the SmolLM2 and Llama-3.2-1B students' mixers, the issue's head dim 128
 # read as P = N = 128, and Llamba-8B's mixer (head dim 128, d_state 64: cartesia's Llamba config)

@@ -24,8 +24,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from llamba.bench.kernels import CONV_SHAPES, DECODE_BATCHES, SCAN_SHAPES
 from llamba.ops.ssd import triton_chunk
-from llamba.ops.triton_conv import causal_conv_triton
-from llamba.ops.triton_decode import mixer_step_triton
+from llamba.ops.conv.triton_kernel import causal_conv_triton
+from llamba.ops.step.triton_kernel import mixer_step_triton
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
 

@@ -19,7 +19,7 @@ from torch import nn
 from llamba.model.cache import LlambaCache
 from llamba.model.config import DEFAULT_MIXER, LlambaConfig, mixer_name
 from llamba.ops.conv import causal_conv
-from llamba.ops.decode import mixer_step
+from llamba.ops.step import mixer_step
 from llamba.ops.gateloop import gateloop_mixing_matrix, rotate_by_phase
 from llamba.ops.ssd import mixing_matrix, needs_grad, ssd_scan, use_triton
 from llamba.ops.ssd.naive import state_dtype
@@ -136,7 +136,7 @@ class DiscreteMamba2(nn.Module):
         conv_state = cache.conv_states[self.layer_idx] if continuing else None
         padded = attention_mask is not None and not bool(attention_mask.all())
         if not needs_grad(xBC) and seq_idx is None and use_triton(xBC, self.kernel_backend):
-            from llamba.ops.triton_conv import causal_conv_triton
+            from llamba.ops.conv.triton_kernel import causal_conv_triton
 
             # one kernel convolves in in_proj's layout (x, B, C become views) and masks the padding
             xBC, new_conv_state = causal_conv_triton(xBC, self.conv1d.weight, self.conv1d.bias, conv_state,

@@ -1,6 +1,5 @@
-"""One decoding step of the whole Discrete Mamba-2 mixer after ``in_proj``: conv-state shift, conv, state
-update, output, D skip and gate. The PyTorch version here is the reference; on CUDA the fused Triton kernel
-(``llamba.ops.triton_decode``) replaces it with one launch for all heads."""
+"""The PyTorch reference of the mixer's decode step (``llamba.ops.step``): conv-state shift, conv, state update,
+output, D skip and gate, one token per row."""
 
 from __future__ import annotations
 
@@ -44,19 +43,3 @@ def mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bia
         y = gateloop_step(ssm_state, phase_state, x, B, C, log_a, theta)
     y = y + D.to(y.dtype)[:, None] * x
     return y.reshape(batch, d_inner) * F.silu(z if z_bias is None else z + z_bias)
-
-
-def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
-    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference. A GateLoop
-    step (``phase`` given) always takes the PyTorch one: the fused kernel has no phase rotation yet."""
-    if phase is not None:
-        return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
-                                phase)
-    if xBC.is_cuda and xBC.dtype != torch.float64:
-        try:
-            from llamba.ops.triton_decode import mixer_step_triton
-        except ImportError:
-            pass
-        else:
-            return mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
-    return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)

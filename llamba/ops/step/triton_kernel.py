@@ -110,7 +110,7 @@ def _mixer_step_kernel(
 
 
 def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
-    """Same contract as ``llamba.ops.decode.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
+    """Same contract as ``llamba.ops.step.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
     or (u (b, d_model), weight (H, d_model), bias (H,) or None) to compute it here as u @ weight.T + bias;
     conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place. Returns (b, d_inner)."""
     batch, n_heads, head_dim, d_state = ssm_state.shape

@@ -1,0 +1,28 @@
+"""One decoding step of the whole mixer after ``in_proj``: conv-state shift, conv, state update, output, D skip
+and gate. ``naive.py`` is the PyTorch reference; on CUDA the fused Triton kernel (``triton_kernel.py``) replaces
+it with one launch for all heads; ``mixer_step`` picks."""
+
+from __future__ import annotations
+
+import torch
+
+from llamba.ops.step.naive import a_log_rows, mixer_step_torch
+
+
+def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
+    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference. A GateLoop
+    step (``phase`` given) always takes the PyTorch one: the fused kernel has no phase rotation yet."""
+    if phase is not None:
+        return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
+                                phase)
+    if xBC.is_cuda and xBC.dtype != torch.float64:
+        try:
+            from llamba.ops.step.triton_kernel import mixer_step_triton
+        except ImportError:
+            pass
+        else:
+            return mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
+    return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
+
+
+__all__ = ["a_log_rows", "mixer_step", "mixer_step_torch"]
