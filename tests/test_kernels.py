@@ -262,6 +262,38 @@ def test_triton_decode_step_matches_float64(shape, dtype):
 
 @triton_kernel
 @pytest.mark.triton
+@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (2, 9, 3, 64, 128), (2, 2, 2, 32, 16)])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_gateloop_decode_step_matches_float64(shape, dtype):
+    """The fused step of a GateLoop mixer: the phase advanced and wrapped in place, B and C rotated by it after the
+    conv, the state read as its two halves; against the PyTorch step in float64 (phases past pi wrap)."""
+    from llamba.ops.step.triton_kernel import mixer_step_triton
+
+    b, H, G, P, N = shape
+    d_inner, dev = H * P, DEV
+    conv_dim = d_inner + 2 * G * N
+    xBC, z = torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype)
+    A_log = torch.randn(b, H, device=dev).to(dtype)
+    conv_state = torch.randn(b, conv_dim, 3, device=dev).to(dtype)
+    ssm_state = torch.randn(b, H, P, N, device=dev)
+    w, bias = torch.randn(conv_dim, 1, 4, device=dev).to(dtype), torch.randn(conv_dim, device=dev).to(dtype)
+    D, z_bias = torch.randn(H, device=dev).to(dtype), torch.randn(d_inner, device=dev).to(dtype)
+    theta = torch.randn(b, G, N // 2, device=dev) * 2
+    phase = (torch.rand(b, G, N // 2, device=dev) * 2 - 1) * 3.14159
+    ref_phase, ref_ss, ref_cs = phase.double(), ssm_state.double(), conv_state.double()
+    ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), ref_cs, ref_ss, w.double(), bias.double(),
+                           D.double(), z_bias.double(), G, phase=(theta.double(), ref_phase))
+    got_phase, ss, cs = phase.clone(), ssm_state.clone(), conv_state.clone()
+    out = mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(theta, got_phase))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(out, ref) < tol and rel(ss, ref_ss) < tol and rel(cs, ref_cs) == 0
+    assert (got_phase.double() - ref_phase).abs().max() < 1e-5 and got_phase.abs().max() <= 3.1416
+    with pytest.raises(ValueError, match="one angle per group and state pair"):
+        mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(theta[:, :, :-1], got_phase))
+
+
+@triton_kernel
+@pytest.mark.triton
 @pytest.mark.parametrize("elements, grid", [(7000, 65535), (2500, 65535), (2**31, 4)],
                          ids=["rows-apart", "token-spans", "rows-by-grid"])
 def test_triton_scan_in_pieces_matches_one_launch(elements, grid, monkeypatch):

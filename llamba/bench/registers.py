@@ -105,6 +105,12 @@ def launch_all(length: int = 128, sm_count: int | None = None) -> None:
                               torch.randn(batch, conv_dim, 3, dtype=bf16), torch.randn(batch, H, P, N),
                               torch.randn(conv_dim, 1, 4, dtype=bf16), torch.randn(conv_dim, dtype=bf16),
                               torch.randn(H, dtype=bf16), torch.randn(H * P, dtype=bf16), H)
+        # a GateLoop mixer's step: the phase turned and B, C rotated in the kernel
+        mixer_step_triton(torch.randn(batch, conv_dim, dtype=bf16), torch.randn(batch, H * P, dtype=bf16),
+                          torch.randn(batch, H, dtype=bf16), torch.randn(batch, conv_dim, 3, dtype=bf16),
+                          torch.randn(batch, H, P, N), torch.randn(conv_dim, 1, 4, dtype=bf16),
+                          torch.randn(conv_dim, dtype=bf16), torch.randn(H, dtype=bf16), torch.randn(H * P, dtype=bf16),
+                          H, phase=(torch.randn(batch, H, N // 2), torch.randn(batch, H, N // 2)))
 
 
 def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:

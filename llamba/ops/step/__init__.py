@@ -10,19 +10,18 @@ from llamba.ops.step.naive import a_log_rows, mixer_step_torch
 
 
 def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
-    """Dispatches to the fused Triton kernel on CUDA when it is installed, else to the PyTorch reference. A GateLoop
-    step (``phase`` given) always takes the PyTorch one: the fused kernel has no phase rotation yet."""
-    if phase is not None:
-        return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
-                                phase)
-    if xBC.is_cuda and xBC.dtype != torch.float64:
+    """Dispatches to the fused Triton kernel on CUDA when it is installed (a GateLoop step, ``phase`` given,
+    included: the kernel turns the phase and rotates B and C itself), else to the PyTorch reference."""
+    if xBC.is_cuda and xBC.dtype != torch.float64 and (phase is None or phase[1].dtype == torch.float32):
         try:
             from llamba.ops.step.triton_kernel import mixer_step_triton
         except ImportError:
             pass
         else:
-            return mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
-    return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads)
+            return mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias,
+                                     n_qk_heads, phase)
+    return mixer_step_torch(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
+                            phase)
 
 
 __all__ = ["a_log_rows", "mixer_step", "mixer_step_torch"]

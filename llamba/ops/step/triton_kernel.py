@@ -8,6 +8,10 @@ kernel reads and writes each state once, which is the bytes floor of the step.
 The kernel can also compute A_log, the last few rows of in_proj (one per head), from the normed input row: as
 rows of their own GEMM they leave cuBLAS a tiny, slow product, and as part of the main GEMM an output width that
 is not a multiple of 8 (see ``llamba.model.mixer.split_in_proj``).
+
+A GateLoop mixer (``ROTATE``) also advances its cumulative phase by theta and rotates B and C by it after the conv
+(state pair j is dims j and j + N/2, as in ``llamba.ops.gateloop``): the kernel then works on the two halves of
+the state dimension as separate tiles, so the rotation needs no shuffle between lanes.
 """
 
 from __future__ import annotations
@@ -69,22 +73,53 @@ def _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw
 
 
 @triton.jit
+def _rotated_pair(lo, hi, cos, sin, dtype):
+    """(lo, hi) halves of a B or C vector turned by the phase, rounded to the model dtype as the reference's."""
+    return (lo * cos - hi * sin).to(dtype).to(tl.float32), (hi * cos + lo * sin).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _mixer_step_kernel(
     xbc_ptr, z_ptr, alog_ptr, u_ptr, aw_ptr, ab_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
+    theta_ptr, phase_ptr,
     G, HPG, P, N, d_inner, K,
-    s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob,
+    s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob, s_tb, s_tg, s_fb, s_fg,
     HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, A_FROM_U: tl.constexpr, HAS_A_BIAS: tl.constexpr,
-    BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    ROTATE: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
 ):
     b, g = tl.program_id(0), tl.program_id(1)
     A_logs = _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS,
                           BH, BK, NK)
-    n = tl.arange(0, BN)
-    n_mask = n < N
-    B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
-                       HAS_CONV_BIAS)
-    C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb, s_cc,
-                       HAS_CONV_BIAS)
+    if ROTATE:  # BN covers half of N: n indexes state pairs, the state is read as its two halves
+        half = N // 2
+        n = tl.arange(0, BN)
+        n_mask = n < half
+        B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
+                           HAS_CONV_BIAS)
+        B2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + half + n, n_mask, s_xb, s_cb,
+                            s_cc, HAS_CONV_BIAS)
+        C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb,
+                           s_cc, HAS_CONV_BIAS)
+        C2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + half + n, n_mask, s_xb,
+                            s_cb, s_cc, HAS_CONV_BIAS)
+        fp = phase_ptr + b * s_fb + g * s_fg + n
+        phi = tl.load(fp, mask=n_mask, other=0.0) + tl.load(theta_ptr + b * s_tb + g * s_tg + n, mask=n_mask,
+                                                             other=0.0)
+        phi = phi + 3.141592653589793  # wrapped to [-pi, pi) as torch.remainder(phi + pi, 2 pi) - pi
+        phi = phi - 6.283185307179586 * tl.floor(phi / 6.283185307179586) - 3.141592653589793
+        tl.store(fp, phi, mask=n_mask)
+        cos, sin = tl.cos(phi), tl.sin(phi)
+        B, B2 = _rotated_pair(B, B2, cos, sin, xbc_ptr.dtype.element_ty)
+        C, C2 = _rotated_pair(C, C2, cos, sin, xbc_ptr.dtype.element_ty)
+    else:
+        half = 0
+        n = tl.arange(0, BN)
+        n_mask = n < N
+        B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
+                           HAS_CONV_BIAS)
+        C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb,
+                           s_cc, HAS_CONV_BIAS)
+        B2, C2 = B, C  # unused
     for hh in range(HPG):
         h = g * HPG + hh
         A_log = tl.sum(tl.where(tl.arange(0, BH) == hh, A_logs, 0.0), axis=0)
@@ -101,6 +136,10 @@ def _mixer_step_kernel(
             state = tl.load(sp, mask=pn_mask, other=0.0) * a + x[:, None] * B[None, :]
             tl.store(sp, state, mask=pn_mask)
             y = tl.sum(state * C[None, :], axis=1)
+            if ROTATE:  # the second half of the state dimension
+                state2 = tl.load(sp + half, mask=pn_mask, other=0.0) * a + x[:, None] * B2[None, :]
+                tl.store(sp + half, state2, mask=pn_mask)
+                y += tl.sum(state2 * C2[None, :], axis=1)
             y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + D * x
             z = tl.load(z_ptr + b * s_zb + ch, mask=p_mask, other=0.0).to(tl.float32)
             if HAS_Z_BIAS:
@@ -109,10 +148,12 @@ def _mixer_step_kernel(
             tl.store(out_ptr + b * s_ob + ch, y.to(out_ptr.dtype.element_ty), mask=p_mask)
 
 
-def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads):
+def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
+                      phase=None):
     """Same contract as ``llamba.ops.step.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
     or (u (b, d_model), weight (H, d_model), bias (H,) or None) to compute it here as u @ weight.T + bias;
-    conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place. Returns (b, d_inner)."""
+    conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place; ``phase``: a GateLoop
+    mixer's (theta (b, G, N/2), phase state (b, G, N/2) float32, updated in place). Returns (b, d_inner)."""
     batch, n_heads, head_dim, d_state = ssm_state.shape
     d_inner = n_heads * head_dim
     if conv_weight.shape[-1] != 4 or conv_state.shape[-1] != 3:
@@ -134,10 +175,22 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         A_log = u  # stands in for the pointer the kernel then never reads
     else:
         u = a_weight = a_bias = A_log  # likewise
+    if phase is not None:
+        theta, phase_state = phase
+        want = (batch, n_qk_heads, d_state // 2)
+        if d_state % 2 or tuple(theta.shape) != want or tuple(phase_state.shape) != want:
+            raise ValueError(f"phase: theta {tuple(theta.shape)} and phase state {tuple(phase_state.shape)} must be "
+                             f"{want} (one angle per group and state pair; d_state even)")
+        if phase_state.dtype != torch.float32 or phase_state.stride(-1) != 1:
+            raise ValueError("the phase state must be float32 and contiguous in its last dimension")
+        theta = theta.to(torch.float32)
+        theta = theta if theta.stride(-1) == 1 else theta.contiguous()
+    else:
+        theta = phase_state = ssm_state  # stand in for pointers the kernel then never reads
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
-    BN = max(16, triton.next_power_of_2(d_state))
+    BN = max(16, triton.next_power_of_2(d_state // 2 if phase is not None else d_state))
     BP = min(32, triton.next_power_of_2(head_dim))
     K = u.shape[-1] if a_from_u else 1
     BH = triton.next_power_of_2(n_heads // n_qk_heads)
@@ -145,9 +198,12 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     _mixer_step_kernel[(batch, n_qk_heads)](
         xBC, z, A_log, u, a_weight, a_bias if a_bias is not None else a_weight, conv_state, ssm_state, weight,
         conv_bias if conv_bias is not None else weight, D, z_bias if z_bias is not None else D, out,
+        theta, phase_state,
         n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K,
         xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
+        theta.stride(0), theta.stride(1), phase_state.stride(0), phase_state.stride(1),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
-        HAS_A_BIAS=a_from_u and a_bias is not None, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), num_warps=4)
+        HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, BP=BP, BN=BN, BH=BH, BK=BK,
+        NK=triton.cdiv(K, BK), num_warps=4)
     return out
