@@ -42,3 +42,21 @@ def test_hybrid_study_runs_on_the_cpu():
     md = "\n".join(gpu.hybrids_markdown([out]))
     assert "Hybrid students" in md and f"| 2 | {out['attention_layers']} | 8 | 2 |" in md
     assert logged
+
+
+def test_mixer_study_sets_gateloop_beside_the_discrete_mamba2_student():
+    """`llamba bench --mixers gateloop`: a GateLoop student through the same engine, reported beside the Discrete
+    Mamba-2 student's decode rows at the same prompt and batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)).eval()
+    args = argparse.Namespace(prompts=[8], new_tokens=4, hybrid_batches=[1, 2], contexts=[8], sweep_new_tokens=3,
+                              no_compile=True, memory_budget_gib=16.0)
+    out = gpu.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=print)
+    assert out["mixer"] == "gateloop" and all(d["decode_tok_s"] > 0 for d in out["decode"])
+    pure = [{"model": "student", "prompt": 8, "batch": 2, "decode_tok_s": out["decode"][1]["decode_tok_s"] / 2}]
+    md = "\n".join(gpu.mixers_markdown([out], pure))
+    assert "| gateloop | 8 | 2 |" in md and "| 2.000 |" in md and "| gateloop | 8 | 1 |" in md

@@ -353,9 +353,8 @@ def run_benchmark(args) -> dict:
 
     del student
     _free()
-    results["hybrids"] = []
-    for k in args.hybrids:
-        results["hybrids"].append(hybrid_study(teacher, hw, k, args, log))
+    results["hybrids"] = [hybrid_study(teacher, hw, k, args, log) for k in args.hybrids]
+    results["mixers"] = [mixer_study(teacher, hw, m, args, log) for m in getattr(args, "mixers", [])]
     return results
 
 
@@ -368,21 +367,36 @@ def attention_layers_for(n_layer: int, k: int) -> list[int]:
 
 
 def hybrid_study(teacher, hw, k: int, args, log=print) -> dict:
-    """A hybrid student of the teacher's shapes with ``k`` attention layers (``attention_layers_for``), through the
-    same engine as the pure student: decode tokens/s at ``args.hybrid_batches`` (prompt ``max(args.prompts)``),
-    the batch-16 context sweep, and on CUDA the largest batch within the memory budget."""
+    """A hybrid student of the teacher's shapes with ``k`` attention layers (``attention_layers_for``)."""
     from llamba.convert import student_from_teacher
 
     layers = attention_layers_for(teacher.config.num_hidden_layers, k)
+    student = student_from_teacher(teacher, d_state=64, attention_layers=layers)
+    return {"k": k, "attention_layers": layers, **variant_study(student, teacher, hw, args, log, f"hybrid {k}")}
+
+
+def mixer_study(teacher, hw, mixer: str, args, log=print) -> dict:
+    """A student of the teacher's shapes with another mixer (``ssm_cfg.mixer``, e.g. GateLoop), to set beside the
+    Discrete Mamba-2 student's decode rows at the same prompt and batch (``mixers_markdown``)."""
+    from llamba.convert import student_from_teacher
+
+    student = student_from_teacher(teacher, d_state=64, mixer=mixer)
+    return {"mixer": mixer, **variant_study(student, teacher, hw, args, log, mixer)}
+
+
+def variant_study(student, teacher, hw, args, log, label: str) -> dict:
+    """A student variant through the same engine as the pure student: decode tokens/s at ``args.hybrid_batches``
+    (prompt ``max(args.prompts)``), the batch-16 context sweep, and on CUDA the largest batch within the memory
+    budget. The floors count a hybrid's attention (its KV bytes and products) where it has some."""
     dtype = next(teacher.parameters()).dtype
-    student = student_from_teacher(teacher, d_state=64, attention_layers=layers).to(dtype).eval()
+    student = student.to(dtype).eval()
     cuda = student.device.type == "cuda"
     compile_step = not args.no_compile
     sw, sn = param_bytes(student), param_count(student)
     prompt, new = max(args.prompts), args.new_tokens
-    a = student.config.attention_cfg
-    attn_flops = lambda ctx: 4 * len(layers) * a["num_attention_heads"] * a["head_dim"] * ctx  # noqa: E731
-    out = {"k": k, "attention_layers": layers, "params": sn, "decode": [], "context_sweep": []}
+    layers, a = student.config.attention_layers, student.config.attention_cfg
+    attn_flops = lambda ctx: 4 * len(layers) * a["num_attention_heads"] * a["head_dim"] * ctx if layers else 0.0  # noqa: E731
+    out = {"params": sn, "decode": [], "context_sweep": []}
     for batch in args.hybrid_batches:
         row = {"prompt": prompt, "batch": batch, "new_tokens": new}
         try:
@@ -394,7 +408,7 @@ def hybrid_study(teacher, hw, k: int, args, log=print) -> dict:
             row["oom"] = True
             _free()
         out["decode"].append(row)
-        log("hybrid", k, row)
+        log(label, row)
         if row.get("oom"):
             break
     for ctx in args.contexts:
@@ -408,13 +422,13 @@ def hybrid_study(teacher, hw, k: int, args, log=print) -> dict:
             row["oom"] = True
             _free()
         out["context_sweep"].append(row)
-        log("hybrid sweep", k, row)
+        log(label, "sweep", row)
     if cuda:
         rows = [r for r in out["decode"] if not r.get("oom") and r["batch"] >= 8]
         out["largest_batch"] = _fit_batch(lambda b: student_decode(student, b, prompt, 16, compile_step), rows,
                                           args.memory_budget_gib)
         out["largest_batch"].update(budget_gib=args.memory_budget_gib, prompt=prompt)
-        log("hybrid largest", k, out["largest_batch"])
+        log(label, "largest", out["largest_batch"])
     del student
     _free()
     return out
@@ -523,6 +537,7 @@ def to_markdown(r: dict) -> str:
         if "ratio" in lb:
             lines.append(f"\nstudent / teacher largest batch: {lb['ratio']:.1f}x")
     lines += hybrids_markdown(r.get("hybrids") or [])
+    lines += mixers_markdown(r.get("mixers") or [], r.get("decode") or [])
     return "\n".join(lines) + "\n"
 
 
@@ -545,6 +560,26 @@ def hybrids_markdown(hybrids: list[dict]) -> list[str]:
         for c in h["context_sweep"]:
             lines.append(f"| {h['k']} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} | "
                          f"{_fmt(c.get('floor_tok_s'))} |")
+    return lines
+
+
+def mixers_markdown(mixers: list[dict], decode: list[dict]) -> list[str]:
+    """Each other mixer's decode beside the Discrete Mamba-2 student's at the same prompt and batch."""
+    if not mixers:
+        return []
+    pure = {(d["prompt"], d["batch"]): d.get("decode_tok_s") for d in decode if d.get("model") == "student"}
+    lines = ["", "## Other mixers (same shapes, same engine) against the Discrete Mamba-2 student", "",
+             "| mixer | prompt | batch | tok/s | Discrete Mamba-2 tok/s | ratio |", "|---|---|---|---|---|---|"]
+    for m in mixers:
+        for d in m["decode"]:
+            base, got = pure.get((d["prompt"], d["batch"])), d.get("decode_tok_s")
+            ratio = f"{got / base:.3f}" if base and got else "-"
+            lines.append(f"| {m['mixer']} | {d['prompt']} | {d['batch']} | {_fmt(got)}{' OOM' if d.get('oom') else ''} | "
+                         f"{_fmt(base)} | {ratio} |")
+    lines += ["", "Batch 16 as the context grows:", "", "| mixer | context | tok/s |", "|---|---|---|"]
+    for m in mixers:
+        for c in m["context_sweep"]:
+            lines.append(f"| {m['mixer']} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} |")
     return lines
 
 

@@ -50,6 +50,8 @@ def register(parser) -> None:
     gpu.add_argument("--memory-budget-gib", type=float_above(0), default=16.0)
     gpu.add_argument("--hybrids", type=int_at_least(1), nargs="*", default=[2, 4],
                      help="also bench hybrid students with these numbers K of attention layers (none: skip)")
+    gpu.add_argument("--mixers", nargs="*", default=["gateloop"], choices=["gateloop"],
+                     help="also bench students with these other mixers beside the Discrete Mamba-2 one (none: skip)")
     gpu.add_argument("--hybrid-batches", type=_ints, default=[1, 64, 256],
                      help="batch sizes for the hybrids' decode (at the largest --prompts; two of 8 or more fit the largest batch)")
     gpu.add_argument("--skip-kernels", action="store_true", help="skip the mixer-level kernel comparison")
