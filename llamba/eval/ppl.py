@@ -14,17 +14,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llamba.distill.data import iter_documents, open_text
+from llamba.text import iter_documents
 
 
 def read_documents(path: str | Path, max_chars: int | None = None) -> list[str]:
-    """``{"text": ...}`` JSON lines (``.xz`` or plain), or a plain text file as one document."""
+    """The documents of a file ``llamba.text`` reads: ``{"text": ...}`` JSON lines (plain or compressed), parquet,
+    or a plain text file as one document."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: held-out text not found (pass --ppl-text FILE: .jsonl[.xz] or .txt)")
-    if ".jsonl" not in path.name:
-        with open_text(path) as f:
-            return [f.read()]
     docs = list(iter_documents(str(path)))
     return [d[:max_chars] for d in docs] if max_chars else docs
 

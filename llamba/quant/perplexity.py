@@ -8,11 +8,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from llamba.text import iter_documents
+
 
 def corpus_tokens(path, tokenizer, n_tokens: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of the documents in ``path`` (.jsonl or .jsonl.xz, ``{"text": ...}`` per line)."""
-    from llamba.distill.data import iter_documents
-
+    """The first ``n_tokens`` tokens of the documents in ``path`` (any file ``llamba.text`` reads: .jsonl[.xz],
+    ``{"text": ...}`` per line, parquet, .txt)."""
     ids: list[int] = []
     for text in iter_documents(str(path)):
         ids.extend(tokenizer(text[: 8 * n_tokens])["input_ids"])
