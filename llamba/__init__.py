@@ -6,6 +6,17 @@ folder (ours, or cartesia's official layout) loads with ``AutoModelForCausalLM.f
 """
 
 from llamba.model import LlambaConfig, LlambaForCausalLM
+from llamba.model.modeling import set_fast_generate
+
+
+def _fast_generate(model, inputs, generation_config, kwargs):
+    """``LlambaForCausalLM.generate``'s CUDA fast path; llamba.generation is imported on the first call only."""
+    from llamba.generation import try_fast_generate
+
+    return try_fast_generate(model, inputs, generation_config, kwargs)
+
+
+set_fast_generate(_fast_generate)  # the model layer imports nothing from the layers above it
 
 __version__ = "0.1.0"
 __all__ = ["LlambaConfig", "LlambaForCausalLM", "__version__"]

@@ -35,3 +35,33 @@ def test_windows_come_round_robin_from_every_document_start():
     w = token_windows(docs, _CharTokenizer(), n_tokens=40, seq_len=10)
     assert [chr(int(x[0])) for x in w] == ["a", "b", "a", "b"]
     assert w.shape == (4, 10)
+
+
+def test_held_out_text_is_read_by_the_one_document_reader(tmp_path):
+    """--ppl-text goes through llamba.text like the distillation corpora: compressed JSON lines and parquet give
+    their documents (a .json.xz or .parquet once came back as one document of raw file bytes), and bad UTF-8 in a
+    .txt names the file and the line."""
+    import gzip
+    import json
+    import lzma
+
+    import pytest
+
+    from llamba.eval.ppl import read_documents
+
+    rows = [{"text": "first document"}, {"text": "second one"}]
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "a.json.xz").write_bytes(lzma.compress(lines))
+    for name in ("a.jsonl.gz", "a.json.xz"):
+        assert read_documents(tmp_path / name) == ["first document", "second one"]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    pq.write_table(pyarrow.table({"text": ["p one", "p two"]}), tmp_path / "a.parquet")
+    assert read_documents(tmp_path / "a.parquet") == ["p one", "p two"]
+    (tmp_path / "a.txt").write_text("one long held-out text\nover two lines")
+    assert read_documents(tmp_path / "a.txt") == ["one long held-out text\nover two lines"]
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff broken")
+    with pytest.raises(ValueError, match=r"bad\.txt: line 2 is not valid UTF-8"):
+        read_documents(tmp_path / "bad.txt")

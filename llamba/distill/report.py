@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 from llamba.distill.data import PackedTokens
-from llamba.distill.stages import kl_and_nll, set_attention
+from llamba.distill.stages import set_attention
+from llamba.metrics import kl_and_nll
 
 
 @torch.no_grad()
 def evaluate(teacher, student, data_dir, seq_len: int, eval_tokens: int, micro_batch: int, device) -> dict:
     """On the first ``eval_tokens`` of the validation split (fixed windows, documents kept apart for both models):
-    teacher and student perplexity of the next token, and KL(teacher || student) averaged over positions."""
+    teacher and student perplexity of the next token, and KL(teacher || student) averaged over positions (every
+    position of each window, its last one included: ``kl_and_nll(kl_last=True)``)."""
     val = PackedTokens(data_dir, "val", seq_len)
     n = max(1, min(len(val), eval_tokens // seq_len))
     set_attention(teacher, "sdpa")
@@ -27,7 +29,7 @@ def evaluate(teacher, student, data_dir, seq_len: int, eval_tokens: int, micro_b
         with autocast:
             t = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
             s = student(batch.input_ids, seq_idx=batch.seq_idx).logits
-        for k, v in kl_and_nll(s, t, batch.input_ids).items():
+        for k, v in kl_and_nll(s, t, batch.input_ids, kl_last=True).items():
             sums[k] = sums.get(k, 0.0) + v
     return {"tokens": n * seq_len,
             "teacher_ppl": math.exp(sums["teacher_nll"] / sums["nll_positions"]),

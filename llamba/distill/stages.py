@@ -215,14 +215,3 @@ def run_stage_module(module: nn.Module, stage: int, targets: TeacherTargets, bat
         return module(targets, batch.seq_idx, batch.input_ids)
     return module(targets, batch.seq_idx)
 
-
-@torch.no_grad()
-def kl_and_nll(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:
-    """Sums over the batch's tokens: KL(teacher || student) per position, and next-token NLL of both models."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-    nxt = input_ids[:, 1:, None]
-    return {"kl": kl.sum().item(), "kl_positions": kl.numel(),
-            "student_nll": -log_s[:, :-1].gather(-1, nxt).sum().item(),
-            "teacher_nll": -log_t[:, :-1].gather(-1, nxt).sum().item(), "nll_positions": nxt.numel()}

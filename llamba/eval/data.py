@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 
-from llamba.distill.data import jsonl_rows
+from llamba.text import jsonl_rows
 
 # task -> files it reads, relative to the data dir (MMLU: a folder with test/ and dev/ CSVs per subject).
 DATA_FILES = {

@@ -11,20 +11,18 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from llamba.distill.data import iter_documents, open_text
+from llamba.metrics import kl_sum, log_probs, nll_sum
+from llamba.text import iter_documents
 
 
 def read_documents(path: str | Path, max_chars: int | None = None) -> list[str]:
-    """``{"text": ...}`` JSON lines (``.xz`` or plain), or a plain text file as one document."""
+    """The documents of a file ``llamba.text`` reads: ``{"text": ...}`` JSON lines (plain or compressed), parquet,
+    or a plain text file as one document."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: held-out text not found (pass --ppl-text FILE: .jsonl[.xz] or .txt)")
-    if ".jsonl" not in path.name:
-        with open_text(path) as f:
-            return [f.read()]
     docs = list(iter_documents(str(path)))
     return [d[:max_chars] for d in docs] if max_chars else docs
 
@@ -49,9 +47,10 @@ def token_windows(docs: list[str], tokenizer, n_tokens: int, seq_len: int) -> to
 
 
 def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
-    """(batch, L-1, V) float32 log-probs of the next token at every position but the last."""
+    """(batch, L-1, V) float32 log-probs of the next token at every position but the last (which predicts no
+    token of the window, so neither NLL nor KL counts it)."""
     device = next(model.parameters()).device
-    return F.log_softmax(model(ids.to(device)).logits[:, :-1].float(), dim=-1)
+    return log_probs(model(ids.to(device)).logits[:, :-1])
 
 
 @torch.no_grad()
@@ -65,7 +64,6 @@ def perplexity_and_kl(models: dict[str, torch.nn.Module], windows: torch.Tensor,
     for start in tqdm(range(0, len(windows), batch_size), desc="ppl/KL windows", disable=not progress):
         ids = windows[start: start + batch_size]
         teacher = _log_probs(models[names[0]], ids)
-        target = ids[:, 1:, None].to(teacher.device)
         if teacher.shape[-1] <= int(windows.max()):
             raise ValueError(f"{names[0]} has a {teacher.shape[-1]}-token vocabulary, smaller than the text's ids")
         for name in names:
@@ -73,9 +71,9 @@ def perplexity_and_kl(models: dict[str, torch.nn.Module], windows: torch.Tensor,
             if logp.shape[-1] != teacher.shape[-1]:
                 raise ValueError(f"{name}: vocabulary {logp.shape[-1]} differs from the teacher's {teacher.shape[-1]};"
                                  " KL needs the same tokenizer")
-            nll[name] -= float(logp.gather(-1, target).sum())
+            nll[name] += nll_sum(logp, ids)[0]
             if name != names[0]:
-                kl[name] += float((teacher.exp() * (teacher - logp)).sum())
-        count += target.numel()
+                kl[name] += kl_sum(teacher, logp)[0]
+        count += ids[:, 1:].numel()
     return {name: {"nll": nll[name] / count, "ppl": math.exp(nll[name] / count), "kl_from_teacher": kl[name] / count,
                    "tokens": count} for name in names}

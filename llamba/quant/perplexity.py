@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from llamba.metrics import log_probs, nll_sum, stream_windows
+from llamba.text import iter_documents
 
 
 def corpus_tokens(path, tokenizer, n_tokens: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of the documents in ``path`` (.jsonl or .jsonl.xz, ``{"text": ...}`` per line)."""
-    from llamba.distill.data import iter_documents
-
+    """The first ``n_tokens`` tokens of the documents in ``path`` (any file ``llamba.text`` reads: .jsonl[.xz],
+    ``{"text": ...}`` per line, parquet, .txt)."""
     ids: list[int] = []
     for text in iter_documents(str(path)):
         ids.extend(tokenizer(text[: 8 * n_tokens])["input_ids"])
@@ -27,13 +28,10 @@ def corpus_tokens(path, tokenizer, n_tokens: int) -> torch.Tensor:
 def perplexity(model, tokens: torch.Tensor, window: int = 1024) -> float:
     """exp(mean next-token NLL) over non-overlapping windows (each scored from a fresh state)."""
     nll, count = 0.0, 0
-    for start in range(0, tokens.numel() - 1, window):
-        ids = tokens[start:start + window][None]
-        if ids.shape[1] < 2:
-            break
-        logits = model(ids).logits[0, :-1].float()
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
+    for ids in stream_windows(tokens, window):
+        window_nll, positions = nll_sum(log_probs(model(ids).logits[:, :-1]), ids)
+        nll += window_nll
+        count += positions
     return math.exp(nll / count)
 
 
