@@ -8,9 +8,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from llamba.bench.cpu import DEFAULT_CONTEXTS, main  # noqa: E402
+from llamba.bench.cpu import DEFAULT_CONTEXTS, main
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,14 +17,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from llamba.quant import kernels  # noqa: E402
-from llamba.quant.modules import QuantizedLinear  # noqa: E402
-from llamba.quant.reference import quantize_weight  # noqa: E402
+from llamba.quant import kernels
+from llamba.quant.modules import QuantizedLinear
+from llamba.quant.reference import quantize_weight
 
 SHAPES = {"in_proj": (2313, 576), "out_proj": (576, 576), "gate/up": (1536, 576), "down": (576, 1536), "head": (49152, 576)}
 

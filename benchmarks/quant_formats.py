@@ -11,20 +11,17 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from llamba.checkpoint import load_student  # noqa: E402
-from llamba.quant import quantize_student  # noqa: E402
-from llamba.quant.modules import QuantizedLinear  # noqa: E402
-from llamba.quant.perplexity import corpus_tokens, perplexity  # noqa: E402
-from llamba.quant.runtime import CpuDecoder  # noqa: E402
-from llamba.teacher import load_tokenizer  # noqa: E402
+from llamba.checkpoint import load_student
+from llamba.quant import quantize_student
+from llamba.quant.modules import QuantizedLinear
+from llamba.quant.perplexity import corpus_tokens, perplexity
+from llamba.quant.runtime import CpuDecoder
+from llamba.teacher import load_tokenizer
 
 LINEARS = (("mixer", "in_proj"), ("mixer", "out_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 VARIANTS = {  # bits per linear name; unnamed linears are int4

@@ -7,13 +7,10 @@ weight formats, on the first N tokens of gutenberg-val.
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from llamba.bench.cpu import _student_checkpoint, perplexity_block  # noqa: E402
+from llamba.bench.cpu import _student_checkpoint, perplexity_block
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

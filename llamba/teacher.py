@@ -114,6 +114,8 @@ def check_llama_family(config) -> None:
 def _config_at(folder: Path, gguf: str | None):
     from transformers import AutoConfig
 
+    import llamba.model  # noqa: F401  registers model_type llamba: a student given as teacher is refused by name below
+
     config = AutoConfig.from_pretrained(folder, gguf_file=gguf) if gguf else AutoConfig.from_pretrained(folder)
     check_llama_family(config)
     return config

@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from llamba.cli import main
+from llamba.cli import COMMANDS, main
 from llamba.distill.testing import make_corpus, make_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +52,30 @@ def test_user_mistakes_through_the_real_cli(tiny):
         assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, (argv, result.stderr)
     assert (student / "model.safetensors").read_bytes() == weights
     assert not (root / "new").exists() and not (root / "q").exists() and not (root / "run" / "data").exists()
+
+
+HEAVY = ("torch", "transformers", "safetensors", "numpy", "triton", "lm_eval", "datasets", "fastapi")
+# Prints, at exit, which heavy modules the process imported: `--help` ends in SystemExit, after which atexit runs.
+HELP_PROBE = ("import atexit, sys\n"
+              f"atexit.register(lambda: print('heavy:', sorted(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr))\n"
+              "from llamba.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))")
+# `llamba --help` and `llamba COMMAND --help` measured at ~0.1 s on a 2-core box (Python itself starts in ~0.07 s),
+# against ~3.3 s when `import llamba` loaded llamba.model (torch, transformers); 1 s leaves room for a busy CI box
+# while catching any command whose argument registration imports torch again (~1.2 s alone).
+HELP_SECONDS = 1.0
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_answers_at_once_without_torch(command):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [sys.executable, "-c", HELP_PROBE, *([command] if command else []), "--help"]
+    seconds = []
+    for _ in range(2):  # the faster of two: one slow start on a loaded machine is not the command's cost
+        start = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        seconds.append(time.perf_counter() - start)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"usage: llamba {command}".strip() in result.stdout
+    assert "heavy: []" in result.stderr, result.stderr[-2000:]
+    assert min(seconds) < HELP_SECONDS, (command, seconds)

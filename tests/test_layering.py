@@ -94,8 +94,8 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
 
 
 def test_generate_still_reaches_the_fast_path(monkeypatch, tiny_llamba):
-    """model.generate() takes llamba.generation's fast path without llamba.model importing it: the llamba
-    package installs it (llamba/__init__.py), and the call still goes to the current try_fast_generate."""
+    """model.generate() takes llamba.generation's fast path without llamba.model importing it: it looks up the
+    package root's ``fast_generate`` (llamba/__init__.py), and the call still goes to the current try_fast_generate."""
     import torch
 
     import llamba.generation

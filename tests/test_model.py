@@ -148,11 +148,29 @@ def test_bad_config_is_explained():
         tiny_config(ssm_cfg={"d_state": 16, "n_v_heads": 3, "n_qk_heads": 2})
 
 
-def test_auto_classes_load_a_saved_student(tmp_path):
-    """As a transformers user loads one: in a fresh interpreter, ``import llamba`` is all it takes."""
+@pytest.mark.parametrize("first", ["import llamba.model", "from llamba import LlambaForCausalLM"])
+def test_auto_classes_load_a_saved_student(tmp_path, first):
+    """As a transformers user loads one: in a fresh interpreter, ``import llamba.model`` (or taking
+    ``LlambaForCausalLM`` from ``llamba``, which imports it) is all it takes."""
     model = tiny_model(dtype=torch.float32)
     save_student(model, None, tmp_path)
-    code = ("import llamba\nfrom transformers import AutoModelForCausalLM\n"
+    code = (f"{first}\nfrom transformers import AutoModelForCausalLM\n"
             f"print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__name__)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "LlambaForCausalLM", run.stderr[-2000:]
+
+
+def test_import_llamba_is_light_and_its_model_classes_lazy():
+    """``import llamba`` (what the ``llamba`` command imports first) loads neither torch nor transformers; the
+    package's ``LlambaConfig`` / ``LlambaForCausalLM`` are still there, loaded on first use, registered then."""
+    code = ("import sys, llamba\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'llamba.model') if m in sys.modules))\n"
+            "print(llamba.__version__, 'LlambaForCausalLM' in dir(llamba))\n"
+            "from transformers import AutoConfig\n"
+            "cls = llamba.LlambaConfig\n"
+            "print(cls is AutoConfig.for_model('llamba').__class__, cls.__module__)\n"
+            "try:\n    llamba.nope\nexcept AttributeError as err:\n    print(err)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ["[]", "0.1.0 True", "True llamba.model.config",
+                                       "module 'llamba' has no attribute 'nope'"], run.stdout

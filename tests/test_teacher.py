@@ -72,6 +72,23 @@ def test_non_llama_teacher_is_refused(tmp_path):
         load_teacher(str(tmp_path))
 
 
+def test_a_student_given_as_teacher_is_refused_by_name(tmp_path):
+    """In a fresh interpreter (``import llamba.teacher`` does not import llamba.model): the refusal names the
+    student's model type, not transformers' "does not recognize this architecture"."""
+    import subprocess
+    import sys
+
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+
+    config = LlambaConfig(d_model=64, n_layer=1, vocab_size=101, pad_vocab_size_multiple=8,
+                          mlp_cfg={"intermediate_size": 96}, ssm_cfg={"d_state": 16, "n_v_heads": 4, "n_qk_heads": 2})
+    save_student(LlambaForCausalLM(config), None, tmp_path)
+    code = f"from llamba.teacher import load_teacher\nload_teacher({str(tmp_path)!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "teacher is 'llamba' (LlambaForCausalLM), not a Llama-family model" in run.stderr, \
+        run.stderr[-2000:]
+
+
 def test_llama3_shaped_teacher_converts(tmp_path):
     """GQA, rope_scaling type llama3, untied head: the Llama-3.x shape family at toy size."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -1,5 +1,7 @@
 """The ``llamba`` command line. Each subcommand lives in its own module with ``register(subparsers)``; modules
-are imported only when their command runs, so ``llamba generate`` never pays for the training stack."""
+are imported only when their command runs, so ``llamba generate`` never pays for the training stack. A command
+module imports only argparse-level things at its top (torch, transformers and the model inside ``run``), so that
+``llamba --help`` and ``llamba COMMAND --help`` answer at once (tests/test_cli_subprocess.py holds them to it)."""
 
 from __future__ import annotations
 

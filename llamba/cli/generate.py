@@ -7,11 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from llamba.cli.common import add_model_args, resolve_device, resolve_dtype
-from llamba.generation.prompts import check_prompt_text, encode_prompts
-from llamba.generation.sampling import InvalidSamplingParam, SamplingParams
+
+# torch and llamba.generation are imported where they are used, so `llamba generate --help` does not load torch.
 
 
 def register(parser) -> None:
@@ -38,6 +36,8 @@ def register(parser) -> None:
 def sampling_params(args) -> SamplingParams:
     """The options as the params every path samples with (the CUDA engine, transformers' generate, the CPU
     runtime), checked before any loading: transformers' own generate accepted a top-p of 2."""
+    from llamba.generation.sampling import InvalidSamplingParam, SamplingParams
+
     try:
         return SamplingParams.from_temperature(args.temperature, args.top_k, args.top_p, args.min_p,
                                                args.repetition_penalty)
@@ -72,7 +72,10 @@ def uses_cpu_runtime(args, device) -> bool:
 
 
 def run(args) -> int:
+    import torch
+
     from llamba.checkpoint import load_model
+    from llamba.generation.prompts import check_prompt_text, encode_prompts
     from llamba.model import LlambaForCausalLM
 
     if args.max_new_tokens < 1:

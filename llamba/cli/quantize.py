@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from llamba.cli.common import int_at_least
-from llamba.quant.artifact import ARTIFACT_NAME
+from llamba.quant import ARTIFACT_NAME
 
 
 def group_size(text: str) -> int:

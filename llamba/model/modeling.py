@@ -111,17 +111,6 @@ def _cache_argument() -> str:
 
 CACHE_ARGUMENT = _cache_argument()
 
-# generate()'s CUDA fast path, ``llamba.generation.try_fast_generate``: a layer above this one, so the llamba package
-# installs it (llamba/__init__.py, which runs before any llamba.model import) and the model imports nothing from
-# above. None: transformers' generate() always.
-_fast_generate = None
-
-
-def set_fast_generate(fn) -> None:
-    """Install ``fn(model, inputs, generation_config, kwargs) -> sequences | None`` as generate()'s fast path."""
-    global _fast_generate
-    _fast_generate = fn
-
 
 class StepAttention(NamedTuple):
     """What a hybrid's attention layers need for one decode step (``LlambaModel.step_attention_inputs``): RoPE's
@@ -410,7 +399,9 @@ class LlambaForCausalLM(LlambaPreTrainedModel, GenerationMixin):
         """On CUDA, greedy and sampled decoding run through ``llamba.generation`` (static cache, CUDA-graph decode
         loop, on-device sampling); anything it does not support (beam search, streamers, custom processors, CPU)
         goes to transformers' generate()."""
-        out = None if _fast_generate is None else _fast_generate(self, inputs, generation_config, kwargs)
+        from llamba import fast_generate  # the package root composes the layers: see its docstring
+
+        out = fast_generate(self, inputs, generation_config, kwargs)
         if out is not None:
             return out
         ids = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+# No torch at import: `llamba quantize --help` reads ARTIFACT_NAME from here and should not pay for torch.
+ARTIFACT_NAME = "model.cpu.safetensors"  # what `llamba quantize --out DIR` writes into DIR
 QUANT_CHOICES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 # Embedding + head stay int8 when the body is int4: measured perplexity cost of an int4 head in results/edge-cpu.md.
@@ -37,6 +37,8 @@ def load_for_cpu(path, quant: str | None = None, threads: int | None = None):
     """A ready ``CpuDecoder`` (``.generate``, ``.prefill``, ``.step``, ``.model``, ``.tokenizer``, ``.quant``) from
     either an artifact written by ``llamba quantize`` (``quant`` None or equal to the file's) or a float32 student
     checkpoint folder (quantized now with ``quant``, default 'none')."""
+    import torch
+
     from llamba.quant.artifact import artifact_in, load_artifact
     from llamba.quant.runtime import CpuDecoder
 

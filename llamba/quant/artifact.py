@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llamba.model import LlambaAttention, LlambaConfig, LlambaForCausalLM
+from llamba.quant import ARTIFACT_NAME
 from llamba.quant.modules import MIXER_LINEARS, QuantizedEmbedding, QuantizedLinear
 from llamba.quant.reference import QuantizedWeight
 
@@ -68,9 +69,6 @@ def save_artifact(model, tokenizer, path, quant: dict) -> Path:
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # atomic: an interrupted write never leaves a half file, nor destroys the old one
     return path
-
-
-ARTIFACT_NAME = "model.cpu.safetensors"  # what `llamba quantize --out DIR` writes into DIR
 
 
 def artifact_in(path) -> Path | None:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole zero-shot suite (HellaSwag and GSM8K included) plus perplexity / KL on held-out text, for the teacher
 # and a distilled student side by side, on the GPU machine. One command:
-#     bash scripts/gpu_eval.sh runs/smollm2/student runs/eval-gpu [TEACHER]
+#     bash tools/device/gpu_eval.sh runs/smollm2/student runs/eval-gpu [TEACHER]
 # writes OUTDIR/eval.{md,json,png}. Needs the eval extra (lm-eval, datasets) installed; reads ../shared/data.
 set -euo pipefail
-STUDENT=${1:?usage: scripts/gpu_eval.sh STUDENT_DIR OUTDIR [TEACHER]}
-OUT=${2:?usage: scripts/gpu_eval.sh STUDENT_DIR OUTDIR [TEACHER]}
+STUDENT=${1:?usage: tools/device/gpu_eval.sh STUDENT_DIR OUTDIR [TEACHER]}
+OUT=${2:?usage: tools/device/gpu_eval.sh STUDENT_DIR OUTDIR [TEACHER]}
 TEACHER=${3:-smollm2-135m}
 DATA=${DATA_DIR:-../shared/data}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python -c "import lm_eval, datasets" 2>/dev/null || {
     echo "gpu_eval.sh: lm-eval and datasets are missing: pip install the eval wheels (pip install -e '.[eval]')" >&2
     exit 2

@@ -9,11 +9,11 @@
 #                  results/scan-small-batch-<gpu>.*)
 # fla (the rival) and lm-eval (for the scoring tests) travel as wheels in .whl (carry it):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_kernels.sh --tests
-#   PYTHONPATH=/tmp/site:$PWD bash scripts/gpu_kernels.sh --variants --table --small-batch   # ~5 min, right after:
+#   PYTHONPATH=/tmp/site:$PWD bash tools/device/gpu_kernels.sh --tests
+#   PYTHONPATH=/tmp/site:$PWD bash tools/device/gpu_kernels.sh --variants --table --small-batch   # ~5 min, right after:
 #                                                           # Triton's cache on the machine keeps the compiled kernels
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH="${PYTHONPATH:-$PWD}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

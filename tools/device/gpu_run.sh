@@ -2,11 +2,11 @@
 # The real SmolLM2-135M run on one lent GPU, in phases that each fit one 10-minute device call (the machine keeps
 # $HOME between back-to-back calls; the run resumes from its checkpoints). Expects what the staging calls left:
 #   ~/site (wheels: gguf, lm-eval, datasets ...), ~/.cache/llamba/smollm2-135m/*.gguf, ~/data/{corpus,eval}.
-#   bash scripts/gpu_run.sh distill SECONDS   # distill (resumes), stopping cleanly before SECONDS
-#   bash scripts/gpu_run.sh eval              # teacher and student on the zero-shot suite + ppl/KL
+#   bash tools/device/gpu_run.sh distill SECONDS   # distill (resumes), stopping cleanly before SECONDS
+#   bash tools/device/gpu_run.sh eval              # teacher and student on the zero-shot suite + ppl/KL
 # Copies logs, summaries and plots to $OUT (the device tool brings them back).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH="$HOME/site:$PWD" PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 RUN=$HOME/runs/smollm2-135m
 OUT=${OUT:-/tmp/out}
@@ -20,7 +20,7 @@ case $phase in
     echo "distill exit: ${PIPESTATUS[0]}"
     ;;
   eval)
-    DATA_DIR=$HOME/data BATCH_SIZE=64 timeout 560 bash scripts/gpu_eval.sh "$RUN/stage3/final" "$RUN/eval" 2>&1 \
+    DATA_DIR=$HOME/data BATCH_SIZE=64 timeout 560 bash tools/device/gpu_eval.sh "$RUN/stage3/final" "$RUN/eval" 2>&1 \
       | tee "$OUT/eval.log"
     cp "$RUN"/eval/eval.* "$OUT/" 2>/dev/null
     ;;
