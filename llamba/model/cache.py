@@ -51,9 +51,11 @@ class LlambaCache:
             self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
             self.key_valid = torch.zeros(batch_size, self.max_length, dtype=torch.bool, device=device)
             self.n_valid = torch.zeros(batch_size, dtype=torch.long, device=device)
-            # ``seen_tokens`` on the device: the KV slot a decode step writes. ``LlambaForCausalLM.step`` reads and
-            # advances it there, so a captured CUDA graph replays a step at the right position.
-            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            # Per row, on the device: the KV slot the row's next decode step writes (``seen_tokens`` for rows that
+            # started together). ``LlambaForCausalLM.step`` reads and advances it there, so a captured CUDA graph
+            # replays a step at the right positions; rows that joined at other times (``llamba serve``'s slots)
+            # each keep their own.
+            self.position = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -107,13 +109,10 @@ class LlambaCache:
             self.position.fill_(self.seen_tokens)
 
     def rows(self, rows: slice, seen_tokens: int = 0) -> "LlambaCache":
-        """A cache over batch rows ``rows`` that reads and writes this one's buffers. ``seen_tokens`` 0 (prefill in
-        row groups: the caller sets this cache's count once every group is in) or the rows' count when they continue
-        (``llamba serve`` steps a prefix of its slots; any count > 0 makes the mixers take their recurrent step). A
-        hybrid's continuing view is refused: its KV layers write at one shared position, not one per row."""
-        if seen_tokens and self.has_attention:
-            raise NotImplementedError("continuing row views of a hybrid's cache: its KV layers write at one shared "
-                                      "position")
+        """A cache over batch rows ``rows`` that reads and writes this one's buffers, a hybrid's per-row positions
+        included. ``seen_tokens`` 0 (prefill in row groups: the caller sets this cache's count once every group is
+        in) or any count > 0 when the rows continue (``llamba serve`` steps a prefix of its slots with
+        ``LlambaForCausalLM.step``, whose KV writes go by each row's own device-side position)."""
         view = LlambaCache.__new__(LlambaCache)
         view.conv_states = self.conv_states[:, rows]
         view.ssm_states = self.ssm_states[:, rows]
@@ -123,7 +122,7 @@ class LlambaCache:
         if self.has_attention:
             view.key_cache, view.value_cache = self.key_cache[:, rows], self.value_cache[:, rows]
             view.key_valid, view.n_valid = self.key_valid[rows], self.n_valid[rows]
-            view.position = torch.zeros_like(self.position)
+            view.position = self.position[rows]
         return view
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -136,19 +135,27 @@ class LlambaCache:
         for t in self._tensors():
             t.copy_(t[:, beam_idx.to(t.device)])
         if self.has_attention:
-            for t in (self.key_valid, self.n_valid):
+            for t in (self.key_valid, self.n_valid, self.position):
                 t.copy_(t[beam_idx.to(t.device)])
 
     def load_row(self, row: int, source: LlambaCache, source_row: int = 0) -> None:
         """Overwrite this cache's row ``row`` with ``source``'s row ``source_row``: every recurrent state (conv,
-        SSM, a GateLoop mixer's phase), so the row continues exactly where the source's did (``llamba serve``: a
-        request prefilled in a staging cache joins its slot). A hybrid's KV rows have no per-row position: refused."""
-        if self.has_attention:
-            raise NotImplementedError("loading one row of a hybrid's cache: its KV layers keep one shared position")
+        SSM, a GateLoop mixer's phase) and a hybrid's keys, values and positions, so the row continues exactly
+        where the source's did (``llamba serve``: a request prefilled in a staging cache joins its slot). The
+        source has seen ``source.seen_tokens`` positions (its forward's count), which become the row's position."""
         for mine, theirs in ((self.conv_states, source.conv_states), (self.ssm_states, source.ssm_states),
                              (self.phase_states, source.phase_states)):
             if mine is not None:
                 mine[:, row].copy_(theirs[:, source_row])
+        if self.has_attention:
+            if source.max_length != self.max_length:
+                raise ValueError(f"load_row: a KV cache of {source.max_length} positions into one of "
+                                 f"{self.max_length}; allocate both with the same max_length")
+            self.key_cache[:, row].copy_(source.key_cache[:, source_row])
+            self.value_cache[:, row].copy_(source.value_cache[:, source_row])
+            self.key_valid[row].copy_(source.key_valid[source_row])
+            self.n_valid[row] = source.n_valid[source_row]
+            self.position[row] = source.seen_tokens
 
     def select_rows(self, rows: torch.Tensor) -> LlambaCache:
         """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
@@ -161,7 +168,7 @@ class LlambaCache:
                 setattr(out, name, getattr(self, name).index_select(1, rows))
         if self.has_attention:
             out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)
-            out.position = self.position.clone()  # its own: a step or forward on the copy must not move this one's
+            out.position = self.position.index_select(0, rows)  # its own: a step on the copy must not move these
         return out
 
     def nbytes(self) -> int:

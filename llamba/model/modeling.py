@@ -155,8 +155,9 @@ class LlambaAttention(LlamaAttention):
         q, k = apply_rotary_pos_emb(q, k, inputs.cos, inputs.sin)
         slot = cache.attention_slot[self.layer_idx]
         keys, values = cache.key_cache[slot], cache.value_cache[slot]  # (batch, kv heads, max_length, hd)
-        keys.index_copy_(2, inputs.write, k)
-        values.index_copy_(2, inputs.write, v)
+        at = inputs.write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, hd)  # each row at its own position
+        keys.scatter_(2, at, k)
+        values.scatter_(2, at, v)
         n_q, n_kv = q.shape[1], keys.shape[1]
         q = q.reshape(batch, n_kv, n_q // n_kv, hd)  # query head h reads kv head h // groups, as repeat_kv
         scores = torch.matmul(q, keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
@@ -295,13 +296,13 @@ class LlambaModel(LlambaPreTrainedModel):
 
     def step_attention_inputs(self, h: torch.Tensor, cache: LlambaCache) -> StepAttention:
         """A decode step's attention inputs for a hybrid, from device state only (``cache.position``, ``n_valid``,
-        ``key_valid``): the new token is real and goes to slot ``position``; its RoPE position is the row's count of
-        real tokens, so left padding takes none. The slot is clamped into the cache: a step past its end (which
+        ``key_valid``): the new token is real and goes to each row's slot ``position[row]``; its RoPE position is the
+        row's count of real tokens, so left padding takes none. The slot is clamped into the cache: a step past its end (which
         ``check_room`` and the engine refuse on the host) must not write out of bounds on the device."""
-        write = cache.position.clamp(max=cache.max_length - 1)
-        cache.key_valid.index_fill_(1, write, True)
+        write = cache.position.clamp(max=cache.max_length - 1)  # (batch,): each row's own slot
+        cache.key_valid.scatter_(1, write[:, None], True)
         keys = torch.arange(cache.max_length, device=h.device)
-        mask = (cache.key_valid & (keys <= write)[None])[:, None, None, :]
+        mask = (cache.key_valid & (keys[None] <= write[:, None]))[:, None, None, :]
         cos, sin = self.rotary_emb(h, cache.n_valid[:, None])
         return StepAttention(cos, sin, mask, write)
 

@@ -21,22 +21,19 @@ import torch.nn.functional as F
 
 class LlambaSlots:
     """A float Llamba student (CPU or CUDA): one ``LlambaCache`` of ``n_slots`` rows, decoded as one batch by the
-    model's own recurrent step. On CPU a step runs over rows [0, highest busy slot] only (slots are handed out
-    lowest first, so that is the busy ones and a few holes); on CUDA, with ``cuda_graph``, over all rows as one
-    captured graph of fixed shape."""
+    model's own decode step (``LlambaForCausalLM.step``, what the generation engine captures). On CPU a step runs
+    over rows [0, highest busy slot] only (slots are handed out lowest first, so that is the busy ones and a few
+    holes); on CUDA, with ``cuda_graph``, over all rows as one captured graph of fixed shape. A hybrid's KV layers
+    join the slots: each row writes its keys at its own device-side position, so requests that joined at
+    different times share a step; the KV cache holds ``max_context`` positions per slot."""
 
     def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
-        if model.config.is_hybrid:  # requests join at different times: each slot's KV would need its own position
-            raise NotImplementedError(
-                f"llamba serve does not serve hybrid students yet (this one keeps attention in layers "
-                f"{model.config.attention_layers}): its slot cache has no per-slot KV write position; use "
-                "`llamba generate` for it, or serve a pure student")
         self.model = model.eval()
         self.n_slots, self.max_context = n_slots, max_context
         self.vocab_size = model.config.vocab_size
         self.device = model.backbone.embedding.weight.device
-        self.cache = model.allocate_cache(n_slots)
-        self.staging = model.allocate_cache(1)
+        self.cache = model.allocate_cache(n_slots, max_length=max_context)
+        self.staging = model.allocate_cache(1, max_length=max_context)
         self._busy = torch.zeros(n_slots, dtype=torch.bool)
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph = _DecodeGraph(self) if use_graph else None
@@ -63,8 +60,7 @@ class LlambaSlots:
         rows = max(slots) + 1
         tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         tok[index] = torch.tensor(tokens, device=self.device)
-        out = self.model(tok[:, None], past_key_values=self.cache.rows(slice(0, rows), seen_tokens=1), logits_to_keep=1)
-        return out.logits[index, -1].float()
+        return self.model.step(tok, self.cache.rows(slice(0, rows), seen_tokens=1))[index].float()
 
     def release(self, slot: int) -> None:
         self._busy[slot] = False
@@ -72,15 +68,15 @@ class LlambaSlots:
 
 class _DecodeGraph:
     """The slot batch's decode step captured as one CUDA graph over all ``n_slots`` rows: a static token buffer in,
-    static logits out, replayed once per token. Only the model's own forward is captured, so whatever kernels it
-    picks on CUDA (the fused Triton mixer step) are the ones replayed."""
+    static logits out, replayed once per token. Only the model's own decode step is captured, so whatever kernels
+    it picks on CUDA (the fused Triton mixer step) are the ones replayed."""
 
     def __init__(self, slots: LlambaSlots):
         self.tok = torch.zeros(slots.n_slots, 1, dtype=torch.long, device=slots.device)
         view = slots.cache.rows(slice(0, slots.n_slots), seen_tokens=1)
 
         def step():
-            return slots.model(self.tok, past_key_values=view, logits_to_keep=1).logits[:, -1]
+            return slots.model.step(self.tok[:, 0], view)
 
         with torch.inference_mode():
             stream = torch.cuda.Stream()
