@@ -229,6 +229,19 @@ def test_triton_scan_fused_skip_and_gate_matches_float64(forward, with_z_bias):
         triton_chunk.ssd_chunk_triton(x, B, C, la, gate=(D, z, z_bias), dispatch=route)
 
 
+def _decode_step_inputs(shape, dtype):
+    """Random inputs of one decode step (b, H, G, P, N): xBC, z, A_log, conv and SSM states, conv weight and bias,
+    D and z_bias, in ``dtype`` (the SSM state float32)."""
+    b, H, G, P, N = shape
+    d_inner, dev = H * P, DEV
+    conv_dim = d_inner + 2 * G * N
+    return (torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype),
+            torch.randn(b, H, device=dev).to(dtype), torch.randn(b, conv_dim, 3, device=dev).to(dtype),
+            torch.randn(b, H, P, N, device=dev), torch.randn(conv_dim, 1, 4, device=dev).to(dtype),
+            torch.randn(conv_dim, device=dev).to(dtype), torch.randn(H, device=dev).to(dtype),
+            torch.randn(d_inner, device=dev).to(dtype))
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (5, 2, 2, 128, 128), (4, 9, 9, 64, 64),
@@ -238,14 +251,8 @@ def test_triton_decode_step_matches_float64(shape, dtype):
     from llamba.ops.step.triton_kernel import mixer_step_triton
 
     b, H, G, P, N = shape
-    d_inner, dev = H * P, DEV
-    conv_dim = d_inner + 2 * G * N
-    xBC, z = torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype)
-    A_log = torch.randn(b, H, device=dev).to(dtype)
-    conv_state = torch.randn(b, conv_dim, 3, device=dev).to(dtype)
-    ssm_state = torch.randn(b, H, P, N, device=dev)
-    w, bias = torch.randn(conv_dim, 1, 4, device=dev).to(dtype), torch.randn(conv_dim, device=dev).to(dtype)
-    D, z_bias = torch.randn(H, device=dev).to(dtype), torch.randn(d_inner, device=dev).to(dtype)
+    dev = DEV
+    xBC, z, A_log, conv_state, ssm_state, w, bias, D, z_bias = _decode_step_inputs(shape, dtype)
     # A_log also as in_proj's last rows, computed in the kernel from the normed input u
     u = torch.randn(b, 40, device=dev).to(dtype)
     a_weight, a_bias = (torch.randn(H, 40, device=dev) / 40 ** 0.5).to(dtype), torch.randn(H, device=dev).to(dtype)
@@ -271,14 +278,8 @@ def test_triton_gateloop_decode_step_matches_float64(shape, dtype):
     from llamba.ops.step.triton_kernel import mixer_step_triton
 
     b, H, G, P, N = shape
-    d_inner, dev = H * P, DEV
-    conv_dim = d_inner + 2 * G * N
-    xBC, z = torch.randn(b, conv_dim, device=dev).to(dtype), torch.randn(b, d_inner, device=dev).to(dtype)
-    A_log = torch.randn(b, H, device=dev).to(dtype)
-    conv_state = torch.randn(b, conv_dim, 3, device=dev).to(dtype)
-    ssm_state = torch.randn(b, H, P, N, device=dev)
-    w, bias = torch.randn(conv_dim, 1, 4, device=dev).to(dtype), torch.randn(conv_dim, device=dev).to(dtype)
-    D, z_bias = torch.randn(H, device=dev).to(dtype), torch.randn(d_inner, device=dev).to(dtype)
+    dev = DEV
+    xBC, z, A_log, conv_state, ssm_state, w, bias, D, z_bias = _decode_step_inputs(shape, dtype)
     theta = torch.randn(b, G, N // 2, device=dev) * 2
     phase = (torch.rand(b, G, N // 2, device=dev) * 2 - 1) * 3.14159
     ref_phase, ref_ss, ref_cs = phase.double(), ssm_state.double(), conv_state.double()
