@@ -12,6 +12,10 @@ from llamba.ops.ssd.naive import state_dtype
 
 # A hybrid's KV cache length when none is given (generate() sizes it to prompt + new tokens itself).
 DEFAULT_MAX_LENGTH = 4096
+# Every tensor that holds one row per sequence, and the dimension that indexes the rows: what resetting,
+# reordering, viewing, copying and loading rows go through (absent ones are skipped).
+ROW_TENSORS = (("conv_states", 1), ("ssm_states", 1), ("phase_states", 1), ("key_cache", 1), ("value_cache", 1),
+               ("key_valid", 0), ("n_valid", 0), ("position", 0))
 
 
 class LlambaCache:
@@ -85,14 +89,16 @@ class LlambaCache:
         self.value_cache[slot, :, :, start:end].copy_(value)
         return self.key_cache[slot, :, :, :end], self.value_cache[slot, :, :, :end]
 
+    def _row_tensors(self):
+        """(name, tensor, row dimension) of each per-sequence tensor this cache holds (``ROW_TENSORS``)."""
+        for name, dim in ROW_TENSORS:
+            t = getattr(self, name, None)
+            if t is not None:
+                yield name, t, dim
+
     def reset(self) -> None:
-        self.conv_states.zero_()
-        self.ssm_states.zero_()
-        if self.phase_states is not None:
-            self.phase_states.zero_()
-        if self.has_attention:
-            for t in (self.key_cache, self.value_cache, self.key_valid, self.n_valid, self.position):
-                t.zero_()
+        for _, t, _ in self._row_tensors():
+            t.zero_()
         self.seen_tokens = 0
 
     def stepped(self) -> None:
@@ -113,16 +119,10 @@ class LlambaCache:
         included. ``seen_tokens`` 0 (prefill in row groups: the caller sets this cache's count once every group is
         in) or any count > 0 when the rows continue (``llamba serve`` steps a prefix of its slots with
         ``LlambaForCausalLM.step``, whose KV writes go by each row's own device-side position)."""
-        view = LlambaCache.__new__(LlambaCache)
-        view.conv_states = self.conv_states[:, rows]
-        view.ssm_states = self.ssm_states[:, rows]
-        view.phase_states = None if self.phase_states is None else self.phase_states[:, rows]
+        view = copy.copy(self)
+        for name, t, dim in self._row_tensors():
+            setattr(view, name, t[(slice(None),) * dim + (rows,)])
         view.seen_tokens = seen_tokens
-        view.attention_slot, view.max_length = self.attention_slot, self.max_length
-        if self.has_attention:
-            view.key_cache, view.value_cache = self.key_cache[:, rows], self.value_cache[:, rows]
-            view.key_valid, view.n_valid = self.key_valid[rows], self.n_valid[rows]
-            view.position = self.position[rows]
         return view
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -132,30 +132,21 @@ class LlambaCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows named by ``beam_idx``."""
-        for t in self._tensors():
-            t.copy_(t[:, beam_idx.to(t.device)])
-        if self.has_attention:
-            for t in (self.key_valid, self.n_valid, self.position):
-                t.copy_(t[beam_idx.to(t.device)])
+        for _, t, dim in self._row_tensors():
+            t.copy_(t.index_select(dim, beam_idx.to(t.device)))
 
     def load_row(self, row: int, source: LlambaCache, source_row: int = 0) -> None:
         """Overwrite this cache's row ``row`` with ``source``'s row ``source_row``: every recurrent state (conv,
         SSM, a GateLoop mixer's phase) and a hybrid's keys, values and positions, so the row continues exactly
         where the source's did (``llamba serve``: a request prefilled in a staging cache joins its slot). The
         source has seen ``source.seen_tokens`` positions (its forward's count), which become the row's position."""
-        for mine, theirs in ((self.conv_states, source.conv_states), (self.ssm_states, source.ssm_states),
-                             (self.phase_states, source.phase_states)):
-            if mine is not None:
-                mine[:, row].copy_(theirs[:, source_row])
+        if self.has_attention and source.max_length != self.max_length:
+            raise ValueError(f"load_row: a KV cache of {source.max_length} positions into one of "
+                             f"{self.max_length}; allocate both with the same max_length")
+        for name, t, dim in self._row_tensors():
+            t.select(dim, row).copy_(getattr(source, name).select(dim, source_row))
         if self.has_attention:
-            if source.max_length != self.max_length:
-                raise ValueError(f"load_row: a KV cache of {source.max_length} positions into one of "
-                                 f"{self.max_length}; allocate both with the same max_length")
-            self.key_cache[:, row].copy_(source.key_cache[:, source_row])
-            self.value_cache[:, row].copy_(source.value_cache[:, source_row])
-            self.key_valid[row].copy_(source.key_valid[source_row])
-            self.n_valid[row] = source.n_valid[source_row]
-            self.position[row] = source.seen_tokens
+            self.position[row] = source.seen_tokens  # a forward counts on the host only
 
     def select_rows(self, rows: torch.Tensor) -> LlambaCache:
         """A new cache whose i-th row is a copy of this one's row ``rows[i]`` (rows may repeat): a context read
@@ -163,12 +154,8 @@ class LlambaCache:
         continuations still see their context."""
         out = copy.copy(self)
         rows = rows.to(self.conv_states.device)
-        for name in ("conv_states", "ssm_states", "phase_states", "key_cache", "value_cache"):
-            if getattr(self, name, None) is not None:
-                setattr(out, name, getattr(self, name).index_select(1, rows))
-        if self.has_attention:
-            out.key_valid, out.n_valid = self.key_valid.index_select(0, rows), self.n_valid.index_select(0, rows)
-            out.position = self.position.index_select(0, rows)  # its own: a step on the copy must not move these
+        for name, t, dim in self._row_tensors():  # copies: a step on the new cache must not move this one
+            setattr(out, name, t.index_select(dim, rows))
         return out
 
     def nbytes(self) -> int:
