@@ -52,12 +52,6 @@ def _log(d):
     return log
 
 
-def _save_student_atomic(student, tokenizer, path: Path) -> None:
-    from llamba.checkpoint import save_student  # writes beside the folder, then swaps it in
-
-    save_student(student, tokenizer, path)
-
-
 # -- what a finished stage was trained with, and the checks made before any heavy work --------------------------
 # Settings that do not change what a stage computes; anything else differing from a finished stage's is refused.
 NOT_RESULT_SETTINGS = ("name", "checkpoint_every", "compile", "activation_checkpointing", "val_tokens", "eval_tokens")
@@ -215,15 +209,16 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
 def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, k: int, eval_args: dict, d, log):
     """``auto:K``: the hybrid stage 3 trains, built once on rank 0 from the student that stands before stage 3 (and
     saved, so a resumed run trains the same one); every rank loads it."""
-    from llamba.checkpoint import load_student
-    from llamba.distill.select import select_attention_layers
+    from llamba.checkpoint import load_student, save_student
+    from llamba.distill.select import SELECT_TOKENS, select_attention_layers
 
     hybrid_dir = opts.out / "select" / "final"
     if not distributed.broadcast_object((hybrid_dir / "config.json").exists(), d):
         if d.main:
             hybrid, _ = select_attention_layers(teacher, student, data_dir, k, opts.out / "select",
-                                                {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", 131072)}, log)
-            _save_student_atomic(hybrid, tokenizer, hybrid_dir)
+                                                {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", SELECT_TOKENS)},
+                                                log)
+            save_student(hybrid, tokenizer, hybrid_dir)
         distributed.barrier(d)
     else:
         log(f"attention layers: chosen already ({hybrid_dir})")
@@ -297,7 +292,7 @@ def resolve_data(opts: Options, tokenizer, teacher_loader, d, log) -> Path:
 
 
 def run(opts: Options) -> dict | None:
-    from llamba.checkpoint import load_student
+    from llamba.checkpoint import load_student, save_student
     from llamba.convert import student_from_teacher
     from llamba.teacher import load_teacher, load_tokenizer
 
@@ -356,7 +351,7 @@ def run(opts: Options) -> dict | None:
         student = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"],
                                        attention_layers=init_layers, mixer=recipe.get("mixer")).float().to(d.device)
         if d.main:
-            _save_student_atomic(student, tokenizer, init_dir)
+            save_student(student, tokenizer, init_dir)
         distributed.barrier(d)
     init_eval_path = opts.out / "init_eval.json"
     if d.main and not init_eval_path.exists():
@@ -397,7 +392,7 @@ def run(opts: Options) -> dict | None:
         if d.main:
             # result.json first: a finished stage (final/ present) always has its settings on record
             (stage_dir / "result.json").write_text(json.dumps({**results[stage], "settings": result_settings(cfg)}))
-            _save_student_atomic(student, tokenizer, final)
+            save_student(student, tokenizer, final)
             shutil.rmtree(stage_dir / "checkpoint", ignore_errors=True)
         distributed.barrier(d)
         previous = final

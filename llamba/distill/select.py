@@ -23,6 +23,7 @@ from llamba.convert import restore_teacher_layers
 from llamba.distill.report import evaluate
 
 AUTO = re.compile(r"auto:(\d+)")
+SELECT_TOKENS = 131072  # held-out tokens per layer's evaluation (recipe field select_tokens)
 
 
 def auto_count(spec) -> int | None:
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--student", required=True, help="a pure Llamba student checkpoint folder")
     parser.add_argument("--data", required=True, help="a prepared data folder (llamba distill --prepare-only)")
     parser.add_argument("--out", required=True, help="writes OUT.json and OUT.md")
-    parser.add_argument("--tokens", type=int, default=131072, help="held-out tokens per evaluation")
+    parser.add_argument("--tokens", type=int, default=SELECT_TOKENS, help="held-out tokens per evaluation")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--device", default="auto")

@@ -72,13 +72,15 @@ class LlambaCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def check_room(self, new_tokens: int) -> None:
+    def check_room(self, new_tokens: int, remedy: str | None = None) -> None:
+        """ValueError unless a hybrid's KV cache has room for ``new_tokens`` more; ``remedy``: how the caller's
+        user gets a longer one (default: allocate it and pass it as past_key_values)."""
         end = self.seen_tokens + new_tokens
         if self.has_attention and end > self.max_length:
-            raise ValueError(
-                f"the hybrid's KV cache holds {self.max_length} positions, but {self.seen_tokens} cached + "
-                f"{new_tokens} new tokens need {end}. Allocate a longer one with "
-                f"model.allocate_cache(batch_size, max_length={end}) (or larger) and pass it as past_key_values.")
+            remedy = remedy or (f"allocate a longer one with model.allocate_cache(batch_size, max_length={end}) (or "
+                                "larger) and pass it as past_key_values")
+            raise ValueError(f"the hybrid's KV cache holds {self.max_length} positions, but {self.seen_tokens} cached "
+                             f"+ {new_tokens} new tokens need {end}: {remedy}")
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs=None):
         """transformers' ``Cache.update`` for ``LlamaAttention``: write the new (batch, kv heads, L, head dim) keys

@@ -128,10 +128,7 @@ class CpuDecoder:
         ids = input_ids.reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("empty prompt: give at least one token")
-        if cache.max_length is not None and cache.seen_tokens + ids.shape[1] > cache.max_length:
-            raise ValueError(f"the hybrid's KV cache holds {cache.max_length} positions, but {cache.seen_tokens} "
-                             f"cached + {ids.shape[1]} new tokens need {cache.seen_tokens + ids.shape[1]}: build "
-                             "the CpuDecoder with a larger max_length (generate() grows it itself)")
+        cache.check_room(ids.shape[1], "build the CpuDecoder with a larger max_length (generate() grows it itself)")
         for start in range(0, ids.shape[1], self.prefill_chunk):
             piece = ids[:, start:start + self.prefill_chunk]
             out = self.model(piece, past_key_values=cache, use_cache=True, logits_to_keep=1)
