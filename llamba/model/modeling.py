@@ -114,8 +114,8 @@ CACHE_ARGUMENT = _cache_argument()
 
 class StepAttention(NamedTuple):
     """What a hybrid's attention layers need for one decode step (``LlambaModel.step_attention_inputs``): RoPE's
-    (cos, sin) at each row's position, the mask over the static KV cache (batch, 1, 1, max_length), and the slot
-    (1,) the new key and value go to, all device tensors."""
+    (cos, sin) at each row's position, the mask over the static KV cache (batch, 1, 1, max_length), and each
+    row's slot (batch,) its new key and value go to, all device tensors."""
 
     cos: torch.Tensor
     sin: torch.Tensor
