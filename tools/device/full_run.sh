@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Issue 19's full run on one H200, in back-to-back device calls (results/distill-smollm2-135m.md says what ran):
+#   full_run.sh part 1|2   stage one third of the payload (.gpu/pN: a split tar of the teacher GGUF, the prepared
+#                          data, the eval wheels and files); part 1 also runs the new CUDA tests (bounded)
+#   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start the distillation in its own process
+#                          session (it outlives the call; the machine stays warm while calls follow), watch S seconds
+#   full_run.sh wait S     watch the run up to S seconds
+#   full_run.sh finish     when the run is done: `llamba eval` (GPU) beside the CPU artifacts' perplexity (CPU), then
+#                          the layer ranking of the distilled student; everything back in $OUT/results.tar
+# The payload is built on the CPU machine (see the closing lines of this file for how).
+set -uo pipefail
+export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+R=/root/runs/pure
+STUDENT=$R/stage3/final
+BUNDLE_MD5=${BUNDLE_MD5:-17fa0bc7f136734d9787b71de3e8a1e1}
+TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens 40e6 --checkpoint-every 40 --out $R"
+
+watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
+  local end=$((SECONDS + $1))
+  while [ $SECONDS -lt $end ] && [ ! -f $R/summary.json ]; do
+    sleep 20
+    if ! pgrep -f "llamba.cli distill" >/dev/null && [ ! -f $R/summary.json ]; then
+      echo "distill is not running and wrote no summary:"; tr '\r' '\n' < $R.log | tail -15; return 1
+    fi
+    [ $((SECONDS % 60)) -lt 20 ] && tr '\r' '\n' < $R.log | grep -E "stage [23]" | tail -1
+  done
+  tr '\r' '\n' < $R.log | grep -E "^\[distill\]|tokens/s" | tail -6
+  [ -f $R/summary.json ] && echo "run done"
+  return 0
+}
+
+case "${1:-}" in
+part)
+  mkdir -p /root/stage && cp .gpu/p$2/part.* /root/stage/ && ls -la /root/stage
+  if [ "$2" = 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    PYTHONPATH=$PWD timeout -s KILL 110 python3 -m pytest -q -x tests/test_engine_hybrid.py tests/test_serve_slots.py \
+      tests/test_gateloop.py 2>&1 | tail -4
+  fi
+  ;;
+start)
+  cp .gpu/p3/part.* /root/stage/
+  cat /root/stage/part.* > /root/bundle.tar && rm /root/stage/part.*
+  md5sum /root/bundle.tar | grep -q $BUNDLE_MD5 || { echo "bundle md5 mismatch"; exit 3; }
+  rm -rf /root/pay /root/repo && mkdir -p /root/pay /root/data /root/site /root/runs && tar xf /root/bundle.tar -C /root/pay
+  cp -r "$PWD" /root/repo  # the run reads its code from a copy the next calls' working-tree syncs do not touch
+  G=/root/.cache/llamba/smollm2-135m && mkdir -p $G && mv /root/pay/*.gguf $G/
+  md5sum $G/*.gguf | grep -q a1231443440b107ff29f02bdb38c9d0a || { echo "teacher md5 mismatch"; exit 3; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/pay/whl/*.whl 2>&1 | tail -2
+  tar xJf /root/pay/data.tar.xz -C /root/pay && rm -rf /root/data/full && mv /root/pay/data /root/data/full
+  cp -r /root/pay/eval/eval /root/pay/eval/corpus /root/data/
+  cd /root/repo && python3 tools/device/check_tokenizer.py /root/pay/tokcheck.json /root/data/full || exit 4
+  echo "llamba distill $TRAIN" > $R.command
+  setsid nohup python3 -m llamba.cli distill $TRAIN > $R.log 2>&1 < /dev/null &
+  sleep 5
+  watch_run ${2:-500}
+  ;;
+wait)
+  watch_run ${2:-560}
+  ;;
+finish)
+  watch_run ${2:-300} || exit 5
+  [ -f $R/summary.json ] || { echo "run not done"; exit 5; }
+  cd /root/repo
+  python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz /root/quant/quant-ppl.json \
+    --tokens 32768 --threads 10 > /root/quant.log 2>&1 &
+  quant=$!
+  timeout -s KILL 300 python3 -m llamba.cli eval --models smollm2-135m $STUDENT \
+    --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \
+    --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 --ppl-seq-len 1024 --batch-size 128 \
+    --device cuda --dtype bfloat16 --out /root/eval 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|%|" | tail -25
+  timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT --data /root/data/full \
+    --out /root/select/ranking 2>&1 | tail -4
+  wait $quant; tail -3 /root/quant.log
+  mkdir -p /root/res && cp $R/summary.* $R/loss_stage*.png $R.command /root/res/ 2>/dev/null
+  cp /root/eval/eval.* /root/select/ranking.* /root/quant/quant-ppl.json /root/res/ 2>/dev/null
+  tr '\r' '\n' < $R.log | grep -v "it/s\]" > /root/res/distill.log
+  tar cf $OUT/results.tar -C /root/res . && ls -la /root/res
+  ;;
+*)
+  echo "usage: full_run.sh part 1|2 | start S | wait S | finish"; exit 2
+  ;;
+esac
+exit 0
+# The payload (CPU machine, repo root; .gpu/ is in .git/info/exclude):
+#   llamba distill --teacher smollm2-135m --prepare-only --data .gpu/src --max-tokens 56e6 --val-tokens 4e5 --out .gpu/prep/full
+#     (.gpu/src: links to gutenberg-train-00..04, python-docs, linux-docs, gutenberg-val from ../shared/data/corpus)
+#   .gpu/pay: data.tar.xz (tar of prep/full/data), whl/ (lm-eval 0.4.13 and what the image lacks of its needs, gguf),
+#     eval/{eval,corpus} (the four tasks' files, gutenberg-val), tokcheck.json, the teacher GGUF
+#   tar cf bundle.tar -C .gpu/pay . && split -n 3 -d bundle.tar part.  -> .gpu/p1, p2, p3 (md5 of bundle.tar above)

@@ -1,0 +1,66 @@
+"""Issue 19's CPU-artifact bar on a real student: perplexity of its int8 and mixed int4/int8 artifacts (written by
+`llamba quantize`, loaded by the CPU runtime) against the float32 student, on the same held-out tokens.
+Runs on any CPU (the GPU machine's 16 cores while its GPU evaluates). Usage:
+    python3 tools/device/quant_ppl.py STUDENT CORPUS.jsonl.xz OUT.json [--tokens 32768] [--threads 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FORMATS = {  # name: `llamba quantize` flags (None: the float32 checkpoint itself)
+    "float32": None,
+    "int8": ["--bits", "8"],
+    "int4 + int8 MLPs": ["--bits", "4", "--mlp-bits", "8"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("student")
+    ap.add_argument("corpus")
+    ap.add_argument("out")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--threads", type=int, default=12)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from llamba.quant import load_for_cpu
+    from llamba.quant.perplexity import corpus_tokens, perplexity
+
+    out = Path(args.out)
+    work = out.parent / "artifacts"
+    work.mkdir(parents=True, exist_ok=True)
+    values, commands, tokens = {}, {}, None
+    for name, flags in FORMATS.items():
+        path = args.student
+        if flags is not None:
+            path = str(work / (name.replace(" ", "").replace("+", "-") + ".safetensors"))
+            cmd = [sys.executable, "-m", "llamba.cli", "quantize", args.student, *flags, "--out", path, "--force"]
+            subprocess.run(cmd, check=True)
+            commands[name] = "llamba quantize STUDENT " + " ".join(flags) + " --out A"
+        decoder = load_for_cpu(path, "none" if flags is None else None, threads=args.threads)
+        if tokens is None:
+            tokens = corpus_tokens(args.corpus, decoder.tokenizer, args.tokens)
+        t0 = time.perf_counter()
+        values[name] = perplexity(decoder.model, tokens, 1024)
+        print(f"[quant ppl] {name}: {values[name]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    base = values["float32"]
+    result = {"student": args.student, "file": Path(args.corpus).name, "tokens": args.tokens, "window": 1024,
+              "perplexity": values, "ratio_to_float32": {k: v / base for k, v in values.items()},
+              "commands": commands, "threads": args.threads,
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
