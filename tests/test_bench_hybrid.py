@@ -60,3 +60,29 @@ def test_mixer_study_sets_gateloop_beside_the_discrete_mamba2_student():
     pure = [{"model": "student", "prompt": 8, "batch": 2, "decode_tok_s": out["decode"][1]["decode_tok_s"] / 2}]
     md = "\n".join(gpu.mixers_markdown([out], pure))
     assert "| gateloop | 8 | 2 |" in md and "| 2.000 |" in md and "| gateloop | 8 | 1 |" in md
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device half needs CUDA"))])
+def test_variants_run_where_the_teacher_is_in_its_dtype(monkeypatch, device):
+    """student_from_teacher builds on the CPU in float32; the study must time the variant on the teacher's device
+    and in its dtype (an H200 run once timed the hybrids on the host)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    seen = []
+
+    def fake_decode(student, batch, prompt, new_tokens, compile_step, prefill_rows=64):
+        p = next(student.parameters())
+        seen.append((p.device.type, p.dtype))
+        return {"prefill_s": 1.0, "decode_tok_s": 1.0, "step_ms": 1.0, "peak_gib": None, "state_bytes_per_seq": 1}
+
+    monkeypatch.setattr(gpu, "student_decode", fake_decode)
+    teacher = LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True))
+    teacher = teacher.to(device=device, dtype=torch.float64).eval()
+    args = argparse.Namespace(prompts=[8], new_tokens=4, hybrid_batches=[1], contexts=[], sweep_new_tokens=3,
+                              no_compile=True, memory_budget_gib=16.0)
+    gpu.hybrid_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, 1, args, log=lambda *a: None)
+    gpu.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=lambda *a: None)
+    assert seen and set(seen) == {(device, torch.float64)}

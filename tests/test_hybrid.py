@@ -433,9 +433,9 @@ def test_ranking_finds_the_broken_layer_and_restoring_it_recovers_its_kl(teacher
     for row in r["layers"]:
         assert row["kl_drop"] == pytest.approx(r["pure_kl"] - row["kl"], rel=1e-12)
     assert r["layers"][1]["kl"] < 0.2 * r["pure_kl"] < r["layers"][0]["kl"]
-    write_ranking(tmp_path / "ranking", r, 1)
-    assert json.loads((tmp_path / "ranking.json").read_text())["chosen"] == [1]
-    assert "| 1 | 1 |" in (tmp_path / "ranking.md").read_text()
+    write_ranking(tmp_path / "new" / "ranking", r, 1)  # a folder not made yet (python -m llamba.distill.select --out)
+    assert json.loads((tmp_path / "new" / "ranking.json").read_text())["chosen"] == [1]
+    assert "| 1 | 1 |" in (tmp_path / "new" / "ranking.md").read_text()
     with pytest.raises(ValueError, match="needs a pure student"):
         rank_layers(teacher, student_from_teacher(teacher, d_state=8, attention_layers=[0]).double(), data,
                     seq_len=16, eval_tokens=256, micro_batch=4, device="cpu")

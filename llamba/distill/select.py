@@ -75,7 +75,9 @@ def chosen_layers(ranking: dict, k: int) -> list[int]:
 
 
 def write_ranking(path: Path, ranking: dict, k: int | None = None) -> None:
-    """``path``.json and a markdown table (.md) beside it."""
+    """``path``.json and a markdown table (.md) beside it, in a folder made if missing (a ranking takes minutes of
+    GPU time; it must not be lost to an output folder that does not exist yet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({**ranking, "k": k, "chosen": chosen_layers(ranking, k) if k
                                                      else None}, indent=1))
     md = ["# Layer ranking: KL(teacher || student) with one layer restored to the teacher's", "",
