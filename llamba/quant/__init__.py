@@ -16,8 +16,9 @@ DEFAULT_HEAD_BITS = {"none": 32, "int8": 8, "int4": 8}
 def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, head_bits: int | None = None,
                      mlp_bits: int | None = None) -> dict:
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
-    ``quant='int4'`` keeps the MLPs int8: on a trained student int4 MLPs cost far more perplexity than int4 mixers
-    (results/edge-cpu-ppl-student.json)."""
+    ``quant='int4'`` keeps the MLPs int8: int4 MLPs cost a trained student far more perplexity than int4 mixers
+    (results/edge-cpu-ppl-student.json), though int4 mixers still cost a fully distilled one 15%
+    (results/cpu-artifacts-smollm2-135m.md)."""
     from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
