@@ -31,13 +31,17 @@ def test_random_data_has_documents(setup):
     assert batch.seq_idx.max() > 0  # EOS inside windows: the trainer's document resets run
 
 
-@pytest.mark.parametrize("name,stage,overrides", VARIANTS)
+@pytest.mark.parametrize("name,stage,overrides", [
+    v if not v[2].get("compile") else pytest.param(*v, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="compiling the blocks on a CPU builds C++ for minutes")) for v in VARIANTS])
 def test_every_variant_runs_the_trainer(setup, name, stage, overrides):
     teacher, student, recipe, data = setup
     before = [p.clone() for p in student.parameters()]
     row = run_variant(name, stage, overrides, recipe, teacher, student, data, steps=1, device="cpu")
     assert row["tokens_per_s"] > 0 and row["flops_per_token"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))  # trains a copy
+    assert all(b.mixer.kernel_backend == "auto" for b in student.backbone.layers)  # the rival's backend on the copy only
+    assert row["settings"].get("kernels") == overrides.get("kernels")
 
 
 def test_stage3_flops_count_both_models_and_the_head(setup):

@@ -425,6 +425,73 @@ def test_triton_causal_conv_matches_float64(length, width, dtype):
             assert rel(new_state, ref_state) < tol
 
 
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(2, 200, 200), (1, 1, 16), (3, 129, 300), (1, 64, 128)])
+@pytest.mark.parametrize("width", [4, 2])
+@pytest.mark.parametrize("resets", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_training_conv_and_its_gradients_match_float64(shape, width, resets, with_bias, dtype):
+    """The training conv (document resets, autograd) against the PyTorch reference in float64: output and the
+    gradients of input, weight and bias, on random inputs (lengths off the token tiles, channels off the channel
+    tile, documents starting anywhere, one at position 0)."""
+    from llamba.ops.conv import causal_conv
+    from llamba.ops.conv.triton_train import causal_conv_train
+
+    batch, length, channels = shape
+    xBC = torch.randn(batch, length, channels, device=DEV).to(dtype)
+    weight = torch.randn(channels, 1, width, device=DEV)  # parameters stay float32 under autocast
+    bias = torch.randn(channels, device=DEV) if with_bias else None
+    seq = torch.cumsum((torch.rand(batch, length, device=DEV) < 0.1).int(), 1, dtype=torch.int32) if resets else None
+    dout = torch.randn(batch, length, channels, device=DEV)
+
+    ref_in = [t.double().requires_grad_() for t in (xBC, weight)] + ([bias.double().requires_grad_()] if with_bias else [])
+    ref, _ = causal_conv(ref_in[0], ref_in[1], ref_in[2] if with_bias else None, None, seq)
+    (ref * dout.double()).sum().backward()
+
+    ins = [t.clone().requires_grad_() for t in (xBC, weight)] + ([bias.clone().requires_grad_()] if with_bias else [])
+    out = causal_conv_train(ins[0], ins[1], ins[2] if with_bias else None, seq)
+    (out.float() * dout).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == xBC.shape and out.dtype == dtype
+    assert rel(out, ref) < tol
+    for name, got, want in zip(("x", "weight", "bias"), ins, ref_in):
+        assert got.grad.dtype == got.dtype, name
+        assert rel(got.grad, want.grad) < tol, name
+
+
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("mixer", ["discrete_mamba2", "gateloop"])
+def test_student_training_step_on_the_kernels_matches_the_torch_path(mixer):
+    """A student's distillation step (packed windows with document resets, forward and backward) on the Triton
+    kernels (training conv, chunked scan) gives the logits and every parameter's gradient of the PyTorch path."""
+    from conftest import make_default_init_student
+
+    from llamba.distill.data import boundaries
+
+    student = make_default_init_student(3, mixer=mixer, chunk_size=16).to(DEV).train()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 97, (2, 45), device=DEV)
+    ids[0, 10], ids[1, 30] = 2, 2  # EOS: a second document starts after each
+    seq_idx, _ = boundaries(ids, 2)
+    results = {}
+    for backend in ("torch", "triton"):
+        for layer in student.backbone.layers:
+            layer.mixer.kernel_backend = backend
+        student.zero_grad(set_to_none=True)
+        logits = student(ids, seq_idx=seq_idx).logits
+        (logits.float().square().mean()).backward()
+        results[backend] = (logits.detach(), {n: p.grad.clone() for n, p in student.named_parameters()})
+    (ref, ref_grads), (got, got_grads) = results["torch"], results["triton"]
+    assert rel(got, ref) < 1e-5
+    for name, g in ref_grads.items():
+        assert rel(got_grads[name], g) < 1e-4, name
+
+
 @pytest.mark.skipif(INTERPRETING, reason="compiles the real kernels")
 def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
     """No GPU needed: each Triton kernel, launched by its host function at the kernel table's shapes, compiles
@@ -434,11 +501,12 @@ def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
 
     from llamba.bench.registers import compile_report
     from llamba.ops.conv import triton_kernel as triton_conv
+    from llamba.ops.conv import triton_train as triton_conv_train
     from llamba.ops.ssd import triton_chunk
     from llamba.ops.step import triton_kernel as triton_decode
 
     rows = compile_report(arch=90, sms=132)
-    kernels = {name for module in (triton_chunk, triton_conv, triton_decode) for name, obj in vars(module).items()
+    kernels = {name for module in (triton_chunk, triton_conv, triton_conv_train, triton_decode) for name, obj in vars(module).items()
                if isinstance(obj, JITFunction) and name.endswith("_kernel")}
     assert {r["kernel"] for r in rows} == kernels  # every kernel is covered, in every launch setting used
     assert [r for r in rows if not r["shared_fits"]] == []

@@ -25,13 +25,17 @@ import torch
 
 from llamba.distill.data import FORMAT_VERSION, MANIFEST
 
-# (name, stage, overrides of the recipe's stage settings); the plain rival right after the variant it is the rival of
+# (name, stage, overrides of the recipe's stage settings; "kernels": the mixers' kernel backend, set by the bench
+# alone); the rivals right after the variant they are the rivals of: the plain logits path, every op in PyTorch
+# (conv, scan, loss: the plain reference step), the blocks compiled
 VARIANTS = (
     ("stage1", 1, {}),
     ("stage2-block", 2, {"align": "block"}),
     ("stage2-attention", 2, {"align": "attention"}),
     ("stage3", 3, {"loss": "chunked"}),
     ("stage3-plain", 3, {"loss": "plain"}),
+    ("stage3-torch", 3, {"loss": "plain", "kernels": "torch"}),
+    ("stage3-compile", 3, {"loss": "chunked", "compile": True}),
 )
 
 
@@ -78,11 +82,15 @@ def run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, ste
     from llamba.distill.recipes import stage_config
     from llamba.distill.trainer import Metrics, batch_geometry, train_stage
 
+    overrides = dict(overrides)
+    kernels = overrides.pop("kernels", "auto")
     cfg = {**stage_config(recipe, stage), **overrides, "checkpoint_every": 0}
     d = distributed.Dist(device=torch.device(device))
     _, step_tokens, _ = batch_geometry(cfg, 1)
     cfg["tokens"] = (steps + 1) * step_tokens  # the first step warms up and is not timed
     student = copy.deepcopy(student0)
+    for block in student.backbone.layers:
+        block.mixer.kernel_backend = kernels
     cuda = d.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -90,7 +98,7 @@ def run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, ste
         result = train_stage(stage, student, teacher, data_dir, Path(tmp) / "stage", cfg, d,
                              Metrics(Path(tmp), enabled=False), log=lambda msg: None)
     return {"name": name, "stage": stage, "settings": {k: cfg[k] for k in ("seq_len", "micro_batch", "batch_tokens")}
-            | overrides, "steps_timed": steps, "tokens_per_s": result["tokens_per_s_steady"],
+            | overrides | ({"kernels": kernels} if kernels != "auto" else {}), "steps_timed": steps, "tokens_per_s": result["tokens_per_s_steady"],
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             "flops_per_token": matmul_flops_per_token(stage, cfg, teacher, student)}
 
@@ -125,8 +133,11 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
                "torch": torch.__version__, "host": platform.node(), "rows": rows,
                "teacher": "LlamaForCausalLM from the SmolLM2-135M config, random bf16 weights"}
     by_name = {r["name"]: r for r in rows}
-    if "stage3" in by_name and "stage3-plain" in by_name:
-        results["stage3_speedup_over_plain"] = by_name["stage3"]["tokens_per_s"] / by_name["stage3-plain"]["tokens_per_s"]
+    for rival, key in (("stage3-plain", "stage3_speedup_over_plain"), ("stage3-torch", "stage3_speedup_over_torch")):
+        if "stage3" in by_name and rival in by_name:
+            results[key] = by_name["stage3"]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
+    if "stage3" in by_name and "stage3-compile" in by_name:
+        results["stage3_compile_speedup"] = by_name["stage3-compile"]["tokens_per_s"] / by_name["stage3"]["tokens_per_s"]
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +158,10 @@ def to_markdown(results: dict) -> str:
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
         md.append(f"| {r['name']} | {r['stage']} | {settings} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                   f"{r['peak_memory_gib']:.1f} |")
-    if "stage3_speedup_over_plain" in results:
-        md += ["", f"Stage 3, chunked head + loss over the plain logits path: "
-                   f"**{results['stage3_speedup_over_plain']:.2f}x**"]
+    for key, what in (("stage3_speedup_over_plain", "Stage 3, chunked head + loss over the plain logits path"),
+                      ("stage3_speedup_over_torch", "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
+                      ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without")):
+        if key in results:
+            md += ["", f"{what}: **{results[key]:.2f}x**"]
     return "\n".join(md) + "\n"
 

@@ -16,6 +16,7 @@ from llamba.ops.conv import causal_conv
 from llamba.ops.step import mixer_step_torch
 from llamba.ops.ssd.triton_chunk import ssd_chunk_triton
 from llamba.ops.conv.triton_kernel import causal_conv_triton
+from llamba.ops.conv.triton_train import causal_conv_train
 from llamba.ops.step.triton_kernel import mixer_step_triton
 
 # (batch, T, heads, head dim P, d_state N): the SmolLM2 and Llama-3.2-1B students' mixers, the issue's head dim 128
@@ -23,6 +24,7 @@ from llamba.ops.step.triton_kernel import mixer_step_triton
 SCAN_SHAPES = [(8, 2048, 9, 64, 64), (8, 4096, 32, 64, 64), (16, 2048, 32, 128, 128), (16, 2048, 32, 128, 64)]
 CONV_SHAPES = [(8, 2048, 576 + 2 * 576), (8, 4096, 2048 + 2 * 2048)]  # (batch, T, channels): SmolLM2, Llama-1B
 DECODE_BATCHES = (64, 256, 1024)
+TRAIN_CONV_SHAPES = [(16, 1024, 576 + 2 * 576), (32, 512, 576 + 2 * 576)]  # SmolLM2's stage-3 / stage-2 micro-batches
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -194,8 +196,38 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
     return rows
 
 
+def bench_train_conv(device="cuda") -> list[dict]:
+    """The training conv with document resets, forward + backward, Triton kernels against the mixer's PyTorch path
+    (channel-major masked taps, then x / B / C made contiguous for the scan, as the scan needs them)."""
+    rows = []
+    for batch, T, channels in TRAIN_CONV_SHAPES:
+        x_ch = channels // 3
+        xBC = torch.randn(batch, T, channels, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(channels, 1, 4, device=device, requires_grad=True)
+        bias = torch.randn(channels, device=device, requires_grad=True)
+        seq = torch.cumsum((torch.rand(batch, T, device=device) < 1 / 700).int(), 1, dtype=torch.int32)
+        dout = torch.randn(batch, T, channels, device=device, dtype=torch.bfloat16)
+
+        def torch_path():
+            out, _ = causal_conv(xBC, w, bias, None, seq)
+            parts = (out[..., :x_ch].contiguous(), out[..., x_ch:].contiguous())
+            torch.autograd.backward(parts, (dout[..., :x_ch], dout[..., x_ch:]))
+
+        def triton_path():
+            causal_conv_train(xBC, w, bias, seq).backward(dout)
+
+        ref = causal_conv(xBC.detach().double(), w.detach().double(), bias.detach().double(), None, seq)[0]
+        row = {"shape": f"B{batch} T{T} ch{channels}",
+               "rel_err": _rel(causal_conv_train(xBC.detach(), w.detach(), bias.detach(), seq), ref)}
+        row.update(_side_by_side({"torch_ms": torch_path, "triton_ms": triton_path}))
+        row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        rows.append(row)
+    return rows
+
+
 def run_all(bandwidth_gbs: float) -> dict:
-    return {"scan": bench_scan(), "conv": bench_conv(bandwidth_gbs), "decode_step": bench_decode_step(bandwidth_gbs)}
+    return {"scan": bench_scan(), "conv": bench_conv(bandwidth_gbs), "train_conv": bench_train_conv(),
+            "decode_step": bench_decode_step(bandwidth_gbs)}
 
 
 def to_markdown(r: dict) -> list[str]:
@@ -220,6 +252,11 @@ def to_markdown(r: dict) -> list[str]:
         for c in r["conv"]:
             lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['fused_ms']:.3f} | {c['speedup']:.2f} | "
                          f"{c['fused_over_bytes_floor']:.2f} |")
+    if r.get("train_conv"):
+        lines += ["", "| training conv, resets, forward + backward (bf16) | PyTorch path ms | Triton ms | speedup |",
+                  "|---|---|---|---|"]
+        for c in r["train_conv"]:
+            lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['triton_ms']:.3f} | {c['speedup']:.2f} |")
     lines += ["", "| decode step batch (H9 P64 N64) | ms (CUDA graph) | bytes floor ms | / floor | ms launched one by one "
               "| torch reference ms |", "|---|---|---|---|---|---|"]
     for s in r["decode_step"]:

@@ -25,6 +25,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from llamba.bench.kernels import CONV_SHAPES, DECODE_BATCHES, SCAN_SHAPES
 from llamba.ops.ssd import triton_chunk
 from llamba.ops.conv.triton_kernel import causal_conv_triton
+from llamba.ops.conv.triton_train import conv_backward, conv_forward
 from llamba.ops.step.triton_kernel import mixer_step_triton
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
@@ -76,7 +77,7 @@ def ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
 def launch_all(length: int = 128, sm_count: int | None = None) -> None:
     """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
     changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
-    the prefill conv, the decode step. ``sm_count``: the target GPU's, which sizes the scan's tiles."""
+    the prefill conv, the training conv forward and backward, the decode step. ``sm_count``: the target GPU's, which sizes the scan's tiles."""
     bf16 = torch.bfloat16
     for batch, _, H, P, N in SCAN_SHAPES:
         x = torch.randn(batch, length, H, P, dtype=bf16)
@@ -95,6 +96,11 @@ def launch_all(length: int = 128, sm_count: int | None = None) -> None:
         mask = torch.ones(batch, length, dtype=torch.long)
         causal_conv_triton(xBC, torch.randn(channels, 1, 4, dtype=bf16), torch.randn(channels, dtype=bf16), None,
                            mask, x_channels=channels // 3)
+        seq = torch.zeros(batch, length, dtype=torch.int32)
+        w, bias = torch.randn(channels, 1, 4), torch.randn(channels)  # the training conv: float32 parameters
+        for resets in (seq, None):
+            conv_forward(xBC, w, bias, resets)
+            conv_backward(xBC, w, resets, torch.randn_like(xBC), True)
     H, P, N, d_model = 9, 64, 64, 576  # the student's decode shapes, as in the kernel table
     for batch in DECODE_BATCHES[:1]:  # the batch size is the grid, not a launch setting
         conv_dim = H * P + 2 * H * N

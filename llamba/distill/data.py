@@ -296,7 +296,11 @@ class Batch:
     position_ids: torch.Tensor   # (b, L) int64: position inside the document (teacher RoPE and its packed mask)
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.seq_idx, self.position_ids)))
+        """On the device. To CUDA through pinned memory: a copy from pageable memory blocks the host until the GPU
+        has run everything queued before it, which would leave the GPU idle while the host queues the next step."""
+        pinned = torch.device(device).type == "cuda"
+        return Batch(*((t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
+                       for t in (self.input_ids, self.seq_idx, self.position_ids)))
 
     @property
     def tokens(self) -> int:

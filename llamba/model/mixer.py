@@ -142,6 +142,12 @@ class DiscreteMamba2(nn.Module):
             xBC, new_conv_state = causal_conv_triton(xBC, self.conv1d.weight, self.conv1d.bias, conv_state,
                                                      attention_mask if padded else None, x_channels=self.d_inner)
             x, B, C = self._split_xBC(xBC)
+        elif cache is None and not padded and use_triton(xBC, self.kernel_backend):
+            from llamba.ops.conv.triton_train import causal_conv_train
+
+            # training and packed evaluation: document resets and autograd, in in_proj's layout (views again)
+            xBC = causal_conv_train(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
+            x, B, C = self._split_xBC(xBC)
         else:
             keep = attention_mask[:, -length:].to(xBC.dtype)[..., None] if padded else None
             if padded:
