@@ -101,12 +101,19 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", att
     return student.eval()
 
 
+RESTORE_PARTS = ("layer", "attention")
+
+
 @torch.no_grad()
-def restore_teacher_layers(student, teacher, layers) -> LlambaForCausalLM:
-    """A copy of ``student`` in which ``layers`` are the teacher's own layers again (attention, MLP and norms) and
-    every other weight is the student's: how a pure student becomes a hybrid (``--attention-layers auto:K``) and
-    how each layer's worth is measured. The MLP and norms come back with the attention because in a trained
-    student they have adapted to the mixer before them; the teacher's attention wants the teacher's MLP after it."""
+def restore_teacher_layers(student, teacher, layers, parts: str = "layer") -> LlambaForCausalLM:
+    """A copy of ``student`` in which ``layers`` are the teacher's own layers again and every other weight is the
+    student's: how a pure student becomes a hybrid (``--attention-layers auto:K``) and how each layer's worth is
+    measured. ``parts='layer'``: attention, MLP and norms come back, because in a student trained after stage 2 the
+    MLP and norms have adapted to the mixer before them and the teacher's attention wants the teacher's MLP after
+    it. ``parts='attention'``: the attention and the norm before it only, the student's MLP kept (for a student
+    whose every weight has trained: there a whole teacher layer no longer fits among the student's)."""
+    if parts not in RESTORE_PARTS:
+        raise ValueError(f"restore parts={parts!r}: choose one of {RESTORE_PARTS}")
     tc, config = teacher.config, student.config
     layers = check_attention_layers(sorted(set(config.attention_layers) | set(layers)), config.n_layer)
     hybrid = LlambaConfig.from_dict({**config.to_dict(), "attention_layers": layers,
@@ -114,7 +121,8 @@ def restore_teacher_layers(student, teacher, layers) -> LlambaForCausalLM:
     weight = next(student.parameters())
     with torch.device(weight.device):
         out = LlambaForCausalLM(hybrid).to(weight.dtype)
-    restored = [f"backbone.layers.{i}." for i in layers if not config.is_attention_layer(i)]
+    scope = "" if parts == "layer" else "mixer."  # the input norm's weight is the same key in both layouts
+    restored = [f"backbone.layers.{i}.{scope}" for i in layers if not config.is_attention_layer(i)]
     kept = {k: v for k, v in student.state_dict().items() if not k.startswith(tuple(restored))}
     missing, unexpected = out.load_state_dict(kept, strict=False)
     if unexpected or not all(k.startswith(tuple(restored)) for k in missing):  # the two layouts must differ only there
@@ -124,9 +132,10 @@ def restore_teacher_layers(student, teacher, layers) -> LlambaForCausalLM:
             continue
         s_layer, t_layer = out.backbone.layers[i], teacher.model.layers[i]
         s_layer.input_layernorm.load_state_dict(t_layer.input_layernorm.state_dict())
-        s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
-        s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
         s_layer.mixer.load_state_dict(t_layer.self_attn.state_dict())
+        if parts == "layer":
+            s_layer.post_attention_layernorm.load_state_dict(t_layer.post_attention_layernorm.state_dict())
+            s_layer.mlp.load_state_dict(t_layer.mlp.state_dict())
     return out.train(student.training)
 
 

@@ -408,6 +408,32 @@ def test_restoring_every_layer_gives_the_teacher_and_one_layer_changes_only_it(t
     assert student.config.attention_layers == []  # the student itself is left as it was
 
 
+def test_restoring_the_attention_alone_keeps_the_students_mlp(teacher3):
+    """parts='attention': the teacher's attention and the norm before it come back, the student's post-attention
+    norm and MLP stay; on a student whose MLPs are still the teacher's, every layer's attention restored is the
+    teacher."""
+    from llamba.convert import restore_teacher_layers
+
+    teacher, _ = teacher3
+    student = student_from_teacher(teacher, d_state=8).double()
+    for layer in student.backbone.layers:
+        _jitter(layer.mixer)
+    ids = _ids(2, 9)
+    whole = restore_teacher_layers(student, teacher, [0, 1, 2], parts="attention")
+    torch.testing.assert_close(whole(ids).logits[..., :280], teacher(ids).logits, **TEACHER_TOL)
+    _jitter(student.backbone.layers)  # now the MLPs and norms are the student's own too
+    one = restore_teacher_layers(student, teacher, [1], parts="attention")
+    s, o, t = student.state_dict(), one.state_dict(), teacher.state_dict()
+    for k, v in o.items():
+        if k.startswith(("backbone.layers.1.mixer.", "backbone.layers.1.input_layernorm.")):
+            name = k.removeprefix("backbone.layers.1.").replace("mixer.", "self_attn.")
+            assert torch.equal(v, t[f"model.layers.1.{name}"]), k
+        else:
+            assert torch.equal(v, s[k]), k
+    with pytest.raises(ValueError, match="choose one of"):
+        restore_teacher_layers(student, teacher, [1], parts="mlp")
+
+
 def _ranking_setup(tmp_path, teacher3):
     from llamba.distill.data import prepare_data
     from llamba.distill.testing import make_corpus

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llamba.convert import restore_teacher_layers
+from llamba.convert import RESTORE_PARTS, restore_teacher_layers
 from llamba.distill.report import evaluate
 
 AUTO = re.compile(r"auto:(\d+)")
@@ -48,9 +48,10 @@ def check_auto(k: int, n_layer: int, stages) -> str | None:
 
 @torch.no_grad()
 def rank_layers(teacher, student, data_dir, seq_len: int, eval_tokens: int, micro_batch: int, device,
-                log=lambda msg: None) -> dict:
-    """KL(teacher || student) on ``eval_tokens`` held-out tokens with each layer restored to the teacher's, ranked
-    by how much it falls. The same tokens for every layer, so the differences are paired."""
+                log=lambda msg: None, parts: str = "layer") -> dict:
+    """KL(teacher || student) on ``eval_tokens`` held-out tokens with each layer restored to the teacher's
+    (``parts``: see ``restore_teacher_layers``), ranked by how much it falls. The same tokens for every layer, so
+    the differences are paired."""
     if student.config.attention_layers:
         raise ValueError(f"layer ranking needs a pure student; this one already keeps attention in layers "
                          f"{list(student.config.attention_layers)}: give the hybrid's layers explicitly instead")
@@ -58,7 +59,7 @@ def rank_layers(teacher, student, data_dir, seq_len: int, eval_tokens: int, micr
     base = evaluate(teacher, student, data_dir, **args)
     rows = []
     for i in range(student.config.n_layer):
-        hybrid = restore_teacher_layers(student, teacher, [i])
+        hybrid = restore_teacher_layers(student, teacher, [i], parts)
         kl = evaluate(teacher, hybrid, data_dir, **args)["kl_per_token"]
         del hybrid
         rows.append({"layer": i, "kl": kl, "kl_drop": base["kl_per_token"] - kl})
@@ -67,7 +68,8 @@ def rank_layers(teacher, student, data_dir, seq_len: int, eval_tokens: int, micr
     for rank, row in enumerate(order, 1):
         row["rank"] = rank
     return {"tokens": base["tokens"], "pure_kl": base["kl_per_token"], "pure_ppl": base["student_ppl"],
-            "teacher_ppl": base["teacher_ppl"], "layers": rows, "ranking": [r["layer"] for r in order]}
+            "teacher_ppl": base["teacher_ppl"], "restored": parts, "layers": rows,
+            "ranking": [r["layer"] for r in order]}
 
 
 def chosen_layers(ranking: dict, k: int) -> list[int]:
@@ -80,7 +82,8 @@ def write_ranking(path: Path, ranking: dict, k: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({**ranking, "k": k, "chosen": chosen_layers(ranking, k) if k
                                                      else None}, indent=1))
-    md = ["# Layer ranking: KL(teacher || student) with one layer restored to the teacher's", "",
+    what = "one layer's attention" if ranking.get("restored") == "attention" else "one layer"
+    md = [f"# Layer ranking: KL(teacher || student) with {what} restored to the teacher's", "",
           f"{ranking['tokens']:,} held-out tokens; pure student KL {ranking['pure_kl']:.4f} nats/token, perplexity "
           f"{ranking['pure_ppl']:.2f} (teacher {ranking['teacher_ppl']:.2f})."]
     if k:
@@ -123,13 +126,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--restore", choices=RESTORE_PARTS, default="layer",
+                        help="what of the teacher's layer comes back: the whole layer (right after stage 2) or the "
+                             "attention and its norm only (a student whose MLPs trained too: stage 3)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher, _ = load_teacher(args.teacher, dtype=dtype, device=device, attn_implementation="sdpa")
     student = load_student(args.student, dtype=torch.float32, device=device)
     ranking = rank_layers(teacher, student, args.data, args.seq_len, args.tokens, args.micro_batch, device,
-                          log=lambda msg: print(msg, flush=True))
+                          log=lambda msg: print(msg, flush=True), parts=args.restore)
     write_ranking(Path(args.out), ranking)
     print(f"ranking (most KL recovered first): {ranking['ranking']}  -> {Path(args.out).with_suffix('.md')}")
     return 0
