@@ -4,7 +4,7 @@ parameter products it says it counts."""
 import pytest
 import torch
 
-from llamba.bench.distill import VARIANTS, matmul_flops_per_token, random_data, run_variant
+from llamba.bench.distill import COMPILING, VARIANTS, matmul_flops_per_token, random_data, run_variant
 from llamba.distill.data import PackedTokens
 
 
@@ -32,8 +32,8 @@ def test_random_data_has_documents(setup):
 
 
 @pytest.mark.parametrize("name,stage,overrides", [
-    v if not v[2].get("compile") else pytest.param(*v, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="compiling the blocks on a CPU builds C++ for minutes")) for v in VARIANTS])
+    v if not any(v[2].get(k) for k in COMPILING) else pytest.param(*v, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="compiling kernels on a CPU builds C++ for minutes")) for v in VARIANTS])
 def test_every_variant_runs_the_trainer(setup, name, stage, overrides):
     teacher, student, recipe, data = setup
     before = [p.clone() for p in student.parameters()]

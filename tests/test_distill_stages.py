@@ -72,6 +72,30 @@ def test_teacher_targets(models):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["eager", pytest.param("flex_attention", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="flex attention compiles its kernels: on CUDA"))])
+def test_teacher_attention_setting_gives_the_same_targets(models, attention):
+    """``teacher_attention`` (stages 2-3) changes how the teacher computes, not what: the same block-diagonal
+    logits and hidden states as SDPA. A name transformers does not have is refused before any work."""
+    from llamba.distill.stages import stage_targets
+
+    import copy
+
+    teacher, _, tok = models
+    flex = attention == "flex_attention"
+    # flex runs on CUDA, in float32: a copy, so the module's float64 teacher stays as it is
+    model = copy.deepcopy(teacher).to("cuda", torch.float32) if flex else teacher
+    batch = packed_batch(tok.eos_token_id).to("cuda" if flex else "cpu")
+    for stage in (2, 3):
+        want = stage_targets(model, batch, stage, {})
+        got = stage_targets(model, batch, stage, {"teacher_attention": attention})
+        for a, b in ((got.logits, want.logits),) if stage == 3 else zip(got.hidden_out, want.hidden_out):
+            torch.testing.assert_close(a, b, rtol=1e-3 if flex else 1e-4, atol=1e-4 if flex else 1e-5)
+    teacher.set_attn_implementation("sdpa")  # the module's teacher, as the other tests expect it
+    with pytest.raises(ValueError, match="choose one of"):
+        stage_targets(teacher, packed_batch(tok.eos_token_id), 3, {"teacher_attention": "flash"})
+
+
 def test_stage1_loss_by_hand(models):
     teacher, student, tok = models
     batch = packed_batch(tok.eos_token_id)

@@ -36,7 +36,9 @@ VARIANTS = (
     ("stage3-plain", 3, {"loss": "plain"}),
     ("stage3-torch", 3, {"loss": "plain", "kernels": "torch"}),
     ("stage3-compile", 3, {"loss": "chunked", "compile": True}),
+    ("stage3-flex", 3, {"loss": "chunked", "teacher_attention": "flex_attention"}),
 )
+COMPILING = ("compile", "teacher_attention")  # overrides that compile kernels (minutes on a CPU)
 
 
 def random_data(folder: Path, vocab: int, eos: int, tokens: int, seed: int = 0, doc_len: int = 700) -> Path:
@@ -123,7 +125,12 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
             if name not in variants:
                 continue
             t0 = time.perf_counter()
-            row = run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, steps, device)
+            try:
+                row = run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, steps, device)
+            except Exception as e:  # one variant's failure (a compile, a kernel) must not lose the others' rows
+                rows.append({"name": name, "stage": stage, "settings": dict(overrides), "error": f"{type(e).__name__}: {e}"[:300]})
+                print(f"[bench distill] {name}: failed: {rows[-1]['error']}", flush=True)
+                continue
             row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (hw["matmul_tflops"] * 1e12)
             rows.append(row)
             print(f"[bench distill] {name}: {row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, "
@@ -132,12 +139,13 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "torch": torch.__version__, "host": platform.node(), "rows": rows,
                "teacher": "LlamaForCausalLM from the SmolLM2-135M config, random bf16 weights"}
-    by_name = {r["name"]: r for r in rows}
-    for rival, key in (("stage3-plain", "stage3_speedup_over_plain"), ("stage3-torch", "stage3_speedup_over_torch")):
-        if "stage3" in by_name and rival in by_name:
-            results[key] = by_name["stage3"]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
-    if "stage3" in by_name and "stage3-compile" in by_name:
-        results["stage3_compile_speedup"] = by_name["stage3-compile"]["tokens_per_s"] / by_name["stage3"]["tokens_per_s"]
+    by_name = {r["name"]: r for r in rows if "error" not in r}
+    for ours, rival, key in (("stage3", "stage3-plain", "stage3_speedup_over_plain"),
+                             ("stage3", "stage3-torch", "stage3_speedup_over_torch"),
+                             ("stage3-compile", "stage3", "stage3_compile_speedup"),
+                             ("stage3-flex", "stage3", "stage3_flex_speedup")):
+        if ours in by_name and rival in by_name:
+            results[key] = by_name[ours]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,11 +164,15 @@ def to_markdown(results: dict) -> str:
           "| variant | stage | settings | tokens/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         settings = ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        if "error" in r:
+            md.append(f"| {r['name']} | {r['stage']} | {settings} | failed: {r['error'][:120]} | - | - |")
+            continue
         md.append(f"| {r['name']} | {r['stage']} | {settings} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                   f"{r['peak_memory_gib']:.1f} |")
     for key, what in (("stage3_speedup_over_plain", "Stage 3, chunked head + loss over the plain logits path"),
                       ("stage3_speedup_over_torch", "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
-                      ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without")):
+                      ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
+                      ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
         if key in results:
             md += ["", f"{what}: **{results[key]:.2f}x**"]
     return "\n".join(md) + "\n"

@@ -48,16 +48,25 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+# transformers' attention implementations the teacher may run in stages 2-3 (stage 1 needs the probabilities: eager)
+TEACHER_ATTENTION = ("sdpa", "flex_attention", "eager")
+
+
 @torch.no_grad()
-def teacher_targets(teacher, batch: Batch, stage: int, attention_outputs: bool = False) -> TeacherTargets:
+def teacher_targets(teacher, batch: Batch, stage: int, attention_outputs: bool = False,
+                    attention: str = "sdpa") -> TeacherTargets:
     """Run the teacher on a packed batch. ``position_ids`` restart at each document, which makes transformers
     build a block-diagonal causal mask: the teacher never attends across documents, like the student's resets.
-    ``attention_outputs`` (stages 1-2) also catches each layer's attention output."""
+    ``attention_outputs`` (stages 1-2) also catches each layer's attention output. ``attention``: the teacher's
+    implementation in stages 2-3 (``flex_attention`` skips the mask's empty blocks, where SDPA is handed a dense
+    block-diagonal mask)."""
+    if attention not in TEACHER_ATTENTION:
+        raise ValueError(f"teacher_attention {attention!r}: choose one of {TEACHER_ATTENTION}")
     kwargs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     if stage == 3:
-        set_attention(teacher, "sdpa")
+        set_attention(teacher, attention)
         return TeacherTargets(logits=teacher(**kwargs).logits)
-    set_attention(teacher, "eager" if stage == 1 else "sdpa")
+    set_attention(teacher, "eager" if stage == 1 else attention)
     layers = teacher.model.layers
     last, attention_out = {}, [None] * len(layers)
     # hidden_states[-1] is after the final norm, so the last layer's raw output is caught with a hook.
@@ -207,7 +216,8 @@ def stage_module(stage: int, student, cfg: dict) -> nn.Module:
 
 def stage_targets(teacher, batch: Batch, stage: int, cfg: dict) -> TeacherTargets:
     """What the teacher must provide for this stage's settings."""
-    return teacher_targets(teacher, batch, stage, attention_outputs=stage == 2 and cfg.get("align") == "attention")
+    return teacher_targets(teacher, batch, stage, attention_outputs=stage == 2 and cfg.get("align") == "attention",
+                           attention=cfg.get("teacher_attention", "sdpa"))
 
 
 def run_stage_module(module: nn.Module, stage: int, targets: TeacherTargets, batch: Batch):
