@@ -5,6 +5,7 @@ weights and random packed tokens (speed does not depend on the values): the time
 (teacher targets, student forward + loss, backward) with CUDA events, the GPU-busy fraction (is the step bound by
 kernel launches?), and torch.profiler's top kernels by CUDA time. Usage:
     python3 tools/device/profile_distill.py [--recipe R] [--stages 3,2] [--steps 3] [--compile]
+(without CUDA it runs on the CPU, host-timed: a dry run of the script, not a measurement)
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ import torch
 
 
 def timed(fn):
+    if not torch.cuda.is_available():  # a CPU dry run of this script: host clock
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = fn()
     end.record()
     torch.cuda.synchronize()
     return out, start.elapsed_time(end)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -46,10 +56,12 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16).cuda().eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16 if dev == "cuda" else torch.float32)
+    teacher = teacher.to(dev).eval()
     teacher.requires_grad_(False)
-    student0 = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().cuda()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    student0 = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(dev)
+    autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = random_data(Path(tmp) / "data", SMOLLM2_135M["vocab_size"], eos=2, tokens=1 << 22)
         for stage in [int(s) for s in args.stages.split(",")]:
@@ -68,7 +80,7 @@ def main() -> None:
             tokens = cfg["micro_batch"] * cfg["seq_len"]
 
             def micro(parts=None):
-                batch = data.batch(sampler.next(cfg["micro_batch"])).to("cuda")
+                batch = data.batch(sampler.next(cfg["micro_batch"])).to(dev)
                 if parts is None:
                     targets = stage_targets(teacher, batch, stage, cfg)
                     with autocast:
@@ -83,7 +95,7 @@ def main() -> None:
 
             for _ in range(2):
                 micro()
-            torch.cuda.synchronize()
+            sync()
             parts = []
             for _ in range(args.steps):
                 micro(parts)
@@ -92,7 +104,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 micro()
-            torch.cuda.synchronize()
+            sync()
             wall = (time.perf_counter() - t0) / args.steps * 1e3
             print(f"\n=== stage {stage} ({cfg['micro_batch']} x {cfg['seq_len']} = {tokens} tokens, "
                   f"align {cfg.get('align')}, loss {cfg.get('loss')}, compile {args.compile})")
@@ -101,17 +113,20 @@ def main() -> None:
                   f"{tokens / wall * 1e3:,.0f} tok/s (no optimizer)")
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+            with profile(activities=activities) as prof:
                 for _ in range(args.steps):
                     micro()
-                torch.cuda.synchronize()
+                sync()
             events = prof.key_averages()
             gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
             print(f"GPU kernel time per micro-step {gpu_total:.1f} ms of {wall:.1f} ms wall "
                   f"({gpu_total / wall:.0%} busy)")
-            print(events.table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=70))
+            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            print(events.table(sort_by=key, row_limit=28, max_name_column_width=70))
             del student, module
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
