@@ -8,7 +8,7 @@ from llamba.model import LlambaConfig, LlambaForCausalLM
 from llamba.model.config import DEFAULT_MIXER, check_attention_layers, check_mixer
 from llamba.teacher import check_llama_family
 
-INITS = ("identity", "attention")
+INITS = ("identity", "attention", "attention-calibrated")
 
 
 def teacher_head_dim(tc) -> int:
@@ -75,9 +75,14 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", att
     ``mixer='gateloop'``: GateLoop mixers; with ``init='attention'`` their phase bias is also the teacher's RoPE
     frequencies (phase weight 0), so that with the decay at 1 the mixing matrix is the teacher's linear attention
     *with* RoPE, (q_t R_t) . (k_s R_s) / sqrt(d). With ``'identity'`` the phase starts at Llama's default frequencies
-    for d_state (``GateLoopMamba2.reset_parameters_to_identity``)."""
+    for d_state (``GateLoopMamba2.reset_parameters_to_identity``). ``'attention-calibrated'``: the attention init
+    with each mixer's decay, a constant feature and its output scale set from one teacher forward
+    (``llamba.calibrate``), Discrete Mamba-2 mixers only."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if init == "attention-calibrated" and mixer not in (None, "discrete_mamba2"):
+        raise ValueError(f"init 'attention-calibrated' is for Discrete Mamba-2 mixers, not {mixer!r}: a GateLoop "
+                         "mixer rotates B and C, which would turn the constant feature; use init 'attention'")
     tc = teacher.config
     config = student_config_from_teacher(tc, d_state, attention_layers, mixer)
     dtype = next(teacher.parameters()).dtype
@@ -96,8 +101,12 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", att
             s_layer.mixer.load_state_dict(t_layer.self_attn.state_dict())
             continue
         s_layer.mixer.reset_parameters_to_identity()
-        if init == "attention":
+        if init in ("attention", "attention-calibrated"):
             _init_mixer_from_attention(s_layer.mixer, t_layer.self_attn, tc)
+    if init == "attention-calibrated":
+        from llamba.calibrate import calibrate_attention_init
+
+        calibrate_attention_init(student, teacher)
     return student.eval()
 
 

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+# llamba.convert.INITS, spelled out so that building the parser imports no torch (tests/test_cli.py keeps them equal)
+INIT_CHOICES = ("identity", "attention", "attention-calibrated")
 
 
 def add_model_args(parser, default_dtype: str = "auto") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from llamba.cli.common import DTYPE_NAMES, check_output_folder, count_parameters, dtype_of, int_at_least
+from llamba.cli.common import DTYPE_NAMES, INIT_CHOICES, check_output_folder, count_parameters, dtype_of, int_at_least
 
 
 def register(parser) -> None:
@@ -12,8 +12,9 @@ def register(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (new or empty; --force replaces a student in it)")
     parser.add_argument("--force", action="store_true", help="replace the student already in --out")
     parser.add_argument("--d-state", type=int_at_least(1), default=64, help="SSM state size N per head (default 64)")
-    parser.add_argument("--init", default="identity", choices=["identity", "attention"],
-                        help="mixer init: Llamba's pass-through, or from the teacher's attention weights")
+    parser.add_argument("--init", default="identity", choices=INIT_CHOICES,
+                        help="mixer init: Llamba's pass-through, from the teacher's attention weights, or those with "
+                        "the decay, a constant feature and the output scale calibrated on one teacher forward")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--mixer", default=None,
                         help="mixer of the student's layers: discrete_mamba2 (default) or gateloop (complex, "

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from llamba.cli.common import float_above, int_at_least
+from llamba.cli.common import INIT_CHOICES, float_above, int_at_least
 
 TOKENS = int_at_least(1)  # budgets: whole numbers, '5e7' allowed
 
@@ -53,7 +53,7 @@ def register(parser) -> None:
     parser.add_argument("--micro-batch", type=int_at_least(1), help="sequences per GPU per forward (all stages)")
     parser.add_argument("--batch-tokens", type=int_at_least(1), help="tokens per optimizer step, all GPUs (all stages)")
     parser.add_argument("--d-state", type=int_at_least(1))
-    parser.add_argument("--init", choices=("identity", "attention"))
+    parser.add_argument("--init", choices=INIT_CHOICES)
     parser.add_argument("--mixer", help="the student's mixer (recipe field mixer): discrete_mamba2 "
                         "(default) or gateloop (needs an even d_state; docs/gateloop.md)")
     parser.add_argument("--attention-layers", help="hybrid student: these layers (e.g. 5,14) keep the teacher's "

@@ -1,0 +1,77 @@
+"""How far each mixer init starts from the teacher: KL(teacher || student) per token and perplexity of the
+initialised (untrained) student, for every ``llamba convert --init``, on the same held-out tokens.
+
+    python benchmarks/init_kl.py --tokens 2048 --out results/init-kl-smollm2-135m
+"""
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llamba.convert import INITS, student_from_teacher
+from llamba.quant.perplexity import corpus_tokens
+from llamba.teacher import load_teacher
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus" / "gutenberg-val.jsonl.xz"
+
+
+@torch.no_grad()
+def kl_and_ppl(teacher, student, windows: torch.Tensor) -> tuple[float, float, float]:
+    """(KL(teacher || student) per predicted token, student perplexity, teacher perplexity) over the windows."""
+    kl = nll_s = nll_t = 0.0
+    for ids in windows:
+        ids = ids[None]
+        t = F.log_softmax(teacher(ids).logits.double(), -1)
+        s = F.log_softmax(student(ids).logits[..., : t.shape[-1]].double(), -1)
+        kl += (t.exp() * (t - s)).sum(-1).sum().item()
+        target = ids[0, 1:]
+        nll_s -= s[0, :-1].gather(-1, target[:, None]).sum().item()
+        nll_t -= t[0, :-1].gather(-1, target[:, None]).sum().item()
+    n = windows.numel()
+    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    return kl / n, float(torch.tensor(nll_s / predicted).exp()), float(torch.tensor(nll_t / predicted).exp())
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--out", default=None, help="writes OUT.json and OUT.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    teacher, tok = load_teacher(args.teacher)
+    teacher.eval()
+    windows = corpus_tokens(args.data, tok, args.tokens + args.window)[: args.tokens].view(-1, args.window)
+    rows = []
+    for init in INITS:
+        t0 = time.perf_counter()
+        student = student_from_teacher(teacher, d_state=64, init=init).eval()
+        kl, ppl, t_ppl = kl_and_ppl(teacher, student, windows)
+        rows.append({"init": init, "kl_per_token": kl, "student_ppl": ppl, "teacher_ppl": t_ppl,
+                     "seconds": time.perf_counter() - t0})
+        print(f"{init}: KL {kl:.3f}, perplexity {ppl:,.1f} (teacher {t_ppl:.2f})", flush=True)
+    result = {"teacher": args.teacher, "tokens": args.tokens, "window": args.window, "data": Path(args.data).name,
+              "rows": rows, "command": "python benchmarks/init_kl.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in (("tokens", args.tokens), ("window", args.window))),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "device": f"CPU, {args.threads} threads"}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        md = [f"# The initialised student against the teacher ({args.teacher}), by init", "",
+              f"- command: `{result['command']} --out {args.out}`; {result['device']}, {result['date']}",
+              f"- {args.tokens:,} tokens of `{result['data']}` in windows of {args.window}; untrained students", "",
+              "| init | KL(teacher‖student) per token | perplexity |", "|---|---|---|"]
+        md += [f"| {r['init']} | {r['kl_per_token']:.3f} | {r['student_ppl']:,.1f} |" for r in rows]
+        md += ["", f"Teacher perplexity on the same tokens: {rows[0]['teacher_ppl']:.2f}."]
+        out.with_suffix(".md").write_text("\n".join(md) + "\n")
