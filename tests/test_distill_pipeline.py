@@ -152,3 +152,16 @@ def test_no_data_falls_back_to_teacher_samples(setup, monkeypatch, tmp_path):
 
     m = load_manifest(tmp_path / "a" / "data")
     assert split_tokens(m, "train") + split_tokens(m, "val") >= 1024 + 512 and split_tokens(m, "val") > 0
+
+
+def test_calibrated_attention_init_runs_through_the_pipeline(setup, tmp_path):
+    """`--init attention-calibrated` (recipe field init) builds its student from the teacher and distils from it."""
+    _, corpus, teacher, _ = setup
+    r = tiny_recipe()
+    r["init"] = "attention-calibrated"
+    r["stages"][3]["tokens"] = 4096
+    s = run(Options(teacher=str(teacher), out=tmp_path / "cal", recipe=r, data=str(corpus), stages=(3,),
+                    sample_tokens=0))
+    assert s["eval"]["final"]["kl_per_token"] < s["eval"]["init"]["kl_per_token"]
+    assert json.loads((tmp_path / "cal" / "init_eval.json").read_text())["kl_per_token"] == pytest.approx(
+        s["eval"]["init"]["kl_per_token"])

@@ -2,6 +2,7 @@
 # Issue 19's full run on one H200, in back-to-back device calls (results/distill-smollm2-135m.md says what ran):
 #   full_run.sh part 1|2   stage one third of the payload (.gpu/pN: a split tar of the teacher GGUF, the prepared
 #                          data, the eval wheels and files); part 1 also runs the new CUDA tests (bounded)
+#   full_run.sh unpack     the last third; unpack and check (md5, tokenizer): for other runs (proxies_next.sh)
 #   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start the distillation in its own process
 #                          session (it outlives the call; the machine stays warm while calls follow), watch S seconds
 #   full_run.sh wait S     watch the run up to S seconds
@@ -12,7 +13,6 @@ set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/runs/pure
 STUDENT=$R/stage3/final
-BUNDLE_MD5=${BUNDLE_MD5:-17fa0bc7f136734d9787b71de3e8a1e1}
 TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens 40e6 --checkpoint-every 40 --out $R"
 
 watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
@@ -29,7 +29,24 @@ watch_run() {  # SECONDS: print progress each minute until the summary exists or
   return 0
 }
 
+unpack() {  # the last third; reassemble, check (md5, teacher md5, tokenizer), install the wheels, place the data
+  cp .gpu/p3/part.* /root/stage/
+  cat /root/stage/part.* > /root/bundle.tar && rm /root/stage/part.*
+  md5sum /root/bundle.tar | grep -q "$(cat .gpu/p3/bundle.md5)" || { echo "bundle md5 mismatch"; exit 3; }
+  rm -rf /root/pay /root/repo && mkdir -p /root/pay /root/data /root/site /root/runs && tar xf /root/bundle.tar -C /root/pay
+  cp -r "$PWD" /root/repo  # the runs read their code from a copy the next calls' working-tree syncs do not touch
+  G=/root/.cache/llamba/smollm2-135m && mkdir -p $G && mv /root/pay/*.gguf $G/
+  md5sum $G/*.gguf | grep -q a1231443440b107ff29f02bdb38c9d0a || { echo "teacher md5 mismatch"; exit 3; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/pay/whl/*.whl 2>&1 | tail -2
+  tar xJf /root/pay/data.tar.xz -C /root/pay && rm -rf /root/data/full && mv /root/pay/data /root/data/full
+  cp -r /root/pay/eval/eval /root/pay/eval/corpus /root/data/
+  (cd /root/repo && python3 tools/device/check_tokenizer.py /root/pay/tokcheck.json /root/data/full) || exit 4
+}
+
 case "${1:-}" in
+unpack)
+  unpack
+  ;;
 part)
   mkdir -p /root/stage && cp .gpu/p$2/part.* /root/stage/ && ls -la /root/stage
   if [ "$2" = 1 ]; then
@@ -39,17 +56,8 @@ part)
   fi
   ;;
 start)
-  cp .gpu/p3/part.* /root/stage/
-  cat /root/stage/part.* > /root/bundle.tar && rm /root/stage/part.*
-  md5sum /root/bundle.tar | grep -q $BUNDLE_MD5 || { echo "bundle md5 mismatch"; exit 3; }
-  rm -rf /root/pay /root/repo && mkdir -p /root/pay /root/data /root/site /root/runs && tar xf /root/bundle.tar -C /root/pay
-  cp -r "$PWD" /root/repo  # the run reads its code from a copy the next calls' working-tree syncs do not touch
-  G=/root/.cache/llamba/smollm2-135m && mkdir -p $G && mv /root/pay/*.gguf $G/
-  md5sum $G/*.gguf | grep -q a1231443440b107ff29f02bdb38c9d0a || { echo "teacher md5 mismatch"; exit 3; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /root/site /root/pay/whl/*.whl 2>&1 | tail -2
-  tar xJf /root/pay/data.tar.xz -C /root/pay && rm -rf /root/data/full && mv /root/pay/data /root/data/full
-  cp -r /root/pay/eval/eval /root/pay/eval/corpus /root/data/
-  cd /root/repo && python3 tools/device/check_tokenizer.py /root/pay/tokcheck.json /root/data/full || exit 4
+  unpack
+  cd /root/repo
   echo "llamba distill $TRAIN" > $R.command
   setsid nohup python3 -m llamba.cli distill $TRAIN > $R.log 2>&1 < /dev/null &
   sleep 5
@@ -78,11 +86,11 @@ finish)
   tar cf $OUT/results.tar -C /root/res . && ls -la /root/res
   ;;
 *)
-  echo "usage: full_run.sh part 1|2 | start S | wait S | finish"; exit 2
+  echo "usage: full_run.sh part 1|2 | unpack | start S | wait S | finish"; exit 2
   ;;
 esac
 exit 0
-# The payload (CPU machine, repo root; .gpu/ is in .git/info/exclude):
+# The payload: tools/device/make_payload.sh (CPU machine) does all of this:
 #   llamba distill --teacher smollm2-135m --prepare-only --data .gpu/src --max-tokens 56e6 --val-tokens 4e5 --out .gpu/prep/full
 #     (.gpu/src: links to gutenberg-train-00..04, python-docs, linux-docs, gutenberg-val from ../shared/data/corpus)
 #   .gpu/pay: data.tar.xz (tar of prep/full/data), whl/ (lm-eval 0.4.13 and what the image lacks of its needs, gguf),
