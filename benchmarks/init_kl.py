@@ -1,5 +1,5 @@
 """How far each mixer init starts from the teacher: KL(teacher || student) per token and perplexity of the
-initialised (untrained) student, for every ``llamba convert --init``, on the same held-out tokens.
+initialised (untrained) student, for every ``llamba convert --init`` and mixer, on the same held-out tokens.
 
     python benchmarks/init_kl.py --tokens 2048 --out results/init-kl-smollm2-135m
 """
@@ -52,13 +52,19 @@ if __name__ == "__main__":
     teacher.eval()
     windows = corpus_tokens(args.data, tok, args.tokens + args.window)[: args.tokens].view(-1, args.window)
     rows = []
-    for init in INITS:
-        t0 = time.perf_counter()
-        student = student_from_teacher(teacher, d_state=64, init=init).eval()
-        kl, ppl, t_ppl = kl_and_ppl(teacher, student, windows)
-        rows.append({"init": init, "kl_per_token": kl, "student_ppl": ppl, "teacher_ppl": t_ppl,
-                     "seconds": time.perf_counter() - t0})
-        print(f"{init}: KL {kl:.3f}, perplexity {ppl:,.1f} (teacher {t_ppl:.2f})", flush=True)
+    for mixer in ("discrete_mamba2", "gateloop"):
+        for init in INITS:
+            t0 = time.perf_counter()
+            torch.manual_seed(0)  # the rows an init leaves at nn.Linear's random init: the same draw for every row
+            try:
+                student = student_from_teacher(teacher, d_state=64, init=init, mixer=mixer).eval()
+            except ValueError as e:  # an init this mixer does not take
+                print(f"{mixer} {init}: {e}", flush=True)
+                continue
+            kl, ppl, t_ppl = kl_and_ppl(teacher, student, windows)
+            rows.append({"mixer": mixer, "init": init, "kl_per_token": kl, "student_ppl": ppl, "teacher_ppl": t_ppl,
+                         "seconds": time.perf_counter() - t0})
+            print(f"{mixer} {init}: KL {kl:.3f}, perplexity {ppl:,.1f} (teacher {t_ppl:.2f})", flush=True)
     result = {"teacher": args.teacher, "tokens": args.tokens, "window": args.window, "data": Path(args.data).name,
               "rows": rows, "command": "python benchmarks/init_kl.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in (("tokens", args.tokens), ("window", args.window))),
@@ -71,7 +77,7 @@ if __name__ == "__main__":
         md = [f"# The initialised student against the teacher ({args.teacher}), by init", "",
               f"- command: `{result['command']} --out {args.out}`; {result['device']}, {result['date']}",
               f"- {args.tokens:,} tokens of `{result['data']}` in windows of {args.window}; untrained students", "",
-              "| init | KL(teacher‖student) per token | perplexity |", "|---|---|---|"]
-        md += [f"| {r['init']} | {r['kl_per_token']:.3f} | {r['student_ppl']:,.1f} |" for r in rows]
+              "| mixer | init | KL(teacher‖student) per token | perplexity |", "|---|---|---|---|"]
+        md += [f"| {r['mixer']} | {r['init']} | {r['kl_per_token']:.3f} | {r['student_ppl']:,.1f} |" for r in rows]
         md += ["", f"Teacher perplexity on the same tokens: {rows[0]['teacher_ppl']:.2f}."]
         out.with_suffix(".md").write_text("\n".join(md) + "\n")

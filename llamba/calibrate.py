@@ -13,6 +13,8 @@ initialised SmolLM2 student sits at KL 13.4 from the teacher, far past the ident
 2. *The constant of exp.* softmax(q . k) weighs values by exp(q . k) ~ 1 + q . k: a linear q . k has no "1", no
    average of the values. One state dimension per group (the one whose q . k carries the least) is given constant
    B and C features (``sqrt(CONSTANT) m / |m|^2``), so C_t . B_s gains ~``CONSTANT``: a decayed mean of the values.
+   A GateLoop mixer turns B and C by pairs: there the feature takes the slowest pair (RoPE's lowest frequency),
+   whose turning is stopped (phase 0) and whose partner dimension is cleared, so it stays constant.
 3. *The scale.* Unnormalised sums are far larger than a softmax's weighted means: each head's x rows are scaled so
    that its output (out_proj's input) has the RMS of the teacher attention's head (o_proj's input).
 
@@ -59,10 +61,6 @@ def teacher_statistics(teacher, ids: torch.Tensor) -> tuple[tuple, dict]:
 def calibrate_attention_init(student, teacher, seed: int = 0) -> dict:
     """Set the decay, the constant feature and the output scale of every mixer of an attention-initialised student
     (see the module docstring), in place. Returns per layer what was set (targets, scales, feature dimensions)."""
-    if getattr(student.backbone.layers[0].mixer, "rotates", False) or any(
-            getattr(layer.mixer, "rotates", False) for layer in student.backbone.layers):
-        raise ValueError("init 'attention-calibrated' is for Discrete Mamba-2 mixers: a GateLoop mixer rotates B and "
-                         "C, which would turn the constant feature; use --init attention for --mixer gateloop")
     batch, length = CALIBRATION
     g = torch.Generator().manual_seed(seed)
     device = next(teacher.parameters()).device
@@ -80,9 +78,20 @@ def calibrate_attention_init(student, teacher, seed: int = 0) -> dict:
         d, G, N, H = mixer.d_inner, mixer.n_qk_heads, mixer.d_state, mixer.n_v_heads
         w = mixer.in_proj.weight
         B_rows, C_rows = slice(d, d + G * N), slice(d + G * N, d + 2 * G * N)
-        # 2. the constant feature, in each group's dimension of least |B| * |C|
-        carried = ((flat @ w[B_rows].double().T).abs().mean(0) * (flat @ w[C_rows].double().T).abs().mean(0)).view(G, N)
-        dims = carried.argmin(-1)
+        # 2. the constant feature, in each group's dimension of least |B| * |C|; a GateLoop mixer turns B and C by
+        #    pairs (j, j + N/2), so there it takes the slowest-turning pair, stopped (phase 0), its partner cleared
+        if mixer.rotates:
+            half = N // 2
+            dims = torch.full((G,), half - 1)  # RoPE's lowest frequency: the pair that carries the least position
+            for grp in range(G):
+                mixer.phase_proj.weight[grp * half + half - 1] = 0
+                mixer.phase_proj.bias[grp * half + half - 1] = 0
+                for rows in (B_rows, C_rows):
+                    w[rows.start + grp * N + N - 1] = 0
+        else:
+            carried = ((flat @ w[B_rows].double().T).abs().mean(0)
+                       * (flat @ w[C_rows].double().T).abs().mean(0)).view(G, N)
+            dims = carried.argmin(-1)
         for grp, j in enumerate(dims.tolist()):
             w[d + grp * N + j] = (math.sqrt(CONSTANT) * along).to(w.dtype)
             w[d + G * N + grp * N + j] = (math.sqrt(CONSTANT) * along).to(w.dtype)

@@ -77,12 +77,9 @@ def student_from_teacher(teacher, d_state: int = 64, init: str = "identity", att
     *with* RoPE, (q_t R_t) . (k_s R_s) / sqrt(d). With ``'identity'`` the phase starts at Llama's default frequencies
     for d_state (``GateLoopMamba2.reset_parameters_to_identity``). ``'attention-calibrated'``: the attention init
     with each mixer's decay, a constant feature and its output scale set from one teacher forward
-    (``llamba.calibrate``), Discrete Mamba-2 mixers only."""
+    (``llamba.calibrate``)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-    if init == "attention-calibrated" and mixer not in (None, "discrete_mamba2"):
-        raise ValueError(f"init 'attention-calibrated' is for Discrete Mamba-2 mixers, not {mixer!r}: a GateLoop "
-                         "mixer rotates B and C, which would turn the constant feature; use init 'attention'")
     tc = teacher.config
     config = student_config_from_teacher(tc, d_state, attention_layers, mixer)
     dtype = next(teacher.parameters()).dtype
