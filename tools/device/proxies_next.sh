@@ -3,39 +3,42 @@
 # place). Each is the built-in recipe at the proxies' budget (2M + 3M tokens, stages 2-3), changing one thing:
 #   P0  the recipe as it is (attention init)            P1  --init attention-calibrated (llamba/calibrate.py)
 #   P2  --mixer gateloop (RoPE-initialised; issue 22)   P3  --stage3-lr 1e-3
-# all four at once on the one GPU (each at about a quarter of the solo rate), then `llamba eval` of the teacher and
-# the four (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
+#   P4  --mixer gateloop --init attention-calibrated
+# all five at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
+# and the five (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
 set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/proxies
 COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 2e6 --stage3-tokens 3e6
   --checkpoint-every 5 --sample-tokens 40"
-declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop" [P3]="--stage3-lr 1e-3")
+declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop" [P3]="--stage3-lr 1e-3"
+                  [P4]="--mixer gateloop --init attention-calibrated")
+NAMES="P0 P1 P2 P3 P4"
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
 case "${1:-}" in
 train)
-  for name in P0 P1 P2 P3; do
+  for name in $NAMES; do
     [ -f $R/$name/summary.json ] && continue
     echo "llamba distill $COMMON ${FLAGS[$name]} --out $R/$name" > $R/$name.command
     timeout -s INT -k 20 ${2:-540} python3 -m llamba.cli distill $COMMON ${FLAGS[$name]} --out $R/$name \
       >> $R/$name.log 2>&1 &
   done
   wait
-  for name in P0 P1 P2 P3; do
+  for name in $NAMES; do
     echo "== $name ${FLAGS[$name]}"; tr '\r' '\n' < $R/$name.log | grep -E "^\[distill\] (summary|stage [23]: loss)|Error" | tail -3
   done
   ;;
 eval)
   models="smollm2-135m"
-  for name in P0 P1 P2 P3; do [ -f $R/$name/summary.json ] && models="$models $R/$name/stage3/final"; done
+  for name in $NAMES; do [ -f $R/$name/summary.json ] && models="$models $R/$name/stage3/final"; done
   timeout -s KILL ${2:-540} python3 -m llamba.cli eval --models $models --tasks arc_easy piqa lambada_openai hellaswag ppl \
     --data-dir /root/data/eval --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 \
     --ppl-seq-len 1024 --batch-size 128 --device cuda --dtype bfloat16 --out $R/eval 2>&1 | tr '\r' '\n' \
     | grep -v "it/s\]\|%|" | tail -25
   mkdir -p /root/proxies-out
-  for name in P0 P1 P2 P3; do
+  for name in $NAMES; do
     [ -f $R/$name/summary.json ] && cp $R/$name/summary.json /root/proxies-out/$name.json && cp $R/$name.command /root/proxies-out/
   done
   cp $R/eval/eval.* /root/proxies-out/ 2>/dev/null
