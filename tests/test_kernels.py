@@ -461,6 +461,23 @@ def test_training_conv_and_its_gradients_match_float64(shape, width, resets, wit
         assert rel(got.grad, want.grad) < tol, name
 
 
+def test_training_conv_past_one_launch_takes_the_reference(monkeypatch):
+    """Inputs one launch cannot index (int32 offsets) go to the PyTorch reference, gradients and all."""
+    from llamba.ops import indexing
+    from llamba.ops.conv import causal_conv
+    from llamba.ops.conv.triton_train import causal_conv_train
+
+    monkeypatch.setattr(indexing, "INDEX_LIMIT", 100)
+    xBC = torch.randn(2, 30, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 1, 4, dtype=torch.float64, requires_grad=True)
+    seq = torch.cumsum((torch.rand(2, 30) < 0.2).int(), 1, dtype=torch.int32)
+    out = causal_conv_train(xBC, w, None, seq)
+    ref, _ = causal_conv(xBC, w, None, None, seq)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    assert xBC.grad is not None and w.grad is not None
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("mixer", ["discrete_mamba2", "gateloop"])
