@@ -71,7 +71,8 @@ def calibrate_attention_init(student, teacher, seed: int = 0) -> dict:
         if student.config.is_attention_layer(i):
             continue
         mixer = layer.mixer
-        u = layer.input_layernorm(hidden[i].to(next(layer.parameters()).dtype))
+        weight = next(layer.parameters())  # student_from_teacher builds the student on the CPU, the teacher may be on CUDA
+        u = layer.input_layernorm(hidden[i].to(weight.device, weight.dtype))
         flat = u.reshape(-1, u.shape[-1]).double()
         m = flat.mean(0)
         along = m / m.dot(m)  # w = c * along gives w . u ~ c for every token
@@ -106,7 +107,7 @@ def calibrate_attention_init(student, teacher, seed: int = 0) -> dict:
         finally:
             hook.remove()
         ours = got["y"].double().reshape(-1, H, mixer.head_dim).pow(2).mean((0, 2)).sqrt()
-        theirs = heads[i].double().reshape(-1, H, mixer.head_dim).pow(2).mean((0, 2)).sqrt()
+        theirs = heads[i].to(weight.device).double().reshape(-1, H, mixer.head_dim).pow(2).mean((0, 2)).sqrt()
         scale = theirs / ours.clamp_min(1e-30)
         w[:d] *= scale.repeat_interleave(mixer.head_dim)[:, None].to(w.dtype)  # y is linear in x (D = 0)
         report[i] = {"decays": targets.tolist(), "scale": scale.tolist(), "constant_dims": dims.tolist()}

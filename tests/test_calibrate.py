@@ -73,3 +73,15 @@ def test_the_cli_lists_every_init():
     from llamba.cli.common import INIT_CHOICES
 
     assert INIT_CHOICES == INITS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the teacher on CUDA, the student built on the CPU")
+def test_calibration_with_the_teacher_on_cuda(teacher, monkeypatch):
+    """As the pipeline calls it: a bf16 teacher on CUDA, the student built on the CPU (student_from_teacher)."""
+    import copy
+
+    monkeypatch.setattr(calibrate, "CALIBRATION", (2, 64))
+    on_gpu = copy.deepcopy(teacher).to("cuda", torch.bfloat16)
+    student = student_from_teacher(on_gpu, d_state=16, init="attention-calibrated")
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
