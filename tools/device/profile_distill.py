@@ -119,10 +119,12 @@ def main() -> None:
                     micro()
                 sync()
             events = prof.key_averages()
-            gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+            # kernels only: an op's row repeats the device time of the kernels it launched
+            gpu_total = sum(e.self_device_time_total for e in prof.events()
+                            if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / args.steps
             print(f"GPU kernel time per micro-step {gpu_total:.1f} ms of {wall:.1f} ms wall "
                   f"({gpu_total / wall:.0%} busy)")
-            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
             print(events.table(sort_by=key, row_limit=28, max_name_column_width=70))
             del student, module
             if dev == "cuda":
