@@ -149,6 +149,34 @@ def test_stage3_loss_by_hand(models):
     torch.testing.assert_close(soft_cross_entropy(logits, logits), ent)
 
 
+def test_pieces_are_the_same_arithmetic_and_compile_settings_are_checked(models):
+    """compile: pieces runs stage 2's blocks and stage 3's backbone through llamba.model.functional's pieces (here
+    eager, so the comparison is exact; on CUDA they are compiled): the same losses and gradients as the modules."""
+    from llamba.distill.stages import compile_setting
+    from llamba.model.functional import EAGER
+
+    teacher, student, tok = models
+    batch = packed_batch(tok.eos_token_id)
+    for stage, make in ((2, lambda p: HiddenStateAlignment(student, pieces=p)),
+                        (3, lambda p: KnowledgeDistillation(student, pieces=p))):
+        targets = teacher_targets(teacher, batch, stage)
+        results = []
+        for pieces in (None, EAGER):
+            student.zero_grad(set_to_none=True)
+            module = make(pieces)
+            args = (targets, batch.seq_idx) + ((batch.input_ids,) if stage == 3 else ())
+            loss, _ = module(*args)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in module.trainable() if p.grad is not None]))
+        (a, ga), (b, gb) = results
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        assert len(ga) == len(gb) > 0 and all(torch.allclose(x, y, rtol=1e-10, atol=1e-14) for x, y in zip(ga, gb))
+    student.zero_grad(set_to_none=True)
+    assert [compile_setting(v) for v in (None, False, True, "blocks", "pieces")] == [None, None, "blocks", "blocks", "pieces"]
+    with pytest.raises(ValueError, match="choose false, true, or one of"):
+        compile_setting("graphs")
+
+
 def test_stage3_freezing(models):
     _, student, _ = models
     everything = {id(p) for p in student.parameters()}

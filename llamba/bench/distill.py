@@ -27,7 +27,8 @@ from llamba.distill.data import FORMAT_VERSION, MANIFEST
 
 # (name, stage, overrides of the recipe's stage settings; "kernels": the mixers' kernel backend, set by the bench
 # alone); the rivals right after the variant they are the rivals of: the plain logits path, every op in PyTorch
-# (conv, scan, loss: the plain reference step), the blocks compiled
+# (conv, scan, loss: the plain reference step), the blocks compiled, the pieces around the mixers compiled, the
+# teacher on flex attention
 VARIANTS = (
     ("stage1", 1, {}),
     ("stage2-block", 2, {"align": "block"}),
@@ -36,6 +37,7 @@ VARIANTS = (
     ("stage3-plain", 3, {"loss": "plain"}),
     ("stage3-torch", 3, {"loss": "plain", "kernels": "torch"}),
     ("stage3-compile", 3, {"loss": "chunked", "compile": True}),
+    ("stage3-pieces", 3, {"loss": "chunked", "compile": "pieces"}),
     ("stage3-flex", 3, {"loss": "chunked", "teacher_attention": "flex_attention"}),
 )
 COMPILING = ("compile", "teacher_attention")  # overrides that compile kernels (minutes on a CPU)
@@ -143,6 +145,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     for ours, rival, key in (("stage3", "stage3-plain", "stage3_speedup_over_plain"),
                              ("stage3", "stage3-torch", "stage3_speedup_over_torch"),
                              ("stage3-compile", "stage3", "stage3_compile_speedup"),
+                             ("stage3-pieces", "stage3", "stage3_pieces_speedup"),
                              ("stage3-flex", "stage3", "stage3_flex_speedup")):
         if ours in by_name and rival in by_name:
             results[key] = by_name[ours]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
@@ -172,6 +175,7 @@ def to_markdown(results: dict) -> str:
     for key, what in (("stage3_speedup_over_plain", "Stage 3, chunked head + loss over the plain logits path"),
                       ("stage3_speedup_over_torch", "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
                       ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
+                      ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
                       ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
         if key in results:
             md += ["", f"{what}: **{results[key]:.2f}x**"]

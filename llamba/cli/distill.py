@@ -70,7 +70,10 @@ def register(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int_at_least(0),
                         help="optimizer steps between checkpoints (0: only at the end of a stage)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None)
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the student blocks")
+    parser.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "pieces"),
+                        help="torch.compile the student blocks whole (--compile, --compile blocks), or only the "
+                        "norms, residuals and SwiGLU around each mixer (--compile pieces: what the decode engine "
+                        "compiles; the mixers' Triton kernels and the GEMMs stay as they are)")
     parser.add_argument("--seed", type=int_at_least(0))
     parser.add_argument("--val-tokens", type=TOKENS, help="held-out tokens to prepare")
     parser.add_argument("--eval-tokens", type=TOKENS, help="held-out tokens the summary evaluates")

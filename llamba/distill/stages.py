@@ -142,13 +142,14 @@ class HiddenStateAlignment(nn.Module):
     """``align='block'``: block output against the teacher layer's output (whole block, or ``mixer_only``);
     ``align='attention'``: mixer output against the teacher's attention output (the mixer alone trains)."""
 
-    def __init__(self, student, mixer_only: bool = False, align: str = "block"):
+    def __init__(self, student, mixer_only: bool = False, align: str = "block", pieces=None):
         super().__init__()
         if align not in ALIGN_TARGETS:
             raise ValueError(f"stage 2 align={align!r}: choose one of {ALIGN_TARGETS}")
         self.layers = student.backbone.layers
         self.align = align
         self.mixer_only = mixer_only or align == "attention"
+        self.pieces = pieces  # llamba.model.functional pieces for the blocks' norms and MLPs (None: the modules)
 
     def trainable(self):
         for block in self.layers:
@@ -161,7 +162,7 @@ class HiddenStateAlignment(nn.Module):
                 per_layer.append(hidden_loss(block.mixer(block.input_layernorm(h), seq_idx=seq_idx), target))
         else:
             for block, h, target in zip(self.layers, targets.hidden_in, targets.hidden_out):
-                per_layer.append(hidden_loss(block(h, seq_idx=seq_idx), target))
+                per_layer.append(hidden_loss(block(h, seq_idx=seq_idx, pieces=self.pieces), target))
         return torch.stack(per_layer).sum(), per_layer
 
 
@@ -173,8 +174,9 @@ class KnowledgeDistillation(nn.Module):
     holding the student's logits; ``'plain'``: soft cross-entropy on ``student(...).logits``, its reference."""
 
     def __init__(self, student, temperature: float = 1.0, freeze_mlp: bool = False, freeze_embeddings: bool = False,
-                 loss: str = "chunked"):
+                 loss: str = "chunked", pieces=None):
         super().__init__()
+        self.pieces = pieces  # for the chunked path's backbone (the plain path is the reference: modules)
         if loss not in KD_LOSSES:
             raise ValueError(f"stage 3 loss={loss!r}: choose one of {KD_LOSSES}")
         self.student = student
@@ -196,21 +198,40 @@ class KnowledgeDistillation(nn.Module):
         if self.loss == "plain":
             logits = self.student(input_ids, seq_idx=seq_idx).logits
             return soft_cross_entropy(logits, targets.logits, self.temperature), []
-        h, _ = self.student.backbone(input_ids, seq_idx=seq_idx)
+        h, _ = self.student.backbone(input_ids, seq_idx=seq_idx, pieces=self.pieces)
         head = self.student.lm_head
         vocab = self.student.config.vocab_size  # the head's padding rows are no token: logits() cuts them too
         bias = None if head.bias is None else head.bias[:vocab]
         return linear_soft_cross_entropy(h, head.weight[:vocab], bias, targets.logits, self.temperature), []
 
 
+COMPILE_MODES = ("blocks", "pieces")
+
+
+def compile_setting(value) -> str | None:
+    """The recipe's ``compile``: false/None (eager), true or "blocks" (each student block compiled whole), "pieces"
+    (the norms, residuals and SwiGLU compiled, as the decode engine's ``llamba.model.functional`` pieces)."""
+    if value in (None, False):
+        return None
+    if value is True:
+        return "blocks"
+    if value not in COMPILE_MODES:
+        raise ValueError(f"compile: {value!r}: choose false, true, or one of {COMPILE_MODES}")
+    return value
+
+
 def stage_module(stage: int, student, cfg: dict) -> nn.Module:
+    from llamba.model.functional import compiled_pieces
+
+    pieces = compiled_pieces() if compile_setting(cfg.get("compile")) == "pieces" else None
     if stage == 1:
         return MatrixOrientation(student)
     if stage == 2:
-        return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False), align=cfg.get("align", "block"))
+        return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False), align=cfg.get("align", "block"),
+                                    pieces=pieces)
     if stage == 3:
         return KnowledgeDistillation(student, cfg.get("temperature", 1.0), cfg.get("freeze_mlp", False),
-                                     cfg.get("freeze_embeddings", False), cfg.get("loss", "chunked"))
+                                     cfg.get("freeze_embeddings", False), cfg.get("loss", "chunked"), pieces)
     raise ValueError(f"unknown stage {stage}; stages are {STAGES}")
 
 

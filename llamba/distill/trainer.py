@@ -16,7 +16,7 @@ from safetensors.torch import load_model, save_model
 
 from llamba.distill import distributed
 from llamba.distill.data import PackedTokens, Sampler
-from llamba.distill.stages import STAGE_NAMES, run_stage_module, stage_module, stage_targets
+from llamba.distill.stages import STAGE_NAMES, compile_setting, run_stage_module, stage_module, stage_targets
 
 CRASH_ENV = "LLAMBA_DISTILL_CRASH_AT"  # "STAGE:STEP": die like a kill -9 right after that step (resume tests)
 
@@ -155,7 +155,8 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         _checkpointing_off(student)
-    if cfg.get("compile"):
+    compile_mode = compile_setting(cfg.get("compile"))
+    if compile_mode == "blocks":
         for block in student.backbone.layers:
             block.compile()
     fused = d.device.type == "cuda"
