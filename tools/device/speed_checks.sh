@@ -14,5 +14,5 @@ rows = bench_train_conv()
 print(json.dumps(rows, indent=1))
 json.dump(rows, open('$OUT/train-conv-h200.json', 'w'), indent=1)"
 timeout -s INT 360 python3 -m llamba.cli bench distill --variants stage2-block stage3 stage3-plain stage3-torch \
-  stage3-compile stage3-pieces stage3-flex --steps 4 --out $OUT/bench-distill-h200 2>&1 | grep -v "it/s\]" | tail -20
+  stage3-compile stage3-pieces stage3-flex --steps 3 --out $OUT/bench-distill-h200 2>&1 | grep -v "it/s\]" | tail -20
 timeout -s KILL 120 python3 tools/device/profile_distill.py --recipe smollm2-135m --stages 3 --steps 3 2>&1 | tail -40
