@@ -72,6 +72,7 @@ if __name__ == "__main__":
     p.add_argument("--batches", type=int, default=32, help="training windows (batch 4 x 256 tokens each)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps (the recipe's)")
+    p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -86,7 +87,7 @@ if __name__ == "__main__":
     val = layer_pairs(teacher, val_ids.view(4, 4, 256), args.layers)
     print(f"teacher pairs in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for init in INITS:
+    for init in args.inits:
         torch.manual_seed(0)
         student = student_from_teacher(teacher, d_state=64, init=init)
         for i in args.layers:
@@ -98,7 +99,8 @@ if __name__ == "__main__":
     result = {"teacher": args.teacher, "layers": args.layers, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
               "train_tokens_per_step": n, "rows": rows,
               "command": f"python benchmarks/init_stage2_cpu.py --layers {' '.join(map(str, args.layers))} "
-                         f"--steps {args.steps} --every {args.every} --batches {args.batches} --warmup {args.warmup}",
+                         f"--steps {args.steps} --every {args.every} --batches {args.batches} --warmup {args.warmup} "
+                         f"--inits {' '.join(args.inits)}",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "device": f"CPU, {args.threads} threads"}
     if args.out:
