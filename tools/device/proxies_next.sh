@@ -3,7 +3,7 @@
 # place). Each is the built-in recipe at the proxies' budget (2M + 3M tokens, stages 2-3), changing one thing:
 #   P0  the recipe as it is (attention init)            P1  --init attention-calibrated (llamba/calibrate.py)
 #   P2  --mixer gateloop (RoPE-initialised; issue 22)   P3  --stage3-lr 1e-3
-#   P4  --mixer gateloop --init attention-calibrated
+#   P4  --stages 1,2,3 --stage1-tokens 5e5 (does stage 1 pay on this recipe? the ablations never ran it)
 # all five at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
 # and the five (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -13,7 +13,7 @@ R=/root/proxies
 COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 2e6 --stage3-tokens 3e6
   --checkpoint-every 5 --sample-tokens 40"
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop" [P3]="--stage3-lr 1e-3"
-                  [P4]="--mixer gateloop --init attention-calibrated")
+                  [P4]="--stages 1,2,3 --stage1-tokens 5e5")
 NAMES="P0 P1 P2 P3 P4"
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
