@@ -5,8 +5,6 @@ initialised (untrained) student, for every ``llamba convert --init`` and mixer, 
 """
 
 import argparse
-import datetime
-import json
 import os
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
 from llamba.quant.perplexity import corpus_tokens
 from llamba.teacher import load_teacher
@@ -65,19 +64,12 @@ if __name__ == "__main__":
             rows.append({"mixer": mixer, "init": init, "kl_per_token": kl, "student_ppl": ppl, "teacher_ppl": t_ppl,
                          "seconds": time.perf_counter() - t0})
             print(f"{mixer} {init}: KL {kl:.3f}, perplexity {ppl:,.1f} (teacher {t_ppl:.2f})", flush=True)
-    result = {"teacher": args.teacher, "tokens": args.tokens, "window": args.window, "data": Path(args.data).name,
-              "rows": rows, "command": "python benchmarks/init_kl.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in (("tokens", args.tokens), ("window", args.window))),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "device": f"CPU, {args.threads} threads"}
+    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "tokens": args.tokens,
+              "window": args.window, "data": Path(args.data).name, "rows": rows}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        md = [f"# The initialised student against the teacher ({args.teacher}), by init", "",
-              f"- command: `{result['command']} --out {args.out}`; {result['device']}, {result['date']}",
-              f"- {args.tokens:,} tokens of `{result['data']}` in windows of {args.window}; untrained students", "",
-              "| mixer | init | KL(teacher‖student) per token | perplexity |", "|---|---|---|---|"]
-        md += [f"| {r['mixer']} | {r['init']} | {r['kl_per_token']:.3f} | {r['student_ppl']:,.1f} |" for r in rows]
-        md += ["", f"Teacher perplexity on the same tokens: {rows[0]['teacher_ppl']:.2f}."]
-        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        table = ["| mixer | init | KL(teacher‖student) per token | perplexity |", "|---|---|---|---|"]
+        table += [f"| {r['mixer']} | {r['init']} | {r['kl_per_token']:.3f} | {r['student_ppl']:,.1f} |" for r in rows]
+        write(args.out, result, f"The initialised student against the teacher, by init: {args.teacher}",
+              ["\n".join(table), "", f"Teacher perplexity on the same tokens: {rows[0]['teacher_ppl']:.2f}."],
+              notes=(f"{args.tokens:,} tokens of `{result['data']}` in windows of {args.window}; untrained "
+                     f"students; {args.threads} threads",))

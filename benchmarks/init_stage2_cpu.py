@@ -10,14 +10,13 @@ GPU proxies' question.
 """
 
 import argparse
-import datetime
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
 from llamba.distill.stages import hidden_loss
 from llamba.quant.perplexity import corpus_tokens
@@ -96,25 +95,15 @@ if __name__ == "__main__":
                                 args.warmup)
             rows.append({"init": init, "layer": i, "curve": curve, "seconds": time.perf_counter() - t0})
             print(f"{init} layer {i}: " + " ".join(f"{c['val_loss']:.2f}" for c in curve), flush=True)
-    result = {"teacher": args.teacher, "layers": args.layers, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
-              "train_tokens_per_step": n, "rows": rows,
-              "command": f"python benchmarks/init_stage2_cpu.py --layers {' '.join(map(str, args.layers))} "
-                         f"--steps {args.steps} --every {args.every} --batches {args.batches} --warmup {args.warmup} "
-                         f"--inits {' '.join(args.inits)}",
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "device": f"CPU, {args.threads} threads"}
+    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "layers": args.layers,
+              "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_tokens_per_step": n, "rows": rows}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
         steps = [c["step"] for c in rows[0]["curve"]]
-        md = [f"# Stage 2 on one layer, by init ({args.teacher}, CPU)", "",
-              f"- command: `{result['command']} --out {args.out}`; {result['device']}, {result['date']}",
-              f"- held-out alignment error (mean L2 norm per token of block output - teacher layer output) on "
-              f"{4 * n:,} tokens of `gutenberg-val`, every {args.every} steps of {n:,} tokens (lr {args.lr}, warmup "
-              f"{args.warmup:.0%} of the steps, then flat, decay over the last 20%: the recipe's schedule)", "",
-              "| init | layer | " + " | ".join(f"step {s}" for s in steps) + " |",
-              "|---|---|" + "---|" * len(steps)]
-        md += [f"| {r['init']} | {r['layer']} | " + " | ".join(f"{c['val_loss']:.2f}" for c in r["curve"]) + " |"
-               for r in rows]
-        out.with_suffix(".md").write_text("\n".join(md) + "\n")
+        table = ["| init | layer | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+        table += [f"| {r['init']} | {r['layer']} | " + " | ".join(f"{c['val_loss']:.2f}" for c in r["curve"]) + " |"
+                  for r in rows]
+        write(args.out, result, f"Stage 2 on one layer, by init: {args.teacher}", ["\n".join(table)], notes=(
+            f"held-out alignment error (mean L2 norm per token of block output - teacher layer output) on {4 * n:,} "
+            f"tokens of `gutenberg-val`, every {args.every} steps of {n:,} tokens (lr {args.lr}, warmup "
+            f"{args.warmup:.0%} of the steps, then flat, decay over the last 20%: the recipe's schedule); "
+            f"{args.threads} threads",))
