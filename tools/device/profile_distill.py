@@ -126,7 +126,7 @@ def main() -> None:
                   f"({gpu_total / wall:.0%} busy)")
             key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
             print(events.table(sort_by=key, row_limit=28, max_name_column_width=70))
-            del student, module
+            student = module = None  # free this stage's copy before the next
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
