@@ -5,15 +5,16 @@ initialised (untrained) student, for every ``llamba convert --init`` and mixer, 
 """
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
+from llamba.metrics import kl_and_nll
 from llamba.quant.perplexity import corpus_tokens
 from llamba.teacher import load_teacher
 
@@ -22,19 +23,17 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
 
 @torch.no_grad()
 def kl_and_ppl(teacher, student, windows: torch.Tensor) -> tuple[float, float, float]:
-    """(KL(teacher || student) per predicted token, student perplexity, teacher perplexity) over the windows."""
-    kl = nll_s = nll_t = 0.0
+    """(KL(teacher || student) per token, student perplexity, teacher perplexity) over the windows, by
+    ``llamba.metrics`` as distillation's validation counts them (KL at every position)."""
+    sums = {}
     for ids in windows:
         ids = ids[None]
-        t = F.log_softmax(teacher(ids).logits.double(), -1)
-        s = F.log_softmax(student(ids).logits[..., : t.shape[-1]].double(), -1)
-        kl += (t.exp() * (t - s)).sum(-1).sum().item()
-        target = ids[0, 1:]
-        nll_s -= s[0, :-1].gather(-1, target[:, None]).sum().item()
-        nll_t -= t[0, :-1].gather(-1, target[:, None]).sum().item()
-    n = windows.numel()
-    predicted = windows.shape[0] * (windows.shape[1] - 1)
-    return kl / n, float(torch.tensor(nll_s / predicted).exp()), float(torch.tensor(nll_t / predicted).exp())
+        t = teacher(ids).logits
+        for key, value in kl_and_nll(student(ids).logits[..., : t.shape[-1]], t, ids).items():
+            sums[key] = sums.get(key, 0) + value
+    positions = sums["nll_positions"]
+    return (sums["kl"] / sums["kl_positions"], math.exp(sums["student_nll"] / positions),
+            math.exp(sums["teacher_nll"] / positions))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 
 from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
-from llamba.distill.stages import hidden_loss
+from llamba.distill.data import Batch
+from llamba.distill.stages import hidden_loss, teacher_targets
 from llamba.quant.perplexity import corpus_tokens
 from llamba.teacher import load_teacher
 
@@ -27,13 +28,16 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpu
 
 @torch.no_grad()
 def layer_pairs(teacher, ids: torch.Tensor, layers: list[int]) -> dict:
-    """{layer: (teacher input to it, its output)} for the windows ``ids`` (batches, B, L)."""
+    """{layer: (teacher input to it, its output)} for the windows ``ids`` (batches, B, L), each window one
+    document: stage 2's own teacher targets (the last layer's output is caught before the final norm)."""
     out = {i: ([], []) for i in layers}
     for batch in ids:
-        hidden = teacher.model(batch, output_hidden_states=True).hidden_states
+        one_document = Batch(batch, torch.zeros_like(batch, dtype=torch.int32),
+                             torch.arange(batch.shape[1]).expand_as(batch))
+        targets = teacher_targets(teacher, one_document, 2)
         for i in layers:
-            out[i][0].append(hidden[i])
-            out[i][1].append(hidden[i + 1])
+            out[i][0].append(targets.hidden_in[i])
+            out[i][1].append(targets.hidden_out[i])
     return out
 
 
