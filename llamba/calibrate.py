@@ -35,7 +35,9 @@ CALIBRATION = (4, 512)  # random-id sequences x length for the teacher forward
 
 def decay_targets(n_heads: int) -> torch.Tensor:
     lo, hi = DECAYS
-    return torch.linspace(lo, hi, n_heads, dtype=torch.float64) if n_heads > 1 else torch.tensor([hi], dtype=torch.float64)
+    if n_heads == 1:
+        return torch.tensor([hi], dtype=torch.float64)
+    return torch.linspace(lo, hi, n_heads, dtype=torch.float64)
 
 
 def a_log_for(decay: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ def calibrate_attention_init(student, teacher, seed: int = 0) -> dict:
         if student.config.is_attention_layer(i):
             continue
         mixer = layer.mixer
-        weight = next(layer.parameters())  # student_from_teacher builds the student on the CPU, the teacher may be on CUDA
+        weight = next(layer.parameters())  # the student is built on the CPU; the teacher may be on CUDA
         u = layer.input_layernorm(hidden[i].to(weight.device, weight.dtype))
         flat = u.reshape(-1, u.shape[-1]).double()
         m = flat.mean(0)

@@ -101,8 +101,11 @@ def run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, ste
     with tempfile.TemporaryDirectory() as tmp:
         result = train_stage(stage, student, teacher, data_dir, Path(tmp) / "stage", cfg, d,
                              Metrics(Path(tmp), enabled=False), log=lambda msg: None)
-    return {"name": name, "stage": stage, "settings": {k: cfg[k] for k in ("seq_len", "micro_batch", "batch_tokens")}
-            | overrides | ({"kernels": kernels} if kernels != "auto" else {}), "steps_timed": steps, "tokens_per_s": result["tokens_per_s_steady"],
+    settings = {k: cfg[k] for k in ("seq_len", "micro_batch", "batch_tokens")} | overrides
+    if kernels != "auto":
+        settings["kernels"] = kernels
+    return {"name": name, "stage": stage, "settings": settings, "steps_timed": steps,
+            "tokens_per_s": result["tokens_per_s_steady"],
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
             "flops_per_token": matmul_flops_per_token(stage, cfg, teacher, student)}
 
@@ -130,7 +133,8 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
             try:
                 row = run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, steps, device)
             except Exception as e:  # one variant's failure (a compile, a kernel) must not lose the others' rows
-                rows.append({"name": name, "stage": stage, "settings": dict(overrides), "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"name": name, "stage": stage, "settings": dict(overrides),
+                             "error": f"{type(e).__name__}: {e}"[:300]})
                 print(f"[bench distill] {name}: failed: {rows[-1]['error']}", flush=True)
                 continue
             row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (hw["matmul_tflops"] * 1e12)
@@ -173,7 +177,8 @@ def to_markdown(results: dict) -> str:
         md.append(f"| {r['name']} | {r['stage']} | {settings} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                   f"{r['peak_memory_gib']:.1f} |")
     for key, what in (("stage3_speedup_over_plain", "Stage 3, chunked head + loss over the plain logits path"),
-                      ("stage3_speedup_over_torch", "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
+                      ("stage3_speedup_over_torch",
+                       "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
                       ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
                       ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
                       ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):

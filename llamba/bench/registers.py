@@ -77,7 +77,8 @@ def ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
 def launch_all(length: int = 128, sm_count: int | None = None) -> None:
     """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
     changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
-    the prefill conv, the training conv forward and backward, the decode step. ``sm_count``: the target GPU's, which sizes the scan's tiles."""
+    the prefill conv, the training conv forward and backward, the decode step. ``sm_count``: the target GPU's,
+    which sizes the scan's tiles."""
     bf16 = torch.bfloat16
     for batch, _, H, P, N in SCAN_SHAPES:
         x = torch.randn(batch, length, H, P, dtype=bf16)

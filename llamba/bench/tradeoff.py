@@ -31,7 +31,8 @@ def metrics_at(path: str, key_path: str) -> dict:
         node = node[key]
     missing = [t for t in BAR_TASKS if t not in node]
     if missing:
-        raise ValueError(f"{path} {key_path}: no {missing}; evaluate with --tasks arc_easy piqa hellaswag lambada_openai")
+        raise ValueError(f"{path} {key_path}: no {missing}; evaluate with "
+                         "--tasks arc_easy piqa hellaswag lambada_openai")
     return node
 
 
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps({"bench": args.bench, "batch": args.batch, "prompt": args.prompt,
                                                     "device": device, "points": rows}, indent=1))
     md = [f"# Quality against decode throughput ({device}, batch {args.batch}, prompt {args.prompt})", "",
-          "| model | mean retention | ARC-E / PIQA / HellaSwag / LAMBADA | decode tok/s | vs teacher |", "|---|---|---|---|---|"]
+          "| model | mean retention | ARC-E / PIQA / HellaSwag / LAMBADA | decode tok/s | vs teacher |",
+          "|---|---|---|---|---|"]
     base = rows[0]["decode_tok_s"]
     for r in rows:
         per = " / ".join(f"{r['per_task'][t]:.3f}" for t in BAR_TASKS)
