@@ -16,7 +16,7 @@ COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --st
   --checkpoint-every 5 --sample-tokens 40 --micro-batch 8"
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop" [P3]="--stage3-lr 1e-3"
                   [P4]="--stages 1,2,3 --stage1-tokens 5e5")
-NAMES="P0 P1 P2 P3 P4"
+NAMES=${NAMES:-"P0 P1 P2 P3 P4"}  # a subset: NAMES="P0 P3" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
 case "${1:-}" in
