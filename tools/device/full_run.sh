@@ -13,7 +13,7 @@ set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/runs/pure
 STUDENT=$R/stage3/final
-TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens 40e6 --checkpoint-every 40 --out $R"
+TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens ${STAGE3_TOKENS:-40e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
 
 watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
   local end=$((SECONDS + $1))
@@ -77,7 +77,7 @@ finish)
     --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \
     --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 --ppl-seq-len 1024 --batch-size 128 \
     --device cuda --dtype bfloat16 --out /root/eval 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|%|" | tail -25
-  timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT --data /root/data/full \
+  [ -n "${SKIP_SELECT:-}" ] || timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT --data /root/data/full \
     --out /root/select/ranking 2>&1 | tail -4
   wait $quant; tail -3 /root/quant.log
   mkdir -p /root/res && cp $R/summary.* $R/loss_stage*.png $R.command /root/res/ 2>/dev/null
