@@ -165,3 +165,20 @@ def test_calibrated_attention_init_runs_through_the_pipeline(setup, tmp_path):
     assert s["eval"]["final"]["kl_per_token"] < s["eval"]["init"]["kl_per_token"]
     assert json.loads((tmp_path / "cal" / "init_eval.json").read_text())["kl_per_token"] == pytest.approx(
         s["eval"]["init"]["kl_per_token"])
+
+
+def test_compile_is_for_cuda_and_a_cpu_run_is_the_eager_run(setup, tmp_path, capfd):
+    """The smollm2-135m recipe compiles the student's blocks; on a CPU the trainer says so and runs eager (inductor
+    would spend minutes building C++ for a gain only measured on CUDA): the same weights as compile off."""
+    _, corpus, teacher, _ = setup
+    finals = {}
+    for mode in (False, "blocks"):
+        r = tiny_recipe()
+        r["compile"] = mode
+        r["stages"][3]["tokens"] = 1024
+        run(Options(teacher=str(teacher), out=tmp_path / str(mode), recipe=r, data=str(corpus), stages=(3,),
+                    sample_tokens=0))
+        finals[mode] = load_file(tmp_path / str(mode) / "stage3" / "final" / "model.safetensors")
+    assert "compile: blocks is for CUDA; on cpu the student runs eager" in capfd.readouterr().err
+    assert finals[False].keys() == finals["blocks"].keys()
+    assert all(torch.equal(finals[False][k], finals["blocks"][k]) for k in finals[False])

@@ -70,10 +70,12 @@ def register(parser) -> None:
     parser.add_argument("--checkpoint-every", type=int_at_least(0),
                         help="optimizer steps between checkpoints (0: only at the end of a stage)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None)
-    parser.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("blocks", "pieces"),
+    parser.add_argument("--compile", nargs="?", const="blocks", default=None, choices=("off", "blocks", "pieces"),
                         help="torch.compile the student blocks whole (--compile, --compile blocks), or only the "
                         "norms, residuals and SwiGLU around each mixer (--compile pieces: what the decode engine "
-                        "compiles; the mixers' Triton kernels and the GEMMs stay as they are)")
+                        "compiles; the mixers' Triton kernels and the GEMMs stay as they are), or not at all "
+                        "(--compile off); default: the recipe's (smollm2-135m: blocks). CUDA only: on a CPU the "
+                        "student runs eager")
     parser.add_argument("--seed", type=int_at_least(0))
     parser.add_argument("--val-tokens", type=TOKENS, help="held-out tokens to prepare")
     parser.add_argument("--eval-tokens", type=TOKENS, help="held-out tokens the summary evaluates")
@@ -102,7 +104,7 @@ def build_recipe(args) -> dict:
     recipe = load_recipe(name)
     top = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "batch_tokens": args.batch_tokens,
            "d_state": args.d_state, "init": args.init, "mixer": args.mixer, "checkpoint_every": args.checkpoint_every,
-           "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "seed": args.seed,
+           "activation_checkpointing": args.activation_checkpointing, "compile": False if args.compile == "off" else args.compile, "seed": args.seed,
            "val_tokens": args.val_tokens, "eval_tokens": args.eval_tokens}
     for k, v in top.items():
         if v is not None:

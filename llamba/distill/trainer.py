@@ -140,7 +140,11 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     data = PackedTokens(data_dir, "train", cfg["seq_len"])
     accum, step_tokens, steps = batch_geometry(cfg, d.world)
     sampler = Sampler(len(data), seed=cfg["seed"] * 1000 + stage, rank=d.rank, world=d.world)
-    module = stage_module(stage, student, cfg)
+    compile_mode = compile_setting(cfg.get("compile"))
+    if compile_mode is not None and d.device.type != "cuda":  # measured on CUDA only; inductor on a CPU spends
+        log(f"compile: {compile_mode} is for CUDA; on {d.device.type} the student runs eager")  # minutes compiling
+        compile_mode = None
+    module = stage_module(stage, student, {**cfg, "compile": compile_mode})
     student.requires_grad_(False)
     params = list({id(p): p for p in module.trainable()}.values())  # tied weights once
     for p in params:
@@ -155,7 +159,6 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         _checkpointing_off(student)
-    compile_mode = compile_setting(cfg.get("compile"))
     if compile_mode == "blocks":
         for block in student.backbone.layers:
             block.compile()

@@ -13,7 +13,7 @@ set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/runs/pure
 STUDENT=$R/stage3/final
-TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens ${STAGE3_TOKENS:-40e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
+TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens ${STAGE3_TOKENS:-100e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
 
 watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
   local end=$((SECONDS + $1))
