@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llamba.distill import distributed
+from llamba.distill import distributed, train_state
 from llamba.distill.data import MANIFEST, check_tokenizer, find_sources, load_manifest, prepare_data, split_tokens
 from llamba.distill.recipes import stage_config
 from llamba.distill.select import auto_count
@@ -175,9 +175,7 @@ def _interrupted(opts: Options, where: str) -> KeyboardInterrupt:
 
 
 def _stage_stop_point(stage_dir: Path) -> str:
-    from llamba.distill.trainer import find_checkpoint
-
-    found = find_checkpoint(stage_dir / "checkpoint")
+    found = train_state.find(stage_dir / "checkpoint")
     if found is None:
         return "before its first checkpoint (the stage restarts from its beginning)"
     state = json.loads((found / "state.json").read_text())
@@ -188,10 +186,9 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
     """A damaged run checkpoint, named, with what to do, before the trainer reads it."""
     import zipfile
 
-    from llamba.distill.trainer import find_checkpoint
     from llamba.weightfiles import read_shapes
 
-    found = find_checkpoint(stage_dir / "checkpoint")
+    found = train_state.find(stage_dir / "checkpoint")
     if found is None:
         return
     remedy = (f"Delete {found} to restart stage {stage} from its beginning (the earlier stages are kept), or restore "

@@ -1,20 +1,19 @@
 """One training loop for every MOHAWK stage: token-denominated batches with gradient accumulation, AdamW with a
 warmup-stable-decay schedule, bf16 autocast over fp32 master weights (CUDA), gradient clipping, NaN/inf skipping,
-and atomic checkpoints that resume exactly (weights, optimizer, sampler position)."""
+and atomic checkpoints, written on a thread, that resume exactly (weights, optimizer, sampler position:
+``train_state``)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 
-from llamba.distill import distributed
+from llamba.distill import distributed, train_state
 from llamba.distill.data import PackedTokens, Sampler
 from llamba.distill.stages import STAGE_NAMES, compile_setting, run_stage_module, stage_module, stage_targets
 
@@ -53,34 +52,6 @@ def new_mixer_parameters(student) -> list:
     own, copied like its MLPs, so they are inherited weights (``inherited_lr_scale``), not new ones."""
     attention = set(getattr(student.config, "attention_layers", None) or ())
     return [p for i, block in enumerate(student.backbone.layers) if i not in attention for p in block.mixer.parameters()]
-
-
-# -- checkpoints --------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, student, optimizer, state: dict) -> None:
-    """Write to ``path.tmp`` then swap it in with renames: a kill at any moment leaves a complete checkpoint."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "model.safetensors"))  # handles the tied embedding / head
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors, numbers, lists: loads with weights_only
-    (tmp / "state.json").write_text(json.dumps(state))
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: Path) -> Path | None:
-    for candidate in (path, path.with_name(path.name + ".old")):  # .old: killed between the two renames
-        if (candidate / "state.json").exists():
-            return candidate
-    return None
-
-
-def load_checkpoint(path: Path, student, optimizer, device) -> dict:
-    load_model(student, str(path / "model.safetensors"), device=str(device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    return json.loads((path / "state.json").read_text())
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
@@ -172,9 +143,9 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
 
     ckpt_dir = stage_dir / "checkpoint"
     start, history = 0, {"first_loss": None}
-    found = find_checkpoint(ckpt_dir)
+    found = train_state.find(ckpt_dir)
     if found is not None:
-        state = load_checkpoint(found, student, optimizer, d.device)
+        state = train_state.load(found, student, optimizer, d.device)
         if state["steps"] != steps or state["step_tokens"] != step_tokens:
             raise ValueError(f"{found} was written for {state['steps']} steps of {state['step_tokens']} tokens, "
                              f"now {steps} of {step_tokens}: same token budget, batch and GPU count are needed to resume "
@@ -192,6 +163,7 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     crash = os.environ.get(CRASH_ENV, "")
     bad_steps, t0, t_start, timed_tokens, tok_s = 0, time.perf_counter(), time.perf_counter(), 0, 0.0
     last_loss = history.get("last_loss")
+    writer = train_state.Writer()  # checkpoints on a thread: the disk does not stall the GPU
     for step in range(start, steps):
         lr = wsd_lr(step, steps, cfg["lr"], cfg["warmup"], cfg["decay"], cfg.get("min_lr_ratio", 0.0))
         for group in optimizer.param_groups:
@@ -240,9 +212,11 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         if done or (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0):
             history["last_loss"] = last_loss
             if d.main:
-                save_checkpoint(ckpt_dir, student, optimizer, {
-                    "step": step + 1, "steps": steps, "step_tokens": step_tokens, "sampler": sampler.state_dict(),
-                    "history": history})
+                state = {"step": step + 1, "steps": steps, "step_tokens": step_tokens, "sampler": sampler.state_dict(),
+                         "history": history}
+                writer.save(ckpt_dir, student, optimizer, state)
+                if done:  # the stage's last checkpoint is on disk before the stage returns
+                    writer.wait()
             distributed.barrier(d)
         if crash == f"{stage}:{step + 1}":
             os._exit(17)
