@@ -1,9 +1,10 @@
 """The trainer's resumable state on disk: the student's weights, the optimizer's state and the loop's own (step,
 sampler position, losses), written atomically, and written on a thread so that training does not wait for the disk.
 
-A checkpoint of a SmolLM2-135M student is ~1.9 GB (fp32 weights and AdamW's two moments) and took 4-6 s to write,
-synchronously, every ``checkpoint_every`` steps: about a tenth of an H200 run at a checkpoint every 40 steps. Now the
-step copies the state to CPU memory (tenths of a second) and a thread writes it while the next steps run."""
+A checkpoint of a SmolLM2-135M student is ~1.9 GB (fp32 weights and AdamW's two moments): ~6 s to write on a
+2-core machine, and an H200 run with 19 of them written synchronously spent 93 s more on stage 3 than its bench rate
+predicts (results/distill-smollm2-135m.md). Now the step copies the state to CPU memory and a thread writes it while
+the next steps run."""
 
 from __future__ import annotations
 
