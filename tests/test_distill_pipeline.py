@@ -179,6 +179,6 @@ def test_compile_is_for_cuda_and_a_cpu_run_is_the_eager_run(setup, tmp_path, cap
         run(Options(teacher=str(teacher), out=tmp_path / str(mode), recipe=r, data=str(corpus), stages=(3,),
                     sample_tokens=0))
         finals[mode] = load_file(tmp_path / str(mode) / "stage3" / "final" / "model.safetensors")
-    assert "compile: blocks is for CUDA; on cpu the student runs eager" in capfd.readouterr().err
+    assert "compile: blocks is for CUDA; on cpu the models run eager" in capfd.readouterr().err
     assert finals[False].keys() == finals["blocks"].keys()
     assert all(torch.equal(finals[False][k], finals["blocks"][k]) for k in finals[False])

@@ -96,6 +96,22 @@ def test_teacher_attention_setting_gives_the_same_targets(models, attention):
         stage_targets(teacher, packed_batch(tok.eos_token_id), 3, {"teacher_attention": "flash"})
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="teacher_compile is for CUDA (a CPU run stays eager)")
+def test_compiled_teacher_gives_the_same_logits(models):
+    """``teacher_compile``: the trainer calls ``torch.compile(stage_targets)`` in stage 3; the same block-diagonal
+    logits as the eager call (float32 on CUDA: fused arithmetic, not a different computation)."""
+    import copy
+
+    from llamba.distill.stages import stage_targets
+
+    teacher, _, tok = models
+    model = copy.deepcopy(teacher).to("cuda", torch.float32)
+    batch = packed_batch(tok.eos_token_id).to("cuda")
+    want = stage_targets(model, batch, 3, {}).logits
+    got = torch.compile(stage_targets)(model, batch, 3, {}).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_stage1_loss_by_hand(models):
     teacher, student, tok = models
     batch = packed_batch(tok.eos_token_id)

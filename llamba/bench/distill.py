@@ -27,8 +27,8 @@ from llamba.distill.data import FORMAT_VERSION, MANIFEST
 
 # (name, stage, overrides of the recipe's stage settings; "kernels": the mixers' kernel backend, set by the bench
 # alone); the rivals right after the variant they are the rivals of: the plain logits path, every op in PyTorch
-# (conv, scan, loss: the plain reference step), the blocks compiled, the pieces around the mixers compiled, the
-# teacher on flex attention
+# (conv, scan, loss: the plain reference step), the blocks compiled (and the teacher's forward with them), the pieces
+# around the mixers compiled, the teacher on flex attention
 VARIANTS = (
     ("stage1", 1, {}),
     ("stage2-block", 2, {"align": "block"}),
@@ -38,10 +38,11 @@ VARIANTS = (
     ("stage3-plain", 3, {"loss": "plain"}),
     ("stage3-torch", 3, {"loss": "plain", "kernels": "torch"}),
     ("stage3-compile", 3, {"loss": "chunked", "compile": True}),
+    ("stage3-compile-teacher", 3, {"loss": "chunked", "compile": True, "teacher_compile": True}),
     ("stage3-pieces", 3, {"loss": "chunked", "compile": "pieces"}),
     ("stage3-flex", 3, {"loss": "chunked", "teacher_attention": "flex_attention"}),
 )
-COMPILING = ("compile", "teacher_attention")  # overrides that compile kernels (minutes on a CPU)
+COMPILING = ("compile", "teacher_attention", "teacher_compile")  # overrides that compile kernels (minutes on a CPU)
 
 
 def random_data(folder: Path, vocab: int, eos: int, tokens: int, seed: int = 0, doc_len: int = 700) -> Path:
@@ -152,6 +153,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
                              ("stage3", "stage3-torch", "stage3_speedup_over_torch"),
                              ("stage3-compile", "stage3", "stage3_compile_speedup"),
                              ("stage2-compile", "stage2-block", "stage2_compile_speedup"),
+                             ("stage3-compile-teacher", "stage3-compile", "stage3_teacher_compile_speedup"),
                              ("stage3-pieces", "stage3", "stage3_pieces_speedup"),
                              ("stage3-flex", "stage3", "stage3_flex_speedup")):
         if ours in by_name and rival in by_name:
@@ -184,6 +186,7 @@ def to_markdown(results: dict) -> str:
                        "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
                       ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
                       ("stage2_compile_speedup", "Stage 2 (block alignment) with the blocks compiled over without"),
+                      ("stage3_teacher_compile_speedup", "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
                       ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
                       ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
         if key in results:

@@ -111,11 +111,17 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     data = PackedTokens(data_dir, "train", cfg["seq_len"])
     accum, step_tokens, steps = batch_geometry(cfg, d.world)
     sampler = Sampler(len(data), seed=cfg["seed"] * 1000 + stage, rank=d.rank, world=d.world)
-    compile_mode = compile_setting(cfg.get("compile"))
-    if compile_mode is not None and d.device.type != "cuda":  # measured on CUDA only; inductor on a CPU spends
-        log(f"compile: {compile_mode} is for CUDA; on {d.device.type} the student runs eager")  # minutes compiling
-        compile_mode = None
+    compile_mode, teacher_compile = compile_setting(cfg.get("compile")), bool(cfg.get("teacher_compile"))
+    if (compile_mode or teacher_compile) and d.device.type != "cuda":  # measured on CUDA only; inductor on a CPU
+        asked = ", ".join(f"{k}: {v}" for k, v in (("compile", compile_mode), ("teacher_compile", teacher_compile)) if v)
+        log(f"{asked} is for CUDA; on {d.device.type} the models run eager")  # spends minutes compiling
+        compile_mode, teacher_compile = None, False
     module = stage_module(stage, student, {**cfg, "compile": compile_mode})
+    targets_of = stage_targets
+    if teacher_compile and stage == 3:
+        # the frozen teacher's forward fused (norms, RoPE, SwiGLU); stage 3 only: stage 2 catches layer outputs
+        # with hooks, which compiled code does not run. A compiled function of this call: the teacher is untouched
+        targets_of = torch.compile(stage_targets)
     student.requires_grad_(False)
     params = list({id(p): p for p in module.trainable()}.values())  # tied weights once
     for p in params:
@@ -171,7 +177,7 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         total = torch.zeros((), device=d.device)
         for micro in range(accum):
             batch = data.batch(sampler.next(cfg["micro_batch"])).to(d.device)
-            targets = stage_targets(teacher, batch, stage, cfg)
+            targets = targets_of(teacher, batch, stage, cfg)
             with distributed.no_sync(wrapped, micro == accum - 1), autocast:
                 loss, _ = run_stage_module(wrapped, stage, targets, batch)
                 (loss / accum).backward()
