@@ -5,13 +5,14 @@
 #   full_run.sh unpack     the last third; unpack and check (md5, tokenizer): for other runs (proxies_next.sh)
 #   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start the distillation in its own process
 #                          session (it outlives the call; the machine stays warm while calls follow), watch S seconds
+#   full_run.sh launch S   the same without the unpack (the payload is in place already: a second run in a session)
 #   full_run.sh wait S     watch the run up to S seconds
 #   full_run.sh finish     when the run is done: `llamba eval` (GPU) beside the CPU artifacts' perplexity (CPU), then
 #                          the layer ranking of the distilled student; everything back in $OUT/results.tar
 # The payload is built on the CPU machine (see the closing lines of this file for how).
 set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-R=/root/runs/pure
+R=/root/runs/${RUN:-pure}  # RUN=k4 EXTRA="--attention-layers auto:4": the hybrid at the same budget (issue 23)
 STUDENT=$R/stage3/final
 TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens ${STAGE3_TOKENS:-100e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
 
@@ -55,8 +56,8 @@ part)
       tests/test_gateloop.py 2>&1 | tail -4
   fi
   ;;
-start)
-  unpack
+start|launch)
+  [ "$1" = start ] && unpack
   cd /root/repo
   echo "llamba distill $TRAIN" > $R.command
   setsid nohup python3 -m llamba.cli distill $TRAIN > $R.log 2>&1 < /dev/null &
@@ -86,7 +87,7 @@ finish)
   tar cf $OUT/results.tar -C /root/res . && ls -la /root/res
   ;;
 *)
-  echo "usage: full_run.sh part 1|2 | unpack | start S | wait S | finish"; exit 2
+  echo "usage: full_run.sh part 1|2 | unpack | start S | launch S | wait S | finish"; exit 2
   ;;
 esac
 exit 0
