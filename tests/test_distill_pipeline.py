@@ -182,3 +182,20 @@ def test_compile_is_for_cuda_and_a_cpu_run_is_the_eager_run(setup, tmp_path, cap
     assert "compile: blocks is for CUDA; on cpu the models run eager" in capfd.readouterr().err
     assert finals[False].keys() == finals["blocks"].keys()
     assert all(torch.equal(finals[False][k], finals["blocks"][k]) for k in finals[False])
+
+
+def test_cli_compile_flag_reaches_the_recipe():
+    """`--compile` / `--compile pieces` / `--compile off` over the recipe's own (smollm2-135m: blocks)."""
+    import argparse
+
+    from llamba.cli import distill as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser)
+
+    def recipe(*flags):
+        return cli.build_recipe(parser.parse_args(["--teacher", "t", "--out", "o", "--recipe", "smollm2-135m", *flags]))
+    assert recipe()["compile"] == "blocks"
+    assert recipe("--compile", "off")["compile"] is False
+    assert recipe("--compile", "pieces")["compile"] == "pieces"
+    assert recipe("--compile")["compile"] == "blocks"

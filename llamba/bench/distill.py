@@ -186,7 +186,8 @@ def to_markdown(results: dict) -> str:
                        "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
                       ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
                       ("stage2_compile_speedup", "Stage 2 (block alignment) with the blocks compiled over without"),
-                      ("stage3_teacher_compile_speedup", "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
+                      ("stage3_teacher_compile_speedup",
+                       "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
                       ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
                       ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
         if key in results:

@@ -104,7 +104,8 @@ def build_recipe(args) -> dict:
     recipe = load_recipe(name)
     top = {"seq_len": args.seq_len, "micro_batch": args.micro_batch, "batch_tokens": args.batch_tokens,
            "d_state": args.d_state, "init": args.init, "mixer": args.mixer, "checkpoint_every": args.checkpoint_every,
-           "activation_checkpointing": args.activation_checkpointing, "compile": False if args.compile == "off" else args.compile, "seed": args.seed,
+           "activation_checkpointing": args.activation_checkpointing,
+           "compile": False if args.compile == "off" else args.compile, "seed": args.seed,
            "val_tokens": args.val_tokens, "eval_tokens": args.eval_tokens}
     for k, v in top.items():
         if v is not None:

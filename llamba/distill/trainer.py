@@ -113,7 +113,8 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     sampler = Sampler(len(data), seed=cfg["seed"] * 1000 + stage, rank=d.rank, world=d.world)
     compile_mode, teacher_compile = compile_setting(cfg.get("compile")), bool(cfg.get("teacher_compile"))
     if (compile_mode or teacher_compile) and d.device.type != "cuda":  # measured on CUDA only; inductor on a CPU
-        asked = ", ".join(f"{k}: {v}" for k, v in (("compile", compile_mode), ("teacher_compile", teacher_compile)) if v)
+        asked = ", ".join(f"{k}: {v}" for k, v in (("compile", compile_mode), ("teacher_compile", teacher_compile))
+                          if v)
         log(f"{asked} is for CUDA; on {d.device.type} the models run eager")  # spends minutes compiling
         compile_mode, teacher_compile = None, False
     module = stage_module(stage, student, {**cfg, "compile": compile_mode})

@@ -14,7 +14,8 @@ set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/runs/${RUN:-pure}  # RUN=k4 EXTRA="--attention-layers auto:4": the hybrid at the same budget (issue 23)
 STUDENT=$R/stage3/final
-TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6 --stage3-tokens ${STAGE3_TOKENS:-100e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
+TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6
+  --stage3-tokens ${STAGE3_TOKENS:-100e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
 
 watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
   local end=$((SECONDS + $1))
@@ -59,7 +60,7 @@ part)
 start|launch)
   [ "$1" = start ] && unpack
   cd /root/repo
-  echo "llamba distill $TRAIN" > $R.command
+  echo "llamba distill" $TRAIN > $R.command  # unquoted: one line, single spaces
   setsid nohup python3 -m llamba.cli distill $TRAIN > $R.log 2>&1 < /dev/null &
   sleep 5
   watch_run ${2:-500}
