@@ -2,7 +2,8 @@
 # The next proxy runs for issues 19 and 22, after `full_run.sh part 1`, `part 2`, `unpack` (teacher, data, wheels in
 # place). Each is the built-in recipe at the proxies' budget (2M + 3M tokens, stages 2-3), changing one thing:
 #   P0  the recipe as it is (attention init)            P1  --init attention-calibrated (llamba/calibrate.py)
-#   P2  --mixer gateloop (RoPE-initialised; issue 22)   P3  --stage3-lr 1e-3
+#   P2  --mixer gateloop (RoPE-initialised; issue 22; eager: GateLoop's blocks have not been compiled on a GPU yet)
+#   P3  --stage3-lr 1e-3
 #   P4  --stages 1,2,3 --stage1-tokens 5e5 (does stage 1 pay on this recipe? the ablations never ran it)
 # all five at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
 # and the five (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
@@ -15,7 +16,7 @@ R=/root/proxies
 # tokens per optimizer step, and so the result, is the recipe's either way: more accumulation steps)
 COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 2e6 --stage3-tokens ${STAGE3:-3e6}
   --checkpoint-every 5 --sample-tokens 40 --micro-batch 8"
-declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop" [P3]="--stage3-lr 1e-3"
+declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop --compile off" [P3]="--stage3-lr 1e-3"
                   [P4]="--stages 1,2,3 --stage1-tokens 5e5")
 NAMES=${NAMES:-"P0 P1 P2 P3 P4"}  # a subset: NAMES="P0 P3" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }

@@ -8,8 +8,8 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # (scan_matches is left out: its CUDA cases take minutes; the kernel table's session ran them)
-timeout -s KILL 120 python3 -m pytest -q tests/test_kernels.py tests/test_distill_stages.py \
-  -k "training_conv or training_step or compiled_teacher" 2>&1 | tail -3
+timeout -s KILL 120 python3 -m pytest -q tests/test_kernels.py tests/test_distill_stages.py tests/test_calibrate.py \
+  -k "training_conv or training_step or compiled_teacher or on_cuda" 2>&1 | tail -3
 timeout -s KILL 60 python3 -c "
 import json
 from llamba.bench.kernels import bench_train_conv
