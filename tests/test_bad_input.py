@@ -75,6 +75,9 @@ def test_convert_and_quantize_never_overwrite_silently(tiny, tmp_path, capsys):
     assert main(["quantize", str(student), "--bits", "4", "--out", str(artifact), "--force"]) == 0
     assert artifact.read_bytes() != first
     assert "student folder" in error_of(capsys, ["quantize", str(student), "--out", str(student), "--force"])
+    assert "no such projection" in error_of(capsys, ["quantize", str(student), "--out", str(tmp_path / "typo"),
+                                                     "--bits-for", "inproj=8"])
+    assert not (tmp_path / "typo").exists()
     capsys.readouterr()
 
 
@@ -257,6 +260,8 @@ def test_data_file_errors_name_file_and_line(tiny, tmp_path):
     (["convert", "--teacher", "t", "--out", "o", "--d-state", "0"], "--d-state: must be at least 1"),
     (["quantize", "s", "--out", "o", "--group-size", "0"], "--group-size: must be at least 32"),
     (["quantize", "s", "--out", "o", "--group-size", "48"], "--group-size: must be a multiple of 32"),
+    (["quantize", "s", "--out", "o", "--bits-for", "in_proj:8"], "--bits-for: 'in_proj:8': write NAME=BITS"),
+    (["quantize", "s", "--out", "o", "--bits-for", "in_proj=5"], "--bits-for: 'in_proj=5': write NAME=BITS"),
     (["distill", "--out", "o", "--stage3-tokens", "0"], "--stage3-tokens: must be at least 1"),
     (["distill", "--out", "o", "--stage2-tokens=-5e6"], "--stage2-tokens: must be at least 1"),
     (["distill", "--out", "o", "--seq-len", "0"], "--seq-len: must be at least 2"),

@@ -146,6 +146,34 @@ def test_int4_mixers_with_int8_mlps_roundtrip(tmp_path, tiny_student):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_single_projections_keep_their_own_bits(tmp_path, tiny_student):
+    """--bits 4 --mlp-bits 8 --bits-for in_proj=8: in_proj int8 beside an int4 out_proj in the same mixer, through
+    the artifact, the PyTorch forward and the compiled step; a name that is no projection is refused."""
+    from llamba.quant.artifact import load_artifact, save_artifact
+
+    model = tiny_student()
+    settings = quantize_student(model, "int4", mlp_bits=8, linear_bits={"in_proj": 8, "down_proj": 4})
+    layer = model.backbone.layers[0]
+    assert (layer.mixer.in_proj.bits, layer.mixer.out_proj.bits, layer.mlp.up_proj.bits,
+            layer.mlp.down_proj.bits) == (8, 4, 8, 4)
+    path = save_artifact(model, None, tmp_path / "m.safetensors", settings)
+    loaded, _, got = load_artifact(path)
+    assert got["linear_bits"] == {"in_proj": 8, "down_proj": 4}
+    assert (loaded.backbone.layers[1].mixer.in_proj.bits, loaded.backbone.layers[1].mixer.out_proj.bits) == (8, 4)
+    ids = torch.randint(0, 100, (1, 20))
+    dec = load_for_cpu(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(dec.prefill(ids), model(ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+        step = dec.step(7).clone()
+        torch.testing.assert_close(step, model(torch.cat([ids, torch.tensor([[7]])], 1)).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no such projection.*choose from"):
+        quantize_student(tiny_student(), "int4", linear_bits={"inproj": 8})
+    with pytest.raises(ValueError, match="need a quantized body"):
+        quantize_student(tiny_student(), "none", linear_bits={"in_proj": 8})
+
+
 def test_artifact_refuses_corrupted_and_mismatched_files(tmp_path, tiny_student):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open

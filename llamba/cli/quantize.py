@@ -17,6 +17,13 @@ def group_size(text: str) -> int:
     return value
 
 
+def projection_bits(text: str) -> tuple[str, int]:
+    name, sep, bits = text.partition("=")
+    if not sep or bits not in ("4", "8", "32"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=BITS with BITS 4, 8 or 32, e.g. in_proj=8")
+    return name, int(bits)
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("student", help="a float Llamba student checkpoint folder")
     parser.add_argument("--bits", type=int, choices=(4, 8, 32), default=4, help="weight bits (32: float32, no quantization)")
@@ -27,6 +34,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bits for the MLPs (default: as --bits); --bits 4 --mlp-bits 8 costs the 105M-token "
                         "SmolLM2 student 13%% perplexity, all-int4 far more, int8 0.2%% "
                         "(results/cpu-artifacts-smollm2-135m.md)")
+    parser.add_argument("--bits-for", type=projection_bits, action="append", default=[], metavar="NAME=BITS",
+                        help="bits for one projection in every block, over --bits / --mlp-bits (repeatable): "
+                        "in_proj, out_proj (mixers), q_proj, k_proj, v_proj, o_proj (a hybrid's attention), "
+                        "gate_proj, up_proj, down_proj (MLPs); e.g. --bits 4 --mlp-bits 8 --bits-for in_proj=8")
     parser.add_argument("--out", required=True, help=f"output .safetensors file, or a folder (gets {ARTIFACT_NAME})")
     parser.add_argument("--force", action="store_true", help="replace an artifact already at --out")
 
@@ -66,12 +77,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{src} is not a Llamba student checkpoint (convert or distill a teacher first)")
     target = output_file(args.out, src, args.force)
     quant = {4: "int4", 8: "int8", 32: "none"}[args.bits]
+    from llamba.quant.modules import check_linear_bits
+
+    check_linear_bits(dict(args.bits_for))  # a typo in a projection's name fails before the student loads
     t0 = time.perf_counter()
     model, tokenizer = load_student(src, dtype=torch.float32), load_tokenizer_from(src)
-    settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits)
+    settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits, dict(args.bits_for))
     out = save_artifact(model, tokenizer, target, settings)
     load_artifact(out)  # read back: the checksum and shapes are verified before we report success
     size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB, {quant}, group {settings['group_size']}, head {settings['head_bits']} bits, MLP {settings.get('mlp_bits', args.bits)} bits) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    single = "".join(f", {k} {b} bits" for k, b in settings.get("linear_bits", {}).items())
+    print(f"wrote {out} ({size:.1f} MiB, {quant}, group {settings['group_size']}, head {settings['head_bits']} bits, "
+          f"MLP {settings.get('mlp_bits', args.bits)} bits{single}) in {time.perf_counter() - t0:.1f} s")
     return 0

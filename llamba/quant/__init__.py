@@ -14,23 +14,27 @@ DEFAULT_HEAD_BITS = {"none": 32, "int8": 8, "int4": 8}
 
 
 def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, head_bits: int | None = None,
-                     mlp_bits: int | None = None) -> dict:
+                     mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None) -> dict:
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
     ``quant='int4'`` keeps the MLPs int8: int4 MLPs cost a trained student far more perplexity than int4 mixers
-    (results/edge-cpu-ppl-student.json), though int4 mixers still cost a fully distilled one 15%
-    (results/cpu-artifacts-smollm2-135m.md)."""
+    (results/edge-cpu-ppl-student.json), though int4 mixers still cost a fully distilled one 13%
+    (results/cpu-artifacts-smollm2-135m.md); ``linear_bits`` sets single projections (``{"in_proj": 8}``)."""
     from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
     refuse_rotating(model.config, "quantization for the CPU runtime (llamba.quant)")
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
+    if linear_bits and quant == "none":
+        raise ValueError("bits for single projections need a quantized body (--bits 4 or 8), not --bits 32")
     head_bits = DEFAULT_HEAD_BITS[quant] if head_bits is None else head_bits
     settings = {"quant": quant, "group_size": group_size, "head_bits": head_bits}
     if mlp_bits is not None:
         settings["mlp_bits"] = mlp_bits
+    if linear_bits:
+        settings["linear_bits"] = dict(linear_bits)
     if quant != "none":
-        quantize_model(model, 4 if quant == "int4" else 8, group_size, head_bits, mlp_bits)
+        quantize_model(model, 4 if quant == "int4" else 8, group_size, head_bits, mlp_bits, linear_bits)
     return settings
 
 

@@ -75,23 +75,38 @@ class QuantizedEmbedding(nn.Module):
         return dequantize(self.weight_q, torch.float32, rows=flat).reshape(*ids.shape, self.table.in_features)
 
 
-# The linears of a block's mixer that quantization replaces, by kind of layer (the artifact loads the same names).
+# The linears of a block that quantization replaces, by kind of layer (the artifact loads the same names).
 MIXER_LINEARS = {"mixer": ("in_proj", "out_proj"), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = (*MIXER_LINEARS["mixer"], *MIXER_LINEARS["attention"], *MLP_LINEARS)
+
+
+def check_linear_bits(linear_bits: dict[str, int]) -> None:
+    unknown = sorted(set(linear_bits) - set(LINEAR_NAMES))
+    if unknown:
+        raise ValueError(f"bits for {unknown}: no such projection in a block; choose from {', '.join(LINEAR_NAMES)}")
+    bad = {k: b for k, b in linear_bits.items() if b not in (4, 8, 32)}
+    if bad:
+        raise ValueError(f"bits {bad}: choose 4, 8 or 32 for each projection")
 
 
 def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None,
-                   mlp_bits: int | None = None) -> None:
+                   mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None) -> None:
     """Replace the student's linears (in place) by quantized ones. ``head_bits``: bits for the head and embedding
     (None: same as ``bits``; 32: keep them float32). ``mlp_bits``: bits for the MLPs (None: same as ``bits``).
-    A tied model keeps one shared table for both."""
+    ``linear_bits``: bits by projection name in every block (e.g. ``{"in_proj": 8}``), over both: mixed formats
+    in the manner of llama.cpp's, where the projections a model is most sensitive to keep more bits. The artifact
+    stores each linear's own width, so any mix loads. A tied model keeps one shared table for head and embedding."""
     head_bits = bits if head_bits is None else head_bits
     mlp_bits = bits if mlp_bits is None else mlp_bits
+    linear_bits = dict(linear_bits or {})
+    check_linear_bits(linear_bits)
     for i, layer in enumerate(model.backbone.layers):
         mixer, mlp = layer.mixer, layer.mlp
         # a hybrid's attention layer: its projections at the mixers' bits (the runtime runs them in PyTorch)
         mixing = MIXER_LINEARS["attention" if model.config.is_attention_layer(i) else "mixer"]
-        for parent, name, b in (*((mixer, n, bits) for n in mixing), (mlp, "gate_proj", mlp_bits),
-                                (mlp, "up_proj", mlp_bits), (mlp, "down_proj", mlp_bits)):
+        for parent, name, b in (*((mixer, n, bits) for n in mixing), *((mlp, n, mlp_bits) for n in MLP_LINEARS)):
+            b = linear_bits.get(name, b)
             if b < 32:
                 setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))
     if head_bits == 32:

@@ -20,6 +20,9 @@ FORMATS = {  # name: `llamba quantize` flags (None: the float32 checkpoint itsel
     "float32": None,
     "int8": ["--bits", "8"],
     "int4 + int8 MLPs": ["--bits", "4", "--mlp-bits", "8"],
+    # which of the mixer's two projections the 13% of the mixed format comes from (both still mixed int4/int8)
+    "int4 out_proj + int8 in_proj, MLPs": ["--bits", "4", "--mlp-bits", "8", "--bits-for", "in_proj=8"],
+    "int4 in_proj + int8 out_proj, MLPs": ["--bits", "4", "--mlp-bits", "8", "--bits-for", "out_proj=8"],
 }
 
 
