@@ -39,6 +39,7 @@ VARIANTS = (
     ("stage3-torch", 3, {"loss": "plain", "kernels": "torch"}),
     ("stage3-compile", 3, {"loss": "chunked", "compile": True}),
     ("stage3-compile-teacher", 3, {"loss": "chunked", "compile": True, "teacher_compile": True}),
+    ("stage3-compile-mb32", 3, {"loss": "chunked", "compile": True, "micro_batch": 32}),
     ("stage3-pieces", 3, {"loss": "chunked", "compile": "pieces"}),
     ("stage3-flex", 3, {"loss": "chunked", "teacher_attention": "flex_attention"}),
 )
@@ -154,6 +155,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
                              ("stage3-compile", "stage3", "stage3_compile_speedup"),
                              ("stage2-compile", "stage2-block", "stage2_compile_speedup"),
                              ("stage3-compile-teacher", "stage3-compile", "stage3_teacher_compile_speedup"),
+                             ("stage3-compile-mb32", "stage3-compile", "stage3_compile_mb32_speedup"),
                              ("stage3-pieces", "stage3", "stage3_pieces_speedup"),
                              ("stage3-flex", "stage3", "stage3_flex_speedup")):
         if ours in by_name and rival in by_name:
@@ -188,6 +190,7 @@ def to_markdown(results: dict) -> str:
                       ("stage2_compile_speedup", "Stage 2 (block alignment) with the blocks compiled over without"),
                       ("stage3_teacher_compile_speedup",
                        "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
+                      ("stage3_compile_mb32_speedup", "Stage 3 compiled, micro-batch 32 over 16"),
                       ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
                       ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
         if key in results:

@@ -16,7 +16,7 @@ from llamba.bench.kernels import bench_train_conv
 rows = bench_train_conv()
 print(json.dumps(rows, indent=1))
 json.dump(rows, open('$OUT/train-conv-h200.json', 'w'), indent=1)"
-VARIANTS=${VARIANTS:-stage1 stage2-block stage2-compile stage3 stage3-compile stage3-compile-teacher}
+VARIANTS=${VARIANTS:-stage1 stage2-block stage2-compile stage3 stage3-compile stage3-compile-teacher stage3-compile-mb32}
 timeout -s INT 360 python3 -m llamba.cli bench distill --variants $VARIANTS --steps 3 --out $OUT/bench-distill-h200 \
   2>&1 | grep -v "it/s\]" | tail -20
 timeout -s KILL 120 python3 tools/device/profile_distill.py --recipe smollm2-135m --stages 3 --steps 3 --compile 2>&1 | tail -40
