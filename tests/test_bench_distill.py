@@ -33,7 +33,9 @@ def test_random_data_has_documents(setup):
 
 @pytest.mark.parametrize("name,stage,overrides", [
     v if not any(v[2].get(k) for k in COMPILING) else pytest.param(*v, marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="compiling variants are for CUDA (on a CPU the trainer runs them eager, or flex builds C++ for minutes)")) for v in VARIANTS])
+        not torch.cuda.is_available(),
+        reason="compiling variants are for CUDA (on a CPU the trainer runs them eager; flex builds C++ for minutes)"))
+    for v in VARIANTS])
 def test_every_variant_runs_the_trainer(setup, name, stage, overrides):
     teacher, student, recipe, data = setup
     before = [p.clone() for p in student.parameters()]
