@@ -84,10 +84,14 @@ class Writer:
         except BaseException as e:  # surfaced by the next save / wait, in the training thread
             self._error = e
 
-    def wait(self) -> None:
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the write in flight is on disk; its error raised here (``raise_error=False``: dropped, for when
+        another exception is on its way out and is the one to report)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._error is not None and not raise_error:
+            self._error = None
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error

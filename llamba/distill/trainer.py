@@ -171,62 +171,67 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     bad_steps, t0, t_start, timed_tokens, tok_s = 0, time.perf_counter(), time.perf_counter(), 0, 0.0
     last_loss = history.get("last_loss")
     writer = train_state.Writer()  # checkpoints on a thread: the disk does not stall the GPU
-    for step in range(start, steps):
-        lr = wsd_lr(step, steps, cfg["lr"], cfg["warmup"], cfg["decay"], cfg.get("min_lr_ratio", 0.0))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        total = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            batch = data.batch(sampler.next(cfg["micro_batch"])).to(d.device)
-            targets = targets_of(teacher, batch, stage, cfg)
-            with distributed.no_sync(wrapped, micro == accum - 1), autocast:
-                loss, _ = run_stage_module(wrapped, stage, targets, batch)
-                (loss / accum).backward()
-            total += loss.detach().float() / accum
-            del targets
-        total = distributed.all_mean(total, d)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        loss_value, gnorm = total.item(), grad_norm.item()
-        if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            log(f"stage {stage} step {step}: loss {loss_value} / grad norm {gnorm} is not finite; step skipped")
-            if bad_steps >= cfg.get("max_bad_steps", 3):
-                raise RuntimeError(
-                    f"stage {stage}: {bad_steps} non-finite steps in a row (last at step {step}); stopping. "
-                    f"Lower the learning rate (now {cfg['lr']}) or check the data/teacher; the last good checkpoint "
-                    f"is in {ckpt_dir}")
-        else:
-            bad_steps = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = loss_value
-            if history["first_loss"] is None:
-                history["first_loss"] = loss_value
-        bar.update(step_tokens)
-        now = time.perf_counter()
-        timed_tokens += step_tokens
-        tok_s = timed_tokens / max(now - t0, 1e-9)
-        if step == start + 1:  # the first step pays for warm-up (allocator, compile): time from the second on
-            t0, timed_tokens = now, 0
-        bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}")
-        metrics.log({"stage": stage, "step": step + 1, "tokens": (step + 1) * step_tokens, "loss": loss_value,
-                     "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s, "time": time.time()})
-        if step == start + 4 or (steps - start <= 4 and step == steps - 1):
-            eta = (steps - step - 1) * step_tokens / max(tok_s, 1e-9)
-            log(f"stage {stage}: {tok_s:,.0f} tokens/s after {step + 1 - start} steps; this stage needs ~{eta / 60:.1f} more min")
-        done = step + 1 == steps
-        if done or (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0):
-            history["last_loss"] = last_loss
-            if d.main:
-                state = {"step": step + 1, "steps": steps, "step_tokens": step_tokens, "sampler": sampler.state_dict(),
-                         "history": history}
-                writer.save(ckpt_dir, student, optimizer, state)
-                if done:  # the stage's last checkpoint is on disk before the stage returns
-                    writer.wait()
-            distributed.barrier(d)
-        if crash == f"{stage}:{step + 1}":
-            os._exit(17)
+    try:
+        for step in range(start, steps):
+            lr = wsd_lr(step, steps, cfg["lr"], cfg["warmup"], cfg["decay"], cfg.get("min_lr_ratio", 0.0))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            total = torch.zeros((), device=d.device)
+            for micro in range(accum):
+                batch = data.batch(sampler.next(cfg["micro_batch"])).to(d.device)
+                targets = targets_of(teacher, batch, stage, cfg)
+                with distributed.no_sync(wrapped, micro == accum - 1), autocast:
+                    loss, _ = run_stage_module(wrapped, stage, targets, batch)
+                    (loss / accum).backward()
+                total += loss.detach().float() / accum
+                del targets
+            total = distributed.all_mean(total, d)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            loss_value, gnorm = total.item(), grad_norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                log(f"stage {stage} step {step}: loss {loss_value} / grad norm {gnorm} is not finite; step skipped")
+                if bad_steps >= cfg.get("max_bad_steps", 3):
+                    raise RuntimeError(
+                        f"stage {stage}: {bad_steps} non-finite steps in a row (last at step {step}); stopping. "
+                        f"Lower the learning rate (now {cfg['lr']}) or check the data/teacher; the last good "
+                        f"checkpoint is in {ckpt_dir}")
+            else:
+                bad_steps = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                last_loss = loss_value
+                if history["first_loss"] is None:
+                    history["first_loss"] = loss_value
+            bar.update(step_tokens)
+            now = time.perf_counter()
+            timed_tokens += step_tokens
+            tok_s = timed_tokens / max(now - t0, 1e-9)
+            if step == start + 1:  # the first step pays for warm-up (allocator, compile): time from the second on
+                t0, timed_tokens = now, 0
+            bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}")
+            metrics.log({"stage": stage, "step": step + 1, "tokens": (step + 1) * step_tokens, "loss": loss_value,
+                         "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s, "time": time.time()})
+            if step == start + 4 or (steps - start <= 4 and step == steps - 1):
+                eta = (steps - step - 1) * step_tokens / max(tok_s, 1e-9)
+                log(f"stage {stage}: {tok_s:,.0f} tokens/s after {step + 1 - start} steps; "
+                    f"this stage needs ~{eta / 60:.1f} more min")
+            done = step + 1 == steps
+            if done or (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0):
+                history["last_loss"] = last_loss
+                if d.main:
+                    state = {"step": step + 1, "steps": steps, "step_tokens": step_tokens,
+                             "sampler": sampler.state_dict(), "history": history}
+                    writer.save(ckpt_dir, student, optimizer, state)
+                    if done:  # the stage's last checkpoint is on disk before the stage returns
+                        writer.wait()
+                distributed.barrier(d)
+            if crash == f"{stage}:{step + 1}":
+                os._exit(17)
+    except BaseException:  # an interrupted stage (Ctrl-C, an error) still leaves the checkpoint it started whole
+        writer.wait(raise_error=False)
+        raise
     bar.close()
     wall = time.perf_counter() - t_start
     _checkpointing_off(student)
