@@ -55,3 +55,20 @@ def test_stage3_flops_count_both_models_and_the_head(setup):
     assert matmul_flops_per_token(3, {}, teacher, student) == want
     mixers = sum(n(b.mixer) for b in student.backbone.layers)
     assert matmul_flops_per_token(2, {"align": "attention"}, teacher, student) == 2 * n(teacher.model.layers) + 6 * mixers
+
+
+def test_teacher_shapes_are_the_published_models():
+    """`llamba bench distill --shape`: the CLI's names are the shapes the bench builds, and each builds a teacher
+    of its model's size (meta tensors: no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamba.bench.gpu import TEACHER_SHAPES
+    from llamba.cli.bench import DISTILL_SHAPES
+
+    assert tuple(TEACHER_SHAPES) == DISTILL_SHAPES
+    sizes = {"smollm2-135m": 134.5e6, "llama-3.2-1b": 1235.8e6}  # parameters, tied embeddings counted once
+    for name, config in TEACHER_SHAPES.items():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(**config))
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - sizes[name]) / sizes[name] < 0.002, (name, n)

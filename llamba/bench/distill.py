@@ -114,22 +114,25 @@ def run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, ste
             "flops_per_token": matmul_flops_per_token(stage, cfg, teacher, student)}
 
 
-def run(recipe_name: str, variants: list[str], steps: int, out: str | None, device: str = "cuda") -> dict:
+def run(recipe_name: str, variants: list[str], steps: int, out: str | None, device: str = "cuda",
+        shape: str = "smollm2-135m") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamba.bench.gpu import SMOLLM2_135M, measure_hardware
+    from llamba.bench.gpu import TEACHER_SHAPES, measure_hardware
     from llamba.convert import student_from_teacher
     from llamba.distill.recipes import load_recipe
 
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16).to(device).eval()
+    config = TEACHER_SHAPES[shape]
+    teacher = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).to(device).eval()
     teacher.requires_grad_(False)
     student0 = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(device)
     hw = measure_hardware()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = random_data(Path(tmp) / "data", SMOLLM2_135M["vocab_size"], eos=2, tokens=1 << 24)
+        data_dir = random_data(Path(tmp) / "data", config["vocab_size"], eos=config.get("eos_token_id", 2),
+                               tokens=1 << 24)
         for name, stage, overrides in VARIANTS:
             if name not in variants:
                 continue
@@ -148,7 +151,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     results = {"recipe": recipe_name, "device": torch.cuda.get_device_name(), "hardware": hw,
                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "torch": torch.__version__, "host": platform.node(), "rows": rows,
-               "teacher": "LlamaForCausalLM from the SmolLM2-135M config, random bf16 weights"}
+               "shape": shape, "teacher": f"LlamaForCausalLM of {shape}'s shapes, random bf16 weights"}
     by_name = {r["name"]: r for r in rows if "error" not in r}
     for ours, rival, key in (("stage3", "stage3-plain", "stage3_speedup_over_plain"),
                              ("stage3", "stage3-torch", "stage3_speedup_over_torch"),

@@ -27,6 +27,14 @@ GREEDY = SamplingParams()
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
                     tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5)
+# Llama-3.2-1B's shapes (its published config.json): random weights of the right size, for speed and memory
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                    tie_word_embeddings=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                    bos_token_id=128000, eos_token_id=128009)
+TEACHER_SHAPES = {"smollm2-135m": SMOLLM2_135M, "llama-3.2-1b": LLAMA_3_2_1B}
 
 
 # -- helpers ------------------------------------------------------------------------------------------------

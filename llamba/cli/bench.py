@@ -7,6 +7,8 @@ import argparse
 from llamba.cli.common import float_above, int_at_least, int_list
 
 _ints = int_list(1)
+# llamba.bench.gpu.TEACHER_SHAPES' keys, here so that --help imports no torch (a test keeps the two equal)
+DISTILL_SHAPES = ("smollm2-135m", "llama-3.2-1b")
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -64,6 +66,9 @@ def register(parser) -> None:
     srv.add_argument("--prefill-chunk", type=int_at_least(1), default=256)
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
+    dist.add_argument("--shape", default="smollm2-135m", choices=DISTILL_SHAPES,
+                      help="the random teacher's shapes (with --recipe llama-3.2-1b: does the 1B recipe fit one GPU, "
+                      "how fast)")
     dist.add_argument("--steps", type=int_at_least(1), default=5, help="timed optimizer steps per variant (after one warm-up)")
     dist.add_argument("--variants", nargs="*", default=None, help="stage variants (default: all of llamba.bench.distill.VARIANTS)")
 
@@ -101,7 +106,8 @@ def run_distill(args) -> int:
         raise ValueError(f"--variants {' '.join(unknown)}: choose from {', '.join(names)}")
     from llamba.bench.gpu import device_slug
 
-    distill.run(args.recipe, args.variants or names, args.steps, args.out or f"results/bench-distill-{device_slug()}")
+    default_out = f"results/bench-distill-{device_slug()}" + ("" if args.shape == "smollm2-135m" else f"-{args.shape}")
+    distill.run(args.recipe, args.variants or names, args.steps, args.out or default_out, shape=args.shape)
     return 0
 
 
