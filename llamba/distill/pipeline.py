@@ -234,8 +234,11 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 @torch.no_grad()
 def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: int, device, log,
-                          batch: int = 16, length: int = 256) -> Path:
-    """Data-free fallback: documents sampled from the teacher itself (seeded; cached as jsonl, extended on demand)."""
+                          batch: int | None = None, length: int = 256) -> Path:
+    """Data-free fallback: documents sampled from the teacher itself (seeded; cached as jsonl, extended on demand).
+    ``batch``: rows sampled at once (default 256 on CUDA, where a decode step of a few rows leaves the GPU idle and
+    a 100M-token budget would take hours; 16 on a CPU)."""
+    batch = batch or (256 if torch.device(device).type == "cuda" else 16)
     have = 0
     if path.exists():
         have = sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
