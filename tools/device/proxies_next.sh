@@ -6,6 +6,7 @@
 #   P3  --stage3-lr 1e-3
 #   P4  --stages 1,2,3 --stage1-tokens 5e5 (does stage 1 pay on this recipe? the ablations never ran it)
 #   P5  --seq-len 2048 --micro-batch 4 (longer windows: LAMBADA's recall spans whole passages)
+#   P6  --stage2-tokens 4e6 --stage3-tokens 2e6 (the token split: the same 6M as the others at STAGE3=4e6)
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
 # and of them (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -13,13 +14,14 @@
 set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/proxies
-# micro-batch 8: six stage-3 processes at the recipe's 16 would peak near 6 x 27 GiB of the GPU's 139 (the batch in
+# micro-batch 8: seven stage-3 processes at the recipe's 16 would peak near 7 x 27 GiB of the GPU's 139 (the batch in
 # tokens per optimizer step, and so the result, is the recipe's either way: more accumulation steps)
 COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 2e6 --stage3-tokens ${STAGE3:-3e6}
   --checkpoint-every 5 --sample-tokens 40 --micro-batch 8"
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop --compile off" [P3]="--stage3-lr 1e-3"
-                  [P4]="--stages 1,2,3 --stage1-tokens 5e5" [P5]="--seq-len 2048 --micro-batch 4")
-NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5"}  # a subset: NAMES="P0 P3" proxies_next.sh ...
+                  [P4]="--stages 1,2,3 --stage1-tokens 5e5" [P5]="--seq-len 2048 --micro-batch 4"
+                  [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6")
+NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset: NAMES="P0 P3" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
 case "${1:-}" in
