@@ -1,6 +1,8 @@
 """`llamba bench distill` on a CPU at toy size: each variant runs the real trainer, and its FLOP count is the
 parameter products it says it counts."""
 
+import json
+
 import pytest
 import torch
 
@@ -72,3 +74,24 @@ def test_teacher_shapes_are_the_published_models():
             model = LlamaForCausalLM(LlamaConfig(**config))
         n = sum(p.numel() for p in model.parameters())
         assert abs(n - sizes[name]) / sizes[name] < 0.002, (name, n)
+
+
+def test_results_so_far_are_written_with_their_ratios(tmp_path):
+    """`run` writes the file after every row (a call cut short keeps what it measured): what it writes for two
+    rows and a failed one, each rival's ratio only where both sides ran."""
+    from llamba.bench.distill import summarise, write
+
+    def row(name, tok_s):
+        return {"name": name, "stage": 3, "settings": {"loss": "chunked"}, "tokens_per_s": tok_s, "mfu": 0.1,
+                "peak_memory_gib": 20.0}
+    meta = {"recipe": "r", "device": "GPU", "hardware": {"matmul_tflops": 800.0}, "torch": "t", "host": "h",
+            "shape": "smollm2-135m", "teacher": "random"}
+    rows = [row("stage3", 100.0), row("stage3-compile", 150.0),
+            {"name": "stage3-flex", "stage": 3, "settings": {}, "error": "RuntimeError: no"}]
+    results = summarise(rows, meta)
+    assert results["stage3_compile_speedup"] == 1.5
+    assert "stage3_flex_speedup" not in results and "stage3_speedup_over_plain" not in results
+    write(results, str(tmp_path / "b"))
+    md = (tmp_path / "b.md").read_text()
+    assert "Stage 3 with the blocks compiled over without: **1.50x**" in md and "failed: RuntimeError: no" in md
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["tokens_per_s"] == 150.0

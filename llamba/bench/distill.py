@@ -114,6 +114,41 @@ def run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, ste
             "flops_per_token": matmul_flops_per_token(stage, cfg, teacher, student)}
 
 
+# (ours, its rival, the results key of ours / rival, what the ratio says)
+RATIOS = (("stage3", "stage3-plain", "stage3_speedup_over_plain",
+           "Stage 3, chunked head + loss over the plain logits path"),
+          ("stage3", "stage3-torch", "stage3_speedup_over_torch",
+           "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
+          ("stage3-compile", "stage3", "stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
+          ("stage2-compile", "stage2-block", "stage2_compile_speedup",
+           "Stage 2 (block alignment) with the blocks compiled over without"),
+          ("stage3-compile-teacher", "stage3-compile", "stage3_teacher_compile_speedup",
+           "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
+          ("stage3-compile-mb32", "stage3-compile", "stage3_compile_mb32_speedup",
+           "Stage 3 compiled, micro-batch 32 over 16"),
+          ("stage3-pieces", "stage3", "stage3_pieces_speedup",
+           "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
+          ("stage3-flex", "stage3", "stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA"))
+
+
+def summarise(rows: list[dict], meta: dict) -> dict:
+    """The results file's content from the rows measured so far, with each rival's ratio."""
+    results = {**meta, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "rows": rows}
+    by_name = {r["name"]: r for r in rows if "error" not in r}
+    for ours, rival, key, _ in RATIOS:
+        if ours in by_name and rival in by_name:
+            results[key] = by_name[ours]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
+    return results
+
+
+def write(results: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    path.with_suffix(".md").write_text(to_markdown(results))
+
+
 def run(recipe_name: str, variants: list[str], steps: int, out: str | None, device: str = "cuda",
         shape: str = "smollm2-135m") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,6 +164,9 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     teacher.requires_grad_(False)
     student0 = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(device)
     hw = measure_hardware()
+    meta = {"recipe": recipe_name, "device": torch.cuda.get_device_name(), "hardware": hw, "torch": torch.__version__,
+            "host": platform.node(), "shape": shape,
+            "teacher": f"LlamaForCausalLM of {shape}'s shapes, random bf16 weights"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = random_data(Path(tmp) / "data", config["vocab_size"], eos=config.get("eos_token_id", 2),
@@ -140,34 +178,19 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
             try:
                 row = run_variant(name, stage, overrides, recipe, teacher, student0, data_dir, steps, device)
             except Exception as e:  # one variant's failure (a compile, a kernel) must not lose the others' rows
-                rows.append({"name": name, "stage": stage, "settings": dict(overrides),
-                             "error": f"{type(e).__name__}: {e}"[:300]})
-                print(f"[bench distill] {name}: failed: {rows[-1]['error']}", flush=True)
-                continue
-            row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (hw["matmul_tflops"] * 1e12)
+                row = {"name": name, "stage": stage, "settings": dict(overrides),
+                       "error": f"{type(e).__name__}: {e}"[:300]}
+                print(f"[bench distill] {name}: failed: {row['error']}", flush=True)
+            else:
+                row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (hw["matmul_tflops"] * 1e12)
+                print(f"[bench distill] {name}: {row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, "
+                      f"peak {row['peak_memory_gib']:.1f} GiB ({time.perf_counter() - t0:.0f} s)", flush=True)
             rows.append(row)
-            print(f"[bench distill] {name}: {row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, "
-                  f"peak {row['peak_memory_gib']:.1f} GiB ({time.perf_counter() - t0:.0f} s)", flush=True)
-    results = {"recipe": recipe_name, "device": torch.cuda.get_device_name(), "hardware": hw,
-               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "torch": torch.__version__, "host": platform.node(), "rows": rows,
-               "shape": shape, "teacher": f"LlamaForCausalLM of {shape}'s shapes, random bf16 weights"}
-    by_name = {r["name"]: r for r in rows if "error" not in r}
-    for ours, rival, key in (("stage3", "stage3-plain", "stage3_speedup_over_plain"),
-                             ("stage3", "stage3-torch", "stage3_speedup_over_torch"),
-                             ("stage3-compile", "stage3", "stage3_compile_speedup"),
-                             ("stage2-compile", "stage2-block", "stage2_compile_speedup"),
-                             ("stage3-compile-teacher", "stage3-compile", "stage3_teacher_compile_speedup"),
-                             ("stage3-compile-mb32", "stage3-compile", "stage3_compile_mb32_speedup"),
-                             ("stage3-pieces", "stage3", "stage3_pieces_speedup"),
-                             ("stage3-flex", "stage3", "stage3_flex_speedup")):
-        if ours in by_name and rival in by_name:
-            results[key] = by_name[ours]["tokens_per_s"] / by_name[rival]["tokens_per_s"]
+            if out:  # after every row: a run cut short (a time limit, Ctrl-C) keeps what it measured
+                write(summarise(rows, meta), out)
+    results = summarise(rows, meta)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(results, indent=1))
-        path.with_suffix(".md").write_text(to_markdown(results))
+        write(results, out)
     print(to_markdown(results))
     return results
 
@@ -186,16 +209,7 @@ def to_markdown(results: dict) -> str:
             continue
         md.append(f"| {r['name']} | {r['stage']} | {settings} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                   f"{r['peak_memory_gib']:.1f} |")
-    for key, what in (("stage3_speedup_over_plain", "Stage 3, chunked head + loss over the plain logits path"),
-                      ("stage3_speedup_over_torch",
-                       "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
-                      ("stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
-                      ("stage2_compile_speedup", "Stage 2 (block alignment) with the blocks compiled over without"),
-                      ("stage3_teacher_compile_speedup",
-                       "Stage 3 compiled, with the teacher's forward compiled too, over the blocks alone"),
-                      ("stage3_compile_mb32_speedup", "Stage 3 compiled, micro-batch 32 over 16"),
-                      ("stage3_pieces_speedup", "Stage 3 with the norms, residuals and SwiGLU compiled over without"),
-                      ("stage3_flex_speedup", "Stage 3 with the teacher on flex attention over SDPA")):
+    for *_, key, what in RATIOS:
         if key in results:
             md += ["", f"{what}: **{results[key]:.2f}x**"]
     return "\n".join(md) + "\n"
