@@ -167,7 +167,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     meta = {"recipe": recipe_name, "device": torch.cuda.get_device_name(), "hardware": hw, "torch": torch.__version__,
             "host": platform.node(), "shape": shape,
             "teacher": f"LlamaForCausalLM of {shape}'s shapes, random bf16 weights"}
-    rows = []
+    rows, results = [], summarise([], meta)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = random_data(Path(tmp) / "data", config["vocab_size"], eos=config.get("eos_token_id", 2),
                                tokens=1 << 24)
@@ -186,11 +186,9 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
                 print(f"[bench distill] {name}: {row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, "
                       f"peak {row['peak_memory_gib']:.1f} GiB ({time.perf_counter() - t0:.0f} s)", flush=True)
             rows.append(row)
+            results = summarise(rows, meta)
             if out:  # after every row: a run cut short (a time limit, Ctrl-C) keeps what it measured
-                write(summarise(rows, meta), out)
-    results = summarise(rows, meta)
-    if out:
-        write(results, out)
+                write(results, out)
     print(to_markdown(results))
     return results
 

@@ -178,7 +178,7 @@ def _stage_stop_point(stage_dir: Path) -> str:
     found = train_state.find(stage_dir / "checkpoint")
     if found is None:
         return "before its first checkpoint (the stage restarts from its beginning)"
-    state = json.loads((found / "state.json").read_text())
+    state = json.loads((found / train_state.STATE).read_text())
     return f"after step {state['step']}/{state['steps']}, the last checkpoint ({found})"
 
 
@@ -193,14 +193,14 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
         return
     remedy = (f"Delete {found} to restart stage {stage} from its beginning (the earlier stages are kept), or restore "
               "it from a copy")
-    read_shapes([found / "model.safetensors"], remedy)
+    read_shapes([found / train_state.WEIGHTS], remedy)
     try:
-        with zipfile.ZipFile(found / "optimizer.pt") as zf:
+        with zipfile.ZipFile(found / train_state.OPTIMIZER) as zf:
             bad = zf.testzip()
     except (OSError, zipfile.BadZipFile) as err:
         bad = str(err)
     if bad is not None:
-        raise ValueError(f"{found / 'optimizer.pt'}: damaged ({bad}). {remedy}")
+        raise ValueError(f"{found / train_state.OPTIMIZER}: damaged ({bad}). {remedy}")
 
 
 def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, k: int, eval_args: dict, d, log):
