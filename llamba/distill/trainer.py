@@ -168,7 +168,9 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
     bar = tqdm(total=steps * step_tokens, initial=start * step_tokens, unit="tok", unit_scale=True,
                desc=f"stage {stage}", disable=not d.main, dynamic_ncols=True)
     crash = os.environ.get(CRASH_ENV, "")
-    bad_steps, t0, t_start, timed_tokens, tok_s = 0, time.perf_counter(), time.perf_counter(), 0, 0.0
+    bad_steps, t0, t_start, timed_tokens = 0, time.perf_counter(), time.perf_counter(), 0
+    # a resumed stage's time and rate include the calls before it (one that resumes at its last step adds nothing)
+    wall_before, tok_s = history.get("wall_s", 0.0), history.get("tokens_per_s_steady", 0.0)
     last_loss = history.get("last_loss")
     writer = train_state.Writer()  # checkpoints on a thread: the disk does not stall the GPU
     try:
@@ -219,7 +221,8 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
                     f"this stage needs ~{eta / 60:.1f} more min")
             done = step + 1 == steps
             if done or (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0):
-                history["last_loss"] = last_loss
+                history.update(last_loss=last_loss, wall_s=wall_before + time.perf_counter() - t_start,
+                               tokens_per_s_steady=tok_s)
                 if d.main:
                     state = {"step": step + 1, "steps": steps, "step_tokens": step_tokens,
                              "sampler": sampler.state_dict(), "history": history}
@@ -233,12 +236,12 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         writer.wait(raise_error=False)
         raise
     bar.close()
-    wall = time.perf_counter() - t_start
+    wall = wall_before + time.perf_counter() - t_start
     _checkpointing_off(student)
     student.requires_grad_(False)
     if low:
         student.float()
     student.eval()
     return {"steps": steps, "tokens": steps * step_tokens, "first_loss": history["first_loss"],
-            "last_loss": last_loss, "wall_s": wall, "tokens_per_s": (steps - start) * step_tokens / max(wall, 1e-9),
+            "last_loss": last_loss, "wall_s": wall, "tokens_per_s": steps * step_tokens / max(wall, 1e-9),
             "tokens_per_s_steady": tok_s}

@@ -10,6 +10,7 @@
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
 # and of them (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
+#   EXTRA="--compile off" added to every run (seven processes compiling at once on 16 cores cost minutes);
 #   NAMES="P0 P3" a subset; STAGE3=6e6 another stage-3 budget; TASKS="arc_easy piqa lambada_openai ppl" fewer tasks
 set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -17,7 +18,7 @@ R=/root/proxies
 # micro-batch 8: seven stage-3 processes at the recipe's 16 would peak near 7 x 27 GiB of the GPU's 139 (the batch in
 # tokens per optimizer step, and so the result, is the recipe's either way: more accumulation steps)
 COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 2e6 --stage3-tokens ${STAGE3:-3e6}
-  --checkpoint-every 5 --sample-tokens 40 --micro-batch 8"
+  --checkpoint-every 5 --sample-tokens 40 --micro-batch 8 ${EXTRA:-}"
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop --compile off" [P3]="--stage3-lr 1e-3"
                   [P4]="--stages 1,2,3 --stage1-tokens 5e5" [P5]="--seq-len 2048 --micro-batch 4"
                   [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6")
@@ -39,14 +40,17 @@ train)
   ;;
 eval)
   models="smollm2-135m"
-  for name in $NAMES; do [ -f $R/$name/summary.json ] && models="$models $R/$name/stage3/final"; done
+  # a run whose stage 3 is done counts even if its own closing evaluation (summary.json) was cut short
+  for name in $NAMES; do [ -f $R/$name/stage3/final/config.json ] && models="$models $R/$name/stage3/final"; done
   timeout -s KILL ${2:-540} python3 -m llamba.cli eval --models $models --tasks ${TASKS:-arc_easy piqa lambada_openai hellaswag ppl} \
     --data-dir /root/data/eval --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 \
     --ppl-seq-len 1024 --batch-size 128 --device cuda --dtype bfloat16 --out $R/eval 2>&1 | tr '\r' '\n' \
     | grep -v "it/s\]\|%|" | tail -25
   mkdir -p /root/proxies-out
   for name in $NAMES; do
-    [ -f $R/$name/summary.json ] && cp $R/$name/summary.json /root/proxies-out/$name.json && cp $R/$name.command /root/proxies-out/
+    cp $R/$name.command /root/proxies-out/ 2>/dev/null
+    [ -f $R/$name/summary.json ] && cp $R/$name/summary.json /root/proxies-out/$name.json
+    tr '\r' '\n' < $R/$name.log | grep -E "^\[distill\]|^llamba" > /root/proxies-out/$name.log
   done
   cp $R/eval/eval.* /root/proxies-out/ 2>/dev/null
   tar cf $OUT/proxies.tar -C /root/proxies-out .
