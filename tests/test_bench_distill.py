@@ -84,7 +84,7 @@ def test_results_so_far_are_written_with_their_ratios(tmp_path):
     def row(name, tok_s):
         return {"name": name, "stage": 3, "settings": {"loss": "chunked"}, "tokens_per_s": tok_s, "mfu": 0.1,
                 "peak_memory_gib": 20.0}
-    meta = {"recipe": "r", "device": "GPU", "hardware": {"matmul_tflops": 800.0}, "torch": "t", "host": "h",
+    meta = {"command": "python -m llamba.cli bench distill", "recipe": "r", "device": "GPU", "hardware": {"matmul_tflops": 800.0}, "torch": "t", "host": "h",
             "shape": "smollm2-135m", "teacher": "random"}
     rows = [row("stage3", 100.0), row("stage3-compile", 150.0),
             {"name": "stage3-flex", "stage": 3, "settings": {}, "error": "RuntimeError: no"}]
@@ -94,4 +94,5 @@ def test_results_so_far_are_written_with_their_ratios(tmp_path):
     write(results, str(tmp_path / "b"))
     md = (tmp_path / "b.md").read_text()
     assert "Stage 3 with the blocks compiled over without: **1.50x**" in md and "failed: RuntimeError: no" in md
+    assert "- command: `python -m llamba.cli bench distill`" in md  # every GPU result file names what made it
     assert json.loads((tmp_path / "b.json").read_text())["rows"][1]["tokens_per_s"] == 150.0

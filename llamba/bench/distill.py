@@ -153,6 +153,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
         shape: str = "smollm2-135m") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from llamba.bench import report
     from llamba.bench.gpu import TEACHER_SHAPES, measure_hardware
     from llamba.convert import student_from_teacher
     from llamba.distill.recipes import load_recipe
@@ -164,8 +165,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     teacher.requires_grad_(False)
     student0 = student_from_teacher(teacher, d_state=recipe["d_state"], init=recipe["init"]).float().to(device)
     hw = measure_hardware()
-    meta = {"recipe": recipe_name, "device": torch.cuda.get_device_name(), "hardware": hw, "torch": torch.__version__,
-            "host": platform.node(), "shape": shape,
+    meta = {**report.provenance(), "recipe": recipe_name, "hardware": hw, "host": platform.node(), "shape": shape,
             "teacher": f"LlamaForCausalLM of {shape}'s shapes, random bf16 weights"}
     rows, results = [], summarise([], meta)
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +194,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
 
 
 def to_markdown(results: dict) -> str:
-    md = [f"# Distillation throughput per stage ({results['device']})", "",
+    md = [f"# Distillation throughput per stage ({results['device']})", "", f"- command: `{results['command']}`",
           f"- recipe: `{results['recipe']}`; teacher: {results['teacher']}; date {results['date']}; torch "
           f"{results['torch']}",
           f"- bf16 matrix rate measured in the same process: {results['hardware']['matmul_tflops']:.0f} TFLOP/s "
