@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 19's full run on one H200, in back-to-back device calls (results/distill-smollm2-135m.md says what ran):
 #   full_run.sh part 1|2   stage one third of the payload (.gpu/pN: a split tar of the teacher GGUF, the prepared
-#                          data, the eval wheels and files); part 1 also runs the new CUDA tests (bounded)
+#                          data, the eval wheels and files); with TESTS=1 part 1 also runs CUDA tests (bounded)
 #   full_run.sh unpack     the last third; unpack and check (md5, tokenizer): for other runs (proxies_next.sh)
 #   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start the distillation in its own process
 #                          session (it outlives the call; the machine stays warm while calls follow), watch S seconds
@@ -14,8 +14,9 @@ set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 R=/root/runs/${RUN:-pure}  # RUN=k4 EXTRA="--attention-layers auto:4": the hybrid at the same budget (issue 23)
 STUDENT=$R/stage3/final
-TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --stage2-tokens 5e6
-  --stage3-tokens ${STAGE3_TOKENS:-100e6} --checkpoint-every 40 ${EXTRA:-} --out $R"
+# the budgets are the recipe's unless STAGE3_TOKENS / EXTRA say otherwise
+TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full ${STAGE3_TOKENS:+--stage3-tokens $STAGE3_TOKENS}
+  --checkpoint-every 40 ${EXTRA:-} --out $R"
 
 watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
   local end=$((SECONDS + $1))
@@ -51,7 +52,7 @@ unpack)
   ;;
 part)
   mkdir -p /root/stage && cp .gpu/p$2/part.* /root/stage/ && ls -la /root/stage
-  if [ "$2" = 1 ]; then
+  if [ "$2" = 1 ] && [ -n "${TESTS:-}" ]; then  # TESTS=1: the CUDA tests of the hybrid, the server and GateLoop
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     PYTHONPATH=$PWD timeout -s KILL 110 python3 -m pytest -q -x tests/test_engine_hybrid.py tests/test_serve_slots.py \
       tests/test_gateloop.py 2>&1 | tail -4
