@@ -3,12 +3,16 @@
 #   full_run.sh part 1|2   stage one third of the payload (.gpu/pN: a split tar of the teacher GGUF, the prepared
 #                          data, the eval wheels and files); with TESTS=1 part 1 also runs CUDA tests (bounded)
 #   full_run.sh unpack     the last third; unpack and check (md5, tokenizer): for other runs (proxies_next.sh)
-#   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start the distillation in its own process
-#                          session (it outlives the call; the machine stays warm while calls follow), watch S seconds
+#   full_run.sh start S    the last third; unpack, check (md5, tokenizer), start `pipeline` in its own process session
+#                          (it outlives the call; the machine stays warm while calls follow), watch S seconds
 #   full_run.sh launch S   the same without the unpack (the payload is in place already: a second run in a session)
-#   full_run.sh wait S     watch the run up to S seconds
-#   full_run.sh finish     when the run is done: `llamba eval` (GPU) beside the CPU artifacts' perplexity (CPU), then
-#                          the layer ranking of the distilled student; everything back in $OUT/results.tar
+#   full_run.sh wait S     watch the pipeline up to S seconds
+#   full_run.sh finish S   wait up to S seconds for the pipeline's end
+#   full_run.sh pipeline   (what start runs) the distillation, then at once `llamba eval` (GPU) beside the CPU
+#                          artifacts' perplexity (CPU) and the layer ranking of the distilled student
+# Every call but part/unpack returns what exists so far in $OUT/results.tar (summary, log, curves, evaluation): the
+# machine goes back 30 s after a call ends, and a pipeline that waited for a `finish` call to evaluate lost its
+# student with the machine (results/distill-ablations.md, "Third round").
 # The payload is built on the CPU machine (see the closing lines of this file for how).
 set -uo pipefail
 export PYTHONPATH=/root/site:/root/repo PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -18,18 +22,40 @@ STUDENT=$R/stage3/final
 TRAIN="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full ${STAGE3_TOKENS:+--stage3-tokens $STAGE3_TOKENS}
   --checkpoint-every 40 ${EXTRA:-} --out $R"
 
-watch_run() {  # SECONDS: print progress each minute until the summary exists or time is up
+watch_run() {  # SECONDS: print progress each minute until the pipeline is done or time is up
   local end=$((SECONDS + $1))
-  while [ $SECONDS -lt $end ] && [ ! -f $R/summary.json ]; do
+  while [ $SECONDS -lt $end ] && [ ! -f $R.done ]; do
     sleep 20
-    if ! pgrep -f "llamba.cli distill" >/dev/null && [ ! -f $R/summary.json ]; then
-      echo "distill is not running and wrote no summary:"; tr '\r' '\n' < $R.log | tail -15; return 1
+    if ! pgrep -f "full_run.sh pipeline" >/dev/null && [ ! -f $R.done ]; then
+      echo "the pipeline is not running and did not finish:"; tr '\r' '\n' < $R.log | tail -15; return 1
     fi
-    [ $((SECONDS % 60)) -lt 20 ] && tr '\r' '\n' < $R.log | grep -E "stage [23]" | tail -1
+    [ $((SECONDS % 60)) -lt 20 ] && tr '\r' '\n' < $R.log | grep -E "stage [23]|^\[eval\]" | tail -1
   done
   tr '\r' '\n' < $R.log | grep -E "^\[distill\]|tokens/s" | tail -6
-  [ -f $R/summary.json ] && echo "run done"
+  [ -f $R/summary.json ] && echo "distillation done"
+  [ -f $R.done ] && echo "pipeline done"
   return 0
+}
+
+collect() {  # what exists so far, into $OUT/results.tar
+  mkdir -p /root/res
+  cp $R/summary.* $R/loss_stage*.png $R.command /root/res/ 2>/dev/null
+  cp /root/eval/eval.* /root/select/ranking.* /root/quant/quant-ppl.json /root/res/ 2>/dev/null
+  [ -f $R.log ] && tr '\r' '\n' < $R.log | grep -v "it/s\]" > /root/res/distill.log
+  tar cf $OUT/results.tar -C /root/res . && ls /root/res | tr '\n' ' ' && echo
+}
+
+evaluate() {  # the distilled student: zero-shot suite and held-out ppl on the GPU, CPU artifacts' ppl beside it
+  python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz /root/quant/quant-ppl.json \
+    --tokens 32768 --threads 10 > /root/quant.log 2>&1 &
+  local quant=$!
+  timeout -s KILL 300 python3 -m llamba.cli eval --models smollm2-135m $STUDENT \
+    --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \
+    --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 --ppl-seq-len 1024 --batch-size 128 \
+    --device cuda --dtype bfloat16 --out /root/eval 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|%|" | sed 's/^/[eval] /'
+  [ -n "${SKIP_SELECT:-}" ] || timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT \
+    --data /root/data/full --out /root/select/ranking 2>&1 | tail -4
+  wait $quant; tail -3 /root/quant.log
 }
 
 unpack() {  # the last third; reassemble, check (md5, teacher md5, tokenizer), install the wheels, place the data
@@ -60,36 +86,22 @@ part)
   ;;
 start|launch)
   [ "$1" = start ] && unpack
-  cd /root/repo
+  cd /root/repo && rm -f $R.done
   echo "llamba distill" $TRAIN > $R.command  # unquoted: one line, single spaces
-  setsid nohup python3 -m llamba.cli distill $TRAIN > $R.log 2>&1 < /dev/null &
+  setsid nohup bash tools/device/full_run.sh pipeline > $R.log 2>&1 < /dev/null &
   sleep 5
-  watch_run ${2:-500}
+  watch_run ${2:-500}; collect
   ;;
-wait)
-  watch_run ${2:-560}
+wait|finish)
+  watch_run ${2:-560}; collect
+  [ "$1" = wait ] || [ -f $R.done ] || { echo "pipeline not done"; exit 5; }
   ;;
-finish)
-  watch_run ${2:-300} || exit 5
-  [ -f $R/summary.json ] || { echo "run not done"; exit 5; }
-  cd /root/repo
-  python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz /root/quant/quant-ppl.json \
-    --tokens 32768 --threads 10 > /root/quant.log 2>&1 &
-  quant=$!
-  timeout -s KILL 300 python3 -m llamba.cli eval --models smollm2-135m $STUDENT \
-    --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \
-    --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 --ppl-seq-len 1024 --batch-size 128 \
-    --device cuda --dtype bfloat16 --out /root/eval 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|%|" | tail -25
-  [ -n "${SKIP_SELECT:-}" ] || timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT --data /root/data/full \
-    --out /root/select/ranking 2>&1 | tail -4
-  wait $quant; tail -3 /root/quant.log
-  mkdir -p /root/res && cp $R/summary.* $R/loss_stage*.png $R.command /root/res/ 2>/dev/null
-  cp /root/eval/eval.* /root/select/ranking.* /root/quant/quant-ppl.json /root/res/ 2>/dev/null
-  tr '\r' '\n' < $R.log | grep -v "it/s\]" > /root/res/distill.log
-  tar cf $OUT/results.tar -C /root/res . && ls -la /root/res
+pipeline)
+  python3 -m llamba.cli distill $TRAIN && evaluate
+  touch $R.done
   ;;
 *)
-  echo "usage: full_run.sh part 1|2 | unpack | start S | launch S | wait S | finish"; exit 2
+  echo "usage: full_run.sh part 1|2 | unpack | start S | launch S | wait S | finish S | pipeline"; exit 2
   ;;
 esac
 exit 0
