@@ -38,6 +38,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="bits for one projection in every block, over --bits / --mlp-bits (repeatable): "
                         "in_proj, out_proj (mixers), q_proj, k_proj, v_proj, o_proj (a hybrid's attention), "
                         "gate_proj, up_proj, down_proj (MLPs); e.g. --bits 4 --mlp-bits 8 --bits-for in_proj=8")
+    parser.add_argument("--calibration", metavar="TEXT",
+                        help="text (.jsonl[.xz] with a text field, .txt, .parquet) whose activations choose "
+                        "activation-aware scales (AWQ), folded into the weights before rounding; the artifact and "
+                        "runtime are unchanged. Default: plain round-to-nearest")
+    parser.add_argument("--calibration-tokens", type=int_at_least(64), default=16384,
+                        help="tokens of --calibration to run (default 16384, windows of 512)")
     parser.add_argument("--out", required=True, help=f"output .safetensors file, or a folder (gets {ARTIFACT_NAME})")
     parser.add_argument("--force", action="store_true", help="replace an artifact already at --out")
 
@@ -80,13 +86,25 @@ def run(args: argparse.Namespace) -> int:
     from llamba.quant.modules import check_linear_bits
 
     check_linear_bits(dict(args.bits_for))  # a typo in a projection's name fails before the student loads
+    if args.calibration and not Path(args.calibration).is_file():
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such file")
     t0 = time.perf_counter()
     model, tokenizer = load_student(src, dtype=torch.float32), load_tokenizer_from(src)
-    settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits, dict(args.bits_for))
+    calibration = None
+    if args.calibration:
+        from llamba.quant.perplexity import corpus_tokens
+
+        try:
+            calibration = corpus_tokens(args.calibration, tokenizer, args.calibration_tokens)
+        except ValueError as err:
+            raise ValueError(f"--calibration: {err}; give a longer text or fewer --calibration-tokens") from err
+    settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits, dict(args.bits_for),
+                                calibration)
     out = save_artifact(model, tokenizer, target, settings)
     load_artifact(out)  # read back: the checksum and shapes are verified before we report success
     size = out.stat().st_size / 2**20
     single = "".join(f", {k} {b} bits" for k, b in settings.get("linear_bits", {}).items())
     print(f"wrote {out} ({size:.1f} MiB, {quant}, group {settings['group_size']}, head {settings['head_bits']} bits, "
-          f"MLP {settings.get('mlp_bits', args.bits)} bits{single}) in {time.perf_counter() - t0:.1f} s")
+          f"MLP {settings.get('mlp_bits', args.bits)} bits{single}"
+          f"{', activation-aware scales' if calibration is not None else ''}) in {time.perf_counter() - t0:.1f} s")
     return 0

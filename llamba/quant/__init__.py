@@ -14,11 +14,14 @@ DEFAULT_HEAD_BITS = {"none": 32, "int8": 8, "int4": 8}
 
 
 def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, head_bits: int | None = None,
-                     mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None) -> dict:
+                     mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None,
+                     calibration=None) -> dict:
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
     ``quant='int4'`` keeps the MLPs int8: int4 MLPs cost a trained student far more perplexity than int4 mixers
     (results/edge-cpu-ppl-student.json), though int4 mixers still cost a fully distilled one 13%
-    (results/cpu-artifacts-smollm2-135m.md); ``linear_bits`` sets single projections (``{"in_proj": 8}``)."""
+    (results/cpu-artifacts-smollm2-135m.md); ``linear_bits`` sets single projections (``{"in_proj": 8}``).
+    ``calibration``: token ids (1-D) to fold activation-aware scales into the student first (``llamba.quant.awq``),
+    for the bits each linear gets; None: plain round-to-nearest."""
     from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
@@ -33,8 +36,18 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
         settings["mlp_bits"] = mlp_bits
     if linear_bits:
         settings["linear_bits"] = dict(linear_bits)
+    if calibration is not None and quant == "none":
+        raise ValueError("activation-aware scales (a calibration text) need a quantized body (--bits 4 or 8), not --bits 32")
+    bits = 4 if quant == "int4" else 8
+    if calibration is not None:
+        from llamba.quant.awq import apply_scales
+        from llamba.quant.modules import block_linear_bits
+
+        plan = {id(getattr(parent, name)): b for parent, name, b in block_linear_bits(model, bits, mlp_bits, linear_bits)}
+        report = apply_scales(model, model.backbone.layers, calibration, lambda linear: plan[id(linear)], group_size)
+        settings["awq"] = {"tokens": len(calibration), "sites": report}
     if quant != "none":
-        quantize_model(model, 4 if quant == "int4" else 8, group_size, head_bits, mlp_bits, linear_bits)
+        quantize_model(model, bits, group_size, head_bits, mlp_bits, linear_bits)
     return settings
 
 

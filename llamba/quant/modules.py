@@ -90,6 +90,24 @@ def check_linear_bits(linear_bits: dict[str, int]) -> None:
         raise ValueError(f"bits {bad}: choose 4, 8 or 32 for each projection")
 
 
+def block_linear_bits(model, bits: int, mlp_bits: int | None = None,
+                      linear_bits: dict[str, int] | None = None) -> list[tuple[nn.Module, str, int]]:
+    """(parent module, attribute name, bits) of every linear in the blocks: the mixers' (or a hybrid attention
+    layer's) projections at ``bits``, the MLPs' at ``mlp_bits`` (None: ``bits``), ``linear_bits`` over both by name.
+    32 bits: the linear stays float32. What ``quantize_model`` replaces and what ``llamba.quant.awq`` scales for."""
+    mlp_bits = bits if mlp_bits is None else mlp_bits
+    linear_bits = dict(linear_bits or {})
+    check_linear_bits(linear_bits)
+    plan = []
+    for i, layer in enumerate(model.backbone.layers):
+        mixer, mlp = layer.mixer, layer.mlp
+        # a hybrid's attention layer: its projections at the mixers' bits (the runtime runs them in PyTorch)
+        mixing = MIXER_LINEARS["attention" if model.config.is_attention_layer(i) else "mixer"]
+        for parent, name, b in (*((mixer, n, bits) for n in mixing), *((mlp, n, mlp_bits) for n in MLP_LINEARS)):
+            plan.append((parent, name, linear_bits.get(name, b)))
+    return plan
+
+
 def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None = None,
                    mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None) -> None:
     """Replace the student's linears (in place) by quantized ones. ``head_bits``: bits for the head and embedding
@@ -98,17 +116,9 @@ def quantize_model(model, bits: int, group_size: int = 32, head_bits: int | None
     in the manner of llama.cpp's, where the projections a model is most sensitive to keep more bits. The artifact
     stores each linear's own width, so any mix loads. A tied model keeps one shared table for head and embedding."""
     head_bits = bits if head_bits is None else head_bits
-    mlp_bits = bits if mlp_bits is None else mlp_bits
-    linear_bits = dict(linear_bits or {})
-    check_linear_bits(linear_bits)
-    for i, layer in enumerate(model.backbone.layers):
-        mixer, mlp = layer.mixer, layer.mlp
-        # a hybrid's attention layer: its projections at the mixers' bits (the runtime runs them in PyTorch)
-        mixing = MIXER_LINEARS["attention" if model.config.is_attention_layer(i) else "mixer"]
-        for parent, name, b in (*((mixer, n, bits) for n in mixing), *((mlp, n, mlp_bits) for n in MLP_LINEARS)):
-            b = linear_bits.get(name, b)
-            if b < 32:
-                setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))
+    for parent, name, b in block_linear_bits(model, bits, mlp_bits, linear_bits):
+        if b < 32:
+            setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))
     if head_bits == 32:
         return
     tied = model.lm_head.weight is model.backbone.embedding.weight
