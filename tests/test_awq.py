@@ -154,3 +154,26 @@ def test_quantize_cli_calibration(tmp_path, tiny_student_folder, capsys):
     assert main(["quantize", str(tiny_student_folder), "--calibration", str(short), "--out",
                  str(tmp_path / "c.safetensors")]) == 2
     assert "--calibration-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler for the CPU kernels")
+def test_bias_correction_lowers_the_error_further_and_round_trips(tmp_path):
+    from llamba.quant.artifact import load_artifact, save_artifact
+    from llamba.quant.modules import block_linear_bits, quantize_model
+
+    g = torch.Generator().manual_seed(5)
+    calibration, held_out = torch.randint(0, 100, (2048,), generator=g), torch.randint(0, 100, (1, 256), generator=g)
+    with torch.no_grad():
+        reference = make_tiny_student()(held_out).logits
+    errors = {}
+    for correct in (False, True):
+        model = make_tiny_student()
+        plan = {id(getattr(p, n)): b for p, n, b in block_linear_bits(model, 4, 8)}
+        apply_scales(model, model.backbone.layers, calibration, lambda lin: plan[id(lin)], bias_correction=correct)
+        assert (model.backbone.layers[0].mixer.in_proj.bias is not None) == correct  # the student had none
+        quantize_model(model, 4, 32, 8, 8)
+        errors[correct] = _logit_error(model, reference, held_out)
+    assert errors[True] < 0.9 * errors[False]
+    loaded, _, _ = load_artifact(save_artifact(model, None, tmp_path / "a.safetensors", {"quant": "int4"}))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held_out).logits, model(held_out).logits)

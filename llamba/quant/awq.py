@@ -7,6 +7,11 @@ the artifact and the CPU runtime are exactly as without it. Per input channel s 
 per site from a grid by the output error on calibration activations, and alpha = 0 (s = 1: plain round-to-nearest)
 is on the grid, so on those activations the search never does worse than round-to-nearest.
 
+Then bias correction (Nagel et al., arXiv 1906.04721): the rounding error's mean effect on each output,
+(W - Q(W)) E[x] over the calibration activations, goes into the linear's bias (one is added where there was
+none; the artifact stores a quantized linear's bias). What it removes matters most where an error repeats every
+token: an in_proj's decay rows, whose error the scan sums over the whole context.
+
 The sites of a block (a Llamba block, or a Llama teacher's decoder layer for measurements):
   input_layernorm          -> mixer.in_proj                     (attention: q_proj, k_proj, v_proj)
   conv1d's x channels      -> mixer.out_proj    the conv (bias too), the scan, the D skip and the gate are linear
@@ -104,17 +109,17 @@ def block_sites(block: nn.Module, index: int) -> list[Site]:
 
 class _Recorder(nn.Module):
     """Stands in for a linear during calibration (not an nn.Linear, so the fused paths that read weights directly
-    call it instead): records mean |x| per channel over all rows and a strided sample of rows."""
+    call it instead): records the mean and mean |x| per channel over all rows and a strided sample of rows."""
 
     def __init__(self, linear: nn.Linear, stride: int):
         super().__init__()
         self.linear, self.stride = linear, stride
-        self.abs_sum, self.count, self.rows = None, 0, []
+        self.total, self.abs_total, self.count, self.rows = 0.0, 0.0, 0, []
 
     def forward(self, x):
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        total = flat.abs().sum(0)
-        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        self.total = self.total + flat.sum(0)
+        self.abs_total = self.abs_total + flat.abs().sum(0)
         self.count += flat.shape[0]
         self.rows.append(flat[:: self.stride].clone())
         return self.linear(x)
@@ -131,7 +136,7 @@ def _swap(site_linear: nn.Linear, model: nn.Module, new: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, sites: list[Site], tokens: torch.Tensor, window: int = 512, rows: int = 512):
-    """(mean |x| per channel, sampled rows) of each site's input, from the model on ``tokens`` in windows."""
+    """(mean x, mean |x| per channel, sampled rows) of each site's input, from the model on ``tokens`` in windows."""
     stride = max(1, len(tokens) // rows)
     recorders = [_Recorder(site.consumers[0], stride) for site in sites]
     for site, rec in zip(sites, recorders):
@@ -143,7 +148,7 @@ def calibrate(model: nn.Module, sites: list[Site], tokens: torch.Tensor, window:
     finally:
         for site, rec in zip(sites, recorders):
             _swap(rec, model, site.consumers[0])
-    return [(rec.abs_sum / rec.count, torch.cat(rec.rows)[:rows]) for rec in recorders]
+    return [(rec.total / rec.count, rec.abs_total / rec.count, torch.cat(rec.rows)[:rows].float()) for rec in recorders]
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -174,21 +179,32 @@ def search_scale(consumers: list[tuple[torch.Tensor, int]], mean_abs: torch.Tens
 
 @torch.no_grad()
 def apply_scales(model: nn.Module, blocks, tokens: torch.Tensor, bits_of: Callable[[nn.Linear], int],
-                 group_size: int = 32, window: int = 512, rows: int = 512) -> dict:
-    """Fold activation-aware scales into ``model`` (in place; its function is unchanged) for the quantization
-    ``bits_of(linear)`` will give each linear (32: stays float, no error to reduce). ``blocks``: the model's blocks
-    (``model.backbone.layers`` or a Llama's ``model.model.layers``). Returns per site the chosen alpha and the
-    calibration output error relative to round-to-nearest's."""
+                 group_size: int = 32, window: int = 512, rows: int = 512, bias_correction: bool = True) -> dict:
+    """Fold activation-aware scales into ``model`` (in place; its function is unchanged), then (``bias_correction``)
+    give each linear the bias that cancels its rounding error's mean, for the quantization ``bits_of(linear)`` will
+    give it (32: stays float, nothing to do). ``blocks``: the model's blocks (``model.backbone.layers`` or a
+    Llama's ``model.model.layers``). Returns per site the chosen alpha and the calibration output error relative
+    to round-to-nearest's (before bias correction)."""
     sites = [s for i, block in enumerate(blocks) for s in block_sites(block, i)
              if any(bits_of(c) < 32 for c in s.consumers)]
     stats = calibrate(model, sites, tokens, window, rows)
     report = {}
-    for site, (mean_abs, x) in zip(sites, stats):
-        consumers = [(c.weight, bits_of(c)) for c in site.consumers if bits_of(c) < 32]
-        s, alpha, err, plain = search_scale(consumers, mean_abs, x, group_size, site.tie)
+    for site, (mean, mean_abs, x) in zip(sites, stats):
+        consumers = [c for c in site.consumers if bits_of(c) < 32]
+        s, alpha, err, plain = search_scale([(c.weight, bits_of(c)) for c in consumers], mean_abs, x, group_size,
+                                            site.tie)
         if alpha > 0:
             site.fold(s)
             for c in site.consumers:
                 c.weight.mul_(s.to(c.weight.dtype))
+        else:
+            s = torch.ones_like(mean_abs)
+        if bias_correction:
+            for c in consumers:
+                w = c.weight.double()
+                shift = (w - fake_quantize(c.weight, bits_of(c), group_size).double()) @ (mean / s.double())
+                if c.bias is None:
+                    c.bias = nn.Parameter(torch.zeros(c.out_features, dtype=c.weight.dtype), requires_grad=False)
+                c.bias.add_(shift.to(c.bias.dtype))
         report[site.name] = {"alpha": alpha, "error_vs_round_to_nearest": err / plain if plain > 0 else 1.0}
     return report

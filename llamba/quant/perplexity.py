@@ -35,17 +35,27 @@ def perplexity(model, tokens: torch.Tensor, window: int = 1024) -> float:
     return math.exp(nll / count)
 
 
-def quantize_all_linears(model, bits: int, group_size: int = 32, head_bits: int = 8) -> None:
-    """Any model (e.g. the Llama teacher): every ``nn.Linear`` becomes a ``QuantizedLinear`` (the head with
-    ``head_bits``). The accuracy of the weight format on a trained network, independent of the student's training."""
+def all_linear_bits(model, bits: int, head_bits: int = 8, mlp_bits: int | None = None):
+    """(parent, attribute name, bits) of every ``nn.Linear`` of any model (e.g. the Llama teacher): the head at
+    ``head_bits``, linears inside a module named ``mlp`` at ``mlp_bits`` (None: ``bits``), the rest at ``bits``."""
     from torch import nn
 
+    head = model.get_output_embeddings()
+    plan = []
+    for parent_name, parent in model.named_modules():
+        in_mlp = parent_name.split(".")[-1] == "mlp" and mlp_bits is not None
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                plan.append((parent, name, head_bits if child is head else mlp_bits if in_mlp else bits))
+    return plan
+
+
+def quantize_all_linears(model, bits: int, group_size: int = 32, head_bits: int = 8, mlp_bits: int | None = None) -> None:
+    """Any model (e.g. the Llama teacher): every ``nn.Linear`` becomes a ``QuantizedLinear`` (bits by
+    ``all_linear_bits``). The accuracy of the weight format on a trained network, independent of the student's
+    training."""
     from llamba.quant.modules import QuantizedLinear
 
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                b = head_bits if child is head else bits
-                if b != 32:
-                    setattr(parent, name, QuantizedLinear.from_linear(child, b, group_size))
+    for parent, name, b in all_linear_bits(model, bits, head_bits, mlp_bits):
+        if b != 32:
+            setattr(parent, name, QuantizedLinear.from_linear(getattr(parent, name), b, group_size))

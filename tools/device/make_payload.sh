@@ -2,7 +2,8 @@
 # Build the device payload of full_run.sh / proxies_next.sh on the CPU machine, from the repo root:
 # .gpu/p1..p3, three thirds of one tar (the teacher GGUF, the prepared 50.9M-token data folder, lm-eval and gguf
 # wheels, the eval files, a tokenizer check), each under the 64 MiB a call carries; .gpu/tok (serve_bench.sh).
-# .gpu/p3/bundle.md5 lets full_run.sh check the reassembled tar. About 5 minutes (tokenizing, xz, pip downloads).
+# .gpu/p3/bundle.md5 lets full_run.sh check the reassembled tar. .gpu/calib: ~300 KB of a book the distillation
+# does not read, the CPU artifacts' calibration text (carry it with full_run.sh start). About 5 minutes (tokenizing, xz, pip downloads).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.gpu/' >> .git/info/exclude; }
@@ -18,6 +19,8 @@ tar cf - -C .gpu/prep/full data | xz -T2 -6 > .gpu/pay/data.tar.xz
 cp $D/eval/{arc_easy.jsonl,hellaswag_val_full.txt.bz2,lambada_openai.jsonl,piqa_valid.jsonl,piqa_valid_labels.lst} \
   .gpu/pay/eval/eval/
 cp $D/corpus/gutenberg-val.jsonl.xz .gpu/pay/eval/corpus/
+mkdir -p .gpu/calib && python3 -c "import json, lzma, sys; text = json.loads(next(lzma.open(sys.argv[1], 'rt')))['text']
+print(json.dumps({'text': text[:300000]}))" $D/corpus/gutenberg-train-05.jsonl.xz > .gpu/calib/calibration.jsonl
 # lm-eval and what the GPU image lacks of its needs (KINDS.md's package list), and gguf for the teacher's GGUF
 P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -q -d .gpu/pay/whl"

@@ -1,7 +1,8 @@
 """Issue 19's CPU-artifact bar on a real student: perplexity of its int8 and mixed int4/int8 artifacts (written by
 `llamba quantize`, loaded by the CPU runtime) against the float32 student, on the same held-out tokens.
-Runs on any CPU (the GPU machine's 16 cores while its GPU evaluates). Usage:
-    python3 tools/device/quant_ppl.py STUDENT CORPUS.jsonl.xz OUT.json [--tokens 32768] [--threads 12]
+Runs on any CPU (the GPU machine's 16 cores while its GPU evaluates). With --calibration TEXT (another text than
+CORPUS) the formats are scored again with activation-aware scales and bias correction. Usage:
+    python3 tools/device/quant_ppl.py STUDENT CORPUS.jsonl.xz OUT.json [--tokens 32768] [--threads 12] [--calibration T]
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=12)
+    ap.add_argument("--calibration", help="a text file for `llamba quantize --calibration` (not CORPUS)")
     args = ap.parse_args()
+    formats = dict(FORMATS)
+    if args.calibration:
+        for name in ("int8", "int4 + int8 MLPs"):
+            formats[f"{name}, calibrated"] = [*FORMATS[name], "--calibration", args.calibration]
     torch.set_num_threads(args.threads)
 
     from llamba.quant import load_for_cpu
@@ -43,13 +49,13 @@ def main() -> None:
     work = out.parent / "artifacts"
     work.mkdir(parents=True, exist_ok=True)
     values, commands, tokens = {}, {}, None
-    for name, flags in FORMATS.items():
+    for name, flags in formats.items():
         path = args.student
         if flags is not None:
-            path = str(work / (name.replace(" ", "").replace("+", "-") + ".safetensors"))
+            path = str(work / (name.replace(" ", "").replace("+", "-").replace(",", "-") + ".safetensors"))
             cmd = [sys.executable, "-m", "llamba.cli", "quantize", args.student, *flags, "--out", path, "--force"]
             subprocess.run(cmd, check=True)
-            commands[name] = "llamba quantize STUDENT " + " ".join(flags) + " --out A"
+            commands[name] = "llamba quantize STUDENT " + " ".join(flags).replace(str(args.calibration), "T") + " --out A"
         decoder = load_for_cpu(path, "none" if flags is None else None, threads=args.threads)
         if tokens is None:
             tokens = corpus_tokens(args.corpus, decoder.tokenizer, args.tokens)
