@@ -177,3 +177,15 @@ def test_bias_correction_lowers_the_error_further_and_round_trips(tmp_path):
     loaded, _, _ = load_artifact(save_artifact(model, None, tmp_path / "a.safetensors", {"quant": "int4"}))
     with torch.no_grad():
         torch.testing.assert_close(loaded(held_out).logits, model(held_out).logits)
+
+
+def test_bias_correction_alone_leaves_the_weights_as_they_are():
+    model = make_tiny_student()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = apply_scales(model, model.backbone.layers, torch.randint(0, 100, (512,)), lambda linear: 4, scales=False)
+    assert all(r["alpha"] == 0 for r in report.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no fold, no column scaled
+    assert set(after) - set(before) == {f"backbone.layers.{i}.{n}.bias" for i in range(2)
+                                        for n in ("mixer.in_proj", "mixer.out_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                  "mlp.down_proj")}

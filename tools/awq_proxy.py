@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
-MODES = ("round-to-nearest", "activation-aware scales", "activation-aware scales + bias correction")
+MODES = ("round-to-nearest", "activation-aware scales", "activation-aware scales + bias correction",
+         "bias correction")
 
 
 @torch.inference_mode()
@@ -52,11 +53,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-teacher", action="store_true", help="the student only (the teacher's weights sit on the "
+                    "Q4_1 grid of its GGUF, so round-to-nearest is exact for them and nothing can be gained)")
+    ap.add_argument("--formats", nargs="*", default=None, help="a subset of the formats, by name")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llamba.quant import quantize_student
     from llamba.quant.awq import apply_scales
+    from llamba.quant.modules import block_linear_bits, quantize_model
     from llamba.quant.perplexity import all_linear_bits, corpus_tokens, quantize_all_linears
     from llamba.teacher import load_teacher
 
@@ -71,12 +75,13 @@ def main() -> None:
         result_rows.setdefault(group, {})[name] = {"perplexity": ppl, "kl_to_float": kl}
         print(f"{group} | {name}: ppl {ppl:.3f}, KL {kl:.5f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    models = {"teacher": (teacher, lambda m: m.model.layers)}
+    models = {} if args.skip_teacher else {"teacher": (teacher, lambda m: m.model.layers)}
     if args.student:
         from llamba.checkpoint import load_student
 
         models["student"] = (load_student(args.student, dtype=torch.float32).eval(), lambda m: m.backbone.layers)
     formats = {"int4 mixing + int8 MLPs": (4, 8), "int4 everywhere": (4, 4)}
+    formats = {k: v for k, v in formats.items() if args.formats is None or k in args.formats}
     for group, (model, blocks) in models.items():
         ppl, reference = scores(model, None, evaluation)
         result_rows[group] = {"float32": {"perplexity": ppl, "kl_to_float": 0.0}}
@@ -84,15 +89,17 @@ def main() -> None:
         for fmt, (bits, mlp_bits) in formats.items():
             for mode in MODES:
                 m = copy.deepcopy(model)
-                if group == "student" and mode == MODES[1]:
-                    _scales_only(m, bits, mlp_bits, calibration)
-                elif group == "student":
-                    quantize_student(m, "int4", mlp_bits=mlp_bits, calibration=calibration if mode == MODES[2] else None)
+                scales, correction = mode in MODES[1:3], mode in MODES[2:]
+                if group == "student":
+                    plan = {id(getattr(p, n)): b for p, n, b in block_linear_bits(m, bits, mlp_bits)}
                 else:
-                    if mode != MODES[0]:
-                        plan = {id(getattr(p, n)): b for p, n, b in all_linear_bits(m, bits, 8, mlp_bits)}
-                        apply_scales(m, blocks(m), calibration, lambda lin: plan[id(lin)],
-                                     bias_correction=mode == MODES[2])
+                    plan = {id(getattr(p, n)): b for p, n, b in all_linear_bits(m, bits, 8, mlp_bits)}
+                if mode != MODES[0]:
+                    apply_scales(m, blocks(m), calibration, lambda lin: plan[id(lin)], scales=scales,
+                                 bias_correction=correction)
+                if group == "student":
+                    quantize_model(m, bits, 32, 8, mlp_bits)  # what quantize_student(..., calibration) runs
+                else:
                     quantize_all_linears(m, bits, 32, 8, mlp_bits)
                 record(group, f"{fmt}, {mode}", m, reference)
     for rows in result_rows.values():
@@ -105,16 +112,6 @@ def main() -> None:
               "rows": result_rows, "machine": platform.processor() or platform.machine(), "threads": args.threads,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     Path(args.out).write_text(json.dumps(result, indent=1))
-
-
-def _scales_only(model, bits, mlp_bits, calibration):
-    """The student with activation-aware scales but no bias correction (the middle row)."""
-    from llamba.quant.awq import apply_scales
-    from llamba.quant.modules import block_linear_bits, quantize_model
-
-    plan = {id(getattr(p, n)): b for p, n, b in block_linear_bits(model, bits, mlp_bits)}
-    apply_scales(model, model.backbone.layers, calibration, lambda lin: plan[id(lin)], bias_correction=False)
-    quantize_model(model, bits, 32, 8, mlp_bits)
 
 
 if __name__ == "__main__":

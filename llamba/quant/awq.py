@@ -179,9 +179,10 @@ def search_scale(consumers: list[tuple[torch.Tensor, int]], mean_abs: torch.Tens
 
 @torch.no_grad()
 def apply_scales(model: nn.Module, blocks, tokens: torch.Tensor, bits_of: Callable[[nn.Linear], int],
-                 group_size: int = 32, window: int = 512, rows: int = 512, bias_correction: bool = True) -> dict:
+                 group_size: int = 32, window: int = 512, rows: int = 512, scales: bool = True,
+                 bias_correction: bool = True) -> dict:
     """Fold activation-aware scales into ``model`` (in place; its function is unchanged), then (``bias_correction``)
-    give each linear the bias that cancels its rounding error's mean, for the quantization ``bits_of(linear)`` will
+    give each linear the bias that cancels its rounding error's mean (``scales=False``: that alone), for the quantization ``bits_of(linear)`` will
     give it (32: stays float, nothing to do). ``blocks``: the model's blocks (``model.backbone.layers`` or a
     Llama's ``model.model.layers``). Returns per site the chosen alpha and the calibration output error relative
     to round-to-nearest's (before bias correction)."""
@@ -192,7 +193,7 @@ def apply_scales(model: nn.Module, blocks, tokens: torch.Tensor, bits_of: Callab
     for site, (mean, mean_abs, x) in zip(sites, stats):
         consumers = [c for c in site.consumers if bits_of(c) < 32]
         s, alpha, err, plain = search_scale([(c.weight, bits_of(c)) for c in consumers], mean_abs, x, group_size,
-                                            site.tie)
+                                            site.tie, ALPHAS if scales else (0.0,))
         if alpha > 0:
             site.fold(s)
             for c in site.consumers:
