@@ -100,7 +100,7 @@ def test_calibrated_int4_is_closer_to_the_float_student():
     plain, scaled = _outlier_student(), _outlier_student()
     quantize_student(plain, "int4", mlp_bits=8)
     settings = quantize_student(scaled, "int4", mlp_bits=8, calibration=calibration)
-    assert settings["awq"]["tokens"] == 2048 and len(settings["awq"]["sites"]) == 8
+    assert settings["calibration"]["tokens"] == 2048 and len(settings["calibration"]["sites"]) == 8
     assert _logit_error(scaled, reference, held_out) < 0.7 * _logit_error(plain, reference, held_out)
 
 
@@ -124,7 +124,7 @@ def test_hybrid_student_calibrates_and_quantizes():
     reference = make_hybrid_student(attention_layers=(1,))
     ids = torch.randint(0, 97, (1, 40))
     settings = quantize_student(model, "int8", calibration=torch.randint(0, 97, (512,)))
-    assert {name.split(".")[1] for name in settings["awq"]["sites"]} == {"out_proj", "o_proj", "in_proj", "qkv",
+    assert {name.split(".")[1] for name in settings["calibration"]["sites"]} == {"out_proj", "o_proj", "in_proj", "qkv",
                                                                        "down_proj", "gate_up"}
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0.05, atol=0.05)
@@ -145,7 +145,11 @@ def test_quantize_cli_calibration(tmp_path, tiny_student_folder, capsys):
     assert main(["quantize", str(tiny_student_folder), "--bits", "4", "--mlp-bits", "8", "--calibration", str(text),
                  "--calibration-tokens", "1024", "--out", str(out)]) == 0
     decoder = load_for_cpu(out)
-    assert decoder.quant["awq"]["tokens"] == 1024
+    assert decoder.quant["calibration"]["tokens"] == 1024 and decoder.quant["calibration"]["method"] == "scales+bias"
+    bias_only = tmp_path / "bias.safetensors"
+    assert main(["quantize", str(tiny_student_folder), "--bits", "4", "--calibration", str(text),
+                 "--calibration-tokens", "1024", "--calibration-method", "bias", "--out", str(bias_only)]) == 0
+    assert load_for_cpu(bias_only).quant["calibration"]["method"] == "bias"
     assert main(["quantize", str(tiny_student_folder), "--calibration", str(tmp_path / "missing.txt"), "--out",
                  str(tmp_path / "b.safetensors")]) == 2
     assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "b.safetensors").exists()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from llamba.cli.common import int_at_least
-from llamba.quant import ARTIFACT_NAME
+from llamba.quant import ARTIFACT_NAME, CALIBRATION_METHODS
 
 
 def group_size(text: str) -> int:
@@ -42,6 +42,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="text (.jsonl[.xz] with a text field, .txt, .parquet) whose activations choose "
                         "activation-aware scales (AWQ), folded into the weights before rounding; the artifact and "
                         "runtime are unchanged. Default: plain round-to-nearest")
+    parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=CALIBRATION_METHODS[0],
+                        help="what the calibration adjusts: activation-aware scales and bias correction (default), "
+                        "or either alone")
     parser.add_argument("--calibration-tokens", type=int_at_least(64), default=16384,
                         help="tokens of --calibration to run (default 16384, windows of 512)")
     parser.add_argument("--out", required=True, help=f"output .safetensors file, or a folder (gets {ARTIFACT_NAME})")
@@ -99,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ValueError(f"--calibration: {err}; give a longer text or fewer --calibration-tokens") from err
     settings = quantize_student(model, quant, args.group_size, args.head_bits, args.mlp_bits, dict(args.bits_for),
-                                calibration)
+                                calibration, args.calibration_method)
     out = save_artifact(model, tokenizer, target, settings)
     load_artifact(out)  # read back: the checksum and shapes are verified before we report success
     size = out.stat().st_size / 2**20
     single = "".join(f", {k} {b} bits" for k, b in settings.get("linear_bits", {}).items())
     print(f"wrote {out} ({size:.1f} MiB, {quant}, group {settings['group_size']}, head {settings['head_bits']} bits, "
           f"MLP {settings.get('mlp_bits', args.bits)} bits{single}"
-          f"{', activation-aware scales' if calibration is not None else ''}) in {time.perf_counter() - t0:.1f} s")
+          f"{', calibrated: ' + args.calibration_method if calibration is not None else ''}) in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -11,17 +11,19 @@ QUANT_CHOICES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 # Embedding + head stay int8 when the body is int4: measured perplexity cost of an int4 head in results/edge-cpu.md.
 DEFAULT_HEAD_BITS = {"none": 32, "int8": 8, "int4": 8}
+# With a calibration text: activation-aware scales, bias correction, or both (llamba.quant.awq)
+CALIBRATION_METHODS = ("scales+bias", "bias", "scales")
 
 
 def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, head_bits: int | None = None,
                      mlp_bits: int | None = None, linear_bits: dict[str, int] | None = None,
-                     calibration=None) -> dict:
+                     calibration=None, calibration_method: str = "scales+bias") -> dict:
     """Quantize a float32 student in place; returns the settings stored in the artifact. ``mlp_bits=8`` with
     ``quant='int4'`` keeps the MLPs int8: int4 MLPs cost a trained student far more perplexity than int4 mixers
     (results/edge-cpu-ppl-student.json), though int4 mixers still cost a fully distilled one 13%
     (results/cpu-artifacts-smollm2-135m.md); ``linear_bits`` sets single projections (``{"in_proj": 8}``).
-    ``calibration``: token ids (1-D) to fold activation-aware scales into the student first (``llamba.quant.awq``),
-    for the bits each linear gets; None: plain round-to-nearest."""
+    ``calibration``: token ids (1-D) whose activations adjust the student before rounding, for the bits each linear
+    gets (``llamba.quant.awq``): ``calibration_method`` one of CALIBRATION_METHODS; None: plain round-to-nearest."""
     from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
@@ -44,8 +46,11 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
         from llamba.quant.modules import block_linear_bits
 
         plan = {id(getattr(parent, name)): b for parent, name, b in block_linear_bits(model, bits, mlp_bits, linear_bits)}
-        report = apply_scales(model, model.backbone.layers, calibration, lambda linear: plan[id(linear)], group_size)
-        settings["awq"] = {"tokens": len(calibration), "sites": report}
+        if calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method {calibration_method!r}: choose one of {CALIBRATION_METHODS}")
+        report = apply_scales(model, model.backbone.layers, calibration, lambda linear: plan[id(linear)], group_size,
+                              scales="scales" in calibration_method, bias_correction="bias" in calibration_method)
+        settings["calibration"] = {"tokens": len(calibration), "method": calibration_method, "sites": report}
     if quant != "none":
         quantize_model(model, bits, group_size, head_bits, mlp_bits, linear_bits)
     return settings

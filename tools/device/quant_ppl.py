@@ -38,8 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     formats = dict(FORMATS)
     if args.calibration:
-        for name in ("int8", "int4 + int8 MLPs"):
-            formats[f"{name}, calibrated"] = [*FORMATS[name], "--calibration", args.calibration]
+        for name, method in (("int8", "scales+bias"), ("int4 + int8 MLPs", "scales+bias"), ("int4 + int8 MLPs", "bias")):
+            formats[f"{name}, calibrated {method}"] = [*FORMATS[name], "--calibration", args.calibration,
+                                                       "--calibration-method", method]
     torch.set_num_threads(args.threads)
 
     from llamba.quant import load_for_cpu
@@ -52,7 +53,7 @@ def main() -> None:
     for name, flags in formats.items():
         path = args.student
         if flags is not None:
-            path = str(work / (name.replace(" ", "").replace("+", "-").replace(",", "-") + ".safetensors"))
+            path = str(work / (name.replace(" ", "").replace("+", "-").replace(",", "-").replace("+", "-") + ".safetensors"))
             cmd = [sys.executable, "-m", "llamba.cli", "quantize", args.student, *flags, "--out", path, "--force"]
             subprocess.run(cmd, check=True)
             commands[name] = "llamba quantize STUDENT " + " ".join(flags).replace(str(args.calibration), "T") + " --out A"
