@@ -47,8 +47,10 @@ collect() {  # what exists so far, into $OUT/results.tar
 
 evaluate() {  # the distilled student: zero-shot suite and held-out ppl on the GPU, CPU artifacts' ppl beside it
   local calib=/root/repo/.gpu/calib/calibration.jsonl  # carried with the start call (make_payload.sh), if at all
-  python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz /root/quant/quant-ppl.json \
-    --tokens 32768 --threads 10 $([ -f $calib ] && echo --calibration $calib) > /root/quant.log 2>&1 &
+  # bounded: the evaluation takes ~170 s, and the machine is held until this ends too (quant_ppl.py keeps each row)
+  timeout -s KILL 330 python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz \
+    /root/quant/quant-ppl.json --tokens 16384 --threads 14 $([ -f $calib ] && echo --calibration $calib) \
+    > /root/quant.log 2>&1 &
   local quant=$!
   timeout -s KILL 300 python3 -m llamba.cli eval --models smollm2-135m $STUDENT \
     --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \

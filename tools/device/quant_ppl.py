@@ -36,11 +36,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=12)
     ap.add_argument("--calibration", help="a text file for `llamba quantize --calibration` (not CORPUS)")
     args = ap.parse_args()
-    formats = dict(FORMATS)
+    # the bar's two formats first, then the calibrated ones, then the diagnostics: the file is rewritten after each
+    # row, so a run cut short (full_run.sh bounds it) keeps what it measured
+    formats = {k: FORMATS[k] for k in ("float32", "int8", "int4 + int8 MLPs")}
     if args.calibration:
-        for name, method in (("int8", "scales+bias"), ("int4 + int8 MLPs", "scales+bias"), ("int4 + int8 MLPs", "bias")):
+        for name, method in (("int4 + int8 MLPs", "scales+bias"), ("int4 + int8 MLPs", "bias"), ("int8", "scales+bias")):
             formats[f"{name}, calibrated {method}"] = [*FORMATS[name], "--calibration", args.calibration,
                                                        "--calibration-method", method]
+    formats.update(FORMATS)
     torch.set_num_threads(args.threads)
 
     from llamba.quant import load_for_cpu
@@ -53,7 +56,7 @@ def main() -> None:
     for name, flags in formats.items():
         path = args.student
         if flags is not None:
-            path = str(work / (name.replace(" ", "").replace("+", "-").replace(",", "-").replace("+", "-") + ".safetensors"))
+            path = str(work / (name.replace(" ", "").replace("+", "-").replace(",", "-") + ".safetensors"))
             cmd = [sys.executable, "-m", "llamba.cli", "quantize", args.student, *flags, "--out", path, "--force"]
             subprocess.run(cmd, check=True)
             commands[name] = "llamba quantize STUDENT " + " ".join(flags).replace(str(args.calibration), "T") + " --out A"
@@ -63,13 +66,12 @@ def main() -> None:
         t0 = time.perf_counter()
         values[name] = perplexity(decoder.model, tokens, 1024)
         print(f"[quant ppl] {name}: {values[name]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    base = values["float32"]
-    result = {"student": args.student, "file": Path(args.corpus).name, "tokens": args.tokens, "window": 1024,
-              "perplexity": values, "ratio_to_float32": {k: v / base for k, v in values.items()},
-              "commands": commands, "threads": args.threads,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+        base = values["float32"]
+        result = {"student": args.student, "file": Path(args.corpus).name, "tokens": args.tokens, "window": 1024,
+                  "perplexity": values, "ratio_to_float32": {k: v / base for k, v in values.items()},
+                  "commands": commands, "threads": args.threads,
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
