@@ -107,6 +107,8 @@ def test_calibrated_int4_is_closer_to_the_float_student():
 def test_calibration_needs_a_quantized_body():
     with pytest.raises(ValueError, match="need a quantized body"):
         quantize_student(make_tiny_student(), "none", calibration=torch.arange(64))
+    with pytest.raises(ValueError, match="choose one of"):
+        quantize_student(make_tiny_student(), "int8", calibration=torch.arange(64), calibration_method="awq")
 
 
 def test_rotating_mixers_are_refused_by_the_sites():

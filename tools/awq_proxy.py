@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus"
-MODES = ("round-to-nearest", "activation-aware scales", "activation-aware scales + bias correction",
-         "bias correction")
+# row label: `llamba quantize --calibration-method` (None: no calibration)
+MODES = {"round-to-nearest": None, "activation-aware scales": "scales",
+         "activation-aware scales + bias correction": "scales+bias", "bias correction": "bias"}
 
 
 @torch.inference_mode()
@@ -59,8 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from llamba.quant import quantize_student
     from llamba.quant.awq import apply_scales
-    from llamba.quant.modules import block_linear_bits, quantize_model
     from llamba.quant.perplexity import all_linear_bits, corpus_tokens, quantize_all_linears
     from llamba.teacher import load_teacher
 
@@ -87,19 +88,16 @@ def main() -> None:
         result_rows[group] = {"float32": {"perplexity": ppl, "kl_to_float": 0.0}}
         print(f"{group} | float32: ppl {ppl:.3f}", flush=True)
         for fmt, (bits, mlp_bits) in formats.items():
-            for mode in MODES:
+            for mode, method in MODES.items():
                 m = copy.deepcopy(model)
-                scales, correction = mode in MODES[1:3], mode in MODES[2:]
-                if group == "student":
-                    plan = {id(getattr(p, n)): b for p, n, b in block_linear_bits(m, bits, mlp_bits)}
+                if group == "student":  # what `llamba quantize --bits 4 --mlp-bits B [--calibration ...]` runs
+                    quantize_student(m, "int4", mlp_bits=mlp_bits, calibration=None if method is None else calibration,
+                                     calibration_method=method or "scales+bias")
                 else:
-                    plan = {id(getattr(p, n)): b for p, n, b in all_linear_bits(m, bits, 8, mlp_bits)}
-                if mode != MODES[0]:
-                    apply_scales(m, blocks(m), calibration, lambda lin: plan[id(lin)], scales=scales,
-                                 bias_correction=correction)
-                if group == "student":
-                    quantize_model(m, bits, 32, 8, mlp_bits)  # what quantize_student(..., calibration) runs
-                else:
+                    if method is not None:
+                        plan = {id(getattr(p, n)): b for p, n, b in all_linear_bits(m, bits, 8, mlp_bits)}
+                        apply_scales(m, blocks(m), calibration, lambda lin: plan[id(lin)], scales="scales" in method,
+                                     bias_correction="bias" in method)
                     quantize_all_linears(m, bits, 32, 8, mlp_bits)
                 record(group, f"{fmt}, {mode}", m, reference)
     for rows in result_rows.values():

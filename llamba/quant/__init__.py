@@ -32,22 +32,22 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
     if linear_bits and quant == "none":
         raise ValueError("bits for single projections need a quantized body (--bits 4 or 8), not --bits 32")
+    if calibration is not None and quant == "none":
+        raise ValueError("activation-aware scales (a calibration text) need a quantized body (--bits 4 or 8), not --bits 32")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {calibration_method!r}: choose one of {CALIBRATION_METHODS}")
     head_bits = DEFAULT_HEAD_BITS[quant] if head_bits is None else head_bits
     settings = {"quant": quant, "group_size": group_size, "head_bits": head_bits}
     if mlp_bits is not None:
         settings["mlp_bits"] = mlp_bits
     if linear_bits:
         settings["linear_bits"] = dict(linear_bits)
-    if calibration is not None and quant == "none":
-        raise ValueError("activation-aware scales (a calibration text) need a quantized body (--bits 4 or 8), not --bits 32")
     bits = 4 if quant == "int4" else 8
     if calibration is not None:
         from llamba.quant.awq import apply_scales
         from llamba.quant.modules import block_linear_bits
 
         plan = {id(getattr(parent, name)): b for parent, name, b in block_linear_bits(model, bits, mlp_bits, linear_bits)}
-        if calibration_method not in CALIBRATION_METHODS:
-            raise ValueError(f"calibration method {calibration_method!r}: choose one of {CALIBRATION_METHODS}")
         report = apply_scales(model, model.backbone.layers, calibration, lambda linear: plan[id(linear)], group_size,
                               scales="scales" in calibration_method, bias_correction="bias" in calibration_method)
         settings["calibration"] = {"tokens": len(calibration), "method": calibration_method, "sites": report}
