@@ -23,10 +23,22 @@ def greedy_alone(logits_of, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def collect(slots, prompts, max_tokens, prefill_chunk=4):
-    """Like run_concurrently, but returns each request's generated tokens (parsed from the word tokenizer's text)."""
+    """Each request's generated tokens (parsed from the word tokenizer's text), all submitted at once."""
+    scheduler = Scheduler(slots, word_tokenizer(), max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
+    try:
+        return served(scheduler, prompts, max_tokens)
+    finally:
+        scheduler.stop()
+
+
+def word_tokenizer():
     tokenizer = make_word_tokenizer()
     tokenizer.eos_token = "w99"
-    scheduler = Scheduler(slots, tokenizer, max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
+    return tokenizer
+
+
+def served(scheduler, prompts, max_tokens):
+    """Submit ``prompts`` to a running scheduler; each request's tokens once all have finished (none may fail)."""
     done, texts, errors = threading.Semaphore(0), [""] * len(prompts), []
 
     def emitter(i):
@@ -42,8 +54,7 @@ def collect(slots, prompts, max_tokens, prefill_chunk=4):
     for i, p in enumerate(prompts):
         scheduler.submit(Request(p, max_tokens, emitter(i)))
     for _ in prompts:
-        assert done.acquire(timeout=60)
-    scheduler.stop()
+        assert done.acquire(timeout=30), "a request never finished"
     assert not errors, errors
     return [[int(w[1:]) for w in t.split()] for t in texts]
 
@@ -139,3 +150,31 @@ def test_cuda_graph_decode_matches_the_plain_step():
     plain = collect(LlambaSlots(model, 4, 64, cuda_graph=False), PROMPTS, 8)
     graphed = collect(LlambaSlots(model, 4, 64, cuda_graph=True), PROMPTS, 8)
     assert graphed == plain
+
+
+def test_a_join_that_fails_gives_its_slots_back():
+    """A request whose join fails (here: the slot model's join raises) fails alone, and the slots it had taken are
+    free again: with 2 slots, a failed n=2 request that kept them would leave every later request waiting."""
+    from llamba.serve.slots import LlambaSlots
+
+    class FailingJoin(LlambaSlots):
+        fail_next = True
+
+        def join(self, slots):
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("injected join fault")
+            super().join(slots)
+
+    model = make_tiny_student(tied=False).double()
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6) for p in PROMPTS]
+    scheduler = Scheduler(FailingJoin(model, 2, 64), word_tokenizer(), max_queue=8, prefill_chunk=4).start()
+    try:
+        failed = threading.Event()
+        scheduler.submit(Request([5, 6], 6, lambda e: e.kind == "error" and failed.set(), n=2))
+        assert failed.wait(timeout=30)
+        assert scheduler.stats()["busy_slots"] == 0
+        assert served(scheduler, PROMPTS, 6) == [as_text_shows(e) for e in expected]
+    finally:
+        scheduler.stop()

@@ -212,16 +212,28 @@ class Scheduler:
                 self._joining = (request, done, None)
                 return
             self._joining = None
-            slots = [heapq.heappop(self._free) for _ in range(request.n)]
-            self.slots.join(slots)
-            seqs = [_Sequence(request, i, slot, self.tokenizer, self.slots.vocab_size) for i, slot in enumerate(slots)]
-            self._running.update((seq.slot, seq) for seq in seqs)
+            seqs = self._join(request)
             for seq in seqs:
                 if seq.add(seq.choose(logits), self.eos) is not None:
                     self._leave(seq)
         except Exception as err:  # this request's fault (a bad token id ...): it fails alone
             self._joining = None
             self._fail(request, err)
+
+    def _join(self, request: Request) -> list[_Sequence]:
+        """Take ``request.n`` free slots and start its choices in them. Until they run, a failure here (the slot
+        model's join, a bad token id in the prompt) gives the slots back itself: ``_fail`` frees running ones only."""
+        slots = [heapq.heappop(self._free) for _ in range(request.n)]
+        try:
+            self.slots.join(slots)
+            seqs = [_Sequence(request, i, slot, self.tokenizer, self.slots.vocab_size) for i, slot in enumerate(slots)]
+        except Exception:
+            for slot in slots:
+                self.slots.release(slot)
+                heapq.heappush(self._free, slot)
+            raise
+        self._running.update((seq.slot, seq) for seq in seqs)
+        return seqs
 
     def _decode_step(self) -> None:
         seqs = list(self._running.values())
