@@ -37,9 +37,41 @@ def test_bench_serve_measures_student_and_teacher(tmp_path):
     for system in result["systems"].values():
         assert [lv["concurrency"] for lv in system["levels"]] == [1, 3]
         for lv in system["levels"]:
-            assert lv["requests"] == 2 * lv["concurrency"]
+            assert lv["requests"] == 2 * lv["concurrency"] and lv["failed"] == 0 and lv["errors"] == []
             assert 0 < lv["output_tokens"] <= 6 * lv["requests"]
             assert lv["output_tokens_per_s"] > 0 and 0 < lv["ttft_p50_ms"] <= lv["ttft_p99_ms"]
             assert 0 < lv["itl_p50_ms"] <= lv["itl_p99_ms"]
     md = out.with_suffix(".md").read_text()
-    assert "| student | 3 |" in md and "| teacher | 1 |" in md
+    assert "| student | 3 | 6 | 0 |" in md and "| teacher | 1 | 2 | 0 |" in md
+    # concurrency 256 and 64 were not run: only the failure bar can be read, and it is met
+    assert result["bars"] == [{"bar": "requests failed or dropped, all levels", "value": 0, "target": "0", "met": True}]
+    assert "| requests failed or dropped, all levels | 0 | 0 | yes |" in md
+
+
+def test_bars_read_the_measured_levels():
+    from llamba.bench.serve import bars, bars_table
+
+    def level(c, tok_s, itl_p99, failed=0):
+        return {"concurrency": c, "output_tokens_per_s": tok_s, "itl_p99_ms": itl_p99, "failed": failed}
+
+    systems = {"student": {"levels": [level(1, 50.0, 10.0), level(64, 2000.0, 25.0), level(256, 6000.0, 40.0)]},
+               "teacher": {"levels": [level(1, 40.0, 8.0), level(256, 1500.0, 90.0, failed=2)]}}
+    rows = {r["bar"].split(" at")[0].split(",")[0]: r for r in bars(systems)}
+    assert rows["student / teacher output tok/s"]["value"] == 4.0 and rows["student / teacher output tok/s"]["met"]
+    assert rows["student p99 ITL"]["value"] == 2.5 and not rows["student p99 ITL"]["met"]
+    assert rows["requests failed or dropped"]["value"] == 2 and not rows["requests failed or dropped"]["met"]
+    assert "| student p99 ITL at concurrency 64 / at concurrency 1 | 2.50 | <= 2 | **no** |" in bars_table(bars(systems))
+
+
+def test_a_level_whose_requests_all_fail_says_why(tmp_path):
+    import asyncio
+
+    from llamba.bench.serve import load_level
+    from llamba.checkpoint import save_student
+    from llamba.serve.server import BackgroundServer, build_app, load_served
+
+    student = save_student(make_tiny_student(), make_word_tokenizer(), tmp_path / "student")
+    served = load_served(str(student), 2, 32, "cpu", name="student")
+    with BackgroundServer(build_app(served, max_queue=4, prefill_chunk=8, default_max_tokens=4)) as server:
+        with pytest.raises(RuntimeError, match="every request at concurrency 2 failed.*404"):
+            asyncio.run(load_level(server.url, "not-this-model", 2, 1, 3, 4, 100))

@@ -5,8 +5,10 @@ At each concurrency c, c clients each send ``requests_per_client`` streaming com
 token-id prompts of ``prompt_tokens``, exactly ``new_tokens`` new tokens: greedy with no EOS stop is not
 guaranteed, so the prompt is random and the count comes from the usage chunk). Measured per level: output
 tokens/s over the level's wall time, time to first token (request sent -> first text event) and inter-token
-latency (gaps between a stream's text events) at p50 / p99. The client speaks HTTP/1.1 over asyncio streams
-itself: a client library's per-request overhead would be measured as the server's.
+latency (gaps between a stream's text events) at p50 / p99. A request that fails (an error status, an error
+event, a stream that ends without its finish) is counted, not raised, so that a level reports what was dropped;
+the file closes with issue 24's bars, read off the measured levels. The client speaks HTTP/1.1 over asyncio
+streams itself: a client library's per-request overhead would be measured as the server's.
 """
 
 from __future__ import annotations
@@ -42,23 +44,29 @@ async def stream_one(host: str, port: int, body: dict) -> dict:
         rest = await reader.read()
         writer.close()
         raise RuntimeError(f"the server answered {status.decode().strip()}: {rest[-300:].decode(errors='replace')}")
-    times, tokens = [], 0
+    times, tokens, finish, done = [], 0, None, False
     while line := await reader.readline():  # chunked framing lines are skipped: only "data: " lines matter
         if not line.startswith(b"data: "):
             continue
         if line.startswith(b"data: [DONE]"):
+            done = True
             break
         event = json.loads(line[6:])
         if "error" in event:
             raise RuntimeError(f"the stream failed: {event['error']['message']}")
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
-        elif event["choices"] and event["choices"][0]["text"]:
-            times.append(time.perf_counter())
+        elif event["choices"]:
+            finish = event["choices"][0].get("finish_reason") or finish
+            if event["choices"][0]["text"]:
+                times.append(time.perf_counter())
     writer.close()
+    if not (done and finish):
+        raise RuntimeError("a stream ended before its finish_reason and [DONE]")
     if not times:
         raise RuntimeError("a stream ended without any text")
-    return {"ttft": times[0] - sent, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens}
+    return {"ttft": times[0] - sent, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
+            "finish": finish}
 
 
 async def load_level(url: str, model: str, concurrency: int, requests_per_client: int, prompt_tokens: int,
@@ -70,16 +78,28 @@ async def load_level(url: str, model: str, concurrency: int, requests_per_client
         return {"model": model, "prompt": [rng.randrange(2, vocab) for _ in range(prompt_tokens)],
                 "max_tokens": new_tokens, "temperature": 0}
 
+    errors: list[str] = []
+
     async def client() -> list[dict]:
-        return [await stream_one(u.hostname, u.port, body()) for _ in range(requests_per_client)]
+        results = []
+        for _ in range(requests_per_client):
+            try:
+                results.append(await stream_one(u.hostname, u.port, body()))
+            except (OSError, RuntimeError, ValueError) as err:  # refused, dropped, or answered with an error
+                errors.append(f"{type(err).__name__}: {err}")
+        return results
 
     start = time.perf_counter()
     results = [r for rs in await asyncio.gather(*(client() for _ in range(concurrency))) for r in rs]
     wall = time.perf_counter() - start
+    if not results:
+        raise RuntimeError(f"every request at concurrency {concurrency} failed, e.g. {errors[0]}")
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "seconds": wall,
+    return {"concurrency": concurrency, "requests": len(results) + len(errors), "failed": len(errors),
+            "errors": sorted(set(errors))[:5], "finished_by_length": sum(r["finish"] == "length" for r in results),
+            "output_tokens": tokens, "seconds": wall,
             "output_tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(gaps, 50),
             "itl_p99_ms": 1e3 * percentile(gaps, 99), "ttft_mean_ms": 1e3 * statistics.fmean(ttft)}
@@ -114,20 +134,53 @@ def bench_system(label: str, model_path: str, args) -> dict:
             level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
                                            args.new_tokens, served.slots.vocab_size, seed=c))
             print(f"  {label} c={c}: {level['output_tokens_per_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} "
-                  f"ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 {level['itl_p99_ms']:.2f} ms", flush=True)
+                  f"ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 {level['itl_p99_ms']:.2f} ms"
+                  + (f", {level['failed']} FAILED: {level['errors'][0]}" if level["failed"] else ""), flush=True)
             levels.append(level)
     return {"model": model_path, "slots": slots, "kind": type(served.slots).__name__, "levels": levels}
 
 
 def table(systems: dict) -> str:
-    rows = ["| system | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| system | concurrency | requests | failed | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+            "ITL p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in systems.items():
         for lv in s["levels"]:
-            rows.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['output_tokens_per_s']:.1f} | "
+            rows.append(f"| {name} | {lv['concurrency']} | {lv['requests']} | {lv['failed']} | "
+                        f"{lv['output_tokens_per_s']:.1f} | "
                         f"{lv['ttft_p50_ms']:.1f} | {lv['ttft_p99_ms']:.1f} | {lv['itl_p50_ms']:.2f} | "
                         f"{lv['itl_p99_ms']:.2f} |")
     return "\n".join(rows)
+
+
+def bars(systems: dict, throughput_at: int = 256, latency_at: int = 64) -> list[dict]:
+    """Issue 24's bars, each read off the measured levels when they were run: the student's output tokens/s at
+    concurrency ``throughput_at`` >= 3x the teacher's; the student's p99 inter-token latency at ``latency_at`` <= 2x
+    its own at concurrency 1; no request failed."""
+    def level(system: str, c: int) -> dict | None:
+        return next((lv for lv in systems.get(system, {}).get("levels", []) if lv["concurrency"] == c), None)
+
+    out = []
+    s, t = level("student", throughput_at), level("teacher", throughput_at)
+    if s and t:
+        ratio = s["output_tokens_per_s"] / t["output_tokens_per_s"]
+        out.append({"bar": f"student / teacher output tok/s at concurrency {throughput_at}", "value": ratio,
+                    "target": ">= 3", "met": ratio >= 3})
+    one, loaded = level("student", 1), level("student", latency_at)
+    if one and loaded:
+        ratio = loaded["itl_p99_ms"] / one["itl_p99_ms"]
+        out.append({"bar": f"student p99 ITL at concurrency {latency_at} / at concurrency 1", "value": ratio,
+                    "target": "<= 2", "met": ratio <= 2})
+    failed = sum(lv["failed"] for sys in systems.values() for lv in sys["levels"])
+    out.append({"bar": "requests failed or dropped, all levels", "value": failed, "target": "0", "met": failed == 0})
+    return out
+
+
+def bars_table(rows: list[dict]) -> str:
+    lines = ["| bar | measured | target | met |", "|---|---:|---|---|"]
+    for r in rows:
+        value = f"{r['value']:.2f}" if isinstance(r["value"], float) else str(r["value"])
+        lines.append(f"| {r['bar']} | {value} | {r['target']} | {'yes' if r['met'] else '**no**'} |")
+    return "\n".join(lines)
 
 
 def main(args) -> dict:
@@ -142,10 +195,11 @@ def main(args) -> dict:
         systems["teacher"] = bench_system("teacher", args.teacher, args)
     result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
-              "systems": systems}
+              "systems": systems, "bars": bars(systems)}
     notes = (f"loopback HTTP, streaming completions: prompts of {args.prompt_tokens} random tokens, "
              f"{args.new_tokens} new tokens each (greedy), {args.requests_per_client} requests per client",
              "slots: " + ", ".join(f"{k} {v['slots']} ({v['kind']})" for k, v in systems.items()),
              "TTFT includes queueing for a slot; ITL: gaps between a stream's events, one token each")
-    print(report.write(args.out, result, "llamba serve under load", [table(systems)], notes))
+    print(report.write(args.out, result, "llamba serve under load", [table(systems), "", bars_table(result["bars"])],
+                       notes))
     return result
