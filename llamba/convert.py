@@ -15,18 +15,6 @@ def teacher_head_dim(tc) -> int:
     return getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
 
 
-def parse_attention_layers(text: str | None, n_layer: int | None = None) -> list[int]:
-    """'5,14' -> [5, 14] (a hybrid's attention layers); '' or None -> []. ValueError on anything else, and on
-    indices out of range or repeated when ``n_layer`` is known."""
-    if text is None or not str(text).strip():
-        return []
-    try:
-        layers = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"attention layers {text!r}: give layer indices separated by commas, e.g. 5,14") from None
-    return check_attention_layers(layers, n_layer) if n_layer is not None else sorted(layers)
-
-
 def attention_cfg_from_teacher(tc) -> dict:
     """The shape of the teacher's attention, as ``LlambaConfig.attention_cfg``."""
     rope = getattr(tc, "rope_parameters", None)

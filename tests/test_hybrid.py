@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from llamba.convert import parse_attention_layers, student_from_teacher
+from llamba.cli.common import parse_attention_layers
+from llamba.convert import student_from_teacher
 from llamba.distill.testing import make_teacher
 from llamba.model import DiscreteMamba2, LlambaConfig
 from llamba.model.modeling import LlambaAttention
@@ -290,8 +291,10 @@ def test_bad_attention_layer_indices(teacher2, tmp_path, capsys):
         student_from_teacher(teacher, attention_layers=[1, 1])
     with pytest.raises(ValueError, match="separated by commas"):
         parse_attention_layers("5;14")
-    with pytest.raises(ValueError, match="only once"):
-        parse_attention_layers("1,1", n_layer=2)
+    with pytest.raises(ValueError, match="repeats 1"):
+        parse_attention_layers("1,1")
+    with pytest.raises(ValueError, match="whole numbers"):
+        parse_attention_layers("5,-1")
     with pytest.raises(ValueError, match="0..15"):
         LlambaConfig(d_model=64, n_layer=16, attention_layers=[16])
     assert parse_attention_layers(" 14, 5 ") == [5, 14] and parse_attention_layers("") == []

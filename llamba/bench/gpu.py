@@ -92,10 +92,13 @@ def param_count(model) -> int:
 
 
 # -- models ---------------------------------------------------------------------------------------------------
+RANDOM_TEACHER = (None, "random-smollm2-135m")  # --teacher values that build SMOLLM2_135M with random weights
+
+
 def build_models(teacher_name: str | None, model_path: str | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if teacher_name in (None, "random-smollm2-135m"):
+    if teacher_name in RANDOM_TEACHER:
         torch.manual_seed(0)
         teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16)
         source = "LlamaForCausalLM from the SmolLM2-135M config, random bf16 weights"
@@ -262,6 +265,9 @@ def run_benchmark(args) -> dict:
 
     torch._dynamo.config.cache_size_limit = 64
     torch.backends.cuda.matmul.allow_tf32 = True
+    # a --hybrids list past the teacher's layers fails here, before any GPU work, not after the teacher's rows
+    n_layer = teacher_layer_count(args.teacher)
+    hybrid_sets = [hybrid_layers(spec, n_layer) for spec in args.hybrids]
     hw = measure_hardware()
     teacher, student, source = build_models(args.teacher, args.model)
     results = {
@@ -361,7 +367,7 @@ def run_benchmark(args) -> dict:
 
     del student
     _free()
-    results["hybrids"] = [hybrid_study(teacher, hw, k, args, log) for k in args.hybrids]
+    results["hybrids"] = [hybrid_study(teacher, hw, layers, args, log) for layers in hybrid_sets]
     results["mixers"] = [mixer_study(teacher, hw, m, args, log) for m in getattr(args, "mixers", [])]
     return results
 
@@ -374,13 +380,40 @@ def attention_layers_for(n_layer: int, k: int) -> list[int]:
     return [(i + 1) * n_layer // (k + 1) for i in range(k)]  # distinct: steps of n_layer / (k + 1) >= 1 - 1/(k+1)
 
 
-def hybrid_study(teacher, hw, k: int, args, log=print) -> dict:
-    """A hybrid student of the teacher's shapes with ``k`` attention layers (``attention_layers_for``)."""
+def hybrid_layers(spec: int | list[int], n_layer: int) -> list[int]:
+    """A ``--hybrids`` item (``llamba.cli.bench.hybrid_spec``) as attention layer indices: K -> K layers spaced
+    evenly, a list -> exactly those layers (sorted), checked against the teacher's ``n_layer`` layers."""
+    from llamba.model.config import check_attention_layers
+
+    try:
+        return attention_layers_for(n_layer, spec) if isinstance(spec, int) else check_attention_layers(spec, n_layer)
+    except ValueError as e:
+        given = spec if isinstance(spec, int) else ",".join(map(str, spec))
+        raise ValueError(f"--hybrids {given}: {e}") from None
+
+
+def teacher_layer_count(teacher_name: str | None) -> int:
+    """The teacher's layer count from its config alone (no weights, no GPU)."""
+    if teacher_name in RANDOM_TEACHER:
+        return SMOLLM2_135M["num_hidden_layers"]
+    from llamba.teacher import load_teacher_config
+
+    return load_teacher_config(teacher_name).num_hidden_layers
+
+
+def hybrid_label(h: dict) -> str:
+    """'K=4 (20,23,24,26)': which layers, since two hybrids of one K (spaced evenly, chosen) may share a run."""
+    return f"K={h['k']} ({','.join(map(str, h['attention_layers']))})"
+
+
+def hybrid_study(teacher, hw, spec: int | list[int], args, log=print) -> dict:
+    """A hybrid student of the teacher's shapes whose attention layers ``spec`` gives (``hybrid_layers``)."""
     from llamba.convert import student_from_teacher
 
-    layers = attention_layers_for(teacher.config.num_hidden_layers, k)
+    layers = hybrid_layers(spec, teacher.config.num_hidden_layers)
     student = student_from_teacher(teacher, d_state=64, attention_layers=layers)
-    return {"k": k, "attention_layers": layers, **variant_study(student, teacher, hw, args, log, f"hybrid {k}")}
+    h = {"k": len(layers), "attention_layers": layers}
+    return {**h, **variant_study(student, teacher, hw, args, log, f"hybrid {hybrid_label(h)}")}
 
 
 def mixer_study(teacher, hw, mixer: str, args, log=print) -> dict:
@@ -545,29 +578,57 @@ def to_markdown(r: dict) -> str:
             lines.append(f"| {who} | {_fmt(e.get('batch'))} | {_fmt(e.get('peak_gib'), 2)} | {_fmt(e.get('gib_per_seq'), 4)} | {_fmt(e.get('decode_tok_s'))} |")
         if "ratio" in lb:
             lines.append(f"\nstudent / teacher largest batch: {lb['ratio']:.1f}x")
-    lines += hybrids_markdown(r.get("hybrids") or [])
+    lines += hybrids_markdown(r.get("hybrids") or [], r.get("decode") or [], r.get("largest_batch"))
     lines += mixers_markdown(r.get("mixers") or [], r.get("decode") or [])
     return "\n".join(lines) + "\n"
 
 
-def hybrids_markdown(hybrids: list[dict]) -> list[str]:
+BAR_BATCH = 256  # issue 23's bars: decode at batch 256 >= 2x the teacher's, largest batch in the budget >= 4x
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def _rate_at(rows: list[dict], prompt: int, batch: int):
+    """Decode tok/s of the row at (prompt, batch); None where there is none or it ran out of memory."""
+    return next((r.get("decode_tok_s") for r in rows if r["prompt"] == prompt and r["batch"] == batch), None)
+
+
+def hybrids_markdown(hybrids: list[dict], decode: list[dict] = (), largest: dict | None = None) -> list[str]:
+    """The hybrids' rows, and each model's ratios to the teacher of the same run (``decode``: the pure student's
+    and the teacher's decode rows, ``largest``: their largest batches): what issue 23's bars read."""
     if not hybrids:
         return []
+    teacher = [d for d in decode if d.get("model") == "teacher"]
+    pure = [d for d in decode if d.get("model") == "student"]
+    largest = largest or {}
+    prompt = max(d["prompt"] for h in hybrids for d in h["decode"])  # the hybrids decode at the largest --prompts
+    t_rate, t_batch = _rate_at(teacher, prompt, BAR_BATCH), largest.get("teacher", {}).get("batch")
     lines = ["", "## Hybrid students (K attention layers, static KV cache, same engine)", "",
-             "| K | layers | prompt | batch | tok/s | floor | peak GiB |", "|---|---|---|---|---|---|---|"]
+             f"Against the teacher of this run, prompt {prompt}:", "",
+             f"| model | tok/s at batch {BAR_BATCH} | / teacher (bar: K=4 >= 2x) | largest batch in {largest.get('budget_gib', '-')} GiB "
+             "| / teacher (bar: K=4 >= 4x) |", "|---|---|---|---|---|"]
+    models = [("teacher", teacher, largest.get("teacher")), ("pure student", pure, largest.get("student"))]
+    models += [(f"hybrid {hybrid_label(h)}", h["decode"], h.get("largest_batch")) for h in hybrids]
+    for name, rows, fit in models:
+        rate, batch = _rate_at(rows, prompt, BAR_BATCH), (fit or {}).get("batch")
+        lines.append(f"| {name} | {_fmt(rate)} | {_ratio(rate, t_rate)} | {_fmt(batch)} | {_ratio(batch, t_batch)} |")
+    lines += ["", "| hybrid | prompt | batch | tok/s | / teacher | floor | peak GiB |", "|---|---|---|---|---|---|---|"]
     for h in hybrids:
         for d in h["decode"]:
-            lines.append(f"| {h['k']} | {h['attention_layers']} | {d['prompt']} | {d['batch']} | "
-                         f"{_fmt(d.get('decode_tok_s'))}{' OOM' if d.get('oom') else ''} | {_fmt(d.get('floor_tok_s'))} | "
+            rate = d.get("decode_tok_s")
+            lines.append(f"| {hybrid_label(h)} | {d['prompt']} | {d['batch']} | {_fmt(rate)}{' OOM' if d.get('oom') else ''} | "
+                         f"{_ratio(rate, _rate_at(teacher, d['prompt'], d['batch']))} | {_fmt(d.get('floor_tok_s'))} | "
                          f"{_fmt(d.get('peak_gib'), 1)} |")
         e = h.get("largest_batch") or {}
         if "batch" in e:
-            lines.append(f"| {h['k']} | largest in {e['budget_gib']} GiB | {e['prompt']} | {e['batch']} | "
-                         f"{_fmt(e.get('decode_tok_s'))} | | {_fmt(e.get('peak_gib'), 2)} |")
-    lines += ["", "Batch 16 as the context grows:", "", "| K | context | tok/s | floor |", "|---|---|---|---|"]
+            lines.append(f"| {hybrid_label(h)}, largest in {e['budget_gib']} GiB | {e['prompt']} | {e['batch']} | "
+                         f"{_fmt(e.get('decode_tok_s'))} | | | {_fmt(e.get('peak_gib'), 2)} |")
+    lines += ["", "Batch 16 as the context grows:", "", "| hybrid | context | tok/s | floor |", "|---|---|---|---|"]
     for h in hybrids:
         for c in h["context_sweep"]:
-            lines.append(f"| {h['k']} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} | "
+            lines.append(f"| {hybrid_label(h)} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} | "
                          f"{_fmt(c.get('floor_tok_s'))} |")
     return lines
 
@@ -632,8 +693,9 @@ def plot(r: dict, out_dir: Path, stem: str = "bench") -> list[Path]:
 def main(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the GPU benchmark needs CUDA; use --device cpu for the CPU benchmark")
-    results = run_benchmark(args)
+    args.out = args.out or f"results/bench-{device_slug()}"  # run_benchmark keeps its partial rows beside it
     out = Path(args.out)
+    results = run_benchmark(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(results, indent=1))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from llamba.cli.common import float_above, int_at_least, int_list
+from llamba.cli.common import float_above, int_at_least, int_list, parse_attention_layers
 
 _ints = int_list(1)
+_k = int_at_least(1)
 # llamba.bench.gpu.TEACHER_SHAPES' keys, here so that --help imports no torch (a test keeps the two equal)
 DISTILL_SHAPES = ("smollm2-135m", "llama-3.2-1b")
 
@@ -20,6 +21,20 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
         raise argparse.ArgumentTypeError(f"expected PROMPTxBATCH pairs of positive integers like 512x8,2048x1, got {text!r}")
     return pairs
+
+
+def hybrid_spec(text: str) -> int | list[int]:
+    """A --hybrids item: '4' -> 4 (K attention layers spaced evenly), '20,23,24,26' -> [20, 23, 24, 26] (exactly
+    those layers, as --attention-layers writes them; one layer alone is '20,'). Indices past the teacher's layers
+    are refused once its config is read (llamba.bench.gpu.hybrid_layers), still before any GPU work."""
+    try:
+        layers = parse_attention_layers(text) if "," in text else None
+        return layers or _k(text)  # ',' alone names no layer: read as a (bad) K
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise argparse.ArgumentTypeError(f"{e}; give a K (e.g. 4) or comma-separated layers (e.g. 20,23,24,26)") from None
+
+
+hybrid_spec.__name__ = "K or layer list"  # argparse names the type in its messages
 
 
 def register(parser) -> None:
@@ -50,8 +65,9 @@ def register(parser) -> None:
                      help="PROMPTxBATCH pairs for plain transformers.generate")
     gpu.add_argument("--sweep-new-tokens", type=int_at_least(1), default=64)
     gpu.add_argument("--memory-budget-gib", type=float_above(0), default=16.0)
-    gpu.add_argument("--hybrids", type=int_at_least(1), nargs="*", default=[2, 4],
-                     help="also bench hybrid students with these numbers K of attention layers (none: skip)")
+    gpu.add_argument("--hybrids", type=hybrid_spec, nargs="*", default=[2, 4],
+                     help="also bench these hybrid students, each a number K of attention layers spaced evenly (4) or "
+                          "a comma list of exactly those layers (20,23,24,26; one layer: 20,); none: skip")
     gpu.add_argument("--mixers", nargs="*", default=["gateloop"], choices=["gateloop"],
                      help="also bench students with these other mixers beside the Discrete Mamba-2 one (none: skip)")
     gpu.add_argument("--hybrid-batches", type=_ints, default=[1, 64, 256],
@@ -88,9 +104,7 @@ def run(args) -> int:
         args.contexts = [1024, 2048, 4096, 8192, 16384, 32768]
     if args.new_tokens is None:
         args.new_tokens = 256
-    if args.out is None:
-        args.out = f"results/bench-{gpu.device_slug()}"
-    return gpu.main(args)
+    return gpu.main(args)  # --out defaults to results/bench-<card>
 
 
 def run_distill(args) -> int:

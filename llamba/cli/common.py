@@ -15,6 +15,23 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 INIT_CHOICES = ("identity", "attention", "attention-calibrated")
 
 
+def parse_attention_layers(text: str | None) -> list[int]:
+    """'5,14' -> [5, 14], the one syntax of a hybrid's attention layers (``--attention-layers``, a ``--hybrids``
+    list); '' or None -> []. ValueError on anything but whole numbers >= 0 and on a repeated one; the range is
+    checked against the model (``llamba.model.config.check_attention_layers``)."""
+    if text is None or not str(text).strip():
+        return []
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not all(part.isdigit() for part in parts):
+        raise ValueError(f"attention layers {text!r}: give layer indices (whole numbers >= 0) separated by commas, "
+                         "e.g. 5,14")
+    layers = [int(part) for part in parts]
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        raise ValueError(f"attention layers {text!r}: repeats {', '.join(map(str, repeated))}; give each once")
+    return sorted(layers)
+
+
 def add_model_args(parser, default_dtype: str = "auto") -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.add_argument("--dtype", default=default_dtype, choices=["auto", *DTYPE_NAMES],

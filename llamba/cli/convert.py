@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from llamba.cli.common import DTYPE_NAMES, INIT_CHOICES, check_output_folder, count_parameters, dtype_of, int_at_least
+from llamba.cli.common import (DTYPE_NAMES, INIT_CHOICES, check_output_folder, count_parameters, dtype_of, int_at_least,
+                               parse_attention_layers)
 
 
 def register(parser) -> None:
@@ -27,7 +28,7 @@ def run(args) -> int:
     check_output_folder(args.out, args.force, "student")  # before the teacher loads: a refusal costs nothing
 
     from llamba.checkpoint import save_student
-    from llamba.convert import parse_attention_layers, student_from_teacher
+    from llamba.convert import student_from_teacher
     from llamba.model.config import check_mixer
     from llamba.teacher import load_teacher
 

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from llamba.cli.common import INIT_CHOICES, float_above, int_at_least
+from llamba.cli.common import INIT_CHOICES, float_above, int_at_least, parse_attention_layers
 
 TOKENS = int_at_least(1)  # budgets: whole numbers, '5e7' allowed
 
@@ -122,7 +122,6 @@ def build_recipe(args) -> dict:
 
         check_mixer(recipe.get("mixer"), recipe["d_state"])  # a typo or an odd d_state fails before any work
     if args.attention_layers is not None:
-        from llamba.convert import parse_attention_layers
 
         from llamba.distill.select import AUTO
 
