@@ -2,8 +2,9 @@
 # Issues 22 and 23's speed bars (and the CUDA tests of the code behind them), no payload, random SmolLM2-135M
 # shapes (speed does not depend on the weights). Two calls, each within the 10-minute limit:
 #   gpu_checks.sh tests      the CUDA tests of the hybrid engine, serve's CUDA graph, GateLoop and the kernels
-#   gpu_checks.sh variants   `llamba bench` for the pure student, hybrids K=2/4 and GateLoop beside the teacher, in
-#                            one process: decode at batch 1/64/256 (+ the largest batch in 16 GiB), prompt 2048, and
+#   gpu_checks.sh variants   `llamba bench` for the pure student, the hybrids K=2 (evenly spaced) and K=4 (the layers
+#                            auto:4 chose: HYBRID4, default 20,23,24,26) and GateLoop beside the teacher, in one
+#                            process: decode at batch 1/64/256 (+ the largest batch in 16 GiB), prompt 2048, and
 #                            the batch-16 context sweep 1K -> 32K (the kernel rows skipped: kernels-h200.md has them)
 # `llamba bench serve` is serve_bench.sh.
 set -uo pipefail
@@ -17,7 +18,9 @@ tests)
   ;;
 variants)
   timeout -s INT 560 python3 -m llamba.cli bench --skip-kernels --batches 1,64,256 --prompts 2048 --hf-configs 2048x1 \
-    --hybrid-batches 1,64,256 --contexts 1024,8192,32768 --out $OUT/bench-h200 2>&1 | grep -v "it/s\]" | tail -60
+    --hybrids 2 ${HYBRID4:-20,23,24,26} --hybrid-batches 1,64,256 --contexts 1024,8192,32768 \
+    --out $OUT/bench-$(nvidia-smi --query-gpu=name --format=csv,noheader | awk '{print tolower($2)}') 2>&1 \
+    | grep -v "it/s\]" | tail -60
   ;;
 *)
   echo "usage: gpu_checks.sh tests | variants"; exit 2
