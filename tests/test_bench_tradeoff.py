@@ -22,7 +22,8 @@ def _files(tmp_path):
         {"model": "student", "prompt": 2048, "batch": 256, "decode_tok_s": 128000.0},
         {"model": "teacher", "prompt": 2048, "batch": 256, "decode_tok_s": 42000.0},
         {"model": "teacher", "prompt": 2048, "batch": 1, "decode_tok_s": 700.0}],
-        "hybrids": [{"k": 4, "decode": [{"prompt": 2048, "batch": 256, "decode_tok_s": 100000.0}]}]}))
+        "hybrids": [{"k": 4, "attention_layers": [20, 23, 24, 26],
+                     "decode": [{"prompt": 2048, "batch": 256, "decode_tok_s": 100000.0}]}]}))
     return evals, hybrid, bench
 
 
@@ -53,3 +54,14 @@ def test_missing_rows_and_metrics_say_what_to_run(tmp_path):
     partial.write_text(json.dumps({"m": {"arc_easy acc": 0.4}}))
     with pytest.raises(ValueError, match="--tasks"):
         tradeoff.metrics_at(str(partial), "m")
+
+
+def test_a_hybrid_is_named_by_its_layers_when_its_k_is_ambiguous(tmp_path):
+    _, _, bench = _files(tmp_path)
+    data = json.loads(bench.read_text())
+    data["hybrids"].append({"k": 4, "attention_layers": [6, 12, 18, 24],
+                            "decode": [{"prompt": 2048, "batch": 256, "decode_tok_s": 105000.0}]})
+    assert tradeoff.decode_rate(data, "hybrid:20,23,24,26", 256, 2048) == 100000.0
+    assert tradeoff.decode_rate(data, "hybrid:6,12,18,24", 256, 2048) == 105000.0
+    with pytest.raises(ValueError, match="name one as hybrid:20,23,24,26"):
+        tradeoff.decode_rate(data, "hybrid4", 256, 2048)

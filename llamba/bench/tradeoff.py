@@ -10,7 +10,8 @@ file (default batch 256, prompt 2048), where every model ran through its own eng
         --point "hybrid K=4" results/hybrid-smollm2-135m.json k4:eval hybrid4 --out results/tradeoff-h200
 
 A point's metrics are found in its JSON by a key path, keys joined by ':' (a model column may contain '/' and '.');
-its speed key is ``teacher``, ``student`` (the pure student), ``hybridK`` or a mixer name (``gateloop``).
+its speed key is ``teacher``, ``student`` (the pure student), ``hybridK`` or ``hybrid:20,23,24,26`` (a hybrid by
+its number of attention layers, or by the layers themselves) or a mixer name (``gateloop``).
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def decode_rate(bench: dict, key: str, batch: int, prompt: int) -> float:
     if key in ("teacher", "student"):
         rows, field = [r for r in bench.get("decode", []) if r.get("model") == key], "decode_tok_s"
     elif key.startswith("hybrid"):
-        k = int(key[len("hybrid"):])
-        rows = next((h["decode"] for h in bench.get("hybrids") or [] if h["k"] == k), [])
-        field = "decode_tok_s"
+        rows, field = hybrid_rows(bench, key[len("hybrid"):]), "decode_tok_s"
     else:
         rows = next((m["decode"] for m in bench.get("mixers") or [] if m["mixer"] == key), [])
         field = "decode_tok_s"
@@ -58,6 +57,24 @@ def decode_rate(bench: dict, key: str, batch: int, prompt: int) -> float:
             return r[field]
     raise ValueError(f"the bench file has no {key!r} decode row at batch {batch}, prompt {prompt}; run "
                      f"`llamba bench --batches ...{batch} --prompts {prompt}` (with --hybrids / --mixers for those)")
+
+
+def hybrid_rows(bench: dict, which: str) -> list[dict]:
+    """The decode rows of the hybrid ``which`` names: 'K' (its number of attention layers; refused when the file
+    has several hybrids with K layers) or ':20,23,24,26' (exactly those layers)."""
+    from llamba.cli.common import parse_attention_layers
+
+    hybrids = bench.get("hybrids") or []
+    if which.startswith(":"):
+        layers = parse_attention_layers(which[1:])
+        found = [h for h in hybrids if h["attention_layers"] == layers]
+    else:
+        found = [h for h in hybrids if h["k"] == int(which)]
+        if len(found) > 1:
+            raise ValueError(f"the bench file has {len(found)} hybrids with {which} attention layers "
+                             f"({', '.join(str(h['attention_layers']) for h in found)}): name one as "
+                             f"hybrid:{','.join(map(str, found[0]['attention_layers']))}")
+    return found[0]["decode"] if found else []
 
 
 def points(bench: dict, teacher: dict, specs: list[tuple[str, str, str, str]], batch: int, prompt: int) -> list[dict]:
