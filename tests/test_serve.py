@@ -410,3 +410,31 @@ def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_the_raw_stream_is_openai_server_sent_events(server):
+    """What a client that is not the openai library reads: `data: {json}` events, n choices interleaved by index,
+    each choice's finish_reason, the usage chunk when asked, and `data: [DONE]` last."""
+    url = urlparse(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = {"model": MODEL, "prompt": [5, 27, 33], "max_tokens": 5, "n": 2, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    lines = [line for line in response.read().decode().split("\n") if line]
+    conn.close()
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == sum(
+        len(alone(server.model, [5, 27, 33], 5)) for _ in range(2))
+    texts, finish = {0: "", 1: ""}, {}
+    for event in events[:-1]:
+        assert event["object"] == "text_completion" and len(event["choices"]) == 1
+        choice = event["choices"][0]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finish[choice["index"]] = choice["finish_reason"]
+    expected = alone(server.model, [5, 27, 33], 5)
+    assert texts[0] == texts[1] and ids_of(texts[0]) == [t for t in expected if t != 1]  # greedy: choices alike
+    assert finish == {0: "stop" if 1 in expected else "length", 1: "stop" if 1 in expected else "length"}

@@ -5,6 +5,7 @@ the captured decode graph matches the plain step."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -178,3 +179,47 @@ def test_a_join_that_fails_gives_its_slots_back():
         assert served(scheduler, PROMPTS, 6) == [as_text_shows(e) for e in expected]
     finally:
         scheduler.stop()
+
+
+def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
+    """Chunked prefill: while a 40-token prompt joins in pieces of 4, the request already running gets a decode step
+    after every piece (it is never stalled for the whole prefill), and both get their tokens alone."""
+    from llamba.serve.slots import LlambaSlots
+
+    calls: list[str] = []
+
+    class Recording(LlambaSlots):
+        def prefill(self, piece):
+            calls.append("prefill")
+            return super().prefill(piece)
+
+        def decode(self, slots, tokens):
+            calls.append("decode")
+            return super().decode(slots, tokens)
+
+    model = make_tiny_student(tied=False).double()
+    long_prompt = [(7 * i) % 90 + 2 for i in range(40)]
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, n)
+                    for p, n in (([5, 6], 30), (long_prompt, 3))]
+    assert 99 not in expected[0]  # the running request outlasts the other's prefill (no EOS, w99, on the way)
+    scheduler = Scheduler(Recording(model, 2, 64), word_tokenizer(), max_queue=2, prefill_chunk=4).start()
+    results = {}
+
+    def run(i, prompt, n):
+        results[i] = served(scheduler, [prompt], n)[0]
+
+    try:
+        running = threading.Thread(target=run, args=(0, [5, 6], 30))
+        running.start()
+        while "decode" not in calls:  # the first request is decoding
+            time.sleep(0.001)
+        joining = threading.Thread(target=run, args=(1, long_prompt, 3))
+        joining.start()
+        running.join(30), joining.join(30)
+    finally:
+        scheduler.stop()
+    assert results == {0: as_text_shows(expected[0]), 1: as_text_shows(expected[1])}
+    pieces = [i for i, c in enumerate(calls) if c == "prefill"][1:]  # the long prompt's 10 pieces
+    assert len(pieces) == 10
+    assert all(calls[i + 1] == "decode" for i in pieces[:-1]), calls
