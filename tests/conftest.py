@@ -184,3 +184,25 @@ def check_prefill_then_decode_is_the_forward(model, vocab: int):
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10 * max(1.0, full.abs().max().item())
     return full, cache
 
+
+def check_cpu_runtime_tokens_are_generates(decoder, model, ids: torch.Tensor, new_tokens: int = 20):
+    """The CPU runtime's greedy, repetition-penalty and sampled tokens are transformers' generate's on ``model``
+    (the same sampler and seed)."""
+    from llamba.generation.sampling import SamplingParams
+
+    for options in ({}, {"repetition_penalty": 1.8}, {"do_sample": True, "temperature": 0.8, "top_k": 6}):
+        params = SamplingParams.from_options(**options)
+        ours = decoder.generate(ids, new_tokens, params, generator=torch.Generator().manual_seed(3))
+        torch.manual_seed(3)
+        ref = model.generate(ids, max_new_tokens=new_tokens, pad_token_id=0, **params.generate_kwargs())
+        assert ours == ref[0, ids.shape[1]:].tolist(), options
+
+
+def check_cpu_runtime_steps_are_the_forward(decoder, model, ids: torch.Tensor, prompt: int = 23, end: int = 40):
+    """Prefill ``ids[:, :prompt]`` (in the decoder's pieces), then steps fed the next tokens up to ``end``: each
+    step's logits are the float model's forward of the whole sequence at that position (fp32, to 1e-4)."""
+    ref = model(ids).logits[0]
+    got = [decoder.prefill(ids[:, :prompt]).clone()]
+    for t in range(prompt, end):
+        got.append(decoder.step(int(ids[0, t])).clone())
+    torch.testing.assert_close(torch.stack(got), ref[prompt - 1:end], rtol=1e-4, atol=1e-4)

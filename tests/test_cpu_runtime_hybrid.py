@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamba.generation.sampling import SamplingParams
+from conftest import check_cpu_runtime_steps_are_the_forward, check_cpu_runtime_tokens_are_generates
 from llamba.quant import kernels, quantize_student
 from llamba.quant.runtime import CpuDecoder, _segments
 
@@ -34,12 +34,8 @@ def test_hybrid_decoder_matches_model_forward(attention_layers, hybrid_student):
     model's forward of the whole sequence at that position (fp32, to 1e-4)."""
     model = hybrid_student(attention_layers)
     ids = torch.randint(1, 97, (1, 41), generator=torch.Generator().manual_seed(4))
-    ref = model(ids).logits[0]
     dec = CpuDecoder(model, prefill_chunk=7, max_length=48)
-    got = [dec.prefill(ids[:, :23]).clone()]
-    for t in range(23, 40):
-        got.append(dec.step(int(ids[0, t])).clone())
-    torch.testing.assert_close(torch.stack(got), ref[22:40], rtol=1e-4, atol=1e-4)
+    check_cpu_runtime_steps_are_the_forward(dec, model, ids)
     assert dec.cache.seen_tokens == 40 and dec.cache.position.item() == 40 and dec.cache.n_valid.item() == 40
 
 
@@ -48,12 +44,7 @@ def test_hybrid_greedy_and_sampled_tokens_equal_transformers_generate(attention_
     model = hybrid_student(attention_layers)
     dec = CpuDecoder(model, max_length=16)  # too short for the call: generate grows it
     ids = torch.tensor([[5, 7, 9, 11, 13]])
-    for options in ({}, {"repetition_penalty": 1.8}, {"do_sample": True, "temperature": 0.8, "top_k": 6}):
-        params = SamplingParams.from_options(**options)
-        ours = dec.generate(ids, 20, params, generator=torch.Generator().manual_seed(3))
-        torch.manual_seed(3)
-        ref = model.generate(ids, max_new_tokens=20, pad_token_id=0, **params.generate_kwargs())
-        assert ours == ref[0, ids.shape[1]:].tolist(), options
+    check_cpu_runtime_tokens_are_generates(dec, model, ids)
     assert dec.max_length == 25
 
 

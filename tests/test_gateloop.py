@@ -342,18 +342,6 @@ def test_model_step_and_engine_rotate_like_the_forward(route):
     assert torch.equal(got, model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
 
-def test_cpu_runtime_and_quantization_refuse_gateloop():
-    """Both run the C Discrete Mamba-2 step, which has no rotation: a clear error, not silently wrong tokens."""
-    from llamba.quant import quantize_student
-    from llamba.quant.runtime import CpuDecoder
-
-    model = tiny_model(dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="'gateloop' mixers"):
-        quantize_student(model, "int8")
-    with pytest.raises(NotImplementedError, match="'gateloop' mixers"):
-        CpuDecoder(model)
-
-
 # -- conversion from a Llama teacher: the RoPE init -------------------------------------------------------------
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -445,16 +433,3 @@ def test_hybrid_with_gateloop_mixers_decodes_like_its_forward():
         pieces += [student(ids[:, t:t + 1], past_key_values=cache).logits for t in range(12, 20)]
     assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
 
-
-def test_llamba_generate_runs_a_float_gateloop_student_through_transformers_not_the_c_runtime(tmp_path):
-    import argparse
-
-    from llamba.cli.generate import uses_cpu_runtime
-
-    folder = tmp_path / "student"
-    tiny_model(dtype=torch.float32).save_pretrained(folder)
-    args = argparse.Namespace(model=str(folder), quant=None, transformers=False, batch_size=None, dtype="auto")
-    assert not uses_cpu_runtime(args, torch.device("cpu"))
-    LlambaForCausalLM(tiny_config(None)).save_pretrained(tmp_path / "plain")
-    args.model = str(tmp_path / "plain")
-    assert uses_cpu_runtime(args, torch.device("cpu"))

@@ -57,18 +57,14 @@ def uses_cpu_runtime(args, device) -> bool:
     """The CPU runtime (llamba.quant) runs a quantized artifact (file, or the folder `llamba quantize --out DIR`
     wrote), any student with --quant, and a float student on the CPU, where it decodes in the same float32 several
     times faster than transformers' generate (issue 21 measured 44 against 5 tokens/s at SmolLM2-135M's shape on 2
-    cores). A batch (--batch-size), another --dtype or --transformers keeps transformers' generate."""
+    cores; a GateLoop student, whose mixers run their PyTorch step there, about 3 times on one thread). A batch
+    (--batch-size), another --dtype or --transformers keeps transformers' generate."""
     from llamba.checkpoint import is_llamba_checkpoint
 
     if wants_quant_runtime(args.model, args.quant):
         return True
-    if not (device.type == "cpu" and not args.transformers and args.batch_size is None
-            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model))):
-        return False
-    from llamba.model import LlambaConfig
-    from llamba.model.config import DEFAULT_MIXER
-
-    return LlambaConfig.from_pretrained(args.model).mixer == DEFAULT_MIXER  # the C step has no GateLoop rotation
+    return (device.type == "cpu" and not args.transformers and args.batch_size is None
+            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model)))
 
 
 def run(args) -> int:

@@ -46,17 +46,6 @@ def check_attention_layers(layers, n_layer: int) -> list[int]:
     return sorted(layers)
 
 
-def refuse_rotating(config, what: str) -> None:
-    """For code that runs the Discrete Mamba-2 recurrence only (the C decode step of the CPU runtime, quantization
-    for it): a clear error on a GateLoop student, whose mixers rotate B and C by a cumulative phase that such code
-    would skip, instead of silently wrong output."""
-    if mixer_name(config) != DEFAULT_MIXER:
-        raise NotImplementedError(
-            f"{what} does not support {mixer_name(config)!r} mixers yet (ssm_cfg.mixer): it runs the Discrete "
-            "Mamba-2 recurrence only and would skip their phase rotation; run this student as a float model "
-            "instead (`llamba generate` without --quant, model.generate, the CUDA engine)")
-
-
 def check_mixer(mixer: str | None, d_state: int) -> None:
     """ValueError, saying what to change, for an unknown mixer name or a d_state the mixer cannot have."""
     mixer = mixer or DEFAULT_MIXER

@@ -24,10 +24,8 @@ def quantize_student(model, quant: str, group_size: int = DEFAULT_GROUP_SIZE, he
     (results/cpu-artifacts-smollm2-135m.md); ``linear_bits`` sets single projections (``{"in_proj": 8}``).
     ``calibration``: token ids (1-D) whose activations adjust the student before rounding, for the bits each linear
     gets (``llamba.quant.awq``): ``calibration_method`` one of CALIBRATION_METHODS; None: plain round-to-nearest."""
-    from llamba.model.config import refuse_rotating
     from llamba.quant.modules import quantize_model
 
-    refuse_rotating(model.config, "quantization for the CPU runtime (llamba.quant)")
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {QUANT_CHOICES}")
     if linear_bits and quant == "none":

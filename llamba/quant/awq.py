@@ -93,7 +93,8 @@ def block_sites(block: nn.Module, index: int) -> list[Site]:
     sites = []
     if hasattr(attention, "in_proj"):  # Discrete Mamba-2
         if getattr(attention, "rotates", False):
-            raise ValueError("activation-aware scales: a rotating (GateLoop) mixer is not supported")
+            raise ValueError("activation-aware scales: a rotating (GateLoop) mixer is not supported; quantize it "
+                             "without a calibration text (--calibration), by plain round-to-nearest")
         sites.append(Site(f"{index}.out_proj", [attention.out_proj], _divide_conv_x(attention)))
         reading_norm = [attention.in_proj]
     else:

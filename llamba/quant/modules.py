@@ -75,7 +75,9 @@ class QuantizedEmbedding(nn.Module):
         return dequantize(self.weight_q, torch.float32, rows=flat).reshape(*ids.shape, self.table.in_features)
 
 
-# The linears of a block that quantization replaces, by kind of layer (the artifact loads the same names).
+# The linears of a block that quantization replaces, by kind of layer (the artifact loads the same names). A GateLoop
+# mixer's phase_proj stays float32: its output is summed along the sequence, so a rounding error in it would turn
+# every later position's angle (docs/gateloop.md, Precision).
 MIXER_LINEARS = {"mixer": ("in_proj", "out_proj"), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LINEAR_NAMES = (*MIXER_LINEARS["mixer"], *MIXER_LINEARS["attention"], *MLP_LINEARS)

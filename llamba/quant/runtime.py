@@ -1,15 +1,23 @@
 """``CpuDecoder``: prompt prefill through the model's chunked scan, then one compiled call per generated token.
 
-Everything a token touches is allocated once here: the recurrent cache (float32 conv and SSM state, constant
-size), the kernel's workspace and the logits buffer. Resident memory therefore does not depend on the context
-length; the prompt is prefilled in fixed-size pieces so that peak memory does not either.
+Everything a token touches is allocated once here: the recurrent cache (float32 conv and SSM state, and a
+GateLoop student's phase: constant size), the kernel's workspace and the logits buffer. Resident memory therefore
+does not depend on the context length; the prompt is prefilled in fixed-size pieces so that peak memory does not
+either.
 
-A hybrid student's attention layers run in PyTorch, through their own ``LlambaBlock.step`` (the one the CUDA
-engine captures, tested against the model's forward), between C calls over the runs of mixer blocks; their
-static KV cache is preallocated for ``max_length`` positions (the one memory that grows with the context, and
-only up to that bound). Why not C: attention is a few layers of a hybrid (K of 30), a step of it is a handful of
-PyTorch calls on one row, and a second attention implementation would be one more thing to keep equal to
-transformers' (RoPE scaling variants, GQA layout) for little gain.
+The C code runs Discrete Mamba-2 blocks only. Any other block (``runs_in_pytorch``) runs in PyTorch, through its
+own ``LlambaBlock.step`` (the one the CUDA engine captures, tested against the model's forward), between C calls
+over the runs of Discrete Mamba-2 blocks, on the same residual stream and the same ``LlambaCache``; float32 or
+quantized linears alike (``QuantizedLinear`` is an ordinary module that calls the same C GEMV). Two kinds:
+
+- a hybrid's attention layers, whose static KV cache is preallocated for ``max_length`` positions (the one memory
+  that grows with the context, and only up to that bound). Attention is a few layers of a hybrid (K of 30), a step
+  of it is a handful of PyTorch calls on one row, and a second attention implementation would be one more thing
+  to keep equal to transformers' (RoPE scaling variants, GQA layout) for little gain.
+- a GateLoop student's mixers (``ssm_cfg.mixer == 'gateloop'``), whose state lives in the frame of B and C rotated
+  by a cumulative phase (``LlambaCache.phase_states``; docs/gateloop.md). A C step would need ``phase_proj``, the
+  phase's running sum and wrap, and the rotation, all kept equal to ``llamba.ops.gateloop``; until decode speed on
+  a CPU asks for that, the model's own step is the one definition. The embedding and head still run in C.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from torch import nn
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens, stop_index
 from llamba.model import LlambaCache
-from llamba.model.config import refuse_rotating
+from llamba.model.config import DEFAULT_MIXER
 from llamba.model.functional import StepOptions
 from llamba.quant import kernels
 from llamba.quant.modules import QuantizedEmbedding, QuantizedLinear
@@ -66,7 +74,6 @@ class CpuDecoder:
                  max_length: int | None = None):
         """``max_length``: the positions a hybrid's KV cache holds (prompt + new tokens; default the model's
         cache default, and ``generate`` grows it when a call needs more); ignored for a pure student."""
-        refuse_rotating(model.config, "the CPU runtime (llamba.quant)")
         self.lib = kernels.load_kernels()
         if self.lib is None:
             raise RuntimeError(f"the CPU decode kernel could not be built ({kernels.kernel_error()}); "
@@ -80,7 +87,7 @@ class CpuDecoder:
         keep: list = []  # tensors whose memory the C structs point into
         layers = (kernels.Layer * cfg.n_layer)()
         for i, block in enumerate(model.backbone.layers):
-            if cfg.is_attention_layer(i):
+            if runs_in_pytorch(cfg, i):
                 continue  # zeros: the C code never runs this layer (see _segments)
             mixer, mlp = block.mixer, block.mlp
             conv = mixer.conv1d
@@ -98,7 +105,7 @@ class CpuDecoder:
         self.workspace = torch.zeros(self.lib.llamba_workspace_floats(ctypes.byref(self.c_model)))
         self.logits_buf = torch.zeros(self.c_model.head.n)
         self.logits = self.logits_buf[: cfg.vocab_size]
-        self.h = torch.zeros(cfg.d_model)  # a hybrid's residual stream between the C and the PyTorch layers
+        self.h = torch.zeros(cfg.d_model)  # the residual stream between the C and the PyTorch layers
         self._segments = _segments(cfg)
         self._allocate(max_length)
 
@@ -115,10 +122,11 @@ class CpuDecoder:
     def reset(self) -> None:
         self.cache.reset()
 
-    def new_cache(self) -> LlambaCache:
+    def new_cache(self, max_length: int | None = None) -> LlambaCache:
         """Another batch-1 float32 cache that ``prefill`` and ``step`` can run on (``llamba serve`` keeps one per
-        slot; the model weights, workspace and logits buffer are shared)."""
-        return LlambaCache(self.config, 1, dtype=torch.float32, max_length=self.max_length)
+        slot; the model weights, workspace and logits buffer are shared). ``max_length``: the positions a hybrid's
+        KV cache holds (default this decoder's)."""
+        return LlambaCache(self.config, 1, dtype=torch.float32, max_length=max_length or self.max_length)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, cache: LlambaCache | None = None) -> torch.Tensor:
@@ -143,18 +151,18 @@ class CpuDecoder:
         if cache is not self.cache:
             conv, ssm = kernels.fptr(cache.conv_states), kernels.fptr(cache.ssm_states)
         if self._segments is not None:
-            return self._hybrid_step(int(token), cache, conv, ssm)
+            return self._segmented_step(int(token), cache, conv, ssm)
         if lib.llamba_decode_step(model, int(token), conv, ssm, work, logits) != 0:
             raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
         cache.seen_tokens += 1
         return self.logits
 
     @torch.inference_mode()
-    def _hybrid_step(self, token: int, cache: LlambaCache, conv, ssm) -> torch.Tensor:
-        """The C mixer blocks in runs, and each attention block as ``LlambaBlock.step`` (modules: float32 or
+    def _segmented_step(self, token: int, cache: LlambaCache, conv, ssm) -> torch.Tensor:
+        """The C mixer blocks in runs, and each other block as its ``LlambaBlock.step`` (modules: float32 or
         quantized linears alike) on the same residual stream ``h``; the cache's bookkeeping as the model's step."""
         lib, (model, _, _, work, logits) = self.lib, self._args
-        if cache.seen_tokens >= cache.max_length:
+        if cache.has_attention and cache.seen_tokens >= cache.max_length:
             raise ValueError(f"the hybrid's KV cache is full ({cache.max_length} positions): generate fewer tokens, "
                              "or build the CpuDecoder with a larger max_length")
         h = self.h
@@ -162,9 +170,9 @@ class CpuDecoder:
             raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
         hv = h.view(1, 1, -1)
         backbone = self.model.backbone
-        attention = backbone.step_attention_inputs(hv, cache)
-        for first, last, is_attention in self._segments:
-            if is_attention:
+        attention = backbone.step_attention_inputs(hv, cache) if cache.has_attention else None
+        for first, last, in_pytorch in self._segments:
+            if in_pytorch:
                 h.copy_(backbone.layers[first].step(hv, cache, StepOptions(None), attention).reshape(-1))
             else:
                 lib.llamba_mixer_blocks(model, first, last, kernels.fptr(h), conv, ssm, work)
@@ -210,16 +218,22 @@ class CpuDecoder:
         return int(select_tokens(logits[None], seen, params, generator)[0])
 
 
+def runs_in_pytorch(config, layer: int) -> bool:
+    """Whether the CPU runtime runs this block through its ``LlambaBlock.step`` rather than the C code, which has
+    the Discrete Mamba-2 mixer only: a hybrid's attention layer, or a GateLoop mixer (module docstring: why)."""
+    return config.is_attention_layer(layer) or config.mixer != DEFAULT_MIXER
+
+
 def _segments(config) -> list[tuple[int, int, bool]] | None:
-    """A hybrid's layers as runs (first, last + 1, is_attention): each run of mixer blocks is one C call, each
-    attention block one PyTorch step. None for a pure student (one C call does the whole step)."""
-    if not config.is_hybrid:
+    """The layers as runs (first, last + 1, in_pytorch): each run of C blocks is one C call, each PyTorch block one
+    ``LlambaBlock.step``. None when the C code runs every block (one C call does the whole step)."""
+    if not any(runs_in_pytorch(config, i) for i in range(config.n_layer)):
         return None
     runs: list[tuple[int, int, bool]] = []
     for i in range(config.n_layer):
-        attention = config.is_attention_layer(i)
-        if runs and not attention and not runs[-1][2]:
+        in_pytorch = runs_in_pytorch(config, i)
+        if runs and not in_pytorch and not runs[-1][2]:
             runs[-1] = (runs[-1][0], i + 1, False)
         else:
-            runs.append((i, i + 1, attention))
+            runs.append((i, i + 1, in_pytorch))
     return runs
