@@ -223,3 +223,33 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     pieces = [i for i, c in enumerate(calls) if c == "prefill"][1:]  # the long prompt's 10 pieces
     assert len(pieces) == 10
     assert all(calls[i + 1] == "decode" for i in pieces[:-1]), calls
+
+
+def test_cpu_runtime_slots_serve_a_quantized_gateloop_hybrid_past_its_default_kv_length():
+    """The CPU runtime's slots with everything at once: an int8 artifact of a GateLoop student with an attention
+    layer, whose KV cache must hold the server's max_context (96 positions) and not the decoder's default (its
+    attention's 32 max_position_embeddings): a 30-token prompt and 8 new tokens fit only in the former."""
+    from llamba.model import LlambaConfig, LlambaForCausalLM
+    from llamba.quant import quantize_student
+    from llamba.quant.kernels import load_kernels
+    from llamba.quant.runtime import CpuDecoder
+    from llamba.serve.slots import QuantSlots
+
+    if load_kernels() is None:
+        pytest.skip("no C compiler for the CPU runtime")
+    torch.manual_seed(0)
+    config = LlambaConfig(d_model=32, n_layer=3, vocab_size=100, mlp_cfg={"intermediate_size": 64},
+                          ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8, "mixer": "gateloop"},
+                          attention_layers=[1], attention_cfg={"num_attention_heads": 4, "num_key_value_heads": 2,
+                                                               "head_dim": 8, "max_position_embeddings": 32})
+    model = LlambaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    quantize_student(model, "int8")  # in place
+    prompts = [[(5 * i) % 90 + 2 for i in range(30)], [5, 6, 7], [8] * 11]
+    alone = CpuDecoder(model)
+    expected = [alone.generate(torch.tensor(p), 8) for p in prompts]  # (generate grows its own cache to fit)
+    decoder = CpuDecoder(model)
+    assert decoder.max_length == 32
+    assert collect(QuantSlots(decoder, 2, 96), prompts, 8) == [as_text_shows(e) for e in expected]

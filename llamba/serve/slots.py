@@ -106,8 +106,10 @@ class QuantSlots:
         self.decoder = decoder
         self.n_slots, self.max_context = n_slots, max_context
         self.vocab_size = decoder.config.vocab_size
-        self.caches = [decoder.new_cache() for _ in range(n_slots)]
-        self.staging = decoder.new_cache()
+        # a hybrid's KV layers hold max_context positions per slot, as LlambaSlots' do (the app admits a request
+        # whose prompt and max_tokens fit in max_context)
+        self.caches = [decoder.new_cache(max_context) for _ in range(n_slots)]
+        self.staging = decoder.new_cache(max_context)
 
     def begin(self) -> None:
         self.staging.reset()
