@@ -82,7 +82,8 @@ def test_hybrids_table_reads_the_bars_as_ratios_to_the_teacher():
         return {"k": len(layers), "attention_layers": layers, "context_sweep": [],
                 "decode": [{"prompt": 2048, "batch": b, "decode_tok_s": r, "floor_tok_s": 1.0, "peak_gib": 1.0}
                            for b, r in rates.items()],
-                "largest_batch": {"batch": fit, "budget_gib": 16.0, "prompt": 2048, "decode_tok_s": 1.0, "peak_gib": 15.0}}
+                "largest_batch": {"batch": fit, "budget_gib": 16.0, "prompt": 2048, "decode_tok_s": 1.0,
+                                  "peak_gib": 15.0}}
 
     hybrids = [hybrid([10, 20], {64: 30000.0, 256: 110000.0}, 600),
                hybrid([20, 23, 24, 26], {64: 25000.0, 256: 90000.0}, 504)]

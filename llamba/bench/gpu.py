@@ -607,8 +607,9 @@ def hybrids_markdown(hybrids: list[dict], decode: list[dict] = (), largest: dict
     t_rate, t_batch = _rate_at(teacher, prompt, BAR_BATCH), largest.get("teacher", {}).get("batch")
     lines = ["", "## Hybrid students (K attention layers, static KV cache, same engine)", "",
              f"Against the teacher of this run, prompt {prompt}:", "",
-             f"| model | tok/s at batch {BAR_BATCH} | / teacher (bar: K=4 >= 2x) | largest batch in {largest.get('budget_gib', '-')} GiB "
-             "| / teacher (bar: K=4 >= 4x) |", "|---|---|---|---|---|"]
+             f"| model | tok/s at batch {BAR_BATCH} | / teacher (bar: K=4 >= 2x) "
+             f"| largest batch in {largest.get('budget_gib', '-')} GiB | / teacher (bar: K=4 >= 4x) |",
+             "|---|---|---|---|---|"]
     models = [("teacher", teacher, largest.get("teacher")), ("pure student", pure, largest.get("student"))]
     models += [(f"hybrid {hybrid_label(h)}", h["decode"], h.get("largest_batch")) for h in hybrids]
     for name, rows, fit in models:
@@ -618,7 +619,8 @@ def hybrids_markdown(hybrids: list[dict], decode: list[dict] = (), largest: dict
     for h in hybrids:
         for d in h["decode"]:
             rate = d.get("decode_tok_s")
-            lines.append(f"| {hybrid_label(h)} | {d['prompt']} | {d['batch']} | {_fmt(rate)}{' OOM' if d.get('oom') else ''} | "
+            oom = " OOM" if d.get("oom") else ""
+            lines.append(f"| {hybrid_label(h)} | {d['prompt']} | {d['batch']} | {_fmt(rate)}{oom} | "
                          f"{_ratio(rate, _rate_at(teacher, d['prompt'], d['batch']))} | {_fmt(d.get('floor_tok_s'))} | "
                          f"{_fmt(d.get('peak_gib'), 1)} |")
         e = h.get("largest_batch") or {}
@@ -628,7 +630,8 @@ def hybrids_markdown(hybrids: list[dict], decode: list[dict] = (), largest: dict
     lines += ["", "Batch 16 as the context grows:", "", "| hybrid | context | tok/s | floor |", "|---|---|---|---|"]
     for h in hybrids:
         for c in h["context_sweep"]:
-            lines.append(f"| {hybrid_label(h)} | {c['context']} | {_fmt(c.get('tok_s'))}{' OOM' if c.get('oom') else ''} | "
+            oom = " OOM" if c.get("oom") else ""
+            lines.append(f"| {hybrid_label(h)} | {c['context']} | {_fmt(c.get('tok_s'))}{oom} | "
                          f"{_fmt(c.get('floor_tok_s'))} |")
     return lines
 

@@ -31,7 +31,8 @@ def hybrid_spec(text: str) -> int | list[int]:
         layers = parse_attention_layers(text) if "," in text else None
         return layers or _k(text)  # ',' alone names no layer: read as a (bad) K
     except (ValueError, argparse.ArgumentTypeError) as e:
-        raise argparse.ArgumentTypeError(f"{e}; give a K (e.g. 4) or comma-separated layers (e.g. 20,23,24,26)") from None
+        raise argparse.ArgumentTypeError(
+            f"{e}; give a K (e.g. 4) or comma-separated layers (e.g. 20,23,24,26)") from None
 
 
 hybrid_spec.__name__ = "K or layer list"  # argparse names the type in its messages

@@ -64,7 +64,8 @@ def uses_cpu_runtime(args, device) -> bool:
     if wants_quant_runtime(args.model, args.quant):
         return True
     return (device.type == "cpu" and not args.transformers and args.batch_size is None
-            and args.dtype in ("auto", "float32") and Path(args.model).is_dir() and is_llamba_checkpoint(Path(args.model)))
+            and args.dtype in ("auto", "float32") and Path(args.model).is_dir()
+            and is_llamba_checkpoint(Path(args.model)))
 
 
 def run(args) -> int:
