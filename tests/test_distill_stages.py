@@ -96,10 +96,34 @@ def test_teacher_attention_setting_gives_the_same_targets(models, attention):
         stage_targets(teacher, packed_batch(tok.eos_token_id), 3, {"teacher_attention": "flash"})
 
 
+@pytest.mark.parametrize("align", ["block", "attention"])
+def test_stage2_teacher_targets_trace_into_one_graph(models, align):
+    """``teacher_compile`` in stage 2: the hooks that catch the last layer's raw output (and, for attention
+    alignment, each attention's output) are registered inside ``stage_targets``, so dynamo traces them into one
+    graph with no break, and the compiled call gives the eager targets. aot_eager: dynamo's tracing without
+    inductor's C++ build (the CUDA test below runs inductor)."""
+    import torch._dynamo
+
+    from llamba.distill.stages import stage_targets
+
+    teacher, _, tok = models
+    batch, cfg = packed_batch(tok.eos_token_id), {"align": align}
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(stage_targets)(teacher, batch, 2, cfg)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    want = stage_targets(teacher, batch, 2, cfg)
+    got = torch.compile(stage_targets, backend="aot_eager")(teacher, batch, 2, cfg)
+    names = ("hidden_in", "hidden_out") + (("attention_out",) if align == "attention" else ())
+    for name in names:
+        assert len(getattr(got, name)) == len(getattr(want, name)) == len(teacher.model.layers)
+        for g, w in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="teacher_compile is for CUDA (a CPU run stays eager)")
 def test_compiled_teacher_gives_the_same_logits(models):
-    """``teacher_compile``: the trainer calls ``torch.compile(stage_targets)`` in stage 3; the same block-diagonal
-    logits as the eager call (float32 on CUDA: fused arithmetic, not a different computation)."""
+    """``teacher_compile``: the trainer calls ``torch.compile(stage_targets)`` in stages 2-3; the same block-diagonal
+    logits and hidden states as the eager call (float32 on CUDA: fused arithmetic, not a different computation)."""
     import copy
 
     from llamba.distill.stages import stage_targets
@@ -110,6 +134,9 @@ def test_compiled_teacher_gives_the_same_logits(models):
     want = stage_targets(model, batch, 3, {}).logits
     got = torch.compile(stage_targets)(model, batch, 3, {}).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    want, got = stage_targets(model, batch, 2, {}), torch.compile(stage_targets)(model, batch, 2, {})  # stage 2
+    for g, w in zip(got.hidden_in + got.hidden_out, want.hidden_in + want.hidden_out):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 def test_stage1_loss_by_hand(models):

@@ -54,7 +54,8 @@ def _log(d):
 
 # -- what a finished stage was trained with, and the checks made before any heavy work --------------------------
 # Settings that do not change what a stage computes; anything else differing from a finished stage's is refused.
-NOT_RESULT_SETTINGS = ("name", "checkpoint_every", "compile", "activation_checkpointing", "val_tokens", "eval_tokens")
+NOT_RESULT_SETTINGS = ("name", "checkpoint_every", "compile", "teacher_compile", "activation_checkpointing",
+                       "val_tokens", "eval_tokens")
 INIT_SETTINGS = ("d_state", "init", "seed", "mixer")  # a record without "mixer" (older runs) reads as the default
 INIT_RECORD = "init_settings.json"
 

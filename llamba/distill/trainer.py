@@ -119,9 +119,11 @@ def train_stage(stage: int, student, teacher, data_dir, stage_dir: Path, cfg: di
         compile_mode, teacher_compile = None, False
     module = stage_module(stage, student, {**cfg, "compile": compile_mode})
     targets_of = stage_targets
-    if teacher_compile and stage == 3:
-        # the frozen teacher's forward fused (norms, RoPE, SwiGLU); stage 3 only: stage 2 catches layer outputs
-        # with hooks, which compiled code does not run. A compiled function of this call: the teacher is untouched
+    if teacher_compile and stage in (2, 3):
+        # the frozen teacher's forward fused (norms, RoPE, SwiGLU), as a compiled function of this call: the teacher
+        # module is untouched. Stage 2's hooks (the last layer's raw output, attention outputs) are registered inside
+        # the call, so dynamo traces them into the one graph (tests/test_distill_stages.py); stage 1 needs eager
+        # attention's probabilities
         targets_of = torch.compile(stage_targets)
     student.requires_grad_(False)
     params = list({id(p): p for p in module.trainable()}.values())  # tied weights once
