@@ -69,14 +69,22 @@ def test_chunked_scan_equals_complex_recurrence(length):
                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("length", [1, 7, 128, 129])
+@pytest.mark.parametrize("length", [1, 7, 128, 129, 1000])
 def test_mixing_matrix_equals_complex_matrix_and_recurrence(length):
+    """At 1000 tokens the complex matrix whole (O(L^2 N) complex: ~4 s and over 1 GB) is compared on three diagonal
+    blocks only, the first, one across a document boundary (333) and the last: a diagonal block of T is the
+    complex matrix of that window alone, since only phase and decay differences within a document enter it. T @ x
+    against the recurrence covers the rest of T, long-accumulated phases included."""
     x, B, C, log_a, theta, _, _ = inputs(length)
     seq = documents(length)
     D = torch.randn(4, dtype=F64)
     T = gateloop_mixing_matrix(B, C, log_a, theta, D=D, seq_idx=seq, n_heads=4)
-    torch.testing.assert_close(T, gateloop_matrix_complex(B, C, log_a, theta, D=D, seq_idx=seq, n_heads=4),
-                               rtol=1e-10, atol=1e-10)
+    blocks = [(0, length)] if length <= 256 else [(0, 200), (250, 450), (length - 200, length)]
+    for a, b in blocks:
+        window = (t[:, a:b] for t in (B, C, log_a, theta))
+        torch.testing.assert_close(T[..., a:b, a:b],
+                                   gateloop_matrix_complex(*window, D=D, seq_idx=seq[:, a:b], n_heads=4),
+                                   rtol=1e-10, atol=1e-10)
     y_ref, _ = gateloop_loop_complex(x, B, C, log_a, theta, None, seq)
     torch.testing.assert_close(torch.einsum("bhls,bshp->blhp", T, x), y_ref + D[:, None] * x, rtol=1e-10, atol=1e-10)
 
@@ -97,11 +105,27 @@ def test_rotation_is_a_true_phase():
     assert (turned - plain).abs().max() > 0.1
 
 
-def test_gradients_of_chunked_scan_equal_the_token_loop():
+def edge_documents(length, chunk=8):
+    """Documents that start on chunk edges. Row 0: new documents at token 3 and at token ``chunk`` (the second
+    chunk's first token); row 1: a one-token document at the end (a chunk's first token when length = k chunk + 1,
+    its last when length = k chunk)."""
+    seq = torch.zeros(2, length, dtype=torch.long)
+    seq[0, 3:] = 1
+    seq[0, chunk:] = 2
+    seq[1, -1] = 1
+    return seq
+
+
+@pytest.mark.parametrize("length,docs", [(37, documents), (8, edge_documents), (9, edge_documents),
+                                         (16, edge_documents), (17, edge_documents)],
+                         ids=["37", "8-one-chunk", "9-one-token-past", "16-two-chunks", "17-one-token-past"])
+def test_gradients_of_chunked_scan_equal_the_token_loop(length, docs):
     """Autograd through the chunked form (rotation + chunks) gives the complex token loop's gradients in every input,
-    the initial state and phase included."""
-    x, B, C, log_a, theta, s0, p0 = inputs(37)
-    seq = documents(37)
+    the initial state and phase included; at chunk 8, also for lengths on and one past the chunk edges (no or one
+    token of tail padding, a last chunk of one token) with documents that start exactly on an edge, where the
+    state carried into a chunk must be dropped."""
+    x, B, C, log_a, theta, s0, p0 = inputs(length)
+    seq = docs(length)
     leaves = [t.clone().requires_grad_(True) for t in (x, B, C, log_a, theta, s0, p0)]
     w = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
     y, state, phase = gateloop_scan(*leaves[:5], leaves[5], leaves[6], seq, chunk_size=8, backend="torch")
@@ -146,6 +170,30 @@ def test_decode_phase_does_not_drift_in_float32():
         advance_phase(phase, theta)
     exact = math.remainder(20000 * step, 2 * math.pi)
     assert abs(math.remainder(phase.item() - exact, 2 * math.pi)) < 1e-3
+
+
+def test_float32_with_a_turning_phase_stays_close_over_2048_tokens():
+    """float32 scan and step against the float64 complex recurrence over 2048 tokens whose phase turns ~3 rad a token
+    (varying token to token), with a memory of hundreds of tokens (decays in (0.991, 1]) over which angle errors
+    add up. float32's own rounding gives ~7e-7 in norm for the scan and ~8e-6 for the step (its state sums 2048
+    float32 updates); a phase carried as an unwrapped float32 angle (~6000 rad by the end, ulp 5e-4) gives ~1.3e-4
+    for the scan, and a decode phase that is never wrapped ~1e-3 for the step: what summing the phase in float64 and
+    wrapping it before the float32 cast (and wrapping the step's running phase) guard."""
+    x, B, C, log_a, theta, s0, p0 = inputs(2048, theta_scale=0.3)
+    theta, log_a = theta + 3.0, 0.03 * log_a
+    y_ref, S_ref = gateloop_loop_complex(x, B, C, log_a, theta, complex_state(s0, p0))
+    f32 = [t.float() for t in (x, B, C, log_a, theta, s0, p0)]
+
+    def rel(a, b):
+        return ((a - b).abs().norm() / b.abs().norm()).item()
+
+    y, state, phase = gateloop_scan(*f32, chunk_size=64, backend="torch")
+    assert y.dtype == state.dtype == phase.dtype == torch.float32
+    assert rel(y.double(), y_ref) < 1e-5
+    assert rel(complex_state(state.double(), phase.double()), S_ref) < 1e-5
+    y, state, phase = step_loop(*f32)
+    assert rel(y.double(), y_ref) < 1e-4
+    assert rel(complex_state(state.double(), phase.double()), S_ref) < 1e-4
 
 
 def test_bad_theta_shape_is_refused():
@@ -348,17 +396,27 @@ ROPES = {
     "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    # dynamic NTK: its frequencies change only past max_position_embeddings (256 here): the init takes the ones below
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+    # longrope: per-pair factors (the short ones up to original_max_position_embeddings) and an attention scaling
+    # (sqrt(1 + ln 4 / ln 64) for factor 4), like yarn's
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                 "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 4.0, 8.0, 16.0]},
 }
 
 
-def llama_teacher(rope):
+def llama_teacher(rope, **fields):
+    """A float64 Llama of 2 layers, 4 query / 2 KV heads of 8. ``rope``: its rope_parameters; None with ``fields``
+    rope_theta / rope_scaling: the config as transformers < 5 wrote it (transformers 5 reads those too)."""
     from transformers import LlamaConfig as HFLlamaConfig
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
+    if rope is not None:
+        fields["rope_parameters"] = dict(rope)
     config = HFLlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           rope_parameters=dict(rope))
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **fields)
     teacher = LlamaForCausalLM(config).double().eval()
     with torch.no_grad():  # larger q/k so that the rotation visibly matters
         for layer in teacher.model.layers:
@@ -403,6 +461,135 @@ def test_attention_init_is_linearised_attention_with_rope(rope):
         plain = (q @ k.transpose(-1, -2) / 8 ** 0.5).tril()
         assert (T - plain).abs().max() > 0.1 * plain.abs().max()  # RoPE does change it: the check has teeth
         assert torch.equal(mixer.out_proj.weight, attn.o_proj.weight)
+
+
+def transformers_rope(config):
+    """(inv_freq, attention_scaling) as transformers computes them for a Llama config: its RoPE init function."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rope_type = config.rope_parameters["rope_type"]
+    init = (LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rope_type])
+    return init(config)
+
+
+def check_phase_is_the_teachers_rope(student, teacher):
+    """Each mixer's phase (of a ``llama_teacher``'s student): weight 0, bias the teacher's inverse frequencies exactly
+    (float32 values, as transformers computes them, once per query/key group); B = W_k / sqrt(d) (KV heads repeated)
+    times the attention scaling squared, which RoPE puts on q and k each."""
+    inv_freq, scaling = transformers_rope(teacher.config)
+    torch.testing.assert_close(teacher.model.rotary_emb.inv_freq, inv_freq.to(F64), rtol=0, atol=0)  # the teacher's own
+    for block, layer in zip(student.backbone.layers, teacher.model.layers):
+        mixer = block.mixer
+        assert not mixer.phase_proj.weight.any()
+        assert torch.equal(mixer.phase_proj.bias, inv_freq.to(mixer.phase_proj.bias.dtype).repeat(mixer.n_qk_heads))
+        gn = mixer.n_qk_heads * mixer.d_state
+        k = layer.self_attn.k_proj.weight.view(2, 8, -1).repeat_interleave(2, dim=0).reshape(gn, -1)
+        torch.testing.assert_close(mixer.in_proj.weight[mixer.d_inner:mixer.d_inner + gn],
+                                   k / 8 ** 0.5 * scaling ** 2, rtol=1e-15, atol=0)
+    return inv_freq, scaling
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_attention_init_phase_is_the_teachers_rope(rope):
+    """Every RoPE type of ROPES: the attention init's phase bias is the teacher's inverse frequencies as transformers'
+    own RoPE init function for that type computes them (and as the teacher's rotary embedding holds them); none is
+    refused. The types are told apart: each gives other frequencies or another scaling than the default RoPE
+    (dynamic excepted, whose frequencies are the default's below max_position_embeddings)."""
+    from llamba.convert import student_from_teacher
+
+    teacher = llama_teacher(ROPES[rope])
+    student = student_from_teacher(teacher, d_state=8, init="attention", mixer="gateloop")
+    inv_freq, scaling = check_phase_is_the_teachers_rope(student, teacher)
+    default = 10000.0 ** -(torch.arange(0, 8, 2, dtype=F64) / 8)
+    differs = not torch.allclose(inv_freq.to(F64), default) or scaling != 1.0
+    assert differs == (rope not in ("default", "dynamic")), (rope, inv_freq, scaling)
+
+
+def transformers4_fields(rope):
+    """rope_parameters as a transformers < 5 config.json spells them: rope_theta beside rope_scaling."""
+    return {"rope_theta": rope["rope_theta"], "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}}
+
+
+TRANSFORMERS4_ROPES = {  # name: (the fields of a transformers < 5 config, the same RoPE as rope_parameters)
+    "default": ({"rope_theta": 500000.0}, {"rope_type": "default", "rope_theta": 500000.0}),
+    "llama3": (transformers4_fields(ROPES["llama3"]), ROPES["llama3"]),
+    # the older spelling, which names the type "type"
+    "linear": ({"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}, ROPES["linear"]),
+    "yarn": (transformers4_fields(ROPES["yarn"]), ROPES["yarn"]),
+}
+
+
+@pytest.mark.parametrize("rope", sorted(TRANSFORMERS4_ROPES))
+def test_attention_init_reads_transformers4_rope_fields(rope):
+    """A teacher config with transformers < 5's rope_theta / rope_scaling instead of rope_parameters (a config.json
+    saved by transformers 4): the phase bias is the same as for that RoPE given as rope_parameters. And the code's
+    own reading of those fields (attention_cfg_from_teacher, the hybrid layers' RoPE) on a transformers-4-shaped
+    config object gives RoPE parameters with which transformers computes the same frequencies and scaling."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    from llamba.convert import attention_cfg_from_teacher, student_from_teacher
+
+    legacy, modern = TRANSFORMERS4_ROPES[rope]
+    want = transformers_rope(llama_teacher(modern).config)
+    teacher = llama_teacher(None, **legacy)
+    student = student_from_teacher(teacher, d_state=8, init="attention", mixer="gateloop")
+    inv_freq, scaling = check_phase_is_the_teachers_rope(student, teacher)
+    assert torch.equal(inv_freq, want[0]) and scaling == want[1]
+    assert not torch.allclose(inv_freq.to(F64), 10000.0 ** -(torch.arange(0, 8, 2, dtype=F64) / 8))  # fields read
+
+    # transformers 4's LlamaConfig holds rope_theta, and rope_scaling with "rope_type" copied from a legacy "type"
+    scaling_field = dict(legacy.get("rope_scaling") or {}) or None
+    if scaling_field and "type" in scaling_field:
+        scaling_field["rope_type"] = scaling_field["type"]
+    old = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, max_position_embeddings=256,
+                          rope_theta=legacy["rope_theta"], rope_scaling=scaling_field)
+    params = attention_cfg_from_teacher(old)["rope_parameters"]
+    config = HFLlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           rope_parameters=params)
+    got = transformers_rope(config)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1], params
+
+
+@pytest.mark.parametrize("fields", ["rope_parameters", "rope_scaling"])
+def test_cli_convert_gateloop_attention_init_end_to_end(tmp_path, capsys, fields):
+    """`llamba convert --mixer gateloop --init attention` on a saved tiny teacher folder whose config.json names a
+    llama3 RoPE with theta 5e5 (as transformers 5 writes it, or as transformers 4 did: rope_theta beside
+    rope_scaling): the student folder's config says gateloop and it loads as GateLoop mixers whose phase bias is the
+    teacher's RoPE inverse frequencies, not the default 10000^(-2j/N) that a fresh mixer starts with."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    from llamba.cli import main
+    from llamba.distill.testing import make_teacher
+    from llamba.model.mixer import rope_frequencies
+
+    teacher = make_teacher(tmp_path / "teacher", vocab=280)  # 2 layers, 4 query / 2 KV heads of 16
+    config = json.loads((teacher / "config.json").read_text())
+    config.pop("rope_parameters", None), config.pop("rope_theta", None), config.pop("rope_scaling", None)
+    config.update({"rope_parameters": dict(ROPES["llama3"])} if fields == "rope_parameters"
+                  else transformers4_fields(ROPES["llama3"]))
+    (teacher / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "student"
+    assert main(["convert", "--teacher", str(teacher), "--out", str(out), "--mixer", "gateloop", "--init", "attention",
+                 "--d-state", "16"]) == 0
+    assert "gateloop mixers" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["ssm_cfg"]["mixer"] == "gateloop"
+
+    inv_freq = LlamaForCausalLM.from_pretrained(teacher).model.rotary_emb.inv_freq  # as transformers runs the teacher
+    want, _ = transformers_rope(HFLlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=1024,
+                                              rope_parameters=dict(ROPES["llama3"])))
+    assert torch.equal(inv_freq, want)  # transformers did read the llama3 RoPE from either spelling
+    assert not torch.allclose(inv_freq.double(), rope_frequencies(16))
+    student = load_student(out)
+    assert student.config.mixer == "gateloop"
+    for block in student.backbone.layers:
+        mixer = block.mixer
+        assert isinstance(mixer, GateLoopMamba2) and not mixer.phase_proj.weight.any()
+        assert torch.equal(mixer.phase_proj.bias, inv_freq.repeat(mixer.n_qk_heads))
 
 
 def test_identity_init_and_attention_init_sizes():
