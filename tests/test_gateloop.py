@@ -129,7 +129,8 @@ def test_gradients_of_chunked_scan_equal_the_token_loop(length, docs):
     leaves = [t.clone().requires_grad_(True) for t in (x, B, C, log_a, theta, s0, p0)]
     w = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(5))
     y, state, phase = gateloop_scan(*leaves[:5], leaves[5], leaves[6], seq, chunk_size=8, backend="torch")
-    ws = torch.randn(complex_state(state, phase).shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(6))
+    ws = torch.randn(complex_state(state, phase).shape, dtype=torch.complex128,
+                     generator=torch.Generator().manual_seed(6))
     fast = (y * w).sum() + (complex_state(state, phase) * ws).real.sum()
     g_fast = torch.autograd.grad(fast, leaves)
     y_ref, S_ref = gateloop_loop_complex(*leaves[:5], complex_state(leaves[5], leaves[6]), seq)
