@@ -70,21 +70,58 @@ def as_text_shows(tokens: list[int]) -> list[int]:
 PROMPTS = [[5, 6, 7], [8] * 11, [20, 30, 40, 50, 60, 70, 80], [9], [33, 44, 55, 66, 77, 88, 22, 11, 3, 4]]
 
 
-def test_teacher_slots_give_each_request_its_tokens_alone():
+def tiny_teacher():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamba.serve.slots import TeacherSlots
-
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=128)).double().eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).double().eval()
+
+
+def teacher_alone(teacher) -> list[list[int]]:
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: teacher(torch.tensor([ids])).logits[0, -1], p, 8) for p in PROMPTS]
     assert len({tuple(e) for e in expected}) == len(PROMPTS)
+    return expected
+
+
+def test_teacher_slots_give_each_request_its_tokens_alone():
+    from llamba.serve.slots import TeacherSlots
+
+    teacher = tiny_teacher()
     # 3 slots for 5 requests: later ones join rows that others left, at other positions
-    got = collect(TeacherSlots(teacher, 3, 64), PROMPTS, 8)
-    assert got == expected
+    got = collect(TeacherSlots(teacher, 3, 64, cuda_graph=False), PROMPTS, 8)
+    assert got == teacher_alone(teacher)
+
+
+def test_teacher_slots_fixed_shape_step_gives_each_request_its_tokens_alone():
+    """The step the CUDA graph captures (every slot row over every key, masked by each row's position), run here
+    eagerly in place of the replay: the same tokens as each request alone."""
+    from llamba.serve.slots import TeacherSlots
+
+    class Replayed(TeacherSlots):
+        def _capture(self):
+            slots = self
+
+            class Eager:
+                def replay(self):
+                    slots.logits = slots._step_all_rows()
+            return Eager()
+
+    teacher = tiny_teacher()
+    assert collect(Replayed(teacher, 3, 64, cuda_graph=True), PROMPTS, 8) == teacher_alone(teacher)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_teacher_slots_cuda_graph_matches_the_plain_step():
+    from llamba.serve.slots import TeacherSlots
+
+    teacher = tiny_teacher().float().cuda()
+    plain = collect(TeacherSlots(teacher, 4, 64, cuda_graph=False), PROMPTS, 8)
+    graphed = collect(TeacherSlots(teacher, 4, 64, cuda_graph=True), PROMPTS, 8)
+    assert graphed == plain
 
 
 def test_cpu_runtime_slots_give_each_request_its_tokens_alone():

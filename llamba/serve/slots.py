@@ -136,9 +136,14 @@ class TeacherSlots:
     ``max_context`` positions and a position per row, so rows at different lengths decode as one batch (a key is
     visible to a row up to that row's position). transformers' own static cache keeps one position for the whole
     batch, and ``llamba.bench.llama_static`` too, so neither fits slots that join at different times. The layers
-    run through the model's own modules (norms, projections, rotary embedding, MLP); attention is SDPA."""
+    run through the model's own modules (norms, projections, rotary embedding, MLP); attention is SDPA.
 
-    def __init__(self, model, n_slots: int, max_context: int):
+    On CUDA (``cuda_graph``, default there) a decode step is one captured graph of fixed shape, as the student's
+    (``_DecodeGraph``) and the GPU benchmark's teacher are: all ``n_slots`` rows over all ``max_context`` keys,
+    masked by each row's position, with no host read in it. Without it a step runs the busy rows over the longest
+    row's keys only, which costs a host read of the positions per step but less attention on short rows."""
+
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from llamba.teacher import check_llama_family
@@ -159,6 +164,9 @@ class TeacherSlots:
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.pos = torch.zeros(n_slots + 1, dtype=torch.long, device=p.device)  # next write position per row
         self.staging = n_slots
+        self.tok = torch.zeros(n_slots, 1, dtype=torch.long, device=p.device)  # the fixed-shape step's input
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = self._capture() if use_graph else None
 
     def _forward(self, ids: torch.Tensor, rows: slice, positions: torch.Tensor, keys: int,
                  mask: torch.Tensor) -> torch.Tensor:
@@ -210,11 +218,40 @@ class TeacherSlots:
             self.v[:, slot, :, :n].copy_(self.v[:, self.staging, :, :n])
             self.pos[slot] = n
 
+    def _step_all_rows(self) -> torch.Tensor:
+        """The fixed-shape step: ``self.tok`` for every slot row at its own position, over all ``max_context`` keys
+        (those past a row's position masked); shapes and addresses never change, so it can be captured. A free row
+        computes at position 0 and writes there, which the next join overwrites."""
+        pos = self.pos[: self.n_slots]
+        mask = (torch.arange(self.max_context, device=self.device)[None, :] <= pos[:, None])[:, None, None]
+        return self._forward(self.tok, slice(0, self.n_slots), pos[:, None], self.max_context, mask)
+
+    @torch.inference_mode()
+    def _capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: the allocator and kernels settle before capture
+            for _ in range(2):
+                self._step_all_rows()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step_all_rows()
+        self.pos.zero_()  # the warm-up and capture wrote keys at position 0 of every row: free rows, as at the start
+        return graph
+
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Rows [0, highest slot] as one batch; a free row among them sits at position 0 (``release``) and writes
-        there, which the next join overwrites."""
+        """One token for each of ``slots``. With the graph: every row, replayed. Without: rows [0, highest slot] as
+        one batch; a free row among them sits at position 0 (``release``) and writes there, which the next join
+        overwrites."""
         index = torch.tensor(slots, device=self.device)
+        if self.graph is not None:
+            self.tok.zero_()
+            self.tok[index, 0] = torch.tensor(tokens, device=self.device)
+            self.graph.replay()
+            self.pos[index] += 1
+            return self.logits[index]
         rows = max(slots) + 1
         pos = self.pos[:rows].clone()
         keys = int(pos.max()) + 1  # attend over the longest row's keys only, not the whole cache
