@@ -33,8 +33,18 @@ def test_cuda_graph_generation_matches_eager_and_transformers(default_init_stude
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=12, repetition_penalty=1.2), ref)
 
 
-def test_engine_matches_transformers_generate_on_cpu(default_init_student, left_padded):
-    model = default_init_student()
+STUDENTS = ["pure", "hybrid"]  # every engine path a hybrid takes too (its attention layer's static KV cache)
+
+
+def student(kind: str):
+    from conftest import make_default_init_student, make_hybrid_student
+
+    return make_default_init_student() if kind == "pure" else make_hybrid_student((1,))
+
+
+@pytest.mark.parametrize("kind", STUDENTS)
+def test_engine_matches_transformers_generate_on_cpu(kind, left_padded):
+    model = student(kind)
     ids, mask = left_padded()
     for kwargs in ({}, {"repetition_penalty": 1.5}):
         ours = generate(model, ids, mask, max_new_tokens=10, **kwargs)
@@ -84,8 +94,9 @@ def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch, default_init_s
     assert torch.equal(tokens[route], tokens["one"])
 
 
-def test_engine_eos_and_stop_strings_per_row(default_init_student, left_padded):
-    model = default_init_student()
+@pytest.mark.parametrize("kind", STUDENTS)
+def test_engine_eos_and_stop_strings_per_row(kind, left_padded):
+    model = student(kind)
     ids, mask = left_padded()
     free = generate(model, ids, mask, max_new_tokens=12).new_tokens
     eos = int(free[0, 3])  # row 0 meets it at position 3 at the latest
@@ -110,3 +121,22 @@ def test_engine_eos_and_stop_strings_per_row(default_init_student, left_padded):
     assert torch.equal(out.new_tokens[1, : first + 1], free[1, : first + 1]) and (out.new_tokens[1, first + 1:] == 0).all()
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, ids, mask, max_new_tokens=2, stop_strings=["x"])
+
+
+@pytest.mark.parametrize("kind", STUDENTS)
+def test_engine_samples_as_transformers_generate_does(kind, left_padded):
+    """Sampled rows (temperature, top-k, top-p, min-p) through the engine's one sampler: a seed gives the same
+    tokens again, another seed other tokens, and every token is one the filters allow at its step (in the top k
+    of the model's own logits for that row and prefix)."""
+    model = student(kind)
+    ids, mask = left_padded()
+    options = dict(do_sample=True, temperature=0.9, top_k=5, top_p=0.95, min_p=0.01, max_new_tokens=8)
+    a, b = (generate(model, ids, mask, seed=s, **options).new_tokens for s in (3, 3))
+    assert torch.equal(a, b) and not torch.equal(a, generate(model, ids, mask, seed=4, **options).new_tokens)
+    with torch.no_grad():
+        for t in range(8):
+            prefix_ids = torch.cat([ids, a[:, :t]], dim=1)
+            prefix_mask = torch.cat([mask, torch.ones_like(a[:, :t])], dim=1)
+            logits = model(prefix_ids, attention_mask=prefix_mask).logits[:, -1, :97]
+            top5 = logits.topk(5, dim=-1).indices
+            assert (top5 == a[:, t:t + 1]).any(-1).all(), t
