@@ -5,6 +5,7 @@ free their slot, 429 past the queue, and SIGTERM (through the real command, in a
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -375,18 +376,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
+@contextlib.contextmanager
+def serve_process(tmp_path, *extra: str):
+    """`llamba serve` as a user starts it (a tiny student, CPU), up and answering; yields (process, base url)."""
     from llamba.checkpoint import save_student
 
     folder = save_student(make_tiny_student(tied=False), tiny_tokenizer(), tmp_path / "student")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "llamba.cli", "serve", "--model", str(folder), "--port", str(port),
-                             "--device", "cpu", "--threads", "1", "--max-batch", "2", "--max-context", "4096"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--device", "cpu", "--threads", "1", "--max-batch", "2", "--max-context", "4096", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-
         def up():
             try:
                 return http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/health") or True
@@ -395,6 +396,22 @@ def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
                 return False
 
         wait_for(up, "the server to start", 60)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def stopped_cleanly(proc) -> None:
+    # uvicorn re-raises the SIGTERM it handled once it has shut down: the exit status says "terminated"
+    assert proc.wait(30) in (0, -signal.SIGTERM)
+    log = proc.stdout.read()
+    assert "llamba serve: stopped" in log and "Traceback" not in log, log
+
+
+def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
+    with serve_process(tmp_path) as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="student", prompt="w5 w6", max_tokens=1000, temperature=0, stream=True)
         chunks = [next(iter(stream))]
@@ -402,14 +419,24 @@ def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
         chunks += list(stream)
         assert chunks[-1].choices[0].finish_reason == "length"
         assert len(ids_of("".join(ch.choices[0].text for ch in chunks))) == 1000
-        # uvicorn re-raises the SIGTERM it handled once it has shut down: the exit status says "terminated"
-        assert proc.wait(30) in (0, -signal.SIGTERM)
-        log = proc.stdout.read()
-        assert "llamba serve: stopped" in log and "Traceback" not in log, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        stopped_cleanly(proc)
+
+
+def test_llamba_serve_command_ends_what_outlasts_its_shutdown_timeout(tmp_path):
+    """A stream that cannot finish within --shutdown-timeout is ended by the server with an error event that says
+    why (the openai client raises it), not cut off; the server then stops cleanly, its scheduler too, with no
+    traceback in its log."""
+    with serve_process(tmp_path, "--shutdown-timeout", "0.5") as (proc, url):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = c.completions.create(model="student", prompt="w5 w6", max_tokens=4000, temperature=0, stream=True)
+        chunks = [next(iter(stream))]
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            chunks += list(stream)
+        assert len(ids_of("".join(ch.choices[0].text for ch in chunks if ch.choices))) < 4000
+        stopped_cleanly(proc)
+        assert time.monotonic() - start < 20
 
 
 def test_the_raw_stream_is_openai_server_sent_events(server):

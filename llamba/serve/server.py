@@ -63,12 +63,30 @@ def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_to
     return create_app(scheduler, served.tokenizer, served.name, served.max_context, default_max_tokens)
 
 
+# seconds uvicorn waits past --shutdown-timeout for the streams the scheduler has just ended to close
+CLOSE_MARGIN = 5.0
+
+
 def run_foreground(app, host: str, port: int, shutdown_timeout: float) -> None:
-    """uvicorn in this thread. On SIGTERM or Ctrl-C it stops accepting, lets open requests finish for up to
-    ``shutdown_timeout`` seconds (then cancels them: their slots are freed), and stops the scheduler last."""
+    """uvicorn in this thread. On SIGTERM or Ctrl-C it stops accepting and lets open requests finish for up to
+    ``shutdown_timeout`` seconds; then the scheduler ends whatever is left with an error event ("the server is
+    shutting down"), so each response closes as a response does and frees its slot, instead of uvicorn cutting the
+    connection and cancelling its task (a traceback in the log, a stream the client sees break off)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_timeout)
+    scheduler = app.state.api.scheduler
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # the first signal starts the grace period
+                timer = threading.Timer(shutdown_timeout, scheduler.stop)
+                timer.daemon = True  # a server whose requests all finished in time exits without waiting for it
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=shutdown_timeout + CLOSE_MARGIN)
+    Server(config).run()
 
 
 class BackgroundServer:
