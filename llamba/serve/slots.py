@@ -235,9 +235,8 @@ class TeacherSlots:
                 self._step_all_rows()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # (warm-up and capture wrote keys at position 0 of the free rows: harmless)
             self.logits = self._step_all_rows()
-        self.pos.zero_()  # the warm-up and capture wrote keys at position 0 of every row: free rows, as at the start
         return graph
 
     @torch.inference_mode()
