@@ -71,6 +71,34 @@ def test_decoder_matches_model_forward(quant, tiny_student):
     torch.testing.assert_close(torch.stack(got), ref[22:40], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_batched_step_equals_one_step_per_cache(quant, tiny_student):
+    """``step_batch`` (one C call over several caches, each weight row read once for all) gives every cache exactly
+    what ``step`` alone gives it: the same logits to the bit and the same states, caches at different lengths, a
+    batch that shrinks and grows between calls; a bad token id is refused before any cache moves."""
+    model = tiny_student()
+    quantize_student(model, quant)
+    dec = CpuDecoder(model)
+    prompts = [torch.randint(0, 100, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 17, 1, 30)]
+    batched, alone = [dec.new_cache() for _ in prompts], [dec.new_cache() for _ in prompts]
+    for p, a, b in zip(prompts, alone, batched):
+        dec.prefill(p, cache=a)
+        dec.prefill(p, cache=b)
+    g = torch.Generator().manual_seed(0)
+    for rows in ([0, 1, 2, 3, 4], [4, 1], [2], [0, 1, 2, 3, 4], [3, 0, 2]):
+        tokens = torch.randint(0, 100, (len(rows),), generator=g).tolist()
+        got = dec.step_batch(tokens, [batched[r] for r in rows]).clone()
+        want = torch.stack([dec.step(t, cache=alone[r]).clone() for t, r in zip(tokens, rows)])
+        assert torch.equal(got, want), rows
+    for a, b in zip(alone, batched):
+        assert torch.equal(a.conv_states, b.conv_states) and torch.equal(a.ssm_states, b.ssm_states)
+        assert a.seen_tokens == b.seen_tokens
+    states = [c.ssm_states.clone() for c in batched]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        dec.step_batch([5, 104], batched[:2])
+    assert all(torch.equal(c.ssm_states, s) for c, s in zip(batched, states))
+
+
 @pytest.mark.parametrize("quant,tol", [("int8", 0.02), ("int4", 0.15)])
 def test_quantized_logits_close_to_float(quant, tol, tiny_student):
     """Random weights and random token ids: the relative logit error stays small (int8 tighter than int4)."""

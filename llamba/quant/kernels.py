@@ -74,6 +74,9 @@ def load_kernels(portable: bool = False):
         return None
     lib.llamba_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, c_float_p, c_float_p, c_float_p, c_float_p]
     lib.llamba_decode_step.restype = ctypes.c_int
+    lib.llamba_decode_batch.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
+                                        ctypes.POINTER(c_float_p), ctypes.POINTER(c_float_p), c_float_p, c_float_p]
+    lib.llamba_decode_batch.restype = ctypes.c_int
     lib.llamba_mixer_blocks.argtypes = [ctypes.POINTER(Model), ctypes.c_int64, ctypes.c_int64, c_float_p, c_float_p,
                                         c_float_p, c_float_p]
     lib.llamba_mixer_blocks.restype = None

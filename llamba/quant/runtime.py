@@ -107,6 +107,7 @@ class CpuDecoder:
         self.logits = self.logits_buf[: cfg.vocab_size]
         self.h = torch.zeros(cfg.d_model)  # the residual stream between the C and the PyTorch layers
         self._segments = _segments(cfg)
+        self._batch_work = self._batch_logits = None  # step_batch's buffers, grown to the largest batch it sees
         self._allocate(max_length)
 
     def _allocate(self, max_length: int | None) -> None:
@@ -156,6 +157,28 @@ class CpuDecoder:
             raise ValueError(f"token id {token} outside the vocabulary ({self.c_model.embedding.n})")
         cache.seen_tokens += 1
         return self.logits
+
+    def step_batch(self, tokens: list[int], caches: list[LlambaCache]) -> torch.Tensor:
+        """Feed tokens[b] to caches[b] (each from ``new_cache``), all in one call: each weight is read about once
+        for the whole batch, where ``step`` per cache reads them all again (``llamba serve``'s slots). Returns the
+        (batch, vocab) next-token logits, a view of a buffer that the next call overwrites. A student with blocks
+        outside C (``runs_in_pytorch``) steps the caches one after another."""
+        if self._segments is not None:
+            return torch.stack([self.step(token, cache).clone() for token, cache in zip(tokens, caches)])
+        n = len(tokens)
+        if self._batch_work is None or self._batch_work.shape[0] < n:
+            self._batch_work = torch.zeros(n, self.workspace.numel())
+            self._batch_logits = torch.zeros(n, self.c_model.head.n)
+        pointers = (kernels.c_float_p * n)
+        conv = pointers(*(kernels.fptr(cache.conv_states) for cache in caches))
+        ssm = pointers(*(kernels.fptr(cache.ssm_states) for cache in caches))
+        ids = (ctypes.c_int64 * n)(*(int(t) for t in tokens))
+        if self.lib.llamba_decode_batch(ctypes.byref(self.c_model), n, ids, conv, ssm, kernels.fptr(self._batch_work),
+                                        kernels.fptr(self._batch_logits)) != 0:
+            raise ValueError(f"a token id among {list(tokens)} is outside the vocabulary ({self.c_model.embedding.n})")
+        for cache in caches:
+            cache.seen_tokens += 1
+        return self._batch_logits[:n, : self.config.vocab_size]
 
     @torch.inference_mode()
     def _segmented_step(self, token: int, cache: LlambaCache, conv, ssm) -> torch.Tensor:

@@ -99,8 +99,9 @@ class _DecodeGraph:
 
 class QuantSlots:
     """The CPU runtime (``llamba.quant.CpuDecoder``: an int8 / int4 artifact, or a float32 student with ``--quant
-    none``): one batch-1 cache per slot, all on the same weights. Its compiled step is batch 1, so a decode step runs
-    the slots one after another: requests still join and leave at token boundaries, but the batch shares no GEMM."""
+    none``): one batch-1 cache per slot, all on the same weights, and a decode step is one C call over the busy
+    slots' caches (``CpuDecoder.step_batch``: each weight row read once for all of them). A hybrid or GateLoop
+    student, whose other blocks run in PyTorch, steps its slots one after another."""
 
     def __init__(self, decoder, n_slots: int, max_context: int):
         self.decoder = decoder
@@ -124,8 +125,7 @@ class QuantSlots:
             cache.seen_tokens = self.staging.seen_tokens
 
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        return torch.stack([self.decoder.step(tok, cache=self.caches[slot]).clone()
-                            for slot, tok in zip(slots, tokens)])
+        return self.decoder.step_batch(tokens, [self.caches[slot] for slot in slots]).clone()
 
     def release(self, slot: int) -> None:
         pass

@@ -162,20 +162,29 @@ static void group_sums(const Linear* l, const float* x, float* xsum) {
   }
 }
 
-/* y = W x (+ bias). xsum: scratch of K / 32 floats. Output rows are split across the OpenMP threads. */
-static void gemv(const Linear* l, const float* x, float* y, float* xsum) {
-  group_sums(l, x, xsum);
-#pragma omp parallel for schedule(static) if (l->n >= 256)
-  for (int64_t r = 0; r < l->n; ++r) y[r] = row(l, r, x, xsum);
+/* y_b = W x_b (+ bias) for `batch` inputs: x_b at x + b * xs, y_b at y + b * ys, x_b's group sums (scratch of
+ * K / 32 floats) at xsum + b * xss. Output rows are split across the OpenMP threads; each thread reads a weight row
+ * once and uses it for every input while it is in cache, so a batch costs about one pass over the weights. */
+static void gemm(const Linear* l, int64_t batch, const float* x, int64_t xs, float* y, int64_t ys, float* xsum,
+                 int64_t xss) {
+  for (int64_t b = 0; b < batch; ++b) group_sums(l, x + b * xs, xsum + b * xss);
+#pragma omp parallel for schedule(static) if (l->n * batch >= 256)
+  for (int64_t r = 0; r < l->n; ++r)
+    for (int64_t b = 0; b < batch; ++b) y[b * ys + r] = row(l, r, x + b * xs, xsum + b * xss);
 }
 
-/* [y_a; y_b] = [A; B] x for two linears of one input (gate and up): one parallel region instead of two. */
-static void gemv2(const Linear* a, const Linear* b, const float* x, float* y, float* xsum_a, float* xsum_b) {
-  group_sums(a, x, xsum_a);
-  group_sums(b, x, xsum_b);
+/* [y_a; y_b] = [A; B] x for two linears of one input (gate and up), batched as gemm: one parallel region. */
+static void gemm2(const Linear* a, const Linear* b, int64_t batch, const float* x, int64_t xs, float* y, int64_t ys,
+                  float* xsum_a, float* xsum_b, int64_t xss) {
+  for (int64_t i = 0; i < batch; ++i) {
+    group_sums(a, x + i * xs, xsum_a + i * xss);
+    group_sums(b, x + i * xs, xsum_b + i * xss);
+  }
   const int64_t n = a->n + b->n;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < n; ++r) y[r] = r < a->n ? row(a, r, x, xsum_a) : row(b, r - a->n, x, xsum_b);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < batch; ++i)
+      y[i * ys + r] = r < a->n ? row(a, r, x + i * xs, xsum_a + i * xss) : row(b, r - a->n, x + i * xs, xsum_b + i * xss);
 }
 
 /* Row `row` of a (possibly quantized) table, dequantized: the embedding lookup. */
@@ -218,72 +227,91 @@ int64_t llamba_workspace_floats(const Model* m) {
   return 3 * m->d_model + proj_dim + conv_dim + m->d_inner + 2 * m->inter + 2 * (max3(m->d_model, m->d_inner, m->inter) / 32 + 1);
 }
 
-/* Mixer blocks first..last-1 on the residual stream h (d_model floats, updated in place). conv_states
- * (n_layer, conv_dim, width - 1) and ssm_states (n_layer, H, P, N), float32, are indexed by layer and updated in
- * place; work is the workspace (its first d_model floats, the whole step's h, are not touched here). A hybrid's
- * caller runs its attention layers itself between such ranges (llamba/quant/runtime.py). */
-void llamba_mixer_blocks(const Model* m, int64_t first, int64_t last, float* h, float* conv_states, float* ssm_states,
-                         float* work) {
+/* Mixer blocks first..last-1 for `batch` independent rows. Row b: its residual stream at h + b * hs (d_model
+ * floats, updated in place), its conv_states[b] (n_layer, conv_dim, width - 1) and ssm_states[b] (n_layer, H, P, N),
+ * float32, indexed by layer and updated in place, and its own workspace at work + b * ws_stride (whose first
+ * d_model floats, the whole step's h, are not touched here). The linears run batched (gemm), the conv and the
+ * recurrence row by row. */
+static void mixer_blocks(const Model* m, int64_t first, int64_t last, int64_t batch, float* h, int64_t hs,
+                         float* const* conv_states, float* const* ssm_states, float* work, int64_t ws_stride) {
   const int64_t d = m->d_model, d_inner = m->d_inner, H = m->n_heads, G = m->n_groups, P = m->head_dim,
                 N = m->d_state, width = m->width, inter = m->inter;
   const int64_t conv_dim = d_inner + 2 * G * N, proj_dim = conv_dim + d_inner + H, heads_per_group = H / G;
-
-  float* ws = work + d;
-  float* xn = ws;   ws += d;
-  float* proj = ws; ws += proj_dim;
-  float* xbc = ws;  ws += conv_dim;
-  float* y = ws;    ws += d_inner;
-  float* gu = ws;   ws += 2 * inter;
-  float* out = ws;  ws += d;
-  float* xsum = ws;
+  /* the workspace layout of one row (llamba_workspace_floats): h | xn | proj | xbc | y | gu | out | xsum */
+  float* xn = work + d;
+  float* proj = xn + d;
+  float* xbc = proj + proj_dim;
+  float* y = xbc + conv_dim;
+  float* gu = y + d_inner;
+  float* out = gu + 2 * inter;
+  float* xsum = out + d;
+  const int64_t S = ws_stride;
 
   for (int64_t li = first; li < last; ++li) {
     const Layer* L = &m->layers[li];
 
     /* Discrete Mamba-2 mixer */
-    rms_norm(h, L->input_norm, xn, d, m->eps);
-    gemv(&L->in_proj, xn, proj, xsum);
-    float* cs = conv_states + li * conv_dim * (width - 1);
-    for (int64_t c = 0; c < conv_dim; ++c) { /* depthwise causal conv over [x | B | C], window shifted in place */
-      float* st = cs + c * (width - 1);
-      const float* wc = L->conv_weight + c * width;
-      float acc = L->conv_bias ? L->conv_bias[c] : 0.f;
-      for (int64_t j = 0; j < width - 1; ++j) acc += wc[j] * st[j];
-      acc += wc[width - 1] * proj[c];
-      for (int64_t j = 0; j + 1 < width - 1; ++j) st[j] = st[j + 1];
-      st[width - 2] = proj[c];
-      xbc[c] = acc;
-    }
-    const float *x = xbc, *B = xbc + d_inner, *C = xbc + d_inner + G * N;
-    const float *z = proj + conv_dim, *A_log = proj + conv_dim + d_inner;
-    float* S = ssm_states + li * H * P * N;
-    /* S = a S + x B^T;  y = (S C + D x) * silu(z + z_bias). Serial: ~40k multiply-adds cost less than a hand-off. */
-    for (int64_t hh = 0; hh < H; ++hh) {
-      const float a = expf(-softplus(A_log[hh]));
-      const float* Bg = B + (hh / heads_per_group) * N;
-      const float* Cg = C + (hh / heads_per_group) * N;
-      for (int64_t p = 0; p < P; ++p) {
-        float* Sp = S + (hh * P + p) * N;
-        const float xv = x[hh * P + p];
-        float acc = 0.f;
-        for (int64_t n = 0; n < N; ++n) {
-          Sp[n] = a * Sp[n] + xv * Bg[n];
-          acc += Sp[n] * Cg[n];
+    for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * hs, L->input_norm, xn + b * S, d, m->eps);
+    gemm(&L->in_proj, batch, xn, S, proj, S, xsum, S);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* pr = proj + b * S;
+      float* xb = xbc + b * S;
+      float* cs = conv_states[b] + li * conv_dim * (width - 1);
+      for (int64_t c = 0; c < conv_dim; ++c) { /* depthwise causal conv over [x | B | C], window shifted in place */
+        float* st = cs + c * (width - 1);
+        const float* wc = L->conv_weight + c * width;
+        float acc = L->conv_bias ? L->conv_bias[c] : 0.f;
+        for (int64_t j = 0; j < width - 1; ++j) acc += wc[j] * st[j];
+        acc += wc[width - 1] * pr[c];
+        for (int64_t j = 0; j + 1 < width - 1; ++j) st[j] = st[j + 1];
+        st[width - 2] = pr[c];
+        xb[c] = acc;
+      }
+      const float *x = xb, *B = xb + d_inner, *C = xb + d_inner + G * N;
+      const float *z = pr + conv_dim, *A_log = pr + conv_dim + d_inner;
+      float* St = ssm_states[b] + li * H * P * N;
+      float* yb = y + b * S;
+      /* S = a S + x B^T;  y = (S C + D x) * silu(z + z_bias). Serial: ~40k multiply-adds cost less than a
+       * hand-off. */
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const float a = expf(-softplus(A_log[hh]));
+        const float* Bg = B + (hh / heads_per_group) * N;
+        const float* Cg = C + (hh / heads_per_group) * N;
+        for (int64_t p = 0; p < P; ++p) {
+          float* Sp = St + (hh * P + p) * N;
+          const float xv = x[hh * P + p];
+          float acc = 0.f;
+          for (int64_t n = 0; n < N; ++n) {
+            Sp[n] = a * Sp[n] + xv * Bg[n];
+            acc += Sp[n] * Cg[n];
+          }
+          const int64_t i = hh * P + p;
+          yb[i] = (acc + L->D[hh] * xv) * silu(z[i] + (L->z_bias ? L->z_bias[i] : 0.f));
         }
-        const int64_t i = hh * P + p;
-        y[i] = (acc + L->D[hh] * xv) * silu(z[i] + (L->z_bias ? L->z_bias[i] : 0.f));
       }
     }
-    gemv(&L->out_proj, y, out, xsum);
-    for (int64_t i = 0; i < d; ++i) h[i] += out[i];
+    gemm(&L->out_proj, batch, y, S, out, S, xsum, S);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < d; ++i) h[b * hs + i] += out[b * S + i];
 
     /* SwiGLU MLP */
-    rms_norm(h, L->post_norm, xn, d, m->eps);
-    gemv2(&L->gate, &L->up, xn, gu, xsum, xsum + d / 32 + 1);
-    for (int64_t i = 0; i < inter; ++i) gu[i] = silu(gu[i]) * gu[inter + i];
-    gemv(&L->down, gu, out, xsum);
-    for (int64_t i = 0; i < d; ++i) h[i] += out[i];
+    for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * hs, L->post_norm, xn + b * S, d, m->eps);
+    gemm2(&L->gate, &L->up, batch, xn, S, gu, S, xsum, xsum + d / 32 + 1, S);
+    for (int64_t b = 0; b < batch; ++b) {
+      float* g = gu + b * S;
+      for (int64_t i = 0; i < inter; ++i) g[i] = silu(g[i]) * g[inter + i];
+    }
+    gemm(&L->down, batch, gu, S, out, S, xsum, S);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < d; ++i) h[b * hs + i] += out[b * S + i];
   }
+}
+
+/* Mixer blocks first..last-1 on one residual stream h (d_model floats, updated in place): mixer_blocks for one row.
+ * A hybrid's caller runs its attention layers itself between such ranges (llamba/quant/runtime.py). */
+void llamba_mixer_blocks(const Model* m, int64_t first, int64_t last, float* h, float* conv_states, float* ssm_states,
+                         float* work) {
+  mixer_blocks(m, first, last, 1, h, 0, &conv_states, &ssm_states, work, 0);
 }
 
 /* h (d_model floats) <- the embedding of token. Returns 0, or -1 for a token id outside the embedding. */
@@ -299,22 +327,36 @@ void llamba_head(const Model* m, const float* h, float* work, float* logits) {
   float* xn = work + d;
   float* xsum = xn + d + (conv_dim + d_inner + m->n_heads) + conv_dim + d_inner + 2 * m->inter + d;
   rms_norm(h, m->final_norm, xn, d, m->eps);
-  gemv(&m->head, xn, logits, xsum);
+  gemm(&m->head, 1, xn, 0, logits, 0, xsum, 0);
 }
 
-/* A pure student's whole step: embedding, every block, final norm and head. logits receives head->n floats.
- * Returns 0, or -1 for a token id outside the embedding. */
-int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float* ssm_states, float* work, float* logits) {
-  float* h = work;
-  if (llamba_embed(m, token, h) != 0) return -1;
-  llamba_mixer_blocks(m, 0, m->n_layer, h, conv_states, ssm_states, work);
-  llamba_head(m, h, work, logits);
+/* A pure student's whole step for `batch` sequences at once (a server's slots): embedding, every block, final norm
+ * and head. Sequence b feeds tokens[b] to its own conv_states[b] and ssm_states[b]; work holds `batch` workspaces
+ * of llamba_workspace_floats each; logits receives (batch, head->n) floats. Each weight is read about once for the
+ * whole batch. Returns 0, or -1 (before any work) when a token id is outside the embedding. */
+int llamba_decode_batch(const Model* m, int64_t batch, const int64_t* tokens, float* const* conv_states,
+                        float* const* ssm_states, float* work, float* logits) {
+  const int64_t S = llamba_workspace_floats(m), d = m->d_model;
+  for (int64_t b = 0; b < batch; ++b)
+    if (tokens[b] < 0 || tokens[b] >= m->embedding.n) return -1;
+  for (int64_t b = 0; b < batch; ++b) table_row(&m->embedding, tokens[b], work + b * S);
+  mixer_blocks(m, 0, m->n_layer, batch, work, S, conv_states, ssm_states, work, S);
+  const int64_t d_inner = m->d_inner, conv_dim = d_inner + 2 * m->n_groups * m->d_state;
+  float* xn = work + d;
+  float* xsum = xn + d + (conv_dim + d_inner + m->n_heads) + conv_dim + d_inner + 2 * m->inter + d;
+  for (int64_t b = 0; b < batch; ++b) rms_norm(work + b * S, m->final_norm, xn + b * S, d, m->eps);
+  gemm(&m->head, batch, xn, S, logits, m->head.n, xsum, S);
   return 0;
+}
+
+/* A pure student's whole step for one sequence: llamba_decode_batch of one. */
+int llamba_decode_step(const Model* m, int64_t token, float* conv_states, float* ssm_states, float* work, float* logits) {
+  return llamba_decode_batch(m, 1, &token, &conv_states, &ssm_states, work, logits);
 }
 
 /* y (M, N) = x (M, K) W^T (+ bias), row by row: the quantized linear for a few rows, and what the tests check. */
 void llamba_linear_rows(const Linear* l, const float* x, int64_t rows, float* y, float* xsum) {
-  for (int64_t r = 0; r < rows; ++r) gemv(l, x + r * l->k, y + r * l->n, xsum);
+  for (int64_t r = 0; r < rows; ++r) gemm(l, 1, x + r * l->k, 0, y + r * l->n, 0, xsum, 0);
 }
 
 int llamba_has_avx512(void) {
