@@ -122,7 +122,6 @@ def build_recipe(args) -> dict:
 
         check_mixer(recipe.get("mixer"), recipe["d_state"])  # a typo or an odd d_state fails before any work
     if args.attention_layers is not None:
-
         from llamba.distill.select import AUTO
 
         spec = args.attention_layers.strip()

@@ -321,13 +321,20 @@ int llamba_embed(const Model* m, int64_t token, float* h) {
   return 0;
 }
 
-/* logits (head->n floats) <- head(final_norm(h)). */
-void llamba_head(const Model* m, const float* h, float* work, float* logits) {
+/* logits_b (head->n floats, at logits + b * head->n) <- head(final_norm(h_b)) for `batch` rows: h_b at h + b * hs,
+ * row b's workspace (its xn and xsum, as mixer_blocks lays them out) at work + b * ws_stride. */
+static void head_rows(const Model* m, int64_t batch, const float* h, int64_t hs, float* work, int64_t ws_stride,
+                      float* logits) {
   const int64_t d = m->d_model, d_inner = m->d_inner, conv_dim = d_inner + 2 * m->n_groups * m->d_state;
   float* xn = work + d;
   float* xsum = xn + d + (conv_dim + d_inner + m->n_heads) + conv_dim + d_inner + 2 * m->inter + d;
-  rms_norm(h, m->final_norm, xn, d, m->eps);
-  gemm(&m->head, 1, xn, 0, logits, 0, xsum, 0);
+  for (int64_t b = 0; b < batch; ++b) rms_norm(h + b * hs, m->final_norm, xn + b * ws_stride, d, m->eps);
+  gemm(&m->head, batch, xn, ws_stride, logits, m->head.n, xsum, ws_stride);
+}
+
+/* logits (head->n floats) <- head(final_norm(h)). */
+void llamba_head(const Model* m, const float* h, float* work, float* logits) {
+  head_rows(m, 1, h, 0, work, 0, logits);
 }
 
 /* A pure student's whole step for `batch` sequences at once (a server's slots): embedding, every block, final norm
@@ -336,16 +343,12 @@ void llamba_head(const Model* m, const float* h, float* work, float* logits) {
  * whole batch. Returns 0, or -1 (before any work) when a token id is outside the embedding. */
 int llamba_decode_batch(const Model* m, int64_t batch, const int64_t* tokens, float* const* conv_states,
                         float* const* ssm_states, float* work, float* logits) {
-  const int64_t S = llamba_workspace_floats(m), d = m->d_model;
+  const int64_t S = llamba_workspace_floats(m);
   for (int64_t b = 0; b < batch; ++b)
     if (tokens[b] < 0 || tokens[b] >= m->embedding.n) return -1;
   for (int64_t b = 0; b < batch; ++b) table_row(&m->embedding, tokens[b], work + b * S);
   mixer_blocks(m, 0, m->n_layer, batch, work, S, conv_states, ssm_states, work, S);
-  const int64_t d_inner = m->d_inner, conv_dim = d_inner + 2 * m->n_groups * m->d_state;
-  float* xn = work + d;
-  float* xsum = xn + d + (conv_dim + d_inner + m->n_heads) + conv_dim + d_inner + 2 * m->inter + d;
-  for (int64_t b = 0; b < batch; ++b) rms_norm(work + b * S, m->final_norm, xn + b * S, d, m->eps);
-  gemm(&m->head, batch, xn, S, logits, m->head.n, xsum, S);
+  head_rows(m, batch, work, S, work, S, logits);
   return 0;
 }
 
