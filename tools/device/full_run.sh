@@ -9,7 +9,8 @@
 #   full_run.sh wait S     watch the pipeline up to S seconds
 #   full_run.sh finish S   wait up to S seconds for the pipeline's end
 #   full_run.sh pipeline   (what start runs) the distillation, then at once `llamba eval` (GPU) beside the CPU
-#                          artifacts' perplexity (CPU) and the layer ranking of the distilled student
+#                          artifacts' perplexity (CPU; not with SKIP_QUANT=1) and the layer ranking of the distilled
+#                          student (not with SKIP_SELECT=1)
 # Every call but part/unpack returns what exists so far in $OUT/results.tar (summary, log, curves, evaluation): the
 # machine goes back 30 s after a call ends, and a pipeline that waited for a `finish` call to evaluate lost its
 # student with the machine (results/distill-ablations.md, "Third round").
@@ -47,18 +48,19 @@ collect() {  # what exists so far, into $OUT/results.tar
 
 evaluate() {  # the distilled student: zero-shot suite and held-out ppl on the GPU, CPU artifacts' ppl beside it
   local calib=/root/repo/.gpu/calib/calibration.jsonl  # carried with the start call (make_payload.sh), if at all
-  # bounded: the evaluation takes ~170 s, and the machine is held until this ends too (quant_ppl.py keeps each row)
-  timeout -s KILL 330 python3 tools/device/quant_ppl.py $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz \
+  # bounded: the evaluation takes ~170 s, and the machine is held until this ends too (quant_ppl.py keeps each row);
+  # SKIP_QUANT=1 leaves the CPU artifacts out (they held the 2026-12-07 pipeline its full 330 s after the evaluation)
+  [ -n "${SKIP_QUANT:-}" ] || timeout -s KILL 330 python3 tools/device/quant_ppl.py \
+    $STUDENT /root/data/corpus/gutenberg-val.jsonl.xz \
     /root/quant/quant-ppl.json --tokens 16384 --threads 14 $([ -f $calib ] && echo --calibration $calib) \
     > /root/quant.log 2>&1 &
-  local quant=$!
   timeout -s KILL 300 python3 -m llamba.cli eval --models smollm2-135m $STUDENT \
     --tasks arc_easy piqa lambada_openai hellaswag ppl --data-dir /root/data/eval \
     --ppl-text /root/data/corpus/gutenberg-val.jsonl.xz --ppl-tokens 262144 --ppl-seq-len 1024 --batch-size 128 \
     --device cuda --dtype bfloat16 --out /root/eval 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|%|" | sed 's/^/[eval] /'
   [ -n "${SKIP_SELECT:-}" ] || timeout -s KILL 150 python3 -m llamba.distill.select --student $STUDENT \
     --data /root/data/full --out /root/select/ranking 2>&1 | tail -4
-  wait $quant; tail -3 /root/quant.log
+  wait; [ -f /root/quant.log ] && tail -3 /root/quant.log
 }
 
 unpack() {  # the last third; reassemble, check (md5, teacher md5, tokenizer), install the wheels, place the data
