@@ -8,7 +8,7 @@
 #                            the batch-16 context sweep 1K -> 32K (the kernel rows skipped: kernels-h200.md has them)
 # `llamba bench serve` is serve_bench.sh.
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${1:-}" in
 tests)

@@ -6,7 +6,7 @@
 # served by `llamba serve` and loaded by `llamba bench serve`. Usage: serve_bench.sh [EXTRA BENCH FLAGS]
 # (on a CPU, for a smoke test: LAYERS=2 DEVICE=cpu serve_bench.sh --concurrency 1,4 --new-tokens 4)
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 W=${WORK:-/root/serve-bench}
 rm -rf $W && mkdir -p $W
 python3 - "$W/teacher" "${LAYERS:-0}" <<'PY'
