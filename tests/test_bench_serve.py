@@ -76,3 +76,24 @@ def test_a_level_whose_requests_all_fail_says_why(tmp_path):
     with BackgroundServer(build_app(served, max_queue=4, prefill_chunk=8, default_max_tokens=4)) as server:
         with pytest.raises(RuntimeError, match="every request at concurrency 2 failed.*404"):
             asyncio.run(load_level(server.url, "not-this-model", 2, 1, 3, 4, 100))
+
+
+def test_a_system_that_fails_keeps_the_others_levels_and_says_so(tmp_path):
+    """The teacher cannot be served (here: no such folder): the student's measured levels are still written, the
+    teacher's error is in the result and its bars, and the command exits 1."""
+    from llamba.checkpoint import save_student
+    from llamba.cli import main
+
+    student = save_student(make_tiny_student(), make_word_tokenizer(), tmp_path / "student")
+    out = tmp_path / "serve-cpu"
+    assert main(["bench", "serve", "--device", "cpu", "--model", str(student), "--teacher", str(tmp_path / "none"),
+                 "--concurrency", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-client", "1",
+                 "--threads", "1", "--out", str(out)]) == 1
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [lv["concurrency"] for lv in result["systems"]["student"]["levels"]] == [2]
+    assert "error" not in result["systems"]["student"]
+    teacher = result["systems"]["teacher"]
+    assert teacher["levels"] == [] and str(tmp_path / "none") in teacher["error"]
+    assert {"bar": "teacher ran every level", "value": teacher["error"], "target": "no error",
+            "met": False} in result["bars"]
+    assert "| teacher ran every level |" in out.with_suffix(".md").read_text()

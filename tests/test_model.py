@@ -174,3 +174,32 @@ def test_import_llamba_is_light_and_its_model_classes_lazy():
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == ["[]", "0.1.0 True", "True llamba.model.config",
                                        "module 'llamba' has no attribute 'nope'"], run.stdout
+
+
+@pytest.mark.parametrize("n_q,n_kv,L", [(4, 2, 1), (6, 2, 5), (3, 3, 4), (9, 3, 1)])
+def test_cache_attention_is_softmax_attention_with_repeated_kv_heads(n_q, n_kv, L):
+    """``functional.cache_attention`` (a group's query heads folded into rows, the mask over a static cache)
+    against the plain definition in float64: each query head h attends to key/value head h // (n_q / n_kv) under
+    the mask, rows at different positions, and what lies past a row's position does not reach it."""
+    from llamba.model.functional import cache_attention
+
+    torch.manual_seed(0)
+    b, K, hd = 3, 11, 8
+    q = torch.randn(b, n_q, L, hd, dtype=torch.float64)
+    keys, values = torch.randn(2, b, n_kv, K, hd, dtype=torch.float64)
+    ends = torch.tensor([L - 1, 6, K - 1])  # each row's last visible key for its last query; earlier queries less
+    mask = torch.arange(K)[None, None, :] <= (ends[:, None] - torch.arange(L - 1, -1, -1)[None, :])[:, :, None]
+    mask = mask[:, None]  # (b, 1, L, K)
+    got = cache_attention(q, keys, values, mask, hd ** -0.5)
+    rep = n_q // n_kv
+    k_full, v_full = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+    scores = (q @ k_full.transpose(-1, -2)) * hd ** -0.5
+    want = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_full
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # keys past every row's mask change nothing
+    later = keys.clone()
+    later[:, :, K - 1:] += 5.0
+    mask_short = mask.clone()
+    mask_short[..., K - 1:] = False
+    torch.testing.assert_close(cache_attention(q, later, values, mask_short, hd ** -0.5),
+                               cache_attention(q, keys, values, mask_short, hd ** -0.5), rtol=0, atol=0)

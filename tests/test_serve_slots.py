@@ -38,8 +38,9 @@ def word_tokenizer():
     return tokenizer
 
 
-def served(scheduler, prompts, max_tokens):
-    """Submit ``prompts`` to a running scheduler; each request's tokens once all have finished (none may fail)."""
+def served(scheduler, prompts, max_tokens, **fields):
+    """Submit ``prompts`` to a running scheduler (``fields``: more of each ``Request``'s, as ``params``, ``seed``);
+    each request's tokens once all have finished (none may fail)."""
     done, texts, errors = threading.Semaphore(0), [""] * len(prompts), []
 
     def emitter(i):
@@ -53,7 +54,7 @@ def served(scheduler, prompts, max_tokens):
         return emit
 
     for i, p in enumerate(prompts):
-        scheduler.submit(Request(p, max_tokens, emitter(i)))
+        scheduler.submit(Request(p, max_tokens, emitter(i), **fields))
     for _ in prompts:
         assert done.acquire(timeout=30), "a request never finished"
     assert not errors, errors
@@ -123,6 +124,71 @@ def test_teacher_slots_cuda_graph_matches_the_plain_step():
     graphed = collect(TeacherSlots(teacher, 4, 64, cuda_graph=True), PROMPTS, 8)
     assert graphed == plain
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("shape", ["tiny", "smollm2-heads"])
+def test_teacher_slots_in_bf16_on_cuda_follow_the_models_own_forward(shape, graph):
+    """What ``llamba serve`` runs for a teacher on a GPU (bf16, CUDA): the prefill's and each decode step's logits
+    against the model's own float32 forward (eager attention) over the same tokens. The other CUDA test compares
+    the graph with the plain step in float32 only; a bf16 teacher served on an H200 gave no text at all
+    (docs/serving.md). ``smollm2-heads``: SmolLM2-135M's heads (9 query, 3 key/value, head dim 64), a 128-token
+    prompt in a 192-position cache, as ``serve_bench.sh`` serves it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamba.serve.slots import TeacherSlots
+
+    if shape == "tiny":
+        ref, prompt, context = tiny_teacher().float(), PROMPTS[0], 64
+    else:
+        torch.manual_seed(0)
+        ref = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=576, intermediate_size=1536,
+                                           num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+                                           max_position_embeddings=2048)).eval()
+        prompt, context = torch.randint(3, 1000, (128,), generator=torch.Generator().manual_seed(1)).tolist(), 192
+    ref = ref.cuda()
+    ref.set_attn_implementation("eager")
+    model = LlamaForCausalLM(ref.config).to(torch.bfloat16).cuda().eval()
+    model.load_state_dict(ref.state_dict())
+    slots = TeacherSlots(model, 4, context, cuda_graph=graph)
+    ids = list(prompt)
+    with torch.inference_mode():
+        slots.begin()
+        logits = slots.prefill(torch.tensor(ids))
+        slots.join([2])
+        for _ in range(6):
+            want = ref(torch.tensor([ids], device="cuda")).logits[0, -1]
+            assert torch.isfinite(logits).all()
+            torch.testing.assert_close(logits.float(), want, rtol=0, atol=0.05 * float(want.abs().max()) + 1e-3)
+            ids.append(int(want.argmax()))
+            logits = slots.decode([2], [ids[-1]])[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_sampled_requests_on_cuda_slots_run_and_repeat_with_their_seed(kind):
+    """Sampling on a CUDA slot model, whose logits are on the GPU: each request's generator and repetition mask
+    go there (a generator left on the CPU failed every sampled request on an H200), and a seed gives the same
+    tokens again whatever else runs beside it."""
+    from llamba.generation.sampling import SamplingParams
+    from llamba.serve.slots import LlambaSlots, TeacherSlots
+
+    slots = (LlambaSlots(make_tiny_student(tied=False).cuda(), 4, 64) if kind == "student"
+             else TeacherSlots(tiny_teacher().float().cuda(), 4, 64))
+    params = SamplingParams.from_temperature(0.8, top_k=20, repetition_penalty=1.2)
+
+    def run(prompts):
+        scheduler = Scheduler(slots, word_tokenizer(), max_queue=len(prompts), prefill_chunk=4).start()
+        try:
+            return served(scheduler, prompts, 8, params=params, seed=7)
+        finally:
+            scheduler.stop()
+
+    alone = run(PROMPTS[:1])
+    assert run(PROMPTS)[0] == alone[0] and run(PROMPTS[:1]) == alone
 
 def test_cpu_runtime_slots_give_each_request_its_tokens_alone():
     from llamba.quant.kernels import load_kernels

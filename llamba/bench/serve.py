@@ -63,8 +63,8 @@ async def stream_one(host: str, port: int, body: dict) -> dict:
     writer.close()
     if not (done and finish):
         raise RuntimeError("a stream ended before its finish_reason and [DONE]")
-    if not times:
-        raise RuntimeError("a stream ended without any text")
+    if not times:  # e.g. a model whose every token is a special one (or NaN logits, whose argmax is token 0)
+        raise RuntimeError(f"a stream ended without any text ({tokens} tokens, finish_reason {finish!r})")
     return {"ttft": times[0] - sent, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
             "finish": finish}
 
@@ -118,26 +118,35 @@ def raise_open_files(needed: int) -> None:
 
 
 def bench_system(label: str, model_path: str, args) -> dict:
+    """One system's levels. A failure (loading it, or a level whose every request failed) ends this system's run
+    with an ``error``; the levels it measured are kept and the next system still runs (a GPU run once lost a
+    student's four minutes of levels to the teacher's failure after them)."""
     from llamba.serve.server import BackgroundServer, build_app, load_served
 
     top = max(args.concurrency)
-    slots = args.max_batch or top
-    served = load_served(model_path, slots, args.prompt_tokens + args.new_tokens, args.device, "auto",
-                         threads=args.threads, name=label)
-    app = build_app(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
-                    default_max_tokens=args.new_tokens)
-    levels = []
-    with BackgroundServer(app) as server:
-        # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation)
-        asyncio.run(load_level(server.url, label, 1, 1, args.prompt_tokens, args.new_tokens, served.slots.vocab_size))
-        for c in args.concurrency:
-            level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
-                                           args.new_tokens, served.slots.vocab_size, seed=c))
-            print(f"  {label} c={c}: {level['output_tokens_per_s']:.1f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} "
-                  f"ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 {level['itl_p99_ms']:.2f} ms"
-                  + (f", {level['failed']} FAILED: {level['errors'][0]}" if level["failed"] else ""), flush=True)
-            levels.append(level)
-    return {"model": model_path, "slots": slots, "kind": type(served.slots).__name__, "levels": levels}
+    system = {"model": model_path, "slots": args.max_batch or top, "levels": []}
+    try:
+        served = load_served(model_path, system["slots"], args.prompt_tokens + args.new_tokens, args.device, "auto",
+                             threads=args.threads, name=label)
+        system["kind"] = type(served.slots).__name__
+        app = build_app(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
+                        default_max_tokens=args.new_tokens)
+        with BackgroundServer(app) as server:
+            # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation)
+            asyncio.run(load_level(server.url, label, 1, 1, args.prompt_tokens, args.new_tokens,
+                                   served.slots.vocab_size))
+            for c in args.concurrency:
+                level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
+                                               args.new_tokens, served.slots.vocab_size, seed=c))
+                print(f"  {label} c={c}: {level['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
+                      f"{level['ttft_p50_ms']:.1f} ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 "
+                      f"{level['itl_p99_ms']:.2f} ms"
+                      + (f", {level['failed']} FAILED: {level['errors'][0]}" if level["failed"] else ""), flush=True)
+                system["levels"].append(level)
+    except Exception as err:  # noqa: BLE001 -- recorded in the result, and the command exits non-zero
+        system["error"] = f"{type(err).__name__}: {err}"
+        print(f"  {label} FAILED: {system['error']}", flush=True)
+    return system
 
 
 def table(systems: dict) -> str:
@@ -172,6 +181,10 @@ def bars(systems: dict, throughput_at: int = 256, latency_at: int = 64) -> list[
                     "target": "<= 2", "met": ratio <= 2})
     failed = sum(lv["failed"] for sys in systems.values() for lv in sys["levels"])
     out.append({"bar": "requests failed or dropped, all levels", "value": failed, "target": "0", "met": failed == 0})
+    for name, system in systems.items():
+        if "error" in system:
+            out.append({"bar": f"{name} ran every level", "value": system["error"], "target": "no error",
+                        "met": False})
     return out
 
 
@@ -198,7 +211,7 @@ def main(args) -> dict:
               "systems": systems, "bars": bars(systems)}
     notes = (f"loopback HTTP, streaming completions: prompts of {args.prompt_tokens} random tokens, "
              f"{args.new_tokens} new tokens each (greedy), {args.requests_per_client} requests per client",
-             "slots: " + ", ".join(f"{k} {v['slots']} ({v['kind']})" for k, v in systems.items()),
+             "slots: " + ", ".join(f"{k} {v['slots']} ({v.get('kind', 'not loaded')})" for k, v in systems.items()),
              "TTFT includes queueing for a slot; ITL: gaps between a stream's events, one token each")
     print(report.write(args.out, result, "llamba serve under load", [table(systems), "", bars_table(result["bars"])],
                        notes))

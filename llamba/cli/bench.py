@@ -139,5 +139,5 @@ def run_serve(args) -> int:
         from llamba.bench.gpu import device_slug
 
         args.out = f"results/serve-{device_slug() if device.type == 'cuda' else 'cpu'}"
-    serve.main(args)
-    return 0
+    result = serve.main(args)
+    return 1 if any("error" in system for system in result["systems"].values()) else 0

@@ -39,6 +39,24 @@ def logits_head(h, norm_w, eps, lm_w, lm_b, vocab: int) -> torch.Tensor:
     return F.linear(rms_norm(h[:, -1], norm_w, eps), lm_w, lm_b)[:, :vocab]
 
 
+def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Softmax attention of q (b, n_q, L, hd) over a static KV cache's keys / values (b, n_kv, K, hd) under a boolean
+    mask (b, 1, L, K) (True: visible; every row sees at least one key); returns (b, n_q, L, hd). Query head h reads
+    key/value head h // (n_q / n_kv), as transformers' ``repeat_kv``, but a group's query heads are folded into the
+    query rows, so no key/value head is copied per query head: the two products are batched GEMMs, the softmax in
+    at least float32. Attention over a static cache uses this rather than masked SDPA, which on Hopper may hand a
+    bf16 masked GQA call to the cuDNN backend (silently wrong in some such cases upstream; a served bf16 teacher
+    went wrong on an H200 that way, docs/serving.md) and which ran far off its bytes floor over a whole cache
+    (llamba.bench.llama_static)."""
+    b, n_q, L, hd = q.shape
+    n_kv, K = keys.shape[1], keys.shape[2]
+    groups = n_q // n_kv
+    scores = torch.matmul(q.reshape(b, n_kv, groups * L, hd), keys.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(q.dtype, torch.float32)).view(b, n_kv, groups, L, K) * scale
+    probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs.view(b, n_kv, groups * L, K), values).view(b, n_q, L, hd)
+
 def tail_weights(norm, mlp, eps: float | None = None) -> tuple:
     """``block_tail``'s arguments after (h, mixer_out) for one block: its post-mixer norm (``eps`` when the norm
     names it otherwise, as transformers' ``variance_epsilon``) and its SwiGLU's weights."""

@@ -145,8 +145,7 @@ class LlambaAttention(LlamaAttention):
         what ``forward(u, cache)`` computes for one token, with fixed shapes and device-side positions, so that a
         CUDA graph replays it. The new key and value are written at ``inputs.write`` of this layer's slot of the
         static KV cache, and the query attends over the whole preallocated cache with ``inputs.mask`` (causal, no
-        left padding). A group's query heads are folded into the query rows, so no key/value head is copied per
-        query head; the two products are batched GEMMs, the softmax in at least float32 (as SDPA's)."""
+        left padding), through ``functional.cache_attention``."""
         batch = u.shape[0]
         hd = self.head_dim
         q = self.q_proj(u).view(batch, 1, -1, hd).transpose(1, 2)
@@ -158,12 +157,8 @@ class LlambaAttention(LlamaAttention):
         at = inputs.write.view(batch, 1, 1, 1).expand(batch, k.shape[1], 1, hd)  # each row at its own position
         keys.scatter_(2, at, k)
         values.scatter_(2, at, v)
-        n_q, n_kv = q.shape[1], keys.shape[1]
-        q = q.reshape(batch, n_kv, n_q // n_kv, hd)  # query head h reads kv head h // groups, as repeat_kv
-        scores = torch.matmul(q, keys.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-        probs = (scores * self.scaling).masked_fill(~inputs.mask, float("-inf")).softmax(-1).to(q.dtype)
-        out = torch.matmul(probs, values).reshape(batch, 1, n_q * hd)
-        return self.o_proj(out)
+        out = fn.cache_attention(q, keys, values, inputs.mask, self.scaling)  # (batch, heads, 1, hd)
+        return self.o_proj(out.reshape(batch, 1, -1))
 
 
 class LlambaBlock(_BlockBase):

@@ -64,7 +64,8 @@ class _Sequence:
     def __init__(self, request: Request, index: int, slot: int, tokenizer, vocab: int):
         self.request, self.index, self.slot = request, index, slot
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed((seed + index) % 2**64)  # choice k of seed s: seed s + k
+        self.seed = (seed + index) % 2**64  # choice k of seed s: seed s + k
+        self.generator: torch.Generator | None = None  # made where the logits are, at the first choice
         params = request.params
         self.seen = (seen_tokens_mask(torch.tensor([request.prompt]), None, vocab)
                      if params.repetition_penalty != 1.0 else None)
@@ -77,6 +78,9 @@ class _Sequence:
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits (vocab,), with this request's params and generator."""
+        if self.generator is None:  # a CUDA model's rows sample on the GPU: generator and mask go where they are
+            self.generator = torch.Generator(logits.device).manual_seed(self.seed)
+            self.seen = None if self.seen is None else self.seen.to(logits.device)
         token = int(select_tokens(logits[None], self.seen, self.request.params, self.generator)[0])
         if self.seen is not None:
             self.seen[0, token] = True

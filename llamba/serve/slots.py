@@ -15,7 +15,8 @@ Free rows inside a decode batch compute garbage that no one reads; rows never mi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from llamba.model.functional import cache_attention
 
 
 
@@ -136,7 +137,9 @@ class TeacherSlots:
     ``max_context`` positions and a position per row, so rows at different lengths decode as one batch (a key is
     visible to a row up to that row's position). transformers' own static cache keeps one position for the whole
     batch, and ``llamba.bench.llama_static`` too, so neither fits slots that join at different times. The layers
-    run through the model's own modules (norms, projections, rotary embedding, MLP); attention is SDPA.
+    run through the model's own modules (norms, projections, rotary embedding, MLP); attention over the cache is
+    ``functional.cache_attention``, as in a hybrid student's decode step, not masked SDPA (docs/serving.md says
+    why).
 
     On CUDA (``cuda_graph``, default there) a decode step is one captured graph of fixed shape, as the student's
     (``_DecodeGraph``) and the GPU benchmark's teacher are: all ``n_slots`` rows over all ``max_context`` keys,
@@ -188,8 +191,7 @@ class TeacherSlots:
             self.k[i][row_index, :, positions] = k.transpose(1, 2)
             self.v[i][row_index, :, positions] = v.transpose(1, 2)
             # a slice of rows reads the cache in place (an index list would copy it every step)
-            o = F.scaled_dot_product_attention(q, self.k[i, rows, :, :keys], self.v[i, rows, :, :keys],
-                                               attn_mask=mask, enable_gqa=self.n_q != self.n_kv)
+            o = cache_attention(q, self.k[i, rows, :, :keys], self.v[i, rows, :, :keys], mask, attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, L, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h[:, -1])).float()

@@ -27,4 +27,5 @@ print(f"random teacher: {cfg.num_hidden_layers} layers, d {cfg.hidden_size}, voc
 PY
 python3 -m llamba.cli convert --teacher $W/teacher --out $W/student 2>&1 | tail -1
 timeout -s INT ${SECONDS_LIMIT:-480} python3 -m llamba.cli bench serve --model $W/student --teacher $W/teacher \
-  --device ${DEVICE:-cuda} --out ${OUT:-$W}/serve-${DEVICE:-cuda} "$@" 2>&1 | grep -v "it/s\]" | tail -30
+  --device ${DEVICE:-cuda} --out ${OUT:-$W}/serve-${DEVICE:-cuda} "$@" 2>&1 | grep -v "it/s\]" \
+  | tee ${OUT:-$W}/serve-bench.log | tail -30  # the whole log comes back too: a traceback once hid every level
