@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the device payload of full_run.sh / proxies_next.sh on the CPU machine, from the repo root:
 # .gpu/p1..p3, three thirds of one tar (the teacher GGUF, the prepared 50.9M-token data folder, lm-eval and gguf
-# wheels, the eval files, a tokenizer check), each under the 64 MiB a call carries; .gpu/tok (serve_bench.sh).
+# wheels, the eval files, a tokenizer check), each under the 64 MiB a call carries; .gpu/tok (serve_bench.sh: the
+# teacher's config and tokenizer, and the serving wheels in .gpu/tok/whl).
 # .gpu/p3/bundle.md5 lets full_run.sh check the reassembled tar. .gpu/calib: ~300 KB of a book the distillation
 # does not read, the CPU artifacts' calibration text (carry it with full_run.sh start). About 5 minutes (tokenizing, xz, pip downloads).
 set -euo pipefail
@@ -42,6 +43,10 @@ tar cf .gpu/bundle.tar -C .gpu/pay .
 rm -rf .gpu/p1 .gpu/p2 .gpu/p3 && mkdir -p .gpu/p1 .gpu/p2 .gpu/p3
 (cd .gpu && split -n 3 -d bundle.tar part. && mv part.00 p1/ && mv part.01 p2/ && mv part.02 p3/)
 rm .gpu/pay/*.gguf
+# serve_bench.sh: what `llamba serve` needs that the GPU image lacks (fastapi, uvicorn, pydantic and their needs)
+mkdir -p .gpu/tok/whl && python3 -m pip download $(echo "$P" | sed 's|-d .gpu/pay/whl|-d .gpu/tok/whl|') \
+  fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic_core==2.46.4 uvicorn==0.55.0 typing-inspection==0.4.2 \
+  annotated-types==0.7.0 typing_extensions==4.16.0 opentelemetry-api==1.45.3 importlib_metadata==8.7.1
 cp ~/.cache/llamba/smollm2-135m/hf/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} \
   .gpu/tok/ 2>/dev/null || echo "no converted teacher folder for .gpu/tok (serve_bench.sh): run llamba generate once"
 ls -la .gpu/p1 .gpu/p2 .gpu/p3

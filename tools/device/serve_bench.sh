@@ -5,7 +5,12 @@
 # from the teacher's converted folder ~/.cache/llamba/smollm2-135m/hf), the student `llamba convert` of it, both
 # served by `llamba serve` and loaded by `llamba bench serve`. Usage: serve_bench.sh [EXTRA BENCH FLAGS]
 # (on a CPU, for a smoke test: LAYERS=2 DEVICE=cpu serve_bench.sh --concurrency 1,4 --new-tokens 4)
+# The GPU image has no fastapi / uvicorn / pydantic: make_payload.sh puts their wheels in .gpu/tok/whl.
 set -uo pipefail
+if ! python3 -c "import fastapi, uvicorn" 2>/dev/null && [ -d .gpu/tok/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/serve-site .gpu/tok/whl/*.whl || exit 3
+  export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 W=${WORK:-/root/serve-bench}
 rm -rf $W && mkdir -p $W
