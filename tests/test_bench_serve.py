@@ -88,8 +88,9 @@ def test_a_system_that_fails_keeps_the_others_levels_and_says_so(tmp_path):
     out = tmp_path / "serve-cpu"
     assert main(["bench", "serve", "--device", "cpu", "--model", str(student), "--teacher", str(tmp_path / "none"),
                  "--concurrency", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-client", "1",
-                 "--threads", "1", "--out", str(out)]) == 1
+                 "--threads", "1", "--stream-interval", "2", "--out", str(out)]) == 1
     result = json.loads(out.with_suffix(".json").read_text())
+    assert result["stream_interval"] == 2
     assert [lv["concurrency"] for lv in result["systems"]["student"]["levels"]] == [2]
     assert "error" not in result["systems"]["student"]
     teacher = result["systems"]["teacher"]

@@ -356,3 +356,92 @@ def test_cpu_runtime_slots_serve_a_quantized_gateloop_hybrid_past_its_default_kv
     decoder = CpuDecoder(model)
     assert decoder.max_length == 32
     assert collect(QuantSlots(decoder, 2, 96), prompts, 8) == [as_text_shows(e) for e in expected]
+
+
+@pytest.mark.parametrize("chunk,first_batch", [(2, 1), (6, 3), (5, 2)])
+def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
+    """A turn prefills up to ``prefill_chunk`` prompt tokens, across prompts: three waiting 2-token prompts all join
+    before the first decode step with a budget of 6, two with 5 (the third's first piece fills the rest, and it
+    joins after that step), one at a time with 2; each request still gets its tokens alone."""
+    from llamba.serve.slots import LlambaSlots
+
+    batches: list[int] = []
+
+    class Recording(LlambaSlots):
+        def decode(self, slots, tokens):
+            batches.append(len(slots))
+            return super().decode(slots, tokens)
+
+    model = make_tiny_student(tied=False).double()
+    prompts = [[5, 6], [7, 8], [9, 10]]
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 4) for p in prompts]
+    scheduler = Scheduler(Recording(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=3,
+                          prefill_chunk=chunk)
+    done, texts = threading.Semaphore(0), [""] * 3
+
+    def emitter(i):
+        def emit(event):
+            texts[i] += event.text if event.kind == "text" else ""
+            if event.kind in ("finish", "error"):
+                done.release()
+        return emit
+
+    for i, p in enumerate(prompts):  # all waiting before the loop's first turn
+        scheduler.submit(Request(p, 4, emitter(i)))
+    scheduler.start()
+    try:
+        for _ in prompts:
+            assert done.acquire(timeout=30)
+    finally:
+        scheduler.stop()
+    assert batches[0] == first_batch
+    assert [[int(w[1:]) for w in t.split()] for t in texts] == [as_text_shows(e) for e in expected]
+
+
+@pytest.mark.parametrize("interval", [2, 3, 50])
+def test_stream_interval_sends_the_same_text_in_fewer_events(interval):
+    """``stream_interval`` k: each request's text arrives every k tokens and at its end, in fewer events, and is the
+    same text as token by token (EOS inside an interval included: the text before it is sent); a request with a
+    stop string reads every token and stops where it does at k = 1."""
+    from llamba.serve.slots import LlambaSlots
+
+    model = make_tiny_student(tied=False).double()
+
+    def run(k, stop):
+        scheduler = Scheduler(LlambaSlots(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=8,
+                              prefill_chunk=4, stream_interval=k).start()
+        done, texts, events = threading.Semaphore(0), [""] * len(PROMPTS), [0] * len(PROMPTS)
+
+        def emitter(i):
+            def emit(event):
+                if event.kind == "text":
+                    texts[i] += event.text
+                    events[i] += 1
+                if event.kind in ("finish", "error"):
+                    done.release()
+            return emit
+
+        try:
+            for i, p in enumerate(PROMPTS):
+                scheduler.submit(Request(p, 12, emitter(i), stop=stop))
+            for _ in PROMPTS:
+                assert done.acquire(timeout=30)
+        finally:
+            scheduler.stop()
+        return texts, events
+
+    every, every_events = run(1, [])
+    texts, events = run(interval, [])
+    assert texts == every and any(t for t in texts)
+    assert all(e <= -(-12 // interval) for e in events) and sum(events) < sum(every_events)
+    stop = [every[2].split()[3]]  # a word the third request writes
+    assert run(interval, stop)[0] == run(1, stop)[0]
+
+
+def test_stream_interval_must_be_positive():
+    from llamba.serve.slots import LlambaSlots
+
+    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+        Scheduler(LlambaSlots(make_tiny_student(tied=False), 1, 16, cuda_graph=False), word_tokenizer(),
+                  stream_interval=0)

@@ -130,7 +130,7 @@ def bench_system(label: str, model_path: str, args) -> dict:
                              threads=args.threads, name=label)
         system["kind"] = type(served.slots).__name__
         app = build_app(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
-                        default_max_tokens=args.new_tokens)
+                        default_max_tokens=args.new_tokens, stream_interval=args.stream_interval)
         with BackgroundServer(app) as server:
             # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation)
             asyncio.run(load_level(server.url, label, 1, 1, args.prompt_tokens, args.new_tokens,
@@ -208,6 +208,7 @@ def main(args) -> dict:
         systems["teacher"] = bench_system("teacher", args.teacher, args)
     result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
+              "stream_interval": args.stream_interval,
               "systems": systems, "bars": bars(systems)}
     notes = (f"loopback HTTP, streaming completions: prompts of {args.prompt_tokens} random tokens, "
              f"{args.new_tokens} new tokens each (greedy), {args.requests_per_client} requests per client",

@@ -81,6 +81,7 @@ def register(parser) -> None:
     srv.add_argument("--requests-per-client", type=int_at_least(1), default=2)
     srv.add_argument("--max-batch", type=int_at_least(1), default=None, help="server slots (default: the top concurrency)")
     srv.add_argument("--prefill-chunk", type=int_at_least(1), default=256)
+    srv.add_argument("--stream-interval", type=int_at_least(1), default=1, help="as llamba serve's")
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
     dist.add_argument("--shape", default="smollm2-135m", choices=DISTILL_SHAPES,

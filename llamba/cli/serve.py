@@ -19,7 +19,11 @@ def register(parser) -> None:
     parser.add_argument("--max-tokens-default", type=int_at_least(1), default=256,
                         help="new tokens when a request gives no max_tokens")
     parser.add_argument("--prefill-chunk", type=int_at_least(1), default=256,
-                        help="prompt tokens prefilled between two decode steps of the running batch")
+                        help="prompt tokens prefilled between two decode steps of the running batch (pieces of "
+                             "one long prompt, or several short prompts)")
+    parser.add_argument("--stream-interval", type=int_at_least(1), default=1,
+                        help="new tokens per streamed event (default 1; more spends less host time per token under "
+                             "load; requests with stop strings still check every token)")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
                         help="serve a student through the CPU runtime (llamba.quant), quantized on load")
@@ -38,7 +42,7 @@ def run(args) -> int:
     served = load_served(args.model, slots, args.max_context, args.device, args.dtype, args.quant, args.threads,
                          args.served_model_name)
     queue = args.max_queue if args.max_queue is not None else 4 * slots
-    app = build_app(served, queue, args.prefill_chunk, args.max_tokens_default)
+    app = build_app(served, queue, args.prefill_chunk, args.max_tokens_default, args.stream_interval)
     print(f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "
           f"context {served.max_context})", flush=True)
     run_foreground(app, args.host, args.port, args.shutdown_timeout)

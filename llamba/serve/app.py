@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 import time
 import uuid
 from typing import Literal
@@ -124,6 +125,31 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
+class _Outbox:
+    """Events from the scheduler's thread to the event loop, which owns the requests' queues. Each
+    ``call_soon_threadsafe`` writes to the loop's wake-up pipe, so one per event cost more than the rest of a
+    token's path at a few hundred streams; here a burst (a decode step's events for every stream) wakes the loop
+    once, and the loop hands the whole burst out."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Event]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:  # the scheduler's thread
+        with self._lock:
+            self._items.append((queue, event))
+            if len(self._items) > 1:
+                return  # a hand-out is already on its way and will take this one too
+        self.loop.call_soon_threadsafe(self._hand_out)
+
+    def _hand_out(self) -> None:  # the loop's thread
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 class Api:
     """Request checking and response shaping for one served model."""
 
@@ -132,6 +158,7 @@ class Api:
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
         self.vocab = scheduler.slots.vocab_size
         self.created = int(time.time())
+        self._outbox: _Outbox | None = None
 
     def completion_prompt(self, body: CompletionBody) -> list[int]:
         if isinstance(body.prompt, list):
@@ -189,11 +216,11 @@ class Api:
             raise ApiError(400, f"n={body.n} choices need as many batch slots; this server has "
                                 f"{self.scheduler.slots.n_slots} (llamba serve --max-batch)", "n", "invalid_value")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event: Event) -> None:  # called from the scheduler's thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        request = Request(prompt, max_tokens, emit, params, stop, body.n, body.seed)
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        outbox = self._outbox
+        request = Request(prompt, max_tokens, lambda event: outbox.put(events, event), params, stop, body.n,
+                          body.seed)
         try:
             self.scheduler.submit(request)
         except QueueFull as err:

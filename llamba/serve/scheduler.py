@@ -2,12 +2,13 @@
 background thread. Requests wait in a bounded queue, join the running batch at a token boundary when enough slots
 are free, and leave it when they finish, are cancelled or fail.
 
-Each turn of the loop does at most one prefill piece (``prefill_chunk`` tokens of the oldest joining prompt) and
-then one decode step for every sequence in the batch, so a long prompt delays the others by one piece per token,
-never by its whole prefill. Tokens are chosen by the one sampler of every generation path
-(``llamba.generation.sampling``), row by row with each request's own params and its own ``torch.Generator``: a
-seeded request samples the same tokens whoever its batch neighbours are. Everything a request produces reaches
-its ``emit`` callback as ``Event``s, from the loop's thread.
+Each turn of the loop prefills at most ``prefill_chunk`` prompt tokens (a piece of the oldest joining prompt, then
+of the next ones: short prompts join several a turn) and then runs one decode step for every sequence in the batch,
+so a long prompt delays the others by one piece per token, never by its whole prefill. Tokens are chosen by the
+one sampler of every generation path (``llamba.generation.sampling``), row by row with each request's own params
+and its own ``torch.Generator``: a seeded request samples the same tokens whoever its batch neighbours are.
+Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: its text every
+``stream_interval`` tokens (and at its end).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class Request:
 class _Sequence:
     """One choice of a request, in a slot: its tokens, sampler state, and the text it has sent so far."""
 
-    def __init__(self, request: Request, index: int, slot: int, tokenizer, vocab: int):
+    def __init__(self, request: Request, index: int, slot: int, tokenizer, vocab: int, interval: int = 1):
         self.request, self.index, self.slot = request, index, slot
+        self.interval = interval  # tokens between two reads of the text (a stop string needs every token's)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         self.seed = (seed + index) % 2**64  # choice k of seed s: seed s + k
         self.generator: torch.Generator | None = None  # made where the logits are, at the first choice
@@ -90,27 +92,35 @@ class _Sequence:
         """Record ``token``, send the text it completes; returns the finish reason, or None to go on."""
         self.tokens.append(token)
         if token in eos:
+            self._read()
             return self._finish("stop", len(self.text))
         self.ids.append(token)
-        # Incremental detokenization: decode from a few tokens back and keep what the new token added; a text that
-        # ends in U+FFFD is an unfinished UTF-8 character, sent once the next tokens complete it.
-        before = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+        last = len(self.tokens) >= self.request.max_tokens
+        if not (self.request.stop or last or len(self.tokens) % self.interval == 0):
+            return None  # read and sent with the interval's last token
+        self._read()
         if self.request.stop:
             look_from = max(0, self.sent - self.hold)
             hits = [i for i in (self.text.find(s, look_from) for s in self.request.stop) if i >= 0]
             if hits:
                 return self._finish("stop", min(hits))
-        if len(self.tokens) >= self.request.max_tokens:
+        if last:
             return self._finish("length", len(self.text))
         safe = len(self.text) - self.hold  # hold back what could be the start of a stop string
         if safe > self.sent:
             self.request.emit(Event("text", self.index, self.text[self.sent:safe]))
             self.sent = safe
         return None
+
+    def _read(self) -> None:
+        """Incremental detokenization: decode from a few tokens back and keep what the tokens since the last read
+        added; a text that ends in U+FFFD is an unfinished UTF-8 character, kept for when the next tokens complete
+        it."""
+        before = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
 
     def _finish(self, reason: str, end: int) -> str:
         if end > self.sent:
@@ -123,9 +133,15 @@ class Scheduler:
     """The step loop over a slot model. ``submit`` (any thread) queues a request or raises ``QueueFull``;
     ``cancel`` frees its slots at the next token boundary; ``stop`` ends the loop, failing what is left."""
 
-    def __init__(self, slots, tokenizer, max_queue: int = 64, prefill_chunk: int = 256, idle_wait: float = 0.05):
+    def __init__(self, slots, tokenizer, max_queue: int = 64, prefill_chunk: int = 256, idle_wait: float = 0.05,
+                 stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1 token, got {stream_interval}")
         self.slots, self.tokenizer = slots, tokenizer
         self.max_queue, self.prefill_chunk, self.idle_wait = max_queue, prefill_chunk, idle_wait
+        # text read and sent every stream_interval tokens: the host's work per token (detokenizing, one event
+        # through the event loop and the socket) bounds a GPU server's tokens/s (docs/serving.md)
+        self.stream_interval = stream_interval
         eos = tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or ())
         self._waiting: collections.deque[Request] = collections.deque()
@@ -184,7 +200,7 @@ class Scheduler:
                         self._wake.wait(self.idle_wait)
                         continue
                 self._drop_cancelled()
-                self._prefill_piece()
+                self._prefill()
                 if self._running:
                     self._decode_step()
         finally:
@@ -198,23 +214,35 @@ class Scheduler:
         for seq in [s for s in self._running.values() if s.request.cancelled]:
             self._leave(seq)
 
-    def _prefill_piece(self) -> None:
-        """One piece of the joining prompt; once it is all in, its choices join the batch."""
+    def _prefill(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens this turn: pieces of the joining prompt, then of the next ones, so
+        that short prompts join several a turn. One join a turn left a batch of 256 streams of 64 tokens (4 of
+        them ending each step) at ~60 busy rows on average (docs/serving.md)."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            used = self._prefill_piece(budget)
+            if not used:
+                return
+            budget -= used
+
+    def _prefill_piece(self, limit: int) -> int:
+        """Up to ``limit`` tokens of the joining prompt; once it is all in, its choices join the batch. Returns the
+        prompt tokens run (0: nothing could start, for want of a waiting request or of free slots)."""
         if self._joining is None:
             with self._wake:
                 if not self._waiting or len(self._free) < self._waiting[0].n:
-                    return
+                    return 0
                 request = self._waiting.popleft()
             self._joining = (request, 0, None)
             self.slots.begin()
         request, done, _ = self._joining
+        piece = torch.tensor(request.prompt[done:done + limit])
         try:
-            piece = torch.tensor(request.prompt[done:done + self.prefill_chunk])
             logits = self.slots.prefill(piece)
             done += piece.numel()
             if done < len(request.prompt):
                 self._joining = (request, done, None)
-                return
+                return piece.numel()
             self._joining = None
             seqs = self._join(request)
             for seq in seqs:
@@ -223,6 +251,7 @@ class Scheduler:
         except Exception as err:  # this request's fault (a bad token id ...): it fails alone
             self._joining = None
             self._fail(request, err)
+        return piece.numel()
 
     def _join(self, request: Request) -> list[_Sequence]:
         """Take ``request.n`` free slots and start its choices in them. Until they run, a failure here (the slot
@@ -230,7 +259,8 @@ class Scheduler:
         slots = [heapq.heappop(self._free) for _ in range(request.n)]
         try:
             self.slots.join(slots)
-            seqs = [_Sequence(request, i, slot, self.tokenizer, self.slots.vocab_size) for i, slot in enumerate(slots)]
+            seqs = [_Sequence(request, i, slot, self.tokenizer, self.slots.vocab_size, self.stream_interval)
+                    for i, slot in enumerate(slots)]
         except Exception:
             for slot in slots:
                 self.slots.release(slot)
@@ -248,13 +278,14 @@ class Scheduler:
                 self._fail(request, err)
             return
         self.steps += 1
-        plain = [i for i, s in enumerate(seqs) if s.request.params == GREEDY]
-        greedy = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        # one argmax over every row (no gather of the greedy rows' logits first) and one host read
+        plain = any(s.request.params == GREEDY for s in seqs)
+        argmax = logits.argmax(-1).tolist() if plain else None
         for i, seq in enumerate(seqs):
             if seq.request.cancelled or self._running.get(seq.slot) is not seq:
                 continue  # a sibling choice failed the request earlier in this step
             try:
-                token = greedy[i] if i in greedy else seq.choose(logits[i])
+                token = argmax[i] if seq.request.params == GREEDY else seq.choose(logits[i])
                 if seq.add(token, self.eos) is not None:
                     self._leave(seq)
             except Exception as err:

@@ -55,11 +55,12 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
     return Served(slots, tokenizer, name or Path(str(model).rstrip("/")).name, slots.max_context)
 
 
-def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int):
+def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int, stream_interval: int = 1):
     from llamba.serve.app import create_app
     from llamba.serve.scheduler import Scheduler
 
-    scheduler = Scheduler(served.slots, served.tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(served.slots, served.tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          stream_interval=stream_interval)
     return create_app(scheduler, served.tokenizer, served.name, served.max_context, default_max_tokens)
 
 
