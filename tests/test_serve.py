@@ -263,6 +263,7 @@ BAD_INPUTS = [  # (path, body, status, param)
     ("/v1/completions", json.dumps({**GOOD, "max_tokens": "3"}).encode(), 400, "max_tokens"),
     ("/v1/completions", json.dumps({**GOOD, "prompt": " ".join(["w5"] * CONTEXT)}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({**GOOD, "prompt": ""}).encode(), 400, "prompt"),
+    ("/v1/completions", json.dumps({**GOOD, "prompt": []}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({**GOOD, "prompt": [5, 100]}).encode(), 400, "prompt"),
     ("/v1/completions", json.dumps({**GOOD, "temperature": -0.5}).encode(), 400, "temperature"),
     ("/v1/completions", b'{"model": "tiny", "prompt": "w5", "temperature": NaN}', 400, "temperature"),

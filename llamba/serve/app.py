@@ -162,6 +162,9 @@ class Api:
 
     def completion_prompt(self, body: CompletionBody) -> list[int]:
         if isinstance(body.prompt, list):
+            if not body.prompt:
+                raise ApiError(400, "prompt is an empty list of token ids; send at least one token", "prompt",
+                               "invalid_value")
             bad = [t for t in body.prompt if not 0 <= t < self.vocab]
             if bad:
                 raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary (0 ... {self.vocab - 1})",
