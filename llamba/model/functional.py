@@ -47,7 +47,7 @@ def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     query rows, so no key/value head is copied per query head: the two products are batched GEMMs, the softmax in
     at least float32. Attention over a static cache uses this rather than masked SDPA, which on Hopper may hand a
     bf16 masked GQA call to the cuDNN backend (silently wrong in some such cases upstream; a served bf16 teacher
-    went wrong on an H200 that way, docs/serving.md) and which ran far off its bytes floor over a whole cache
+    gave no text on an H200 with it, docs/serving.md) and which ran far off its bytes floor over a whole cache
     (llamba.bench.llama_static)."""
     b, n_q, L, hd = q.shape
     n_kv, K = keys.shape[1], keys.shape[2]
