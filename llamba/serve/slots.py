@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from llamba.generation.engine import capture_graph
 from llamba.model.functional import cache_attention
 
 
@@ -76,19 +77,11 @@ class _DecodeGraph:
         self.tok = torch.zeros(slots.n_slots, 1, dtype=torch.long, device=slots.device)
         view = slots.cache.rows(slice(0, slots.n_slots), seen_tokens=1)
 
-        def step():
-            return slots.model.step(self.tok[:, 0], view)
+        def step():  # the captured call's logits are the graph's static output
+            self.logits = slots.model.step(self.tok[:, 0], view)
 
         with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels and settles the allocator before capture
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = step()
+            self.graph = capture_graph(step, warmups=2)
         slots.cache.reset()  # the warm-up and capture ran real steps on the (empty) slots
 
     def run(self, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -230,16 +223,11 @@ class TeacherSlots:
 
     @torch.inference_mode()
     def _capture(self):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: the allocator and kernels settle before capture
-            for _ in range(2):
-                self._step_all_rows()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # (warm-up and capture wrote keys at position 0 of the free rows: harmless)
+        def step():  # the captured call's logits are the graph's static output
             self.logits = self._step_all_rows()
-        return graph
+
+        # (warm-up and capture write keys at position 0 of the free rows: harmless)
+        return capture_graph(step, warmups=2)
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
