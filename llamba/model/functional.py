@@ -57,6 +57,7 @@ def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, m
     probs = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1).to(q.dtype)
     return torch.matmul(probs.view(b, n_kv, groups * L, K), values).view(b, n_q, L, hd)
 
+
 def tail_weights(norm, mlp, eps: float | None = None) -> tuple:
     """``block_tail``'s arguments after (h, mixer_out) for one block: its post-mixer norm (``eps`` when the norm
     names it otherwise, as transformers' ``variance_epsilon``) and its SwiGLU's weights."""

@@ -148,7 +148,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._free = list(range(slots.n_slots))  # a heap: the lowest free slot first keeps the batch compact
         self._running: dict[int, _Sequence] = {}  # by slot
-        self._joining: tuple[Request, int, torch.Tensor | None] | None = None  # request, tokens prefilled, logits
+        self._joining: tuple[Request, int] | None = None  # the request being prefilled, its tokens prefilled so far
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llamba-scheduler", daemon=True)
         self.steps = 0  # decode steps run (the server's /health reports it)
@@ -233,15 +233,15 @@ class Scheduler:
                 if not self._waiting or len(self._free) < self._waiting[0].n:
                     return 0
                 request = self._waiting.popleft()
-            self._joining = (request, 0, None)
+            self._joining = (request, 0)
             self.slots.begin()
-        request, done, _ = self._joining
+        request, done = self._joining
         piece = torch.tensor(request.prompt[done:done + limit])
         try:
             logits = self.slots.prefill(piece)
             done += piece.numel()
             if done < len(request.prompt):
-                self._joining = (request, done, None)
+                self._joining = (request, done)
                 return piece.numel()
             self._joining = None
             seqs = self._join(request)
