@@ -38,15 +38,17 @@ def word_tokenizer():
     return tokenizer
 
 
-def served(scheduler, prompts, max_tokens, **fields):
-    """Submit ``prompts`` to a running scheduler (``fields``: more of each ``Request``'s, as ``params``, ``seed``);
-    each request's tokens once all have finished (none may fail)."""
-    done, texts, errors = threading.Semaphore(0), [""] * len(prompts), []
+def submit_all(scheduler, prompts, max_tokens, **fields):
+    """Submit ``prompts`` (``fields``: more of each ``Request``'s, as ``params``, ``seed``, ``stop``); returns a
+    function that waits until all have finished (none may fail) and gives each request's text and its number of
+    text events. The scheduler may start after the submissions."""
+    done, texts, events, errors = threading.Semaphore(0), [""] * len(prompts), [0] * len(prompts), []
 
     def emitter(i):
         def emit(event):
             if event.kind == "text":
                 texts[i] += event.text
+                events[i] += 1
             elif event.kind == "error":
                 errors.append(event.text)
             if event.kind in ("finish", "error"):
@@ -55,9 +57,18 @@ def served(scheduler, prompts, max_tokens, **fields):
 
     for i, p in enumerate(prompts):
         scheduler.submit(Request(p, max_tokens, emitter(i), **fields))
-    for _ in prompts:
-        assert done.acquire(timeout=30), "a request never finished"
-    assert not errors, errors
+
+    def finished() -> tuple[list[str], list[int]]:
+        for _ in prompts:
+            assert done.acquire(timeout=30), "a request never finished"
+        assert not errors, errors
+        return texts, events
+    return finished
+
+
+def served(scheduler, prompts, max_tokens, **fields):
+    """Each request's tokens, read back from its text, once all have finished on a running scheduler."""
+    texts, _ = submit_all(scheduler, prompts, max_tokens, **fields)()
     return [[int(w[1:]) for w in t.split()] for t in texts]
 
 
@@ -378,21 +389,10 @@ def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 4) for p in prompts]
     scheduler = Scheduler(Recording(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=3,
                           prefill_chunk=chunk)
-    done, texts = threading.Semaphore(0), [""] * 3
-
-    def emitter(i):
-        def emit(event):
-            texts[i] += event.text if event.kind == "text" else ""
-            if event.kind in ("finish", "error"):
-                done.release()
-        return emit
-
-    for i, p in enumerate(prompts):  # all waiting before the loop's first turn
-        scheduler.submit(Request(p, 4, emitter(i)))
+    finished = submit_all(scheduler, prompts, 4)  # all waiting before the loop's first turn
     scheduler.start()
     try:
-        for _ in prompts:
-            assert done.acquire(timeout=30)
+        texts, _ = finished()
     finally:
         scheduler.stop()
     assert batches[0] == first_batch
@@ -411,25 +411,10 @@ def test_stream_interval_sends_the_same_text_in_fewer_events(interval):
     def run(k, stop):
         scheduler = Scheduler(LlambaSlots(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=8,
                               prefill_chunk=4, stream_interval=k).start()
-        done, texts, events = threading.Semaphore(0), [""] * len(PROMPTS), [0] * len(PROMPTS)
-
-        def emitter(i):
-            def emit(event):
-                if event.kind == "text":
-                    texts[i] += event.text
-                    events[i] += 1
-                if event.kind in ("finish", "error"):
-                    done.release()
-            return emit
-
         try:
-            for i, p in enumerate(PROMPTS):
-                scheduler.submit(Request(p, 12, emitter(i), stop=stop))
-            for _ in PROMPTS:
-                assert done.acquire(timeout=30)
+            return submit_all(scheduler, PROMPTS, 12, stop=stop)()
         finally:
             scheduler.stop()
-        return texts, events
 
     every, every_events = run(1, [])
     texts, events = run(interval, [])
