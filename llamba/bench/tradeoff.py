@@ -7,7 +7,7 @@ file (default batch 256, prompt 2048), where every model ran through its own eng
 
     python -m llamba.bench.tradeoff --bench results/bench-h200.json --teacher results/eval-smollm2-135m-gpu.json \\
         rows:smollm2-135m --point pure results/eval-smollm2-135m-gpu.json rows:/root/runs/pure/stage3/final student \\
-        --point "hybrid K=4" results/hybrid-smollm2-135m.json k4:eval hybrid4 --out results/tradeoff-h200
+        --point "hybrid K=4" results/hybrid-smollm2-135m.json recipe:k4:eval hybrid4 --out results/tradeoff-h200
 
 A point's metrics are found in its JSON by a key path, keys joined by ':' (a model column may contain '/' and '.');
 its speed key is ``teacher``, ``student`` (the pure student), ``hybridK`` or ``hybrid:20,23,24,26`` (a hybrid by
