@@ -11,7 +11,8 @@ an H200 (128k and 42k tokens/s in results/bench-h200.md: ~2 and ~6 ms): their se
 host path leaves of the GPU's 3x. Per row: output tokens/s, the server process's CPU time per output token (all
 its threads), busy rows per decode step (how full the batch was), and inter-event latency p50 / p99. On a CPU the
 greedy argmax over (rows, vocab) logits runs on the host too (a GPU does it on the device), so the CPU time per
-token here includes it (docs/serving.md, "Measuring").
+token would include it; `--logits-width` (default 1024) keeps the slot model's logits that narrow, so that the
+greedy argmax costs the host about what reading a GPU's argmax ids does (docs/serving.md, "The host path").
 """
 
 from __future__ import annotations
@@ -70,14 +71,16 @@ def measure(tokenizer, step_s: float, interval: int, args, pool) -> dict:
 
     c = args.concurrency
     special = max(tokenizer.all_special_ids, default=0) + 1
-    slots = WaitSlots(c, len(tokenizer), step_s, special)
+    # logits over the first `logits_width` ids (all but the specials have text): a full-vocabulary argmax on this
+    # CPU (~4 ms for 256 x 49,152) would stand in for work the GPU does on the device during its step
+    slots = WaitSlots(c, min(args.logits_width, len(tokenizer)), step_s, special)
     app = build_app(Served(slots, tokenizer, "wait", slots.max_context), max_queue=c * args.requests_per_client,
                     prefill_chunk=args.prefill_chunk, default_max_tokens=args.new_tokens, stream_interval=interval)
     with BackgroundServer(app) as server:
-        pool.submit(run_level, server.url, "wait", 1, 1, args.prompt_tokens, args.new_tokens, len(tokenizer)).result()
+        pool.submit(run_level, server.url, "wait", 1, 1, args.prompt_tokens, args.new_tokens, slots.vocab_size).result()
         steps, rows, cpu = slots.steps, slots.rows, time.process_time()
         level = pool.submit(run_level, server.url, "wait", c, args.requests_per_client, args.prompt_tokens,
-                            args.new_tokens, len(tokenizer), seed=c).result()
+                            args.new_tokens, slots.vocab_size, seed=c).result()
         cpu = time.process_time() - cpu
     assert level["failed"] == 0, level["errors"]
     return {"step_ms": step_s * 1e3, "interval": interval, "tok_s": level["output_tokens_per_s"],
@@ -97,6 +100,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server (the host argmax)")
+    ap.add_argument("--logits-width", type=int, default=1024,
+                    help="the slot model's logits cover this many token ids (the tokenizer's size: a host argmax "
+                         "over the whole vocabulary, as on a CPU)")
     args = ap.parse_args()
     from llamba.teacher import load_tokenizer
 
@@ -108,7 +114,8 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         rows = [measure(tokenizer, s, k, args, pool) for k in intervals for s in steps]
     print(f"concurrency {args.concurrency}, {args.requests_per_client} requests per client, prompt "
-          f"{args.prompt_tokens}, {args.new_tokens} new tokens, prefill chunk {args.prefill_chunk}")
+          f"{args.prompt_tokens}, {args.new_tokens} new tokens, prefill chunk {args.prefill_chunk}, logits over "
+          f"{args.logits_width} ids")
     print("| step ms | stream interval | output tok/s | server CPU us/token | busy rows/step | ITL p50 ms | "
           "ITL p99 ms | tok/s vs GPU-bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
