@@ -7,6 +7,10 @@
 #   P4  --stages 1,2,3 --stage1-tokens 5e5 (does stage 1 pay on this recipe? the ablations never ran it)
 #   P5  --seq-len 2048 --micro-batch 4 (longer windows: LAMBADA's recall spans whole passages)
 #   P6  --stage2-tokens 4e6 --stage3-tokens 2e6 (the token split: the same 6M as the others at STAGE3=4e6)
+#   H4  --attention-layers 20,23,24,26 (the K = 4 hybrid of results/hybrid-smollm2-135m.md, its proxy baseline)
+#   H4F the same with --inherited-lr-scale 0.1 (the kept attention layers, MLPs and embeddings barely move: recall
+#       is the attention layers' job, and freezing them helped GenDistill's hybrids)
+#   H2  --attention-layers 23,24 (K = 2: the ranking's top two)
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of the teacher
 # and of them (ARC-Easy, PIQA, HellaSwag, LAMBADA, held-out perplexity / KL), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -21,8 +25,9 @@ COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --st
   --checkpoint-every 5 --sample-tokens 40 --micro-batch 8 ${EXTRA:-}"
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop --compile off" [P3]="--stage3-lr 1e-3"
                   [P4]="--stages 1,2,3 --stage1-tokens 5e5" [P5]="--seq-len 2048 --micro-batch 4"
-                  [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6")
-NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset: NAMES="P0 P3" proxies_next.sh ...
+                  [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6" [H4]="--attention-layers 20,23,24,26"
+                  [H4F]="--attention-layers 20,23,24,26 --inherited-lr-scale 0.1" [H2]="--attention-layers 23,24")
+NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="P0 H4 H4F H2" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
 case "${1:-}" in
