@@ -109,29 +109,34 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(t * log_s).sum(-1).mean() * temperature ** 2
 
 
+def mixer_layer_indices(student, stage: str) -> list[int]:
+    """The layers stages 1 and 2 train: all but a hybrid's attention layers, which are the teacher's own already.
+    Stage 2 must leave them alone too: their block-output loss is ~0, but an L2 norm's gradient is a unit vector
+    whatever the size of the (rounding) difference, and Adam would walk the teacher's attention at the full rate."""
+    attention = set(getattr(student.config, "attention_layers", None) or ())
+    indices = [i for i in range(len(student.backbone.layers)) if i not in attention]
+    if not indices:
+        raise ValueError(f"{stage}: every layer of this hybrid is attention, so there is no mixer to train; run "
+                         "stage 3 only (--stages 3)")
+    return indices
+
+
 class MatrixOrientation(nn.Module):
     def __init__(self, student):
         super().__init__()
         self.layers = student.backbone.layers
-        # a hybrid's attention layers are the teacher's attention already: nothing to orient
-        self.skip = set(getattr(student.config, "attention_layers", None) or ())
-        if len(self.skip) == len(self.layers):
-            raise ValueError("stage 1 (matrix orientation): every layer of this hybrid is attention, so there is no "
-                             "mixer to orient; run stages 2,3 only (--stages 2,3)")
+        self.trained = mixer_layer_indices(student, "stage 1 (matrix orientation)")
 
     def trainable(self):
-        for i, block in enumerate(self.layers):  # out_proj and the gate do not shape the matrix: they wait for stage 2
-            if i in self.skip:
-                continue
-            yield from block.mixer.matrix_parameters()
+        for i in self.trained:  # out_proj and the gate do not shape the matrix: they wait for stage 2
+            yield from self.layers[i].mixer.matrix_parameters()
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         per_layer = []
-        for i, (block, h, attention) in enumerate(zip(self.layers, targets.hidden_in, targets.attentions)):
-            if i in self.skip:
-                continue
-            T = block.mixer.mixing_matrix(block.input_layernorm(h), seq_idx=seq_idx)
-            per_layer.append(frobenius_loss(T, attention))
+        for i in self.trained:
+            block = self.layers[i]
+            T = block.mixer.mixing_matrix(block.input_layernorm(targets.hidden_in[i]), seq_idx=seq_idx)
+            per_layer.append(frobenius_loss(T, targets.attentions[i]))
         return torch.stack(per_layer).sum(), per_layer
 
 
@@ -147,22 +152,24 @@ class HiddenStateAlignment(nn.Module):
         if align not in ALIGN_TARGETS:
             raise ValueError(f"stage 2 align={align!r}: choose one of {ALIGN_TARGETS}")
         self.layers = student.backbone.layers
+        self.trained = mixer_layer_indices(student, "stage 2 (hidden-state alignment)")
         self.align = align
         self.mixer_only = mixer_only or align == "attention"
         self.pieces = pieces  # llamba.model.functional pieces for the blocks' norms and MLPs (None: the modules)
 
     def trainable(self):
-        for block in self.layers:
-            yield from (block.mixer if self.mixer_only else block).parameters()
+        for i in self.trained:
+            yield from (self.layers[i].mixer if self.mixer_only else self.layers[i]).parameters()
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
         per_layer = []
-        if self.align == "attention":
-            for block, h, target in zip(self.layers, targets.hidden_in, targets.attention_out):
-                per_layer.append(hidden_loss(block.mixer(block.input_layernorm(h), seq_idx=seq_idx), target))
-        else:
-            for block, h, target in zip(self.layers, targets.hidden_in, targets.hidden_out):
-                per_layer.append(hidden_loss(block(h, seq_idx=seq_idx, pieces=self.pieces), target))
+        for i in self.trained:
+            block, h = self.layers[i], targets.hidden_in[i]
+            if self.align == "attention":
+                out, target = block.mixer(block.input_layernorm(h), seq_idx=seq_idx), targets.attention_out[i]
+            else:
+                out, target = block(h, seq_idx=seq_idx, pieces=self.pieces), targets.hidden_out[i]
+            per_layer.append(hidden_loss(out, target))
         return torch.stack(per_layer).sum(), per_layer
 
 
