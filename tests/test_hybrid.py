@@ -402,6 +402,20 @@ def test_distill_pipeline_trains_a_hybrid(tmp_path):
         run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), sample_tokens=0))
 
 
+def test_distill_refuses_an_all_attention_hybrid_for_stages_1_2_up_front(tmp_path):
+    from llamba.distill.pipeline import Options, run
+    from llamba.distill.recipes import load_recipe
+
+    teacher_dir = make_teacher(tmp_path / "teacher", layers=2, hidden=32, heads=4, kv_heads=2, vocab=280)
+    r = load_recipe("smoke")
+    r["attention_layers"] = [0, 1]
+    for stages in ((2, 3), (1, 2, 3)):
+        with pytest.raises(ValueError, match=r"all 2 of the teacher's layers.*no mixer to train; run --stages 3"):
+            run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(tmp_path / "none"),
+                        stages=stages, sample_tokens=0))
+    assert not (tmp_path / "run" / "data").exists()  # refused before any data was read or prepared
+
+
 # -- choosing the layers (auto:K) -----------------------------------------------------------------------------------
 def test_restoring_every_layer_gives_the_teacher_and_one_layer_changes_only_it(teacher3):
     from llamba.convert import restore_teacher_layers

@@ -110,7 +110,7 @@ def check_inputs(opts: Options, d) -> None:
     problem = None
     if d.main:
         checks = [lambda: init_conflict(opts), *(lambda s=s: finished_stage_conflict(opts, s) for s in sorted(opts.stages)),
-                  lambda: _student_problem(opts), lambda: _budget_problem(opts, d), lambda: _auto_problem(opts)]
+                  lambda: _student_problem(opts), lambda: _budget_problem(opts, d), lambda: _hybrid_problem(opts)]
         problem = next((p for p in (check() for check in checks) if p), None)
     problem = distributed.broadcast_object(problem, d)
     if problem:
@@ -145,12 +145,22 @@ def _student_problem(opts: Options) -> str | None:
     return None
 
 
-def _auto_problem(opts: Options) -> str | None:
+def _hybrid_problem(opts: Options) -> str | None:
     from llamba.distill.select import auto_count, check_auto
     from llamba.teacher import load_teacher_config
 
-    k = auto_count(opts.recipe.get("attention_layers"))
-    return None if k is None else check_auto(k, load_teacher_config(opts.teacher).num_hidden_layers, opts.stages)
+    layers = opts.recipe.get("attention_layers")
+    if not layers:
+        return None
+    n_layer = load_teacher_config(opts.teacher).num_hidden_layers
+    k = auto_count(layers)
+    if k is not None:
+        return check_auto(k, n_layer, opts.stages)
+    early = sorted(set(opts.stages) & {1, 2})
+    if set(range(n_layer)) <= set(layers) and early:  # stages 1-2 train mixers only (stages.mixer_layer_indices)
+        return (f"--attention-layers keeps all {n_layer} of the teacher's layers as attention, so stage(s) "
+                f"{', '.join(map(str, early))} have no mixer to train; run --stages 3")
+    return None
 
 
 def _budget_problem(opts: Options, d) -> str | None:
