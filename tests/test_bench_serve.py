@@ -33,6 +33,7 @@ def test_bench_serve_measures_student_and_teacher(tmp_path):
                  "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert set(result["systems"]) == {"student", "teacher"}
+    assert result["prefill_chunk"] == 256  # a CPU's default (2048 on CUDA: serve.server.default_prefill_chunk)
     assert result["systems"]["teacher"]["kind"] == "TeacherSlots"
     for system in result["systems"].values():
         assert [lv["concurrency"] for lv in system["levels"]] == [1, 3]

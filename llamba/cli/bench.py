@@ -80,7 +80,8 @@ def register(parser) -> None:
     srv.add_argument("--prompt-tokens", type=int_at_least(1), default=128, help="prompt length of every request")
     srv.add_argument("--requests-per-client", type=int_at_least(1), default=2)
     srv.add_argument("--max-batch", type=int_at_least(1), default=None, help="server slots (default: the top concurrency)")
-    srv.add_argument("--prefill-chunk", type=int_at_least(1), default=256)
+    srv.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
+                     help="as llamba serve's (default 2048 on CUDA, 256 on a CPU)")
     srv.add_argument("--stream-interval", type=int_at_least(1), default=1, help="as llamba serve's")
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
@@ -136,6 +137,10 @@ def run_serve(args) -> int:
         args.concurrency = serve.DEFAULT_CONCURRENCY
     if args.new_tokens is None:
         args.new_tokens = 64
+    if args.prefill_chunk is None:
+        from llamba.serve.server import default_prefill_chunk
+
+        args.prefill_chunk = default_prefill_chunk(device.type)
     if args.out is None:
         from llamba.bench.gpu import device_slug
 

@@ -18,9 +18,9 @@ def register(parser) -> None:
                         help="prompt + new tokens per request (a teacher's KV cache is this long per slot)")
     parser.add_argument("--max-tokens-default", type=int_at_least(1), default=256,
                         help="new tokens when a request gives no max_tokens")
-    parser.add_argument("--prefill-chunk", type=int_at_least(1), default=256,
+    parser.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                         help="prompt tokens prefilled between two decode steps of the running batch (pieces of "
-                             "one long prompt, or several short prompts)")
+                             "one long prompt, or several short prompts; default 2048 on CUDA, 256 on a CPU)")
     parser.add_argument("--stream-interval", type=int_at_least(1), default=1,
                         help="new tokens per streamed event (default 1; more spends less host time per token under "
                              "load; requests with stop strings still check every token)")
@@ -35,14 +35,15 @@ def register(parser) -> None:
 
 def run(args) -> int:
     from llamba.cli.common import resolve_device
-    from llamba.serve.server import build_app, load_served, run_foreground
+    from llamba.serve.server import build_app, default_prefill_chunk, load_served, run_foreground
 
     device = resolve_device(args.device)  # before loading: a bad --device is refused at once
     slots = args.max_batch or (64 if device.type == "cuda" else 8)
     served = load_served(args.model, slots, args.max_context, args.device, args.dtype, args.quant, args.threads,
                          args.served_model_name)
     queue = args.max_queue if args.max_queue is not None else 4 * slots
-    app = build_app(served, queue, args.prefill_chunk, args.max_tokens_default, args.stream_interval)
+    prefill_chunk = args.prefill_chunk or default_prefill_chunk(device.type)
+    app = build_app(served, queue, prefill_chunk, args.max_tokens_default, args.stream_interval)
     print(f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "
           f"context {served.max_context})", flush=True)
     run_foreground(app, args.host, args.port, args.shutdown_timeout)

@@ -55,6 +55,13 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
     return Served(slots, tokenizer, name or Path(str(model).rstrip("/")).name, slots.max_context)
 
 
+def default_prefill_chunk(device_type: str) -> int:
+    """Prompt tokens prefilled between two decode steps when none are given. A GPU prefills 2,048 tokens of one
+    prompt in a few decode steps' time (~300-500k tokens/s from the host: results/bench-h100.md), so a long prompt
+    joins in one turn and the batch refills as fast as requests leave; a CPU would stall every stream for seconds."""
+    return 2048 if device_type == "cuda" else 256
+
+
 def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int, stream_interval: int = 1):
     from llamba.serve.app import create_app
     from llamba.serve.scheduler import Scheduler
