@@ -294,6 +294,72 @@ def test_triton_gateloop_decode_step_matches_float64(shape, dtype):
         mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(theta[:, :, :-1], got_phase))
 
 
+ROTATE_CASES = [  # batch, length, G, N, with seq_idx, with an initial phase
+    (2, 100, 2, 16, True, True),
+    (1, 1, 1, 8, False, False),
+    (2, 70, 3, 128, True, False),  # 64 pairs: two pair tiles
+    (1, 33, 1, 8, False, True),  # one token past a tile
+    (2, 64, 9, 64, True, True),
+]
+
+
+@triton_kernel
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ROTATE_CASES)
+def test_triton_gateloop_rotation_matches_float64(case):
+    """GateLoop's prefill rotation in one kernel: B and C (strided views of one conv output, as in the mixer)
+    rotated by the cumulative phase, which restarts at each document and continues the initial phase, and the final
+    phase; against ``rotate_by_phase`` in float64. Phases run far past pi, so the wrap is exercised."""
+    from llamba.ops.gateloop.phase import rotate_by_phase
+    from llamba.ops.gateloop.triton_rotate import rotate_by_phase_triton
+
+    b, L, G, N, with_seq, with_init = case
+    g = torch.Generator().manual_seed(L)
+    xBC = torch.randn(b, L, 3 * G * N, generator=g)
+    B, C = (xBC[..., k * G * N:(k + 1) * G * N].unflatten(-1, (G, N)).to(DEV) for k in (1, 2))
+    theta = (2 * torch.randn(b, L, G, N // 2, generator=g)).to(DEV)
+    phase = (4 * torch.randn(b, G, N // 2, generator=g)).to(DEV) if with_init else None
+    seq_idx = None
+    if with_seq:
+        seq_idx = torch.zeros(b, L, dtype=torch.int32)
+        seq_idx[0, L // 3:] = 1
+        seq_idx[0, L // 2:] = 2
+        seq_idx[-1, 2 * L // 3:] = 7
+        seq_idx = seq_idx.to(DEV)
+    want = rotate_by_phase(B.double(), C.double(), theta.double(), None if phase is None else phase.double(), seq_idx)
+    got = rotate_by_phase_triton(B, C, theta, phase, seq_idx)
+    assert got[0].dtype == B.dtype and got[2].dtype == torch.float32 and got[0].is_contiguous()
+    for g_, w in zip(got, want):
+        assert (g_.double() - w).abs().max() < 2e-5
+    assert got[2].abs().max() <= 3.1416
+
+
+@triton_kernel
+@pytest.mark.triton
+def test_gateloop_prefill_takes_the_rotation_kernel_and_training_does_not(monkeypatch):
+    """``gateloop_scan`` on the Triton route: without gradients the rotation kernel (the same outputs as the
+    PyTorch route); with them the PyTorch rotation, whose autograd training needs."""
+    from llamba.ops.gateloop import gateloop_scan, triton_rotate
+
+    g = torch.Generator().manual_seed(0)
+    b, L, H, G, P, N = 2, 40, 4, 2, 8, 16
+    x, B, C = (torch.randn(b, L, *s, generator=g).to(DEV) for s in ((H, P), (G, N), (G, N)))
+    log_a = (-torch.rand(b, L, H, generator=g)).to(DEV)
+    theta = torch.randn(b, L, G, N // 2, generator=g).to(DEV)
+    calls = []
+    monkeypatch.setattr(triton_rotate, "rotate_by_phase_triton",
+                        lambda *a, f=triton_rotate.rotate_by_phase_triton: calls.append(1) or f(*a))
+    with torch.no_grad():
+        y, state, phase = gateloop_scan(x, B, C, log_a, theta, backend="triton")
+    assert calls == [1]
+    want = gateloop_scan(x, B, C, log_a, theta, backend="torch")
+    for g_, w in zip((y, state, phase), want):
+        torch.testing.assert_close(g_, w, rtol=1e-4, atol=1e-4)
+    theta.requires_grad_(True)
+    gateloop_scan(x, B, C, log_a, theta, backend="triton")[0].sum().backward()
+    assert calls == [1] and theta.grad is not None
+
+
 @triton_kernel
 @pytest.mark.triton
 @pytest.mark.parametrize("elements, grid", [(7000, 65535), (2500, 65535), (2**31, 4)],
@@ -519,11 +585,13 @@ def test_every_kernel_compiles_for_hopper_within_its_shared_memory():
     from llamba.bench.registers import compile_report
     from llamba.ops.conv import triton_kernel as triton_conv
     from llamba.ops.conv import triton_train as triton_conv_train
+    from llamba.ops.gateloop import triton_rotate
     from llamba.ops.ssd import triton_chunk
     from llamba.ops.step import triton_kernel as triton_decode
 
     rows = compile_report(arch=90, sms=132)
-    kernels = {name for module in (triton_chunk, triton_conv, triton_conv_train, triton_decode) for name, obj in vars(module).items()
+    modules = (triton_chunk, triton_conv, triton_conv_train, triton_decode, triton_rotate)
+    kernels = {name for module in modules for name, obj in vars(module).items()
                if isinstance(obj, JITFunction) and name.endswith("_kernel")}
     assert {r["kernel"] for r in rows} == kernels  # every kernel is covered, in every launch setting used
     assert [r for r in rows if not r["shared_fits"]] == []

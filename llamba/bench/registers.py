@@ -26,6 +26,7 @@ from llamba.bench.kernels import CONV_SHAPES, DECODE_BATCHES, SCAN_SHAPES
 from llamba.ops.ssd import triton_chunk
 from llamba.ops.conv.triton_kernel import causal_conv_triton
 from llamba.ops.conv.triton_train import conv_backward, conv_forward
+from llamba.ops.gateloop.triton_rotate import rotate_by_phase_triton
 from llamba.ops.step.triton_kernel import mixer_step_triton
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block, by arch
@@ -77,8 +78,8 @@ def ptxas_report(ptx: str, arch: str, capability: int) -> tuple[int, int, int]:
 def launch_all(length: int = 128, sm_count: int | None = None) -> None:
     """Every kernel launch of the library at the kernel table's shapes (sequence length cut to ``length``: it
     changes no launch setting): the scan forward both ways (with and without the fused gate) and its backward,
-    the prefill conv, the training conv forward and backward, the decode step. ``sm_count``: the target GPU's,
-    which sizes the scan's tiles."""
+    the prefill conv, the training conv forward and backward, the decode step, GateLoop's rotation. ``sm_count``:
+    the target GPU's, which sizes the scan's tiles."""
     bf16 = torch.bfloat16
     for batch, _, H, P, N in SCAN_SHAPES:
         x = torch.randn(batch, length, H, P, dtype=bf16)
@@ -118,6 +119,12 @@ def launch_all(length: int = 128, sm_count: int | None = None) -> None:
                           torch.randn(batch, H, P, N), torch.randn(conv_dim, 1, 4, dtype=bf16),
                           torch.randn(conv_dim, dtype=bf16), torch.randn(H, dtype=bf16), torch.randn(H * P, dtype=bf16),
                           H, phase=(torch.randn(batch, H, N // 2), torch.randn(batch, H, N // 2)))
+    # a GateLoop prefill's rotation of B and C (strided views of the conv's output), with and without resets
+    xBC = torch.randn(DECODE_BATCHES[0], length, H * P + 2 * H * N, dtype=bf16)
+    B, C = (xBC[..., H * P + k * H * N:H * P + (k + 1) * H * N].unflatten(-1, (H, N)) for k in range(2))
+    for resets in (torch.zeros(xBC.shape[:2], dtype=torch.int32), None):
+        rotate_by_phase_triton(B, C, torch.randn(*xBC.shape[:2], H, N // 2), torch.randn(xBC.shape[0], H, N // 2),
+                               resets)
 
 
 def compile_report(arch: int = 90, sms: int = 132) -> list[dict]:

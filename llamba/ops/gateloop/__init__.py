@@ -5,6 +5,7 @@ docs/gateloop.md), so every form reuses ``llamba.ops.ssd``:
 
 - ``naive``: the literal complex recurrence and mixing matrix (torch complex), the references;
 - ``chunk``: rotation + the chunked scan (``gateloop_scan``) and rotation + the materialised matrix;
+- ``triton_rotate``: the rotation as one Triton kernel (a prefill on CUDA; its twin is ``phase.rotate_by_phase``);
 - ``recurrent``: one token at a time, state and phase updated in place.
 """
 
