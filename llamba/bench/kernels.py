@@ -225,9 +225,36 @@ def bench_train_conv(device="cuda") -> list[dict]:
     return rows
 
 
+def bench_rotation(bandwidth_gbs: float, device="cuda") -> list[dict]:
+    """GateLoop's prefill rotation of B and C by the cumulative phase (documents restarting it), the Triton kernel
+    against the PyTorch route (float64 cumsum, gather, wrap, cos / sin, rotations), at the conv shapes with one group
+    per head (SmolLM2: 9 groups of d_state 64)."""
+    from llamba.ops.gateloop.phase import rotate_by_phase
+    from llamba.ops.gateloop.triton_rotate import rotate_by_phase_triton
+
+    rows = []
+    for batch, T, channels in CONV_SHAPES:
+        N = 64
+        G = channels // 3 // N
+        xBC = torch.randn(batch, T, channels, device=device, dtype=torch.bfloat16)
+        B, C = (xBC[..., channels // 3 * k:channels // 3 * (k + 1)].unflatten(-1, (G, N)) for k in (1, 2))
+        theta = torch.randn(batch, T, G, N // 2, device=device)
+        seq = torch.cumsum((torch.rand(batch, T, device=device) < 1 / 700).int(), 1, dtype=torch.int32)
+        ref = rotate_by_phase(B.double(), C.double(), theta.double(), None, seq)
+        got = rotate_by_phase_triton(B, C, theta, None, seq)
+        row = {"shape": f"B{batch} T{T} G{G} N{N}", "rel_err": max(_rel(g, w) for g, w in zip(got, ref))}
+        row.update(_side_by_side({"torch_ms": lambda: rotate_by_phase(B, C, theta, None, seq),
+                                  "triton_ms": lambda: rotate_by_phase_triton(B, C, theta, None, seq)}))
+        row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        row["bytes"] = 2 * (B.nbytes + C.nbytes) + theta.nbytes + seq.nbytes  # B, C read and written, theta read
+        row["triton_over_bytes_floor"] = row["triton_ms"] / (row["bytes"] / (bandwidth_gbs * 1e9) * 1e3)
+        rows.append(row)
+    return rows
+
+
 def run_all(bandwidth_gbs: float) -> dict:
     return {"scan": bench_scan(), "conv": bench_conv(bandwidth_gbs), "train_conv": bench_train_conv(),
-            "decode_step": bench_decode_step(bandwidth_gbs)}
+            "rotation": bench_rotation(bandwidth_gbs), "decode_step": bench_decode_step(bandwidth_gbs)}
 
 
 def to_markdown(r: dict) -> list[str]:
@@ -257,6 +284,12 @@ def to_markdown(r: dict) -> list[str]:
                   "|---|---|---|---|"]
         for c in r["train_conv"]:
             lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['triton_ms']:.3f} | {c['speedup']:.2f} |")
+    if r.get("rotation"):
+        lines += ["", "| GateLoop prefill rotation, resets (bf16 B / C) | PyTorch path ms | Triton ms | speedup | "
+                  "Triton / bytes floor |", "|---|---|---|---|---|"]
+        for c in r["rotation"]:
+            lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['triton_ms']:.3f} | {c['speedup']:.2f} | "
+                         f"{c['triton_over_bytes_floor']:.2f} |")
     lines += ["", "| decode step batch (H9 P64 N64) | ms (CUDA graph) | bytes floor ms | / floor | ms launched one by one "
               "| torch reference ms |", "|---|---|---|---|---|---|"]
     for s in r["decode_step"]:
