@@ -416,3 +416,35 @@ def test_compiled_block_is_the_eager_block(tmp_path, mixer):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_stage1_is_the_eager_stage1(models):
+    """Stage 1 with ``compile``: each layer's mixing matrix and loss through torch.compile give the eager losses and
+    gradients, and one compiled graph serves every layer (their parameters are its inputs, not guards)."""
+    import shutil
+
+    if not torch.cuda.is_available() and not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("inductor on a CPU needs a C++ compiler")
+    from torch._dynamo.utils import counters
+
+    import copy
+
+    teacher, student = (copy.deepcopy(m).float() for m in models[:2])  # the module's fixture stays float64
+    tok = models[2]
+    student.requires_grad_(True)  # whatever an earlier test left
+    batch = packed_batch(tok.eos_token_id, length=24)
+    targets = teacher_targets(teacher, batch, 1)
+
+    def run(stage):
+        student.zero_grad()
+        loss, per_layer = stage(targets, batch.seq_idx)
+        loss.backward()
+        return [p.detach() for p in per_layer], [p.grad.clone() for p in stage.trainable()]
+
+    want = run(MatrixOrientation(student))
+    torch._dynamo.reset()
+    counters.clear()
+    got = run(MatrixOrientation(student, compile=True))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

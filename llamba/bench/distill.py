@@ -31,6 +31,7 @@ from llamba.distill.data import FORMAT_VERSION, MANIFEST
 # around the mixers compiled, the teacher on flex attention
 VARIANTS = (
     ("stage1", 1, {}),
+    ("stage1-compile", 1, {"compile": True}),
     ("stage2-block", 2, {"align": "block"}),
     ("stage2-compile", 2, {"align": "block", "compile": True}),
     ("stage2-compile-teacher", 2, {"align": "block", "compile": True, "teacher_compile": True}),
@@ -121,6 +122,8 @@ RATIOS = (("stage3", "stage3-plain", "stage3_speedup_over_plain",
           ("stage3", "stage3-torch", "stage3_speedup_over_torch",
            "Stage 3 over the plain PyTorch step (conv, scan and loss in PyTorch)"),
           ("stage3-compile", "stage3", "stage3_compile_speedup", "Stage 3 with the blocks compiled over without"),
+          ("stage1-compile", "stage1", "stage1_compile_speedup",
+           "Stage 1 with each layer's matrix and loss compiled over without"),
           ("stage2-compile", "stage2-block", "stage2_compile_speedup",
            "Stage 2 (block alignment) with the blocks compiled over without"),
           ("stage2-compile-teacher", "stage2-compile", "stage2_teacher_compile_speedup",

@@ -121,22 +121,30 @@ def mixer_layer_indices(student, stage: str) -> list[int]:
     return indices
 
 
+def orientation_loss(block, h: torch.Tensor, attention: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """Stage 1's loss for one layer: its mixing matrix on the teacher's input against the teacher's attention."""
+    return frobenius_loss(block.mixer.mixing_matrix(block.input_layernorm(h), seq_idx=seq_idx), attention)
+
+
 class MatrixOrientation(nn.Module):
-    def __init__(self, student):
+    """``compile``: the per-layer loss through torch.compile, which fuses the (batch, H, L, L) elementwise work
+    (decays, mask, the difference and its norm) that dominates the stage; one graph serves every layer (their
+    parameters are the graph's inputs), and the blocks' own forward, which ``compile: blocks`` compiles, is not
+    what stage 1 runs."""
+
+    def __init__(self, student, compile: bool = False):
         super().__init__()
         self.layers = student.backbone.layers
         self.trained = mixer_layer_indices(student, "stage 1 (matrix orientation)")
+        self.layer_loss = torch.compile(orientation_loss) if compile else orientation_loss
 
     def trainable(self):
         for i in self.trained:  # out_proj and the gate do not shape the matrix: they wait for stage 2
             yield from self.layers[i].mixer.matrix_parameters()
 
     def forward(self, targets: TeacherTargets, seq_idx: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        per_layer = []
-        for i in self.trained:
-            block = self.layers[i]
-            T = block.mixer.mixing_matrix(block.input_layernorm(targets.hidden_in[i]), seq_idx=seq_idx)
-            per_layer.append(frobenius_loss(T, targets.attentions[i]))
+        per_layer = [self.layer_loss(self.layers[i], targets.hidden_in[i], targets.attentions[i], seq_idx)
+                     for i in self.trained]
         return torch.stack(per_layer).sum(), per_layer
 
 
@@ -232,7 +240,7 @@ def stage_module(stage: int, student, cfg: dict) -> nn.Module:
 
     pieces = compiled_pieces() if compile_setting(cfg.get("compile")) == "pieces" else None
     if stage == 1:
-        return MatrixOrientation(student)
+        return MatrixOrientation(student, compile=compile_setting(cfg.get("compile")) is not None)
     if stage == 2:
         return HiddenStateAlignment(student, mixer_only=cfg.get("mixer_only", False), align=cfg.get("align", "block"),
                                     pieces=pieces)
