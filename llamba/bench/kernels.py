@@ -233,7 +233,8 @@ def bench_rotation(bandwidth_gbs: float, device="cuda") -> list[dict]:
     from llamba.ops.gateloop.triton_rotate import rotate_by_phase_triton
 
     rows = []
-    for batch, T, channels in CONV_SHAPES:
+    # a served request prefills alone: at batch 1 the grid is G x N/64 programs, each walking L/32 tiles in turn
+    for batch, T, channels in [(1, *CONV_SHAPES[0][1:]), *CONV_SHAPES]:
         N = 64
         G = channels // 3 // N
         xBC = torch.randn(batch, T, channels, device=device, dtype=torch.bfloat16)
