@@ -489,12 +489,42 @@ def test_ranking_finds_the_broken_layer_and_restoring_it_recovers_its_kl(teacher
     for row in r["layers"]:
         assert row["kl_drop"] == pytest.approx(r["pure_kl"] - row["kl"], rel=1e-12)
     assert r["layers"][1]["kl"] < 0.2 * r["pure_kl"] < r["layers"][0]["kl"]
+    # random ids in 16-token windows hold no repeated trigram: no repeats column, rather than a KL over nothing
+    assert r["repeat_share"] == 0 and r["pure_kl_repeats"] is None and "kl_repeats" not in r["layers"][0]
     write_ranking(tmp_path / "new" / "ranking", r, 1)  # a folder not made yet (python -m llamba.distill.select --out)
     assert json.loads((tmp_path / "new" / "ranking.json").read_text())["chosen"] == [1]
     assert "| 1 | 1 |" in (tmp_path / "new" / "ranking.md").read_text()
     with pytest.raises(ValueError, match="needs a pure student"):
         rank_layers(teacher, student_from_teacher(teacher, d_state=8, attention_layers=[0]).double(), data,
                     seq_len=16, eval_tokens=256, micro_batch=4, device="cpu")
+
+
+def test_ranking_reads_the_kl_at_repeats_where_the_text_repeats(teacher3, tmp_path):
+    """Held-out text whose documents say one sentence twice: the ranking also reads KL at the positions that copy
+    (each row's drop against the pure student's) and ranks by it too."""
+    import random
+
+    from llamba.distill.data import prepare_data
+    from llamba.distill.select import rank_layers, write_ranking
+    from llamba.distill.testing import WORDS
+
+    teacher, tok = teacher3
+    rng = random.Random(1)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, n in (("train", 6), ("val", 6)):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(6)) + "." for _ in range(n)]
+        (corpus / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{s} {s}"}) + "\n" for s in sentences))
+    data = tmp_path / "data"
+    prepare_data({"train": [str(corpus / "train.jsonl")], "val": [str(corpus / "val.jsonl")]}, tok, data, 2000, 600)
+    student = student_from_teacher(teacher, d_state=8, init="attention").double()
+    _jitter(student.backbone.layers[1], scale=0.3)
+    r = rank_layers(teacher, student, data, seq_len=32, eval_tokens=256, micro_batch=4, device="cpu")
+    assert 0 < r["repeat_share"] < 1 and sorted(r["ranking_by_repeats"]) == [0, 1, 2]
+    for row in r["layers"]:
+        assert row["kl_repeats_drop"] == pytest.approx(r["pure_kl_repeats"] - row["kl_repeats"], rel=1e-12)
+    write_ranking(tmp_path / "ranking", r, 1)
+    assert "KL at repeats" in (tmp_path / "ranking.md").read_text()
 
 
 def test_auto_spec_and_its_checks():

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from llamba.metrics import kl_and_nll, kl_sum, log_probs, nll_sum, stream_windows
+from llamba.metrics import kl_and_nll, kl_sum, log_probs, nll_sum, repeat_positions, stream_windows
 
 
 def _logits(seed, shape=(3, 9, 17)):
@@ -56,3 +56,41 @@ def test_quantized_check_perplexity_is_the_shared_nll(tiny_llamba):
             nll += F.cross_entropy(model(ids).logits[0, :-1].double(), ids[0, 1:], reduction="sum").item()
             n += ids.shape[1] - 1
     assert math.isclose(perplexity(model, tokens, 16), math.exp(nll / n), rel_tol=1e-5)
+
+
+def _repeats_by_loop(ids, doc):
+    """Position t completes a repeat when tokens t-1, t, t+1 (one document) occurred in that order earlier in it."""
+    b, L = ids.shape
+    out = torch.zeros(b, L, dtype=torch.bool)
+    for r in range(b):
+        for t in range(1, L - 1):
+            for s in range(1, t):
+                if (doc[r, t - 1] == doc[r, t + 1] and doc[r, s - 1] == doc[r, s + 1] == doc[r, t + 1]
+                        and all(ids[r, s + k] == ids[r, t + k] for k in (-1, 0, 1))):
+                    out[r, t] = True
+                    break
+    return out
+
+
+def test_repeat_positions_match_a_loop():
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 3, 4, 5, 40, 97):
+        ids = torch.randint(0, 3, (3, L), generator=g)  # three ids: many repeats
+        doc = torch.cumsum((torch.rand(3, L, generator=g) < 0.1).int(), 1)
+        assert torch.equal(repeat_positions(ids, doc), _repeats_by_loop(ids, doc)), L
+        assert torch.equal(repeat_positions(ids), _repeats_by_loop(ids, torch.zeros_like(ids))), L
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 9]])
+    assert repeat_positions(ids).nonzero().tolist() == [[0, 5]]  # position 5 (token 6) predicts 7: "5 6 7" again
+    assert not repeat_positions(ids, torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])).any()  # ... but in another document
+
+
+def test_kl_at_repeats_is_the_kl_summed_over_those_positions():
+    s, t = _logits(3), _logits(4)
+    ids = torch.randint(0, 17, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(6)) < 0.4
+    sums = kl_and_nll(s, t, ids, kl_last=True, repeats=mask)
+    lt, ls = log_probs(t), log_probs(s)
+    per = (lt.exp() * (lt - ls)).sum(-1)
+    assert sums["repeat_positions"] == int(mask.sum())
+    assert math.isclose(sums["kl_repeats"], float(per[mask].sum()), rel_tol=1e-6)
+    assert math.isclose(sums["kl"], float(per.sum()), rel_tol=1e-6)

@@ -10,14 +10,15 @@ import torch
 
 from llamba.distill.data import PackedTokens
 from llamba.distill.stages import set_attention
-from llamba.metrics import kl_and_nll
+from llamba.metrics import kl_and_nll, repeat_positions
 
 
 @torch.no_grad()
 def evaluate(teacher, student, data_dir, seq_len: int, eval_tokens: int, micro_batch: int, device) -> dict:
     """On the first ``eval_tokens`` of the validation split (fixed windows, documents kept apart for both models):
     teacher and student perplexity of the next token, and KL(teacher || student) averaged over positions (every
-    position of each window, its last one included: ``kl_and_nll(kl_last=True)``)."""
+    position of each window, its last one included: ``kl_and_nll(kl_last=True)``), and over the positions that
+    complete a repeated trigram alone (``kl_repeats``: copying from context, ``metrics.repeat_positions``)."""
     val = PackedTokens(data_dir, "val", seq_len)
     n = max(1, min(len(val), eval_tokens // seq_len))
     set_attention(teacher, "sdpa")
@@ -29,12 +30,16 @@ def evaluate(teacher, student, data_dir, seq_len: int, eval_tokens: int, micro_b
         with autocast:
             t = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
             s = student(batch.input_ids, seq_idx=batch.seq_idx).logits
-        for k, v in kl_and_nll(s, t, batch.input_ids, kl_last=True).items():
+        repeats = repeat_positions(batch.input_ids, batch.seq_idx)
+        for k, v in kl_and_nll(s, t, batch.input_ids, kl_last=True, repeats=repeats).items():
             sums[k] = sums.get(k, 0.0) + v
     return {"tokens": n * seq_len,
             "teacher_ppl": math.exp(sums["teacher_nll"] / sums["nll_positions"]),
             "student_ppl": math.exp(sums["student_nll"] / sums["nll_positions"]),
-            "kl_per_token": sums["kl"] / sums["kl_positions"]}
+            "kl_per_token": sums["kl"] / sums["kl_positions"],
+            # None where no position repeats (short windows of random ids)
+            "kl_repeats": sums["kl_repeats"] / sums["repeat_positions"] if sums["repeat_positions"] else None,
+            "repeat_share": sums["repeat_positions"] / sums["kl_positions"]}
 
 
 @torch.no_grad()
@@ -92,11 +97,21 @@ def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
         md.append(f"| {k} | {s['tokens']:,} | {s['steps']} | {s['wall_s']:.0f} | {s['tokens_per_s']:,.0f} | "
                   f"{s['first_loss']:.4g} | {s['last_loss']:.4g} |")
     ev = summary["eval"]
-    md += ["", f"Validation ({ev['final']['tokens']:,} held-out tokens):", "",
-           "| model | perplexity | KL(teacher‖model) per token |", "|---|---|---|",
-           f"| teacher | {ev['final']['teacher_ppl']:.3f} | 0 |",
-           f"| initialised student | {ev['init']['student_ppl']:.3f} | {ev['init']['kl_per_token']:.4f} |",
-           f"| distilled student | {ev['final']['student_ppl']:.3f} | {ev['final']['kl_per_token']:.4f} |"]
+
+    def at_repeats(e: dict) -> str:  # evaluations written before the column existed (a resumed run's) lack it
+        return f"{e['kl_repeats']:.4f}" if e.get("kl_repeats") is not None else "-"
+
+    share = ev["final"].get("repeat_share")
+    md += ["", f"Validation ({ev['final']['tokens']:,} held-out tokens" + (
+               f"; {share:.1%} of the positions complete a trigram seen earlier in their document" if share else "")
+           + "):", "",
+           "| model | perplexity | KL(teacher‖model) per token | KL at repeats (copying from context) |",
+           "|---|---|---|---|",
+           f"| teacher | {ev['final']['teacher_ppl']:.3f} | 0 | 0 |",
+           f"| initialised student | {ev['init']['student_ppl']:.3f} | {ev['init']['kl_per_token']:.4f} | "
+           f"{at_repeats(ev['init'])} |",
+           f"| distilled student | {ev['final']['student_ppl']:.3f} | {ev['final']['kl_per_token']:.4f} | "
+           f"{at_repeats(ev['final'])} |"]
     if summary.get("sample"):
         md += ["", "Greedy samples:", ""]
         for who, text in summary["sample"].items():

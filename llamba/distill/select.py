@@ -57,19 +57,27 @@ def rank_layers(teacher, student, data_dir, seq_len: int, eval_tokens: int, micr
                          f"{list(student.config.attention_layers)}: give the hybrid's layers explicitly instead")
     args = dict(seq_len=seq_len, eval_tokens=eval_tokens, micro_batch=micro_batch, device=device)
     base = evaluate(teacher, student, data_dir, **args)
+    repeats = base["kl_repeats"] is not None  # the same tokens for every layer: all rows have it, or none
     rows = []
     for i in range(student.config.n_layer):
         hybrid = restore_teacher_layers(student, teacher, [i], parts)
-        kl = evaluate(teacher, hybrid, data_dir, **args)["kl_per_token"]
+        ev = evaluate(teacher, hybrid, data_dir, **args)
         del hybrid
-        rows.append({"layer": i, "kl": kl, "kl_drop": base["kl_per_token"] - kl})
-        log(f"layer {i:>3}: KL {kl:.4f} restored (pure {base['kl_per_token']:.4f})")
+        row = {"layer": i, "kl": ev["kl_per_token"], "kl_drop": base["kl_per_token"] - ev["kl_per_token"]}
+        if repeats:
+            row.update(kl_repeats=ev["kl_repeats"], kl_repeats_drop=base["kl_repeats"] - ev["kl_repeats"])
+        rows.append(row)
+        log(f"layer {i:>3}: KL {ev['kl_per_token']:.4f} restored (pure {base['kl_per_token']:.4f})"
+            + (f", at repeats {ev['kl_repeats']:.4f} (pure {base['kl_repeats']:.4f})" if repeats else ""))
     order = sorted(rows, key=lambda r: -r["kl_drop"])
     for rank, row in enumerate(order, 1):
         row["rank"] = rank
     return {"tokens": base["tokens"], "pure_kl": base["kl_per_token"], "pure_ppl": base["student_ppl"],
+            "pure_kl_repeats": base["kl_repeats"], "repeat_share": base["repeat_share"],
             "teacher_ppl": base["teacher_ppl"], "restored": parts, "layers": rows,
-            "ranking": [r["layer"] for r in order]}
+            "ranking": [r["layer"] for r in order],
+            "ranking_by_repeats": [r["layer"] for r in sorted(rows, key=lambda r: -r["kl_repeats_drop"])]
+            if repeats else None}
 
 
 def chosen_layers(ranking: dict, k: int) -> list[int]:
@@ -88,11 +96,18 @@ def write_ranking(path: Path, ranking: dict, k: int | None = None) -> None:
           f"{ranking['pure_ppl']:.2f} (teacher {ranking['teacher_ppl']:.2f})."]
     if k:
         md += ["", f"Chosen for attention (K = {k}): {chosen_layers(ranking, k)}"]
-    md += ["", "| rank | layer | KL restored | KL drop |", "|---|---|---|---|"]
+    repeats = "kl_repeats" in ranking["layers"][0]  # not where no position repeats, nor in older rankings
+    if repeats:
+        md += ["", f"KL at repeats: over the {ranking['repeat_share']:.1%} of positions that complete a trigram seen "
+               f"earlier in their document (copying from context; pure student {ranking['pure_kl_repeats']:.4f}). "
+               f"Ranked by its drop instead: {ranking['ranking_by_repeats'][:8]}..."]
+    md += ["", "| rank | layer | KL restored | KL drop |" + (" KL at repeats | its drop |" if repeats else ""),
+           "|---|---|---|---|" + ("---|---|" if repeats else "")]
     by_layer = {r["layer"]: r for r in ranking["layers"]}
     for layer in ranking["ranking"]:
         r = by_layer[layer]
-        md.append(f"| {r['rank']} | {layer} | {r['kl']:.4f} | {r['kl_drop']:+.4f} |")
+        md.append(f"| {r['rank']} | {layer} | {r['kl']:.4f} | {r['kl_drop']:+.4f} |"
+                  + (f" {r['kl_repeats']:.4f} | {r['kl_repeats_drop']:+.4f} |" if repeats else ""))
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
