@@ -440,7 +440,9 @@ def run(opts: Options) -> dict | None:
         ev = summary["eval"]
         log(f"summary: teacher ppl {ev['final']['teacher_ppl']:.2f} | initialised student ppl "
             f"{ev['init']['student_ppl']:.2f}, KL {ev['init']['kl_per_token']:.3f} | distilled student ppl "
-            f"{ev['final']['student_ppl']:.2f}, KL {ev['final']['kl_per_token']:.3f}  ({opts.out / 'summary.md'})")
+            f"{ev['final']['student_ppl']:.2f}, KL {ev['final']['kl_per_token']:.3f}"
+            + (f" ({ev['final']['kl_repeats']:.3f} at repeats)" if ev["final"].get("kl_repeats") is not None else "")
+            + f"  ({opts.out / 'summary.md'})")
         if sample:
             log(f"sample teacher: {sample['prompt']}{sample['teacher']!r}")
             log(f"sample student: {sample['prompt']}{sample['student']!r}")
