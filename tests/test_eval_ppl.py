@@ -23,6 +23,25 @@ def test_ppl_and_kl_match_torch_reference(tiny_llamba):
     kl = F.kl_div(s.reshape(n, -1), t.reshape(n, -1), log_target=True, reduction="sum").item() / n
     assert math.isclose(got["s"]["kl_from_teacher"], kl, rel_tol=1e-4)
     assert got["t"]["kl_from_teacher"] == 0.0 and kl > 0
+    assert got["s"]["kl_repeats_from_teacher"] is None  # 12 random ids of a large vocabulary: no repeated trigram
+
+
+def test_kl_at_repeats_reads_the_positions_that_copy(tiny_llamba):
+    """Windows that say a phrase twice: the KL at repeats is the mean KL over the positions the second saying
+    predicts (repeat_positions), by hand."""
+    from llamba.metrics import repeat_positions
+
+    teacher, student = tiny_llamba(dtype=torch.float32, seed=1), tiny_llamba(dtype=torch.float32, seed=2)
+    phrase = torch.randint(0, teacher.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(3))
+    windows = torch.cat([phrase, phrase], 1)
+    got = perplexity_and_kl({"t": teacher, "s": student}, windows, batch_size=3, progress=False)
+    with torch.no_grad():
+        t = F.log_softmax(teacher(windows).logits[:, :-1].double(), -1)
+        s = F.log_softmax(student(windows).logits[:, :-1].double(), -1)
+    mask = repeat_positions(windows)[:, :-1]
+    assert mask[:, 8:13].all() and not mask[:, :7].any()  # the second saying's positions 8.. predict copies
+    want = (t.exp() * (t - s)).sum(-1)[mask].mean().item()
+    assert math.isclose(got["s"]["kl_repeats_from_teacher"], want, rel_tol=1e-4)
 
 
 class _CharTokenizer:

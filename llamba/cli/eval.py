@@ -161,6 +161,8 @@ def run(args) -> int:
             rows[name]["heldout ppl"] = s["ppl"]
             if name != args.models[0]:
                 rows[name]["teacher‖model kl"] = s["kl_from_teacher"]
+                if s["kl_repeats_from_teacher"] is not None:  # the KL where the next token copies from context
+                    rows[name]["teacher‖model repeats kl"] = s["kl_repeats_from_teacher"]
     meta["seconds"] = round(time.time() - started, 1)
     paths = write_report(args.out, args.models, rows, meta, raw)
     print(paths["md"].read_text())

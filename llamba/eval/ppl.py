@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llamba.metrics import kl_sum, log_probs, nll_sum
+from llamba.metrics import kl_per_position, log_probs, nll_sum, repeat_positions
 from llamba.text import iter_documents
 
 
@@ -56,14 +56,18 @@ def _log_probs(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def perplexity_and_kl(models: dict[str, torch.nn.Module], windows: torch.Tensor, batch_size: int = 4,
                       progress: bool = True) -> dict[str, dict[str, float]]:
-    """{name: {"ppl", "nll", "kl_from_teacher", "tokens"}}; the first model is the teacher (its KL is 0)."""
+    """{name: {"ppl", "nll", "kl_from_teacher", "kl_repeats_from_teacher", "tokens"}}; the first model is the
+    teacher (its KL is 0). ``kl_repeats_from_teacher``: the KL over the positions that complete a trigram seen
+    earlier in the window (``metrics.repeat_positions``: copying from context), None where none does."""
     names = list(models)
     nll = dict.fromkeys(names, 0.0)
     kl = dict.fromkeys(names, 0.0)
-    count = 0
+    kl_repeats = dict.fromkeys(names, 0.0)
+    count = repeats_count = 0
     for start in tqdm(range(0, len(windows), batch_size), desc="ppl/KL windows", disable=not progress):
         ids = windows[start: start + batch_size]
         teacher = _log_probs(models[names[0]], ids)
+        repeats = repeat_positions(ids)[:, :-1].to(teacher.device)  # as the log-probs: the last position dropped
         if teacher.shape[-1] <= int(windows.max()):
             raise ValueError(f"{names[0]} has a {teacher.shape[-1]}-token vocabulary, smaller than the text's ids")
         for name in names:
@@ -73,7 +77,11 @@ def perplexity_and_kl(models: dict[str, torch.nn.Module], windows: torch.Tensor,
                                  " KL needs the same tokenizer")
             nll[name] += nll_sum(logp, ids)[0]
             if name != names[0]:
-                kl[name] += kl_sum(teacher, logp)[0]
+                per_position = kl_per_position(teacher, logp)
+                kl[name] += float(per_position.sum())
+                kl_repeats[name] += float(per_position[repeats].sum())
         count += ids[:, 1:].numel()
+        repeats_count += int(repeats.sum())
     return {name: {"nll": nll[name] / count, "ppl": math.exp(nll[name] / count), "kl_from_teacher": kl[name] / count,
+                   "kl_repeats_from_teacher": kl_repeats[name] / repeats_count if repeats_count else None,
                    "tokens": count} for name in names}
