@@ -43,6 +43,7 @@ collect() {  # what exists so far, into $OUT/results.tar
   mkdir -p /root/res
   cp $R/summary.* $R/loss_stage*.png $R.command /root/res/ 2>/dev/null
   cp /root/eval/eval.* /root/select/ranking.* /root/quant/quant-ppl.json /root/res/ 2>/dev/null
+  for f in $R/select/ranking.*; do [ -f "$f" ] && cp "$f" /root/res/auto-"${f##*/}"; done  # auto:K's own ranking
   [ -f $R.log ] && tr '\r' '\n' < $R.log | grep -v "it/s\]" > /root/res/distill.log
   tar cf $OUT/results.tar -C /root/res . && ls /root/res | tr '\n' ' ' && echo
 }
