@@ -402,6 +402,39 @@ def test_distill_pipeline_trains_a_hybrid(tmp_path):
         run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), sample_tokens=0))
 
 
+def test_stage3_can_keep_the_attention_layers_as_the_teacher_s(tmp_path):
+    """``--freeze-attention``: stage 3 trains everything but the hybrid's q/k/v/o, which stay the teacher's through the
+    whole pipeline; without it they train (test_distill_pipeline_trains_a_hybrid)."""
+    from safetensors.torch import load_file
+
+    from llamba.distill.pipeline import Options, run
+    from llamba.distill.recipes import load_recipe
+    from llamba.distill.stages import KnowledgeDistillation
+    from llamba.distill.testing import make_corpus
+    from llamba.teacher import load_teacher
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40, n_val=5)
+    teacher_dir = make_teacher(tmp_path / "teacher", corpus, layers=2, hidden=32, heads=4, kv_heads=2, vocab=280)
+    teacher = load_teacher(teacher_dir, dtype=torch.float32)[0]
+    student = student_from_teacher(teacher, d_state=8, attention_layers=[1])
+    frozen = {id(p) for p in student.backbone.layers[1].mixer.parameters()}
+    trained = {id(p) for p in KnowledgeDistillation(student, freeze_attention=True).trainable()}
+    assert trained == {id(p) for p in student.parameters()} - frozen and frozen
+    r = load_recipe("smoke")
+    r.update(d_state=8, seq_len=32, micro_batch=2, batch_tokens=64, eval_tokens=256, val_tokens=512,
+             checkpoint_every=100, attention_layers=[1])
+    r["stages"] = {s: {"tokens": 128, "lr": 1e-2} for s in (2, 3)}
+    r["stages"][3]["freeze_attention"] = True
+    run(Options(teacher=str(teacher_dir), out=tmp_path / "run", recipe=r, data=str(corpus), stages=(2, 3),
+                sample_tokens=0))
+    weights = load_file(str(next((tmp_path / "run" / "stage3" / "final").glob("*.safetensors"))))
+    init = load_file(str(next((tmp_path / "run" / "init").glob("*.safetensors"))))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert torch.equal(weights[f"backbone.layers.1.mixer.{name}.weight"], teacher.model.layers[1].self_attn
+                           .state_dict()[f"{name}.weight"])
+    assert not torch.equal(weights["backbone.layers.1.mlp.down_proj.weight"], init["backbone.layers.1.mlp.down_proj.weight"])
+
+
 def test_distill_refuses_an_all_attention_hybrid_for_stages_1_2_up_front(tmp_path):
     from llamba.distill.pipeline import Options, run
     from llamba.distill.recipes import load_recipe

@@ -67,6 +67,8 @@ def register(parser) -> None:
                         help="stage 3: weights outside the mixers (copied from the teacher) train at this times the lr")
     parser.add_argument("--freeze-mlp", action="store_true", help="stage 3 keeps the MLPs frozen")
     parser.add_argument("--freeze-embeddings", action="store_true", help="stage 3 keeps embeddings and head frozen")
+    parser.add_argument("--freeze-attention", action="store_true",
+                        help="stage 3 keeps a hybrid's attention layers (q/k/v/o) as the teacher's")
     parser.add_argument("--checkpoint-every", type=int_at_least(0),
                         help="optimizer steps between checkpoints (0: only at the end of a stage)")
     parser.add_argument("--activation-checkpointing", action="store_true", default=None)
@@ -138,6 +140,8 @@ def build_recipe(args) -> dict:
         recipe["stages"][3]["freeze_mlp"] = True
     if args.freeze_embeddings:
         recipe["stages"][3]["freeze_embeddings"] = True
+    if args.freeze_attention:
+        recipe["stages"][3]["freeze_attention"] = True
     return normalise(recipe)
 
 

@@ -189,7 +189,7 @@ class KnowledgeDistillation(nn.Module):
     holding the student's logits; ``'plain'``: soft cross-entropy on ``student(...).logits``, its reference."""
 
     def __init__(self, student, temperature: float = 1.0, freeze_mlp: bool = False, freeze_embeddings: bool = False,
-                 loss: str = "chunked", pieces=None):
+                 loss: str = "chunked", pieces=None, freeze_attention: bool = False):
         super().__init__()
         self.pieces = pieces  # for the chunked path's backbone (the plain path is the reference: modules)
         if loss not in KD_LOSSES:
@@ -199,9 +199,15 @@ class KnowledgeDistillation(nn.Module):
         self.loss = loss
         self.freeze_mlp = freeze_mlp
         self.freeze_embeddings = freeze_embeddings
+        # a hybrid's kept attention layers (q/k/v/o) as the teacher's: recall is their job, and the rest adapts to them
+        self.freeze_attention = freeze_attention
 
     def trainable(self):
         frozen = set()
+        if self.freeze_attention:
+            layers = self.student.backbone.layers
+            frozen |= {id(p) for i in getattr(self.student.config, "attention_layers", None) or ()
+                       for p in layers[i].mixer.parameters()}
         if self.freeze_mlp:
             frozen |= {id(p) for block in self.student.backbone.layers for p in block.mlp.parameters()}
         if self.freeze_embeddings:
@@ -246,7 +252,8 @@ def stage_module(stage: int, student, cfg: dict) -> nn.Module:
                                     pieces=pieces)
     if stage == 3:
         return KnowledgeDistillation(student, cfg.get("temperature", 1.0), cfg.get("freeze_mlp", False),
-                                     cfg.get("freeze_embeddings", False), cfg.get("loss", "chunked"), pieces)
+                                     cfg.get("freeze_embeddings", False), cfg.get("loss", "chunked"), pieces,
+                                     cfg.get("freeze_attention", False))
     raise ValueError(f"unknown stage {stage}; stages are {STAGES}")
 
 

@@ -10,6 +10,7 @@
 #   H4  --attention-layers 20,23,24,26 (the K = 4 hybrid of results/hybrid-smollm2-135m.md, its proxy baseline)
 #   H4F the same with --inherited-lr-scale 0.1 (the kept attention layers, MLPs and embeddings barely move: recall
 #       is the attention layers' job, and freezing them helped GenDistill's hybrids)
+#   H4Z the same with --freeze-attention (q/k/v/o stay the teacher's; everything else trains at the one rate)
 #   H2  --attention-layers 23,24 (K = 2: the ranking's top two)
 #   H6  --attention-layers 3,20,21,23,24,26 (K = 6: the ranking's top six; LAMBADA rose ~0.08 per doubling of the
 #       K = 4 hybrid's tokens, so 0.90 at K = 4 wants ~2x the budget: does K = 6 get there at the same budget?)
@@ -28,9 +29,10 @@ COMMON="--teacher smollm2-135m --recipe smollm2-135m --data /root/data/full --st
 declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gateloop --compile off" [P3]="--stage3-lr 1e-3"
                   [P4]="--stages 1,2,3 --stage1-tokens 5e5" [P5]="--seq-len 2048 --micro-batch 4"
                   [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6" [H4]="--attention-layers 20,23,24,26"
-                  [H4F]="--attention-layers 20,23,24,26 --inherited-lr-scale 0.1" [H2]="--attention-layers 23,24"
+                  [H4F]="--attention-layers 20,23,24,26 --inherited-lr-scale 0.1"
+                  [H4Z]="--attention-layers 20,23,24,26 --freeze-attention" [H2]="--attention-layers 23,24"
                   [H6]="--attention-layers 3,20,21,23,24,26")
-NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="H4 H4F H2 H6" proxies_next.sh ...
+NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="H4 H4F H4Z H2 H6" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
 case "${1:-}" in
