@@ -57,7 +57,7 @@ def register(parser) -> None:
     parser.add_argument("--mixer", help="the student's mixer (recipe field mixer): discrete_mamba2 "
                         "(default) or gateloop (needs an even d_state; docs/gateloop.md)")
     parser.add_argument("--attention-layers", help="hybrid student: these layers (e.g. 5,14) keep the teacher's "
-                        "attention (recipe field attention_layers; stage 1 skips them); auto:K chooses K by "
+                        "attention (recipe field attention_layers; stages 1-2 skip them); auto:K chooses K by "
                         "measurement before stage 3 (each layer restored in turn, ranked by the KL it recovers)")
     parser.add_argument("--temperature", type=float_above(0), help="stage 3 distillation temperature")
     parser.add_argument("--mixer-only", action="store_true", help="stage 2 trains only the mixers")
