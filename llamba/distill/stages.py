@@ -113,8 +113,7 @@ def mixer_layer_indices(student, stage: str) -> list[int]:
     """The layers stages 1 and 2 train: all but a hybrid's attention layers, which are the teacher's own already.
     Stage 2 must leave them alone too: their block-output loss is ~0, but an L2 norm's gradient is a unit vector
     whatever the size of the (rounding) difference, and Adam would walk the teacher's attention at the full rate."""
-    attention = set(getattr(student.config, "attention_layers", None) or ())
-    indices = [i for i in range(len(student.backbone.layers)) if i not in attention]
+    indices = [i for i in range(len(student.backbone.layers)) if not student.config.is_attention_layer(i)]
     if not indices:
         raise ValueError(f"{stage}: every layer of this hybrid is attention, so there is no mixer to train; run "
                          "stage 3 only (--stages 3)")
@@ -205,9 +204,8 @@ class KnowledgeDistillation(nn.Module):
     def trainable(self):
         frozen = set()
         if self.freeze_attention:
-            layers = self.student.backbone.layers
-            frozen |= {id(p) for i in getattr(self.student.config, "attention_layers", None) or ()
-                       for p in layers[i].mixer.parameters()}
+            frozen |= {id(p) for i, block in enumerate(self.student.backbone.layers)
+                       if self.student.config.is_attention_layer(i) for p in block.mixer.parameters()}
         if self.freeze_mlp:
             frozen |= {id(p) for block in self.student.backbone.layers for p in block.mlp.parameters()}
         if self.freeze_embeddings:

@@ -50,8 +50,8 @@ def param_groups(params, weight_decay: float, mixer_params=(), inherited_lr_scal
 def new_mixer_parameters(student) -> list:
     """The parameters the conversion made new: the recurrent mixers'. A hybrid's attention layers are the teacher's
     own, copied like its MLPs, so they are inherited weights (``inherited_lr_scale``), not new ones."""
-    attention = set(getattr(student.config, "attention_layers", None) or ())
-    return [p for i, block in enumerate(student.backbone.layers) if i not in attention for p in block.mixer.parameters()]
+    return [p for i, block in enumerate(student.backbone.layers) if not student.config.is_attention_layer(i)
+            for p in block.mixer.parameters()]
 
 
 # -- metrics -----------------------------------------------------------------------------------------------------
