@@ -95,7 +95,8 @@ def rotate_by_phase_triton(B: torch.Tensor, C: torch.Tensor, theta: torch.Tensor
         return B.clone(), C.clone(), final
     B, C, theta = (x if x.stride(-1) == 1 else x.contiguous() for x in (B, C, theta))
     B_out, C_out = (torch.empty(B.shape, device=B.device, dtype=B.dtype) for _ in range(2))
-    init = initial_phase.contiguous() if initial_phase is not None else final  # unread without HAS_INIT
+    # absent, either is a stand-in the kernel never reads (HAS_INIT / HAS_SEQ off)
+    init = initial_phase.contiguous() if initial_phase is not None else final
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else final
     grid = (triton.cdiv(N2, _PAIR_TILE), G, batch)
     _rotate_kernel[grid](
@@ -103,8 +104,7 @@ def rotate_by_phase_triton(B: torch.Tensor, C: torch.Tensor, theta: torch.Tensor
         L, N2,
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         theta.stride(0), theta.stride(1), theta.stride(2),
-        init.stride(0) if initial_phase is not None else 0, init.stride(1) if initial_phase is not None else 0,
-        seq.stride(0) if seq_idx is not None else 0,
+        init.stride(0), init.stride(1), seq.stride(0),
         B_out.stride(0), B_out.stride(1), B_out.stride(2), final.stride(0), final.stride(1),
         HAS_INIT=initial_phase is not None, HAS_SEQ=seq_idx is not None, BT=_TOKEN_TILE, BJ=_PAIR_TILE,
     )
