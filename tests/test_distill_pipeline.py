@@ -62,6 +62,8 @@ def test_rerun_skips_finished_stages(setup):
     root, corpus, teacher, summary = setup
     again = run(Options(teacher=str(teacher), out=root / "ref", recipe=tiny_recipe(), data=str(corpus), sample_tokens=0))
     assert again["stages"] == summary["stages"] and again["eval"]["final"] == summary["eval"]["final"]
+    # the finished stages' walls are carried, not this (short) process's
+    assert again["wall_s_stages"] == summary["wall_s_stages"] == sum(s["wall_s"] for s in summary["stages"].values())
 
 
 def test_kill_and_resume_gives_the_same_weights(setup, monkeypatch):

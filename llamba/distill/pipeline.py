@@ -428,7 +428,10 @@ def run(opts: Options) -> dict | None:
             "device": device_name, "world_size": d.world, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "stages": {str(k): v for k, v in results.items()},
             "tokens_total": sum(v["tokens"] for v in results.values()),
-            "wall_s_total": time.perf_counter() - t_run,
+            # the stages' walls add up across resumed calls; this process's wall (init, evaluation, the stages it ran)
+            # alone would understate a resumed run's
+            "wall_s_stages": sum(v["wall_s"] for v in results.values()),
+            "wall_s_process": time.perf_counter() - t_run,
             "eval": {"init": json.loads(init_eval_path.read_text()), "final": final_eval},
             "sample": sample, "student_path": str(previous) if previous else None,
             "attention_layers": list(student.config.attention_layers),

@@ -31,7 +31,7 @@ for cmd in sorted(pathlib.Path("/root/runs").glob("*.cmd")):
         j = json.loads(s.read_text()); e = j["eval"]["final"]
         tps = {k: round(v["tokens_per_s"]) for k, v in j["stages"].items()}
         print(f"{run.name:18s} ppl {e['student_ppl']:8.2f} (teacher {e['teacher_ppl']:.2f}) KL {e['kl_per_token']:.4f} "
-              f"init KL {j['eval']['init']['kl_per_token']:.3f} tok/s {tps} wall {j['wall_s_total']:.0f}s")
+              f"init KL {j['eval']['init']['kl_per_token']:.3f} tok/s {tps} stages' wall {j['wall_s_stages']:.0f}s")
     else:
         log = (run.parent / (run.name + ".log")).read_text().splitlines()
         print(f"{run.name:18s} unfinished: {[l for l in log if l.startswith('[distill]')][-1:]}")
