@@ -1,6 +1,7 @@
 """``llamba serve`` on loopback with a tiny random student: the official openai client, continuous batching that
 never changes a result, OpenAI-style errors for bad input, a failing request that fails alone, disconnects that
-free their slot, 429 past the queue, and SIGTERM (through the real command, in a subprocess)."""
+free their slot, 429 past the queue, and SIGTERM (through the real command, in a subprocess). Each runs in both
+layouts: HTTP in the model's process, and HTTP in two processes of its own (``--api-processes 2``)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from conftest import make_tiny_student, make_word_tokenizer  # noqa: E402
-from llamba.serve.app import create_app  # noqa: E402
+from llamba.serve.app import LocalEngine, create_app  # noqa: E402
 from llamba.serve.scheduler import Scheduler  # noqa: E402
-from llamba.serve.server import BackgroundServer  # noqa: E402
+from llamba.serve.server import BackgroundProcesses, BackgroundServer  # noqa: E402
+from llamba.serve.text import eos_ids  # noqa: E402
 from llamba.serve.slots import LlambaSlots  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_cpu_thread"), pytest.mark.timeout(120)]
@@ -91,18 +93,24 @@ class FaultySlots(LlambaSlots):
         return super().decode(slots, tokens)
 
 
-def start_server(n_slots=8, max_queue=64, prefill_chunk=8, delay=0.0):
+LAYOUTS = {"one-process": 0, "api-processes": 2}  # HTTP processes beside the model's
+
+
+def start_server(n_slots=8, max_queue=64, prefill_chunk=8, delay=0.0, api_processes=0):
     model = tiny_model()
     slots = FaultySlots(model, n_slots, CONTEXT)
     slots.delay = delay
     tokenizer = tiny_tokenizer()
-    scheduler = Scheduler(slots, tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk)
-    return model, BackgroundServer(create_app(scheduler, tokenizer, MODEL, CONTEXT, default_max_tokens=16))
+    scheduler = Scheduler(slots, eos_ids(tokenizer), max_queue=max_queue, prefill_chunk=prefill_chunk)
+    app_args = {"tokenizer": tokenizer, "model_name": MODEL, "max_context": CONTEXT, "default_max_tokens": 16}
+    if api_processes:
+        return model, BackgroundProcesses(scheduler, api_processes, app_args)
+    return model, BackgroundServer(create_app(LocalEngine(scheduler), **app_args))
 
 
-@pytest.fixture(scope="module")
-def server():
-    model, background = start_server()
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def server(request):
+    model, background = start_server(api_processes=LAYOUTS[request.param])
     with background:
         background.model = model
         yield background
@@ -335,8 +343,10 @@ def open_stream(url: str, body: dict) -> socket.socket:
     return sock
 
 
-def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429():
-    _, background = start_server(n_slots=2, max_queue=1, delay=0.02)  # 20 ms a step: 200 tokens take 4 s
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
+    # 20 ms a step: 200 tokens take 4 s
+    _, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=LAYOUTS[layout])
     with background as server:
         long = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "temperature": 0}
         a, b = open_stream(server.url, long), open_stream(server.url, long)
@@ -411,8 +421,12 @@ def stopped_cleanly(proc) -> None:
     assert "llamba serve: stopped" in log and "Traceback" not in log, log
 
 
-def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
-    with serve_process(tmp_path) as (proc, url):
+COMMAND_LAYOUTS = {"one-process": (), "api-processes": ("--api-processes", "2")}
+
+
+@pytest.mark.parametrize("layout", list(COMMAND_LAYOUTS))
+def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path, layout):
+    with serve_process(tmp_path, *COMMAND_LAYOUTS[layout]) as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="student", prompt="w5 w6", max_tokens=1000, temperature=0, stream=True)
         chunks = [next(iter(stream))]
@@ -423,11 +437,12 @@ def test_llamba_serve_command_finishes_open_streams_on_sigterm(tmp_path):
         stopped_cleanly(proc)
 
 
-def test_llamba_serve_command_ends_what_outlasts_its_shutdown_timeout(tmp_path):
+@pytest.mark.parametrize("layout", list(COMMAND_LAYOUTS))
+def test_llamba_serve_command_ends_what_outlasts_its_shutdown_timeout(tmp_path, layout):
     """A stream that cannot finish within --shutdown-timeout is ended by the server with an error event that says
     why (the openai client raises it), not cut off; the server then stops cleanly, its scheduler too, with no
     traceback in its log."""
-    with serve_process(tmp_path, "--shutdown-timeout", "0.5") as (proc, url):
+    with serve_process(tmp_path, "--shutdown-timeout", "0.5", *COMMAND_LAYOUTS[layout]) as (proc, url):
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.completions.create(model="student", prompt="w5 w6", max_tokens=4000, temperature=0, stream=True)
         chunks = [next(iter(stream))]

@@ -12,6 +12,7 @@ import torch
 
 from conftest import make_tiny_student, make_word_tokenizer
 from llamba.serve.scheduler import Request, Scheduler
+from llamba.serve.text import RequestText, eos_ids
 
 pytestmark = [pytest.mark.usefixtures("one_cpu_thread"), pytest.mark.timeout(120)]
 
@@ -25,7 +26,7 @@ def greedy_alone(logits_of, prompt: list[int], max_tokens: int) -> list[int]:
 
 def collect(slots, prompts, max_tokens, prefill_chunk=4):
     """Each request's generated tokens (parsed from the word tokenizer's text), all submitted at once."""
-    scheduler = Scheduler(slots, word_tokenizer(), max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
+    scheduler = make_scheduler(slots, max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
     try:
         return served(scheduler, prompts, max_tokens)
     finally:
@@ -38,8 +39,13 @@ def word_tokenizer():
     return tokenizer
 
 
-def submit_all(scheduler, prompts, max_tokens, **fields):
-    """Submit ``prompts`` (``fields``: more of each ``Request``'s, as ``params``, ``seed``, ``stop``); returns a
+def make_scheduler(slots, **settings) -> Scheduler:
+    return Scheduler(slots, eos_ids(word_tokenizer()), **settings)
+
+
+def submit_all(scheduler, prompts, max_tokens, stop=(), interval=1, **fields):
+    """Submit ``prompts`` (``fields``: more of each ``Request``'s, as ``params``, ``seed``), their token events read
+    into text as the HTTP side reads them (``RequestText``: ``stop`` strings, every ``interval`` tokens); returns a
     function that waits until all have finished (none may fail) and gives each request's text and its number of
     text events. The scheduler may start after the submissions."""
     done, texts, events, errors = threading.Semaphore(0), [""] * len(prompts), [0] * len(prompts), []
@@ -55,8 +61,13 @@ def submit_all(scheduler, prompts, max_tokens, **fields):
                 done.release()
         return emit
 
+    tokenizer = word_tokenizer()
     for i, p in enumerate(prompts):
-        scheduler.submit(Request(p, max_tokens, emitter(i), **fields))
+        request = Request(p, max_tokens, None, **fields)
+        text = RequestText(tokenizer, p, request.n, list(stop), interval, emitter(i),
+                           end_choice=lambda index, r=request: scheduler.cancel(r, index))
+        request.emit = text.on_event
+        scheduler.submit(request)
 
     def finished() -> tuple[list[str], list[int]]:
         for _ in prompts:
@@ -192,7 +203,7 @@ def test_sampled_requests_on_cuda_slots_run_and_repeat_with_their_seed(kind):
     params = SamplingParams.from_temperature(0.8, top_k=20, repetition_penalty=1.2)
 
     def run(prompts):
-        scheduler = Scheduler(slots, word_tokenizer(), max_queue=len(prompts), prefill_chunk=4).start()
+        scheduler = make_scheduler(slots, max_queue=len(prompts), prefill_chunk=4).start()
         try:
             return served(scheduler, prompts, 8, params=params, seed=7)
         finally:
@@ -284,7 +295,7 @@ def test_a_join_that_fails_gives_its_slots_back():
     model = make_tiny_student(tied=False).double()
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6) for p in PROMPTS]
-    scheduler = Scheduler(FailingJoin(model, 2, 64), word_tokenizer(), max_queue=8, prefill_chunk=4).start()
+    scheduler = make_scheduler(FailingJoin(model, 2, 64), max_queue=8, prefill_chunk=4).start()
     try:
         failed = threading.Event()
         scheduler.submit(Request([5, 6], 6, lambda e: e.kind == "error" and failed.set(), n=2))
@@ -317,7 +328,7 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, n)
                     for p, n in (([5, 6], 30), (long_prompt, 3))]
     assert 99 not in expected[0]  # the running request outlasts the other's prefill (no EOS, w99, on the way)
-    scheduler = Scheduler(Recording(model, 2, 64), word_tokenizer(), max_queue=2, prefill_chunk=4).start()
+    scheduler = make_scheduler(Recording(model, 2, 64), max_queue=2, prefill_chunk=4).start()
     results = {}
 
     def run(i, prompt, n):
@@ -387,7 +398,7 @@ def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
     prompts = [[5, 6], [7, 8], [9, 10]]
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 4) for p in prompts]
-    scheduler = Scheduler(Recording(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=3,
+    scheduler = make_scheduler(Recording(model, 4, 64, cuda_graph=False), max_queue=3,
                           prefill_chunk=chunk)
     finished = submit_all(scheduler, prompts, 4)  # all waiting before the loop's first turn
     scheduler.start()
@@ -409,10 +420,9 @@ def test_stream_interval_sends_the_same_text_in_fewer_events(interval):
     model = make_tiny_student(tied=False).double()
 
     def run(k, stop):
-        scheduler = Scheduler(LlambaSlots(model, 4, 64, cuda_graph=False), word_tokenizer(), max_queue=8,
-                              prefill_chunk=4, stream_interval=k).start()
+        scheduler = make_scheduler(LlambaSlots(model, 4, 64, cuda_graph=False), max_queue=8, prefill_chunk=4).start()
         try:
-            return submit_all(scheduler, PROMPTS, 12, stop=stop)()
+            return submit_all(scheduler, PROMPTS, 12, stop=stop, interval=k)()
         finally:
             scheduler.stop()
 
@@ -425,8 +435,9 @@ def test_stream_interval_sends_the_same_text_in_fewer_events(interval):
 
 
 def test_stream_interval_must_be_positive():
+    from llamba.serve.app import LocalEngine, create_app
     from llamba.serve.slots import LlambaSlots
 
+    scheduler = make_scheduler(LlambaSlots(make_tiny_student(tied=False), 1, 16, cuda_graph=False))
     with pytest.raises(ValueError, match="stream_interval must be at least 1"):
-        Scheduler(LlambaSlots(make_tiny_student(tied=False), 1, 16, cuda_graph=False), word_tokenizer(),
-                  stream_interval=0)
+        create_app(LocalEngine(scheduler), word_tokenizer(), "tiny", 16, stream_interval=0)

@@ -24,6 +24,10 @@ def register(parser) -> None:
     parser.add_argument("--stream-interval", type=int_at_least(1), default=1,
                         help="new tokens per streamed event (default 1; more spends less host time per token under "
                              "load; requests with stop strings still check every token)")
+    parser.add_argument("--api-processes", type=int_at_least(0), default=0,
+                        help="HTTP processes beside the model's (0: HTTP and the model share this one). With N, the "
+                             "model's process only schedules and steps the batch; request parsing, detokenization "
+                             "and streaming spread over N processes: the host work that caps a GPU server's tokens/s")
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder name)")
     parser.add_argument("--quant", choices=["none", "int8", "int4"], default=None,
                         help="serve a student through the CPU runtime (llamba.quant), quantized on load")
@@ -35,7 +39,8 @@ def register(parser) -> None:
 
 def run(args) -> int:
     from llamba.cli.common import resolve_device
-    from llamba.serve.server import build_app, default_prefill_chunk, load_served, run_foreground
+    from llamba.serve.server import (app_args, build_app, build_scheduler, default_prefill_chunk, load_served,
+                                     run_foreground, run_foreground_processes)
 
     device = resolve_device(args.device)  # before loading: a bad --device is refused at once
     slots = args.max_batch or (64 if device.type == "cuda" else 8)
@@ -43,8 +48,15 @@ def run(args) -> int:
                          args.served_model_name)
     queue = args.max_queue if args.max_queue is not None else 4 * slots
     prefill_chunk = args.prefill_chunk or default_prefill_chunk(device.type)
+    where = (f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "
+             f"context {served.max_context}")
+    if args.api_processes:
+        print(f"{where}, {args.api_processes} HTTP processes)", flush=True)
+        scheduler = build_scheduler(served, queue, prefill_chunk)
+        run_foreground_processes(scheduler, app_args(served, args.max_tokens_default, args.stream_interval),
+                                 args.api_processes, args.host, args.port, args.shutdown_timeout)
+        return 0
     app = build_app(served, queue, prefill_chunk, args.max_tokens_default, args.stream_interval)
-    print(f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "
-          f"context {served.max_context})", flush=True)
+    print(f"{where})", flush=True)
     run_foreground(app, args.host, args.port, args.shutdown_timeout)
     return 0

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP API over a ``Scheduler``: it only translates. A request body is parsed here (strict
-UTF-8, JSON, then a pydantic model that refuses unknown fields), checked against the model's context, turned into
-a ``scheduler.Request``, and the scheduler's events are turned back into an OpenAI response, or server-sent events
+"""The OpenAI-compatible HTTP API over an engine (the ``Scheduler`` in this process: ``LocalEngine``; or in the
+model's process: ``llamba.serve.remote.RemoteEngine``): it only translates. A request body is parsed here (strict
+UTF-8, JSON, then a pydantic model that refuses unknown fields), checked against the model's context and submitted;
+the engine's token events become text (``llamba.serve.text``) and then an OpenAI response, or server-sent events
 when ``stream`` is true. Every refusal is an OpenAI error object ``{"error": {"message", "type", "param",
 "code"}}`` with a 4xx status; a request that fails while generating gets a 500 (or an error event mid-stream).
 """
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Literal
+from typing import Callable, Literal
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamba.generation.prompts import chat_text, check_prompt_text
 from llamba.generation.sampling import InvalidSamplingParam, SamplingParams
 from llamba.serve.scheduler import Event, QueueFull, Request, Scheduler
+from llamba.serve.text import RequestText
 
 
 # -- request bodies ---------------------------------------------------------------------------------------------
@@ -126,19 +128,19 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 # -- the app ----------------------------------------------------------------------------------------------------
 class _Outbox:
-    """Events from the scheduler's thread to the event loop, which owns the requests' queues. Each
+    """Events from the scheduler's thread to the event loop, which owns the requests' text and queues. Each
     ``call_soon_threadsafe`` writes to the loop's wake-up pipe, so one per event cost more than the rest of a
     token's path at a few hundred streams; here a burst (a decode step's events for every stream) wakes the loop
     once, and the loop hands the whole burst out."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self._items: list[tuple[asyncio.Queue, Event]] = []
+        self._items: list[tuple[Callable[[Event], None], Event]] = []
         self._lock = threading.Lock()
 
-    def put(self, queue: asyncio.Queue, event: Event) -> None:  # the scheduler's thread
+    def put(self, sink: Callable[[Event], None], event: Event) -> None:  # the scheduler's thread
         with self._lock:
-            self._items.append((queue, event))
+            self._items.append((sink, event))
             if len(self._items) > 1:
                 return  # a hand-out is already on its way and will take this one too
         self.loop.call_soon_threadsafe(self._hand_out)
@@ -146,19 +148,56 @@ class _Outbox:
     def _hand_out(self) -> None:  # the loop's thread
         with self._lock:
             items, self._items = self._items, []
-        for queue, event in items:
-            queue.put_nowait(event)
+        for sink, event in items:
+            sink(event)
+
+
+class LocalEngine:
+    """The scheduler in this process, on its own thread; its events reach the event loop through an ``_Outbox``.
+    The app's other engine, in the model's process, is ``llamba.serve.remote.RemoteEngine``; both offer
+    ``submit`` (returns the request's ``cancel(index=None)``, raises ``QueueFull``), ``stats``, ``start``, ``stop``,
+    ``n_slots`` and ``vocab_size``."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.n_slots, self.vocab_size = scheduler.n_slots, scheduler.vocab_size
+        self._outbox: _Outbox | None = None
+
+    async def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, n: int, seed: int | None,
+                     on_event: Callable[[Event], None]) -> Callable[..., None]:
+        loop = asyncio.get_running_loop()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        outbox = self._outbox
+        request = Request(prompt, max_tokens, lambda event: outbox.put(on_event, event), params, n, seed)
+        self.scheduler.submit(request)
+        return lambda index=None: self.scheduler.cancel(request, index)
+
+    async def stats(self) -> dict:
+        return self.scheduler.stats()
+
+    async def start(self) -> None:
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.scheduler.stop)
+        print(f"llamba serve: stopped after {self.scheduler.steps} decode steps", file=sys.stderr, flush=True)
 
 
 class Api:
     """Request checking and response shaping for one served model."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, max_context: int, default_max_tokens: int):
-        self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
+    def __init__(self, engine, tokenizer, model_name: str, max_context: int, default_max_tokens: int,
+                 stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1 token, got {stream_interval}")
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.max_context, self.default_max_tokens = max_context, default_max_tokens
-        self.vocab = scheduler.slots.vocab_size
+        # text read and sent every stream_interval tokens: the host's work per token (detokenizing, one event
+        # through the event loop and the socket) bounds a GPU server's tokens/s (docs/serving.md)
+        self.stream_interval = stream_interval
+        self.vocab = engine.vocab_size
         self.created = int(time.time())
-        self._outbox: _Outbox | None = None
 
     def completion_prompt(self, body: CompletionBody) -> list[int]:
         if isinstance(body.prompt, list):
@@ -191,7 +230,8 @@ class Api:
             raise ApiError(400, f"{param} has no tokens: there is nothing to continue from", param, "invalid_value")
         return ids
 
-    def make_request(self, body: _Body, prompt: list[int]) -> tuple[Request, asyncio.Queue]:
+    async def submit(self, body: _Body, prompt: list[int]) -> tuple[Callable[..., None], asyncio.Queue]:
+        """Check ``body`` against this server, submit it; returns its ``cancel`` and the queue of its text events."""
         if body.model != self.model_name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r} "
                                 "(GET /v1/models)", "model", "model_not_found")
@@ -215,29 +255,26 @@ class Api:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stop):
             raise ApiError(400, "stop strings must not be empty", "stop", "invalid_value")
-        if body.n > self.scheduler.slots.n_slots:
+        if body.n > self.engine.n_slots:
             raise ApiError(400, f"n={body.n} choices need as many batch slots; this server has "
-                                f"{self.scheduler.slots.n_slots} (llamba serve --max-batch)", "n", "invalid_value")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = _Outbox(loop)
-        outbox = self._outbox
-        request = Request(prompt, max_tokens, lambda event: outbox.put(events, event), params, stop, body.n,
-                          body.seed)
+                                f"{self.engine.n_slots} (llamba serve --max-batch)", "n", "invalid_value")
+        events: asyncio.Queue = asyncio.Queue()
+        text = RequestText(self.tokenizer, prompt, body.n, stop, self.stream_interval, events.put_nowait,
+                           end_choice=lambda index: cancel(index))
         try:
-            self.scheduler.submit(request)
+            cancel = await self.engine.submit(prompt, max_tokens, params, body.n, body.seed, text.on_event)
         except QueueFull as err:
             raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded") from None
-        return request, events
+        return cancel, events
 
     # -- responses ------------------------------------------------------------------------------------------------
     async def respond(self, http: HttpRequest, body: _Body, prompt: list[int]):
-        request, events = self.make_request(body, prompt)
+        cancel, events = await self.submit(body, prompt)
         chat = isinstance(body, ChatBody)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(request, events, rid, chat, include_usage),
+            return StreamingResponse(self._stream(cancel, events, len(prompt), body.n, rid, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             texts, reasons, tokens = [""] * body.n, [None] * body.n, 0
@@ -256,7 +293,7 @@ class Api:
                 else:
                     reasons[event.index], tokens = event.reason, tokens + event.tokens
         finally:
-            self.scheduler.cancel(request)  # a no-op once it finished
+            cancel()  # a no-op once it finished
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -265,14 +302,15 @@ class Api:
                        for i, (t, r) in enumerate(zip(texts, reasons))]
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": choices,
-                             "usage": self._usage(len(request.prompt), tokens)})
+                             "usage": self._usage(len(prompt), tokens)})
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def _stream(self, request: Request, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool):
+    async def _stream(self, cancel, events: asyncio.Queue, prompt_tokens: int, n: int, rid: str, chat: bool,
+                      include_usage: bool):
         created = int(time.time())
 
         def chunk(choices: list, **extra) -> str:
@@ -288,11 +326,11 @@ class Api:
 
         try:
             if chat:
-                for i in range(request.n):
+                for i in range(n):
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
             done, tokens = 0, 0
-            while done < request.n:
+            while done < n:
                 event = await events.get()
                 if event.kind == "error":
                     body = error_body(f"generation failed: {event.text}", "server_error", None, "generation_failed")
@@ -305,27 +343,25 @@ class Api:
                     yield chunk([choice(event.index, None, event.reason)])
             else:
                 if include_usage:
-                    yield chunk([], usage=self._usage(len(request.prompt), tokens))
+                    yield chunk([], usage=self._usage(prompt_tokens, tokens))
             yield "data: [DONE]\n\n"
         finally:
-            self.scheduler.cancel(request)  # frees the slots at once when the client left mid-stream
+            cancel()  # frees the slots at once when the client left mid-stream
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_context: int,
-               default_max_tokens: int = 256, manage_scheduler: bool = True) -> FastAPI:
-    """The ASGI app. With ``manage_scheduler`` its lifespan starts the scheduler and, at shutdown (after uvicorn
-    has let the open requests finish), stops it."""
-    api = Api(scheduler, tokenizer, model_name, max_context, default_max_tokens)
+def create_app(engine, tokenizer, model_name: str, max_context: int, default_max_tokens: int = 256,
+               stream_interval: int = 1, manage_engine: bool = True) -> FastAPI:
+    """The ASGI app over ``engine`` (a ``LocalEngine`` or a ``remote.RemoteEngine``). With ``manage_engine`` its
+    lifespan starts the engine and, at shutdown (after uvicorn has let the open requests finish), stops it."""
+    api = Api(engine, tokenizer, model_name, max_context, default_max_tokens, stream_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if manage_scheduler:
-            scheduler.start()
+        if manage_engine:
+            await engine.start()
         yield
-        if manage_scheduler:
-            await asyncio.to_thread(scheduler.stop)
-            stats = scheduler.stats()
-            print(f"llamba serve: stopped after {stats['decode_steps']} decode steps", file=sys.stderr, flush=True)
+        if manage_engine:
+            await engine.stop()
 
     app = FastAPI(title="llamba serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
@@ -356,7 +392,7 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str, max_context: in
 
     @app.get("/health")
     async def health():
-        stats = scheduler.stats()
+        stats = await engine.stats()
         return JSONResponse({"status": "ok" if stats["running"] else "stopped", **stats},
                             status_code=200 if stats["running"] else 503)
 

@@ -7,8 +7,10 @@ of the next ones: short prompts join several a turn) and then runs one decode st
 so a long prompt delays the others by one piece per token, never by its whole prefill. Tokens are chosen by the
 one sampler of every generation path (``llamba.generation.sampling``), row by row with each request's own params
 and its own ``torch.Generator``: a seeded request samples the same tokens whoever its batch neighbours are.
-Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: its text every
-``stream_interval`` tokens (and at its end).
+Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: each new token,
+then each choice's finish. The scheduler deals in token ids only: text, stop strings and the stream interval are the
+HTTP side's (``llamba.serve.text``), which may run in other processes (``llamba.serve.remote``) and ends a choice
+whose text reached a stop string with ``cancel(request, index)``.
 """
 
 from __future__ import annotations
@@ -19,26 +21,26 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from llamba.generation.sampling import GREEDY, SamplingParams, seen_tokens_mask, select_tokens
-
-PROMPT_TAIL = 6  # prompt tokens decoded ahead of the new ones, so the first new token's text keeps its spacing
 
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the queue holds: the server answers 429."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
-    """What a request gets back: ``text`` pieces for choice ``index``, then one ``finish`` per choice (``reason``
-    "stop" or "length", ``tokens`` generated), or one ``error`` for the whole request."""
+    """What a request gets back: each new ``token`` of choice ``index``, then one ``finish`` per choice (``reason``
+    "stop" at an end-of-sequence token or "length", ``tokens`` generated), or one ``error`` for the whole request.
+    The HTTP side's events (``llamba.serve.text``) are the same with ``text`` pieces in place of tokens."""
 
-    kind: str  # "text" | "finish" | "error"
+    kind: str  # "token" | "text" | "finish" | "error"
     index: int = 0
+    token: int = -1
     text: str = ""
     reason: str | None = None
     tokens: int = 0
@@ -52,19 +54,18 @@ class Request:
     max_tokens: int
     emit: Callable[[Event], None]
     params: SamplingParams = GREEDY
-    stop: list[str] = field(default_factory=list)
     n: int = 1
     seed: int | None = None
     cancelled: bool = False
+    ended: set[int] = field(default_factory=set)  # choices ended from outside (their text reached a stop string)
     submitted: float = field(default_factory=time.perf_counter)
 
 
 class _Sequence:
-    """One choice of a request, in a slot: its tokens, sampler state, and the text it has sent so far."""
+    """One choice of a request, in a slot: its tokens and sampler state."""
 
-    def __init__(self, request: Request, index: int, slot: int, tokenizer, vocab: int, interval: int = 1):
+    def __init__(self, request: Request, index: int, slot: int, vocab: int):
         self.request, self.index, self.slot = request, index, slot
-        self.interval = interval  # tokens between two reads of the text (a stop string needs every token's)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         self.seed = (seed + index) % 2**64  # choice k of seed s: seed s + k
         self.generator: torch.Generator | None = None  # made where the logits are, at the first choice
@@ -72,11 +73,10 @@ class _Sequence:
         self.seen = (seen_tokens_mask(torch.tensor([request.prompt]), None, vocab)
                      if params.repetition_penalty != 1.0 else None)
         self.tokens: list[int] = []
-        self.tokenizer = tokenizer
-        self.ids = request.prompt[-PROMPT_TAIL:]  # the prompt's tail, then the new tokens: what the text decodes
-        self.prefix_at, self.read_at = 0, len(self.ids)
-        self.text, self.sent = "", 0
-        self.hold = max((len(s) for s in request.stop), default=1) - 1  # chars that may start a stop string
+
+    @property
+    def ended(self) -> bool:
+        return self.request.cancelled or self.index in self.request.ended
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits (vocab,), with this request's params and generator."""
@@ -88,62 +88,32 @@ class _Sequence:
             self.seen[0, token] = True
         return token
 
-    def add(self, token: int, eos: set[int]) -> str | None:
-        """Record ``token``, send the text it completes; returns the finish reason, or None to go on."""
+    def add(self, token: int, eos: set[int]) -> bool:
+        """Record ``token`` and send it on (an end-of-sequence token is not sent: it has no text); returns whether
+        the choice has finished."""
         self.tokens.append(token)
+        emit = self.request.emit
         if token in eos:
-            self._read()
-            return self._finish("stop", len(self.text))
-        self.ids.append(token)
-        last = len(self.tokens) >= self.request.max_tokens
-        if not (self.request.stop or last or len(self.tokens) % self.interval == 0):
-            return None  # read and sent with the interval's last token
-        self._read()
-        if self.request.stop:
-            look_from = max(0, self.sent - self.hold)
-            hits = [i for i in (self.text.find(s, look_from) for s in self.request.stop) if i >= 0]
-            if hits:
-                return self._finish("stop", min(hits))
-        if last:
-            return self._finish("length", len(self.text))
-        safe = len(self.text) - self.hold  # hold back what could be the start of a stop string
-        if safe > self.sent:
-            self.request.emit(Event("text", self.index, self.text[self.sent:safe]))
-            self.sent = safe
-        return None
-
-    def _read(self) -> None:
-        """Incremental detokenization: decode from a few tokens back and keep what the tokens since the last read
-        added; a text that ends in U+FFFD is an unfinished UTF-8 character, kept for when the next tokens complete
-        it."""
-        before = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix_at, self.read_at = self.read_at, len(self.ids)
-
-    def _finish(self, reason: str, end: int) -> str:
-        if end > self.sent:
-            self.request.emit(Event("text", self.index, self.text[self.sent:end]))
-        self.request.emit(Event("finish", self.index, reason=reason, tokens=len(self.tokens)))
-        return reason
+            emit(Event("finish", self.index, reason="stop", tokens=len(self.tokens)))
+            return True
+        emit(Event("token", self.index, token))
+        if len(self.tokens) >= self.request.max_tokens:
+            emit(Event("finish", self.index, reason="length", tokens=len(self.tokens)))
+            return True
+        return False
 
 
 class Scheduler:
     """The step loop over a slot model. ``submit`` (any thread) queues a request or raises ``QueueFull``;
-    ``cancel`` frees its slots at the next token boundary; ``stop`` ends the loop, failing what is left."""
+    ``cancel`` frees its slots (or one choice's) at the next token boundary; ``stop`` ends the loop, failing what is
+    left. ``eos``: the token ids that finish a choice ("stop")."""
 
-    def __init__(self, slots, tokenizer, max_queue: int = 64, prefill_chunk: int = 256, idle_wait: float = 0.05,
-                 stream_interval: int = 1):
-        if stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1 token, got {stream_interval}")
-        self.slots, self.tokenizer = slots, tokenizer
+    def __init__(self, slots, eos: Iterable[int], max_queue: int = 64, prefill_chunk: int = 256,
+                 idle_wait: float = 0.05, on_turn_end: Callable[[], None] | None = None):
+        self.slots, self.eos = slots, set(eos)
         self.max_queue, self.prefill_chunk, self.idle_wait = max_queue, prefill_chunk, idle_wait
-        # text read and sent every stream_interval tokens: the host's work per token (detokenizing, one event
-        # through the event loop and the socket) bounds a GPU server's tokens/s (docs/serving.md)
-        self.stream_interval = stream_interval
-        eos = tokenizer.eos_token_id
-        self.eos = {eos} if isinstance(eos, int) else set(eos or ())
+        # called on the loop's thread after each turn's events (``llamba.serve.remote`` sends them on in one message)
+        self.on_turn_end = on_turn_end
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._free = list(range(slots.n_slots))  # a heap: the lowest free slot first keeps the batch compact
@@ -170,8 +140,20 @@ class Scheduler:
             self._waiting.append(request)
             self._wake.notify()
 
-    def cancel(self, request: Request) -> None:
-        request.cancelled = True
+    @property
+    def n_slots(self) -> int:
+        return self.slots.n_slots
+
+    @property
+    def vocab_size(self) -> int:
+        return self.slots.vocab_size
+
+    def cancel(self, request: Request, index: int | None = None) -> None:
+        """End the whole request, or only its choice ``index`` (the HTTP side found a stop string in its text)."""
+        if index is None:
+            request.cancelled = True
+        else:
+            request.ended.add(index)
         with self._wake:
             self._wake.notify()
 
@@ -203,15 +185,19 @@ class Scheduler:
                 self._prefill()
                 if self._running:
                     self._decode_step()
+                if self.on_turn_end is not None:
+                    self.on_turn_end()
         finally:
             self._fail_all("the server is shutting down")
+            if self.on_turn_end is not None:
+                self.on_turn_end()
 
     def _drop_cancelled(self) -> None:
         with self._wake:
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
         if self._joining is not None and self._joining[0].cancelled:
             self._joining = None
-        for seq in [s for s in self._running.values() if s.request.cancelled]:
+        for seq in [s for s in self._running.values() if s.ended]:
             self._leave(seq)
 
     def _prefill(self) -> None:
@@ -246,7 +232,7 @@ class Scheduler:
             self._joining = None
             seqs = self._join(request)
             for seq in seqs:
-                if seq.add(seq.choose(logits), self.eos) is not None:
+                if seq.add(seq.choose(logits), self.eos):
                     self._leave(seq)
         except Exception as err:  # this request's fault (a bad token id ...): it fails alone
             self._joining = None
@@ -259,8 +245,7 @@ class Scheduler:
         slots = [heapq.heappop(self._free) for _ in range(request.n)]
         try:
             self.slots.join(slots)
-            seqs = [_Sequence(request, i, slot, self.tokenizer, self.slots.vocab_size, self.stream_interval)
-                    for i, slot in enumerate(slots)]
+            seqs = [_Sequence(request, i, slot, self.slots.vocab_size) for i, slot in enumerate(slots)]
         except Exception:
             for slot in slots:
                 self.slots.release(slot)
@@ -282,11 +267,11 @@ class Scheduler:
         plain = any(s.request.params == GREEDY for s in seqs)
         argmax = logits.argmax(-1).tolist() if plain else None
         for i, seq in enumerate(seqs):
-            if seq.request.cancelled or self._running.get(seq.slot) is not seq:
-                continue  # a sibling choice failed the request earlier in this step
+            if seq.ended or self._running.get(seq.slot) is not seq:
+                continue  # a sibling choice failed the request earlier in this step, or it was ended from outside
             try:
                 token = argmax[i] if seq.request.params == GREEDY else seq.choose(logits[i])
-                if seq.add(token, self.eos) is not None:
+                if seq.add(token, self.eos):
                     self._leave(seq)
             except Exception as err:
                 self._fail(seq.request, err)

@@ -1,9 +1,11 @@
 """Building a served model from a path, and running the app under uvicorn: in the foreground (``llamba serve``:
 uvicorn's SIGTERM / Ctrl-C handling and graceful shutdown) or in a background thread on a port of its own
-(``llamba bench serve`` and the tests)."""
+(``llamba bench serve`` and the tests); either in this one process, or with HTTP in processes of its own
+(``--api-processes``: ``llamba.serve.remote``) and the scheduler here."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -62,13 +64,37 @@ def default_prefill_chunk(device_type: str) -> int:
     return 2048 if device_type == "cuda" else 256
 
 
-def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int, stream_interval: int = 1):
-    from llamba.serve.app import create_app
+def build_scheduler(served: Served, max_queue: int, prefill_chunk: int, on_turn_end=None):
     from llamba.serve.scheduler import Scheduler
+    from llamba.serve.text import eos_ids
 
-    scheduler = Scheduler(served.slots, served.tokenizer, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          stream_interval=stream_interval)
-    return create_app(scheduler, served.tokenizer, served.name, served.max_context, default_max_tokens)
+    return Scheduler(served.slots, eos_ids(served.tokenizer), max_queue=max_queue, prefill_chunk=prefill_chunk,
+                     on_turn_end=on_turn_end)
+
+
+def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int, stream_interval: int = 1):
+    """The app with the scheduler in its own process (``LocalEngine``): one process serves HTTP and the model."""
+    from llamba.serve.app import LocalEngine, create_app
+
+    engine = LocalEngine(build_scheduler(served, max_queue, prefill_chunk))
+    return create_app(engine, served.tokenizer, served.name, served.max_context, default_max_tokens,
+                      stream_interval)
+
+
+def app_args(served: Served, default_max_tokens: int, stream_interval: int) -> dict:
+    """``create_app``'s keywords for ``served`` (what an HTTP process needs of the model: no weights)."""
+    return {"tokenizer": served.tokenizer, "model_name": served.name, "max_context": served.max_context,
+            "default_max_tokens": default_max_tokens, "stream_interval": stream_interval}
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Our own bound socket (port 0: a free one, ours before any server starts): uvicorn serves on it, and with
+    ``--api-processes`` every HTTP process accepts from it."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    return sock
 
 
 # seconds uvicorn waits past --shutdown-timeout for the streams the scheduler has just ended to close
@@ -82,7 +108,7 @@ def run_foreground(app, host: str, port: int, shutdown_timeout: float) -> None:
     connection and cancelling its task (a traceback in the log, a stream the client sees break off)."""
     import uvicorn
 
-    scheduler = app.state.api.scheduler
+    scheduler = app.state.api.engine.scheduler
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -97,6 +123,68 @@ def run_foreground(app, host: str, port: int, shutdown_timeout: float) -> None:
     Server(config).run()
 
 
+def run_foreground_processes(scheduler, args: dict, n: int, host: str, port: int, shutdown_timeout: float) -> None:
+    """The scheduler in this process, HTTP in ``n`` processes (``remote.ApiProcesses``) on one socket. On SIGTERM or
+    Ctrl-C the HTTP processes stop accepting and let open requests finish for up to ``shutdown_timeout`` seconds;
+    then the scheduler ends what is left with an error event, as ``run_foreground`` does."""
+    from llamba.serve.remote import ApiProcesses, EngineHost
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    engine, sock = EngineHost(scheduler), listening_socket(host, port)
+    scheduler.start()
+    processes = ApiProcesses(engine, sock, n, args, "info", shutdown_timeout + CLOSE_MARGIN).start()
+    try:
+        while not stop.wait(0.5):
+            if not processes.alive():
+                print("llamba serve: an HTTP process exited; stopping", flush=True)
+                break
+        processes.terminate()
+        timer = threading.Timer(shutdown_timeout, scheduler.stop)
+        timer.daemon = True
+        timer.start()
+        processes.join(shutdown_timeout + 2 * CLOSE_MARGIN)
+    finally:
+        processes.stop(CLOSE_MARGIN)
+        scheduler.stop()
+        engine.close()
+        sock.close()
+    print(f"llamba serve: stopped after {scheduler.steps} decode steps", flush=True)
+
+
+class BackgroundProcesses:
+    """``scheduler`` in this process and HTTP in ``n`` processes on ``host``:<a free port>, for loopback benchmarks
+    and tests: ``with BackgroundProcesses(scheduler, 2, app_args(...)) as server: server.url``."""
+
+    def __init__(self, scheduler, n: int, args: dict, host: str = "127.0.0.1", shutdown_timeout: float = 5.0):
+        self.scheduler, self.n, self.args, self.shutdown_timeout = scheduler, n, args, shutdown_timeout
+        self.sock = listening_socket(host, 0)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+
+    def __enter__(self) -> "BackgroundProcesses":
+        from llamba.serve.remote import ApiProcesses, EngineHost
+
+        self.engine = EngineHost(self.scheduler)
+        self.scheduler.start()
+        try:
+            self.processes = ApiProcesses(self.engine, self.sock, self.n, self.args, "warning",
+                                          self.shutdown_timeout).start()
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.processes.stop(self.shutdown_timeout + CLOSE_MARGIN)
+        self._close()
+
+    def _close(self) -> None:
+        self.scheduler.stop()
+        self.engine.close()
+        self.sock.close()
+
+
 class BackgroundServer:
     """The app on ``host``:<a free port> in a daemon thread, for loopback benchmarks and tests:
     ``with BackgroundServer(app) as server: server.url``."""
@@ -104,9 +192,7 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", shutdown_timeout: float = 5.0):
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))  # our own socket on port 0: the port is ours before uvicorn starts, no race
+        self.sock = listening_socket(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
                                 backlog=4096)
