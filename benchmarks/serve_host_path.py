@@ -1,15 +1,19 @@
 """What `llamba serve` costs the host per token, apart from the model: the real scheduler, app, HTTP server and
 tokenizer over a slot model whose decode step is a fixed wait (a GPU step's time, in which the host is free, as
 while it waits on the device) and whose logits come from a small bank, with the load generator of `llamba bench
-serve` in a process of its own. Configurations run side by side in one process and the ratios are printed.
+serve` in processes of its own (`--client-processes`). Configurations run side by side in one process and the ratios are printed.
 
     python benchmarks/serve_host_path.py [--tokenizer smollm2-135m] [--concurrency 256] [--step-ms 2,6]
-        [--stream-intervals 1,4] [--requests-per-client 4] [--new-tokens 64] [--prompt-tokens 128]
+        [--stream-intervals 1,4] [--api-processes 0,2] [--requests-per-client 4] [--new-tokens 64]
+        [--prompt-tokens 128]
 
 The two step times stand for the student's and the teacher's decode step at batch 256 and a 2048-token context on
 an H200 (128k and 42k tokens/s in results/bench-h200.md: ~2 and ~6 ms): their served tokens/s ratio is what the
-host path leaves of the GPU's 3x. Per row: output tokens/s, the server process's CPU time per output token (all
-its threads), busy rows per decode step (how full the batch was), and inter-event latency p50 / p99. On a CPU the
+host path leaves of the GPU's 3x. `--api-processes` lists the layouts to compare: 0, HTTP in the model's process;
+N, HTTP in N processes of its own (`llamba serve --api-processes N`). Per row: output tokens/s, the server's CPU time
+per output token (all its threads, and its HTTP processes' when it has them) and the model's process's share of it
+(what a single thread must do per token whatever the HTTP processes: the ceiling of the layout), busy rows per
+decode step (how full the batch was), and inter-event latency p50 / p99. On a CPU the
 greedy argmax over (rows, vocab) logits runs on the host too (a GPU does it on the device), so the CPU time per
 token would include it; `--logits-width` (default 1024) keeps the slot model's logits that narrow, so that the
 greedy argmax costs the host about what reading a GPU's argmax ids does (docs/serving.md, "The host path").
@@ -21,6 +25,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import multiprocessing
+import os
 import time
 
 import torch
@@ -59,32 +64,41 @@ class WaitSlots:
         pass
 
 
-def run_level(*args, **kwargs) -> dict:  # in the load generator's process
-    from llamba.bench.serve import raise_open_files
+def cpu_seconds(server) -> tuple[float, float]:
+    """CPU time of this process (the model's: scheduler, and HTTP unless it has processes of its own) and of the
+    server's HTTP processes (Linux /proc: user + system ticks)."""
+    http = 0.0
+    for process in getattr(getattr(server, "processes", None), "processes", []):
+        with open(f"/proc/{process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        http += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time(), http
 
-    raise_open_files(4 * args[2] + 256)
-    return asyncio.run(load_level(*args, **kwargs))
 
-
-def measure(tokenizer, step_s: float, interval: int, args, pool) -> dict:
-    from llamba.serve.server import BackgroundServer, Served, build_app
+def measure(tokenizer, step_s: float, interval: int, api_processes: int, args, pool) -> dict:
+    from llamba.serve.server import Served, background_server
 
     c = args.concurrency
     special = max(tokenizer.all_special_ids, default=0) + 1
     # logits over the first `logits_width` ids (all but the specials have text): a full-vocabulary argmax on this
     # CPU (~4 ms for 256 x 49,152) would stand in for work the GPU does on the device during its step
     slots = WaitSlots(c, min(args.logits_width, len(tokenizer)), step_s, special)
-    app = build_app(Served(slots, tokenizer, "wait", slots.max_context), max_queue=c * args.requests_per_client,
-                    prefill_chunk=args.prefill_chunk, default_max_tokens=args.new_tokens, stream_interval=interval)
-    with BackgroundServer(app) as server:
-        pool.submit(run_level, server.url, "wait", 1, 1, args.prompt_tokens, args.new_tokens, slots.vocab_size).result()
-        steps, rows, cpu = slots.steps, slots.rows, time.process_time()
-        level = pool.submit(run_level, server.url, "wait", c, args.requests_per_client, args.prompt_tokens,
-                            args.new_tokens, slots.vocab_size, seed=c).result()
-        cpu = time.process_time() - cpu
+    served = Served(slots, tokenizer, "wait", slots.max_context)
+    with background_server(served, max_queue=c * args.requests_per_client, prefill_chunk=args.prefill_chunk,
+                           default_max_tokens=args.new_tokens, stream_interval=interval,
+                           api_processes=api_processes) as server:
+        clients = {"pool": pool, "processes": args.client_processes}
+        asyncio.run(load_level(server.url, "wait", min(16, c), 1, args.prompt_tokens, args.new_tokens,
+                               slots.vocab_size, **clients))  # warm-up, as llamba bench serve's
+        steps, rows, cpu = slots.steps, slots.rows, cpu_seconds(server)
+        level = asyncio.run(load_level(server.url, "wait", c, args.requests_per_client, args.prompt_tokens,
+                                       args.new_tokens, slots.vocab_size, seed=c, **clients))
+        after = cpu_seconds(server)
     assert level["failed"] == 0, level["errors"]
-    return {"step_ms": step_s * 1e3, "interval": interval, "tok_s": level["output_tokens_per_s"],
-            "cpu_us_per_token": cpu / level["output_tokens"] * 1e6,
+    model_s, http_s = after[0] - cpu[0], after[1] - cpu[1]
+    return {"step_ms": step_s * 1e3, "interval": interval, "api": api_processes, "tok_s": level["output_tokens_per_s"],
+            "cpu_us_per_token": (model_s + http_s) / level["output_tokens"] * 1e6,
+            "model_us_per_token": model_s / level["output_tokens"] * 1e6,
             "rows_per_step": (slots.rows - rows) / max(1, slots.steps - steps),
             "itl_p50_ms": level["itl_p50_ms"], "itl_p99_ms": level["itl_p99_ms"]}
 
@@ -95,6 +109,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--step-ms", default="2,6", help="decode step times (ms): the student's, the teacher's")
     ap.add_argument("--stream-intervals", default="1,4")
+    ap.add_argument("--api-processes", default="0,2", help="layouts: HTTP processes beside the model's (0: none)")
+    ap.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -110,25 +126,36 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     steps = [float(s) / 1e3 for s in args.step_ms.split(",")]
     intervals = [int(k) for k in args.stream_intervals.split(",")]
+    layouts = [int(n) for n in args.api_processes.split(",")]
     spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        rows = [measure(tokenizer, s, k, args, pool) for k in intervals for s in steps]
-    print(f"concurrency {args.concurrency}, {args.requests_per_client} requests per client, prompt "
+    with concurrent.futures.ProcessPoolExecutor(args.client_processes, mp_context=spawn) as pool:
+        rows = [measure(tokenizer, s, k, n, args, pool) for n in layouts for k in intervals for s in steps]
+    print(f"concurrency {args.concurrency} ({args.client_processes} load-generator processes), "
+          f"{args.requests_per_client} requests per client, prompt "
           f"{args.prompt_tokens}, {args.new_tokens} new tokens, prefill chunk {args.prefill_chunk}, logits over "
           f"{args.logits_width} ids")
-    print("| step ms | stream interval | output tok/s | server CPU us/token | busy rows/step | ITL p50 ms | "
-          "ITL p99 ms | tok/s vs GPU-bound |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| HTTP processes | step ms | stream interval | output tok/s | server CPU us/token | of it the model's "
+          "process | busy rows/step | ITL p50 ms | ITL p99 ms | tok/s vs GPU-bound |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gpu_bound = args.concurrency / (r["step_ms"] / 1e3)  # every slot busy, the host free: one token per step
-        print(f"| {r['step_ms']:.0f} | {r['interval']} | {r['tok_s']:.0f} | {r['cpu_us_per_token']:.1f} | "
+        print(f"| {r['api']} | {r['step_ms']:.0f} | {r['interval']} | {r['tok_s']:.0f} | {r['cpu_us_per_token']:.1f} | "
+              f"{r['model_us_per_token']:.1f} | "
               f"{r['rows_per_step']:.0f} | {r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | "
               f"{r['tok_s'] / gpu_bound:.2f} |")
-    if len(steps) == 2:
+    def tok_s(n, k, s):
+        return next(r["tok_s"] for r in rows if r["api"] == n and r["interval"] == k and r["step_ms"] == s * 1e3)
+
+    for n in layouts:
         for k in intervals:
-            a, b = (next(r["tok_s"] for r in rows if r["interval"] == k and r["step_ms"] == s * 1e3) for s in steps)
-            print(f"stream interval {k}: served tok/s at {steps[0] * 1e3:.0f} ms / at {steps[1] * 1e3:.0f} ms = "
-                  f"{a / b:.2f} (the steps alone: {steps[1] / steps[0]:.2f})")
+            if len(steps) == 2:
+                a, b = tok_s(n, k, steps[0]), tok_s(n, k, steps[1])
+                print(f"{n} HTTP processes, stream interval {k}: served tok/s at {steps[0] * 1e3:.0f} ms / at "
+                      f"{steps[1] * 1e3:.0f} ms = {a / b:.2f} (the steps alone: {steps[1] / steps[0]:.2f})")
+            if n != layouts[0]:
+                print(f"{n} HTTP processes against {layouts[0]}, stream interval {k}: "
+                      + ", ".join(f"{tok_s(n, k, s) / tok_s(layouts[0], k, s):.2f}x at {s * 1e3:.0f} ms"
+                                  for s in steps))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_a_level_whose_requests_all_fail_says_why(tmp_path):
 
 def test_a_system_that_fails_keeps_the_others_levels_and_says_so(tmp_path):
     """The teacher cannot be served (here: no such folder): the student's measured levels are still written, the
-    teacher's error is in the result and its bars, and the command exits 1."""
+    teacher's error is in the result and its bars, and the command exits 1. (HTTP in a process of its own.)"""
     from llamba.checkpoint import save_student
     from llamba.cli import main
 
@@ -89,9 +89,9 @@ def test_a_system_that_fails_keeps_the_others_levels_and_says_so(tmp_path):
     out = tmp_path / "serve-cpu"
     assert main(["bench", "serve", "--device", "cpu", "--model", str(student), "--teacher", str(tmp_path / "none"),
                  "--concurrency", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-client", "1",
-                 "--threads", "1", "--stream-interval", "2", "--out", str(out)]) == 1
+                 "--threads", "1", "--stream-interval", "2", "--api-processes", "1", "--out", str(out)]) == 1
     result = json.loads(out.with_suffix(".json").read_text())
-    assert result["stream_interval"] == 2
+    assert result["stream_interval"] == 2 and result["api_processes"] == 1
     assert [lv["concurrency"] for lv in result["systems"]["student"]["levels"]] == [2]
     assert "error" not in result["systems"]["student"]
     teacher = result["systems"]["teacher"]

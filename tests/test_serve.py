@@ -380,6 +380,19 @@ def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
         assert out.usage.completion_tokens == 3
 
 
+def test_an_http_process_that_dies_frees_its_requests_slots():
+    """--api-processes: an HTTP process killed mid-stream closes its link, and the model's process cancels its
+    requests at once (their slots do not wait out their 200 tokens)."""
+    _, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=1)
+    with background as server:
+        long = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "temperature": 0}
+        a = open_stream(server.url, long)
+        assert server.scheduler.stats()["busy_slots"] == 1
+        server.processes.processes[0].kill()
+        wait_for(lambda: server.scheduler.stats()["busy_slots"] == 0, "the dead process's slot to be freed", 2.0)
+        a.close()
+
+
 # -- the command, and SIGTERM ---------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

@@ -14,7 +14,9 @@ streams itself: a client library's per-request overhead would be measured as the
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import random
 import resource
 import statistics
@@ -69,8 +71,9 @@ async def stream_one(host: str, port: int, body: dict) -> dict:
             "finish": finish}
 
 
-async def load_level(url: str, model: str, concurrency: int, requests_per_client: int, prompt_tokens: int,
-                     new_tokens: int, vocab: int, seed: int = 0) -> dict:
+async def _run_clients(url: str, model: str, clients: int, requests_per_client: int, prompt_tokens: int,
+                       new_tokens: int, vocab: int, seed) -> dict:
+    """``clients`` clients' requests in this process: each request's result, the errors, and when it all ran."""
     u = urlparse(url)
     rng = random.Random(seed)
 
@@ -89,9 +92,33 @@ async def load_level(url: str, model: str, concurrency: int, requests_per_client
                 errors.append(f"{type(err).__name__}: {err}")
         return results
 
-    start = time.perf_counter()
-    results = [r for rs in await asyncio.gather(*(client() for _ in range(concurrency))) for r in rs]
-    wall = time.perf_counter() - start
+    start = time.perf_counter()  # CLOCK_MONOTONIC: comparable between the processes of one machine
+    results = [r for rs in await asyncio.gather(*(client() for _ in range(clients))) for r in rs]
+    return {"results": results, "errors": errors, "start": start, "end": time.perf_counter()}
+
+
+def _client_process(*args) -> dict:  # a load-generator process's share of a level
+    raise_open_files(4 * args[2] + 256)
+    return asyncio.run(_run_clients(*args))
+
+
+async def load_level(url: str, model: str, concurrency: int, requests_per_client: int, prompt_tokens: int,
+                     new_tokens: int, vocab: int, seed: int = 0, pool=None, processes: int = 1) -> dict:
+    """One level: ``concurrency`` clients, in this process, or spread over ``processes`` processes of ``pool``
+    (a ``ProcessPoolExecutor``): one process parsing every stream's events would be measured as the server's
+    limit at a GPU's rate."""
+    args = (url, model, concurrency, requests_per_client, prompt_tokens, new_tokens, vocab)
+    if pool is None:
+        shards = [await _run_clients(*args, seed)]
+    else:
+        loop = asyncio.get_running_loop()
+        counts = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+        shards = await asyncio.gather(*(loop.run_in_executor(pool, _client_process, *args[:2], n, *args[3:],
+                                                             seed * processes + i)
+                                      for i, n in enumerate(counts) if n))
+    results = [r for shard in shards for r in shard["results"]]
+    errors = [e for shard in shards for e in shard["errors"]]
+    wall = max(shard["end"] for shard in shards) - min(shard["start"] for shard in shards)
     if not results:
         raise RuntimeError(f"every request at concurrency {concurrency} failed, e.g. {errors[0]}")
     ttft = [r["ttft"] for r in results]
@@ -117,11 +144,11 @@ def raise_open_files(needed: int) -> None:
                          "raise it (ulimit -n) or lower --concurrency")
 
 
-def bench_system(label: str, model_path: str, args) -> dict:
-    """One system's levels. A failure (loading it, or a level whose every request failed) ends this system's run
+def bench_system(label: str, model_path: str, args, pool=None) -> dict:
+    """One system's levels, the clients in ``args.client_processes`` processes of ``pool``. A failure (loading it, or a level whose every request failed) ends this system's run
     with an ``error``; the levels it measured are kept and the next system still runs (a GPU run once lost a
     student's four minutes of levels to the teacher's failure after them)."""
-    from llamba.serve.server import BackgroundServer, build_app, load_served
+    from llamba.serve.server import background_server, load_served
 
     top = max(args.concurrency)
     system = {"model": model_path, "slots": args.max_batch or top, "levels": []}
@@ -129,15 +156,17 @@ def bench_system(label: str, model_path: str, args) -> dict:
         served = load_served(model_path, system["slots"], args.prompt_tokens + args.new_tokens, args.device, "auto",
                              threads=args.threads, name=label)
         system["kind"] = type(served.slots).__name__
-        app = build_app(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
-                        default_max_tokens=args.new_tokens, stream_interval=args.stream_interval)
-        with BackgroundServer(app) as server:
-            # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation)
-            asyncio.run(load_level(server.url, label, 1, 1, args.prompt_tokens, args.new_tokens,
-                                   served.slots.vocab_size))
+        with background_server(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
+                               default_max_tokens=args.new_tokens, stream_interval=args.stream_interval,
+                               api_processes=args.api_processes) as server:
+            # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation); a few clients
+            # at once, since a fresh HTTP process's first concurrent requests ran at a third of its later rate
+            clients = {"pool": pool, "processes": args.client_processes}
+            asyncio.run(load_level(server.url, label, min(16, top), 1, args.prompt_tokens, args.new_tokens,
+                                   served.slots.vocab_size, **clients))
             for c in args.concurrency:
                 level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
-                                               args.new_tokens, served.slots.vocab_size, seed=c))
+                                               args.new_tokens, served.slots.vocab_size, seed=c, **clients))
                 print(f"  {label} c={c}: {level['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
                       f"{level['ttft_p50_ms']:.1f} ms, ITL p50 {level['itl_p50_ms']:.2f} / p99 "
                       f"{level['itl_p99_ms']:.2f} ms"
@@ -203,17 +232,24 @@ def main(args) -> dict:
         raise ValueError("llamba bench serve needs --model (a student checkpoint or artifact); --teacher adds the "
                          "teacher, served the same way")
     raise_open_files(4 * max(args.concurrency) + 256)
-    systems = {"student": bench_system("student", args.model, args)}
-    if args.teacher:
-        systems["teacher"] = bench_system("teacher", args.teacher, args)
+    # the load generator in processes of its own: in the server's process it would share the scheduler's GIL
+    with concurrent.futures.ProcessPoolExecutor(args.client_processes,
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        systems = {"student": bench_system("student", args.model, args, pool)}
+        if args.teacher:
+            systems["teacher"] = bench_system("teacher", args.teacher, args, pool)
     result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
-              "stream_interval": args.stream_interval,
+              "stream_interval": args.stream_interval, "api_processes": args.api_processes,
+              "client_processes": args.client_processes,
               "systems": systems, "bars": bars(systems)}
     notes = (f"loopback HTTP, streaming completions: prompts of {args.prompt_tokens} random tokens, "
              f"{args.new_tokens} new tokens each (greedy), {args.requests_per_client} requests per client",
              "slots: " + ", ".join(f"{k} {v['slots']} ({v.get('kind', 'not loaded')})" for k, v in systems.items()),
-             "TTFT includes queueing for a slot; ITL: gaps between a stream's events, one token each")
+             f"HTTP processes beside the model's: {args.api_processes}; load-generator processes: "
+             f"{args.client_processes}",
+             "TTFT includes queueing for a slot; ITL: gaps between a stream's events "
+             f"({args.stream_interval} token(s) each)")
     print(report.write(args.out, result, "llamba serve under load", [table(systems), "", bars_table(result["bars"])],
                        notes))
     return result

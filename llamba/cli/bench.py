@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from llamba.cli.common import float_above, int_at_least, int_list, parse_attention_layers
 
@@ -83,6 +84,10 @@ def register(parser) -> None:
     srv.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
                      help="as llamba serve's (default 2048 on CUDA, 256 on a CPU)")
     srv.add_argument("--stream-interval", type=int_at_least(1), default=1, help="as llamba serve's")
+    srv.add_argument("--api-processes", type=int_at_least(0), default=0, help="as llamba serve's")
+    srv.add_argument("--client-processes", type=int_at_least(1), default=max(1, min(8, (os.cpu_count() or 4) // 4)),
+                     help="load-generator processes, the clients spread over them (default: a quarter of the cores, "
+                          "1 to 8)")
     dist = parser.add_argument_group("distill study options")
     dist.add_argument("--recipe", default="smollm2-135m", help="recipe whose stage settings the trainer runs")
     dist.add_argument("--shape", default="smollm2-135m", choices=DISTILL_SHAPES,

@@ -97,6 +97,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def background_server(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int,
+                      stream_interval: int = 1, api_processes: int = 0):
+    """``llamba serve`` on a free loopback port for benchmarks: in this process (a thread), or with the scheduler
+    here and HTTP in ``api_processes`` processes. Use as ``with background_server(...) as server: server.url``."""
+    if api_processes:
+        return BackgroundProcesses(build_scheduler(served, max_queue, prefill_chunk), api_processes,
+                                   app_args(served, default_max_tokens, stream_interval))
+    return BackgroundServer(build_app(served, max_queue, prefill_chunk, default_max_tokens, stream_interval))
+
+
 # seconds uvicorn waits past --shutdown-timeout for the streams the scheduler has just ended to close
 CLOSE_MARGIN = 5.0
 
