@@ -380,17 +380,37 @@ def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
         assert out.usage.completion_tokens == 3
 
 
-def test_an_http_process_that_dies_frees_its_requests_slots():
+def test_an_http_process_that_dies_frees_its_requests_slots_and_is_replaced():
     """--api-processes: an HTTP process killed mid-stream closes its link, and the model's process cancels its
-    requests at once (their slots do not wait out their 200 tokens)."""
+    requests at once (their slots do not wait out their 200 tokens); a new HTTP process replaces it."""
     _, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=1)
     with background as server:
         long = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "temperature": 0}
         a = open_stream(server.url, long)
         assert server.scheduler.stats()["busy_slots"] == 1
-        server.processes.processes[0].kill()
+        dead = server.processes.processes[0]
+        dead.kill()
         wait_for(lambda: server.scheduler.stats()["busy_slots"] == 0, "the dead process's slot to be freed", 2.0)
         a.close()
+        # and another takes its place: the server answers again
+        wait_for(lambda: server.processes.processes[0] is not dead and server.engine.connected == 1,
+                 "a new HTTP process to connect", 60)
+        out = client(server).completions.create(model=MODEL, prompt="w5", max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens == 3
+
+
+def test_http_processes_that_keep_dying_stop_the_supervisor(monkeypatch):
+    """More exits than ``RESTARTS_PER_MINUTE`` is not a crash to recover from: ``supervise`` gives up (the
+    foreground server then stops) instead of starting processes forever."""
+    from llamba.serve.remote import ApiProcesses
+
+    monkeypatch.setattr(ApiProcesses, "RESTARTS_PER_MINUTE", 0)
+    _, background = start_server(api_processes=1)
+    with background as server:
+        server._stop.set()  # the context's own supervisor steps aside; this test runs one
+        server._supervisor.join()
+        server.processes.processes[0].kill()
+        assert server.processes.supervise(threading.Event(), every=0.05) is False
 
 
 # -- the command, and SIGTERM ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing.connection import Client, Connection, Listener
 
 from llamba.serve.scheduler import Event, QueueFull, Request, Scheduler
@@ -289,23 +290,27 @@ def _api_process(sock, engine_args: tuple, app_args: dict, log_level: str, shutd
 
 class ApiProcesses:
     """``n`` HTTP processes on the listening socket ``sock``, each connected to ``host``. ``app_args``:
-    ``create_app``'s keywords (tokenizer, model_name, max_context, default_max_tokens, stream_interval)."""
+    ``create_app``'s keywords (tokenizer, model_name, max_context, default_max_tokens, stream_interval).
+    ``supervise`` replaces one that dies (its open requests are lost: the model's process cancels them)."""
+
+    RESTARTS_PER_MINUTE = 5  # more means something kills every new one: stop instead of looping
 
     def __init__(self, host: EngineHost, sock, n: int, app_args: dict, log_level: str = "warning",
                  shutdown_timeout: float = 30.0):
         if n < 1:
             raise ValueError(f"--api-processes must be at least 1, got {n}")
-        spawn = multiprocessing.get_context("spawn")
         engine_args = (host.address, host.authkey, host.scheduler.n_slots, host.scheduler.vocab_size)
         self.host = host
-        self.processes = [spawn.Process(target=_api_process, name=f"llamba-api-{i}", daemon=True,
-                                        args=(sock, engine_args, app_args, log_level, shutdown_timeout))
-                          for i in range(n)]
+        self._args = (sock, engine_args, app_args, log_level, shutdown_timeout)
+        self.processes = [self._new(i) for i in range(n)]
+        self._restarts: list[float] = []
+
+    def _new(self, i: int):
+        return multiprocessing.get_context("spawn").Process(target=_api_process, name=f"llamba-api-{i}",
+                                                            daemon=True, args=self._args)
 
     def start(self, timeout: float = 120.0) -> "ApiProcesses":
         """Start them and wait until each has connected to the scheduler (then it serves what the socket queued)."""
-        import time
-
         for process in self.processes:
             process.start()
         deadline = time.monotonic() + timeout
@@ -318,8 +323,25 @@ class ApiProcesses:
             time.sleep(0.05)
         return self
 
-    def alive(self) -> bool:
-        return all(p.is_alive() for p in self.processes)
+    def supervise(self, stop: threading.Event, every: float = 0.5) -> bool:
+        """Until ``stop`` is set, replace HTTP processes that exit. Returns False if they die faster than
+        ``RESTARTS_PER_MINUTE`` (the caller then stops the server), True once ``stop`` is set."""
+        while not stop.wait(every):
+            for i, process in enumerate(self.processes):
+                if process.is_alive() or stop.is_set():
+                    continue
+                now = time.monotonic()
+                self._restarts = [t for t in self._restarts if now - t < 60] + [now]
+                if len(self._restarts) > self.RESTARTS_PER_MINUTE:
+                    print(f"llamba serve: HTTP processes exited {len(self._restarts)} times in a minute; stopping",
+                          file=sys.stderr, flush=True)
+                    return False
+                print(f"llamba serve: {process.name} exited (code {process.exitcode}); starting another",
+                      file=sys.stderr, flush=True)
+                process.join(0)
+                self.processes[i] = self._new(i)
+                self.processes[i].start()
+        return True
 
     def terminate(self) -> None:
         """SIGTERM: each stops accepting and lets its open requests finish (uvicorn's graceful shutdown)."""
@@ -328,8 +350,6 @@ class ApiProcesses:
                 os.kill(process.pid, signal.SIGTERM)
 
     def join(self, timeout: float) -> None:
-        import time
-
         deadline = time.monotonic() + timeout
         for process in self.processes:
             process.join(max(0.0, deadline - time.monotonic()))

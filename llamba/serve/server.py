@@ -134,8 +134,8 @@ def run_foreground(app, host: str, port: int, shutdown_timeout: float) -> None:
 
 
 def run_foreground_processes(scheduler, args: dict, n: int, host: str, port: int, shutdown_timeout: float) -> None:
-    """The scheduler in this process, HTTP in ``n`` processes (``remote.ApiProcesses``) on one socket. On SIGTERM or
-    Ctrl-C the HTTP processes stop accepting and let open requests finish for up to ``shutdown_timeout`` seconds;
+    """The scheduler in this process, HTTP in ``n`` processes (``remote.ApiProcesses``, replaced if one exits) on one
+    socket. On SIGTERM or Ctrl-C the HTTP processes stop accepting and let open requests finish for up to ``shutdown_timeout`` seconds;
     then the scheduler ends what is left with an error event, as ``run_foreground`` does."""
     from llamba.serve.remote import ApiProcesses, EngineHost
 
@@ -146,10 +146,7 @@ def run_foreground_processes(scheduler, args: dict, n: int, host: str, port: int
     scheduler.start()
     processes = ApiProcesses(engine, sock, n, args, "info", shutdown_timeout + CLOSE_MARGIN).start()
     try:
-        while not stop.wait(0.5):
-            if not processes.alive():
-                print("llamba serve: an HTTP process exited; stopping", flush=True)
-                break
+        processes.supervise(stop)  # until SIGTERM / Ctrl-C; an HTTP process that exits is replaced
         processes.terminate()
         timer = threading.Timer(shutdown_timeout, scheduler.stop)
         timer.daemon = True
@@ -183,9 +180,14 @@ class BackgroundProcesses:
         except BaseException:
             self._close()
             raise
+        self._stop = threading.Event()
+        self._supervisor = threading.Thread(target=self.processes.supervise, args=(self._stop,), daemon=True)
+        self._supervisor.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._supervisor.join()
         self.processes.stop(self.shutdown_timeout + CLOSE_MARGIN)
         self._close()
 
