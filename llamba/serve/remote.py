@@ -242,8 +242,10 @@ class RemoteEngine:
                 message = self._conn.recv()
                 self._loop.call_soon_threadsafe(self._dispatch, message)
         except (EOFError, OSError) as err:
-            if not self._loop.is_closed():
+            try:
                 self._loop.call_soon_threadsafe(self._lost, f"the model's process is gone ({type(err).__name__})")
+            except RuntimeError:  # the loop closed first: this process is shutting down
+                pass
 
     def _dispatch(self, message: tuple) -> None:  # the loop's thread
         kind = message[0]
