@@ -99,3 +99,29 @@ def test_a_system_that_fails_keeps_the_others_levels_and_says_so(tmp_path):
     assert {"bar": "teacher ran every level", "value": teacher["error"], "target": "no error",
             "met": False} in result["bars"]
     assert "| teacher ran every level |" in out.with_suffix(".md").read_text()
+
+
+def test_an_interrupted_run_writes_the_levels_it_measured(tmp_path, monkeypatch):
+    """serve_bench.sh ends a run past its time with SIGINT: the levels measured before it are written, the
+    interrupted system says so, and no later system starts."""
+    import llamba.bench.serve as serve_bench
+    from llamba.checkpoint import save_student
+    from llamba.cli import main
+
+    real, calls = serve_bench.load_level, []
+
+    async def interrupted_after_one_level(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:  # warm-up, the first level, then the interrupt
+            raise KeyboardInterrupt
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_bench, "load_level", interrupted_after_one_level)
+    student = save_student(make_tiny_student(), make_word_tokenizer(), tmp_path / "student")
+    out = tmp_path / "serve-cpu"
+    assert main(["bench", "serve", "--device", "cpu", "--model", str(student), "--teacher", str(student),
+                 "--concurrency", "1,2", "--prompt-tokens", "4", "--new-tokens", "3", "--requests-per-client", "1",
+                 "--threads", "1", "--out", str(out)]) == 1
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [lv["concurrency"] for lv in result["systems"]["student"]["levels"]] == [1]
+    assert "interrupted" in result["systems"]["student"]["error"] and "teacher" not in result["systems"]

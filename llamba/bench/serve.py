@@ -175,6 +175,9 @@ def bench_system(label: str, model_path: str, args, pool=None) -> dict:
     except Exception as err:  # noqa: BLE001 -- recorded in the result, and the command exits non-zero
         system["error"] = f"{type(err).__name__}: {err}"
         print(f"  {label} FAILED: {system['error']}", flush=True)
+    except KeyboardInterrupt:  # a time limit's SIGINT (serve_bench.sh): the levels measured so far are written
+        system["error"] = system["interrupted"] = "interrupted (SIGINT) during the next level"
+        print(f"  {label} interrupted: writing the levels measured so far", flush=True)
     return system
 
 
@@ -236,8 +239,9 @@ def main(args) -> dict:
     with concurrent.futures.ProcessPoolExecutor(args.client_processes,
                                                 mp_context=multiprocessing.get_context("spawn")) as pool:
         systems = {"student": bench_system("student", args.model, args, pool)}
-        if args.teacher:
+        if args.teacher and "interrupted" not in systems["student"]:
             systems["teacher"] = bench_system("teacher", args.teacher, args, pool)
+        pool.shutdown(cancel_futures=True)
     result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
               "stream_interval": args.stream_interval, "api_processes": args.api_processes,
