@@ -97,3 +97,22 @@ def test_nan_and_negative_params_are_refused_and_named():
         assert err.value.param == param, kwargs
     assert SamplingParams.from_temperature(0.0) == SamplingParams()
     assert SamplingParams.from_temperature(0.5, top_k=3).do_sample
+
+
+def test_per_row_generators_draw_what_each_row_would_alone():
+    """The server samples its rows of one setting together, each from its own generator: every row's token must be
+    the one that row gets by itself with that generator (its neighbours draw nothing of its noise)."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50) * 3
+    seen = torch.rand(6, 50) < 0.2
+    params = SamplingParams(True, 0.8, 20, 0.9, 0.02, 1.3)
+    seeds = [11, 12, 13, 14, 15, 16]
+    alone_generators = [torch.Generator().manual_seed(s) for s in seeds]
+    together_generators = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):  # consecutive steps: each generator advances as it would alone
+        alone = [int(select_tokens(logits[i:i + 1], seen[i:i + 1], params, g)[0])
+                 for i, g in enumerate(alone_generators)]
+        assert select_tokens(logits, seen, params, together_generators).tolist() == alone
+    assert len(set(alone)) > 1  # the rows' draws differ: the test can tell them apart
+    with pytest.raises(ValueError, match="2 generators for 6 rows"):
+        select_tokens(logits, seen, params, [torch.Generator(), torch.Generator()])

@@ -306,6 +306,40 @@ def test_a_join_that_fails_gives_its_slots_back():
         scheduler.stop()
 
 
+def test_a_sampling_setting_that_fails_fails_its_requests_alone(monkeypatch):
+    """Rows are selected a sampling setting at a time; if one setting's selection raises, its requests fail and the
+    greedy ones in the same decode steps still get exactly their tokens."""
+    import llamba.serve.scheduler as scheduler_module
+    from llamba.generation.sampling import SamplingParams
+    from llamba.serve.slots import LlambaSlots
+
+    real, sampled_calls = scheduler_module.select_tokens, []
+
+    def failing_when_sampling(logits, seen, params, generator=None):
+        if params.do_sample:
+            sampled_calls.append(logits.shape[0])
+            if len(sampled_calls) == 2:  # its first token (after the prefill) passes, a decode step's fails
+                raise RuntimeError("injected sampling fault")
+        return real(logits, seen, params, generator)
+
+    monkeypatch.setattr(scheduler_module, "select_tokens", failing_when_sampling)
+    model = make_tiny_student(tied=False).double()
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6) for p in PROMPTS]
+    scheduler = make_scheduler(LlambaSlots(model, 8, 64, cuda_graph=False), max_queue=8, prefill_chunk=64)
+    errors = []
+    scheduler.submit(Request([5, 6], 6, lambda e: e.kind == "error" and errors.append(e.text),
+                             params=SamplingParams(True, 0.9), seed=3))  # seeded: its first token is no EOS
+    finished = submit_all(scheduler, PROMPTS, 6)  # all waiting before the loop's first turn
+    scheduler.start()
+    try:
+        texts, _ = finished()
+    finally:
+        scheduler.stop()
+    assert errors == ["RuntimeError: injected sampling fault"] and len(sampled_calls) == 2
+    assert [[int(w[1:]) for w in t.split()] for t in texts] == [as_text_shows(e) for e in expected]
+
+
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     """Chunked prefill: while a 40-token prompt joins in pieces of 4, the request already running gets a decode step
     after every piece (it is never stalled for the whole prefill), and both get their tokens alone."""

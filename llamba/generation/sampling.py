@@ -11,6 +11,7 @@ of the new tokens (``stop_index``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +143,24 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, params: Samp
 
 
 def select_tokens(logits: torch.Tensor, seen: torch.Tensor | None, params: SamplingParams,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """(batch, vocab) logits -> (batch,) next tokens. Greedy is the argmax after the repetition penalty."""
+                  generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """(batch, vocab) logits -> (batch,) next tokens. Greedy is the argmax after the repetition penalty.
+    ``generator``: one for the batch, or one per row (the server's requests: each row then draws what it would
+    alone, whoever shares its batch)."""
+    if params == GREEDY:
+        return logits.argmax(dim=-1)  # what the float32 processors would give, without the float32 copy
     logits = process_logits(logits, seen, params)
     if not params.do_sample:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    race = torch.empty_like(probs)
+    if isinstance(generator, Sequence):
+        if len(generator) != race.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {race.shape[0]} rows")
+        for row, row_generator in zip(race, generator):
+            row.exponential_(generator=row_generator)
+    else:
+        race.exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
 
 

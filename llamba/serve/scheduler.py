@@ -70,7 +70,6 @@ class _Sequence:
         self.seed = (seed + index) % 2**64  # choice k of seed s: seed s + k
         self.generator: torch.Generator | None = None  # made where the logits are, at the first choice
         params = request.params
-        self.greedy = params == GREEDY  # compared once, not twice per token (~0.2 us each)
         self.seen = (seen_tokens_mask(torch.tensor([request.prompt]), None, vocab)
                      if params.repetition_penalty != 1.0 else None)
         self.tokens: list[int] = []
@@ -79,15 +78,14 @@ class _Sequence:
     def ended(self) -> bool:
         return self.request.cancelled or self.index in self.request.ended
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's logits (vocab,), with this request's params and generator."""
-        if self.generator is None:  # a CUDA model's rows sample on the GPU: generator and mask go where they are
-            self.generator = torch.Generator(logits.device).manual_seed(self.seed)
-            self.seen = None if self.seen is None else self.seen.to(logits.device)
-        token = int(select_tokens(logits[None], self.seen, self.request.params, self.generator)[0])
-        if self.seen is not None:
-            self.seen[0, token] = True
-        return token
+    def on(self, device: torch.device) -> "_Sequence":
+        """Repetition mask and (when sampling) generator where the logits are: a CUDA model's rows sample on the
+        GPU. The generator is made at the first sampled token."""
+        if self.seen is not None and self.seen.device != device:
+            self.seen = self.seen.to(device)
+        if self.generator is None and self.request.params.do_sample:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+        return self
 
     def add(self, token: int, eos: set[int]) -> bool:
         """Record ``token`` and send it on (an end-of-sequence token is not sent: it has no text); returns whether
@@ -102,6 +100,37 @@ class _Sequence:
             emit(Event("finish", self.index, reason="length", tokens=len(self.tokens)))
             return True
         return False
+
+
+def select(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]:
+    """The next token of each sequence from its row of ``logits`` (rows, vocab), with one host read: the rows of
+    one sampling setting go through the sampler together, each drawing from its own generator (so a seeded request
+    gets the same tokens whoever shares its batch); a batch of one setting (all greedy, say) uses ``logits`` as they
+    are (a gather of the rows first cost more than the argmax on a CPU). A setting whose selection fails gives its
+    rows the error instead of a token: those requests fail, the others go on."""
+    device = logits.device
+    groups: dict[SamplingParams, list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault(seq.request.params, []).append(i)
+    picks = torch.zeros(len(seqs), dtype=torch.long, device=device)
+    failed: dict[int, Exception] = {}
+    for params, rows in groups.items():
+        try:
+            members = [seqs[i].on(device) for i in rows] if params != GREEDY else []
+            seen = torch.cat([m.seen for m in members]) if params.repetition_penalty != 1.0 else None
+            generators = [m.generator for m in members] if params.do_sample else None
+            if len(rows) == len(seqs):
+                picks = select_tokens(logits, seen, params, generators)
+            else:
+                index = torch.tensor(rows, device=device)
+                picks[index] = select_tokens(logits[index], seen, params, generators)
+        except Exception as err:
+            failed.update((i, err) for i in rows)
+    tokens = picks.tolist()
+    for i, seq in enumerate(seqs):
+        if seq.seen is not None and i not in failed:
+            seq.seen[0, tokens[i]] = True
+    return [failed.get(i, token) for i, token in enumerate(tokens)]
 
 
 class Scheduler:
@@ -232,8 +261,10 @@ class Scheduler:
                 return piece.numel()
             self._joining = None
             seqs = self._join(request)
-            for seq in seqs:
-                if seq.add(seq.choose(logits), self.eos):
+            for seq, token in zip(seqs, select(seqs, logits.expand(len(seqs), -1))):
+                if isinstance(token, Exception):
+                    raise token
+                if seq.add(token, self.eos):
                     self._leave(seq)
         except Exception as err:  # this request's fault (a bad token id ...): it fails alone
             self._joining = None
@@ -264,14 +295,12 @@ class Scheduler:
                 self._fail(request, err)
             return
         self.steps += 1
-        # one argmax over every row (no gather of the greedy rows' logits first) and one host read
-        plain = any(s.greedy for s in seqs)
-        argmax = logits.argmax(-1).tolist() if plain else None
-        for i, seq in enumerate(seqs):
+        for seq, token in zip(seqs, select(seqs, logits)):
             if seq.ended or self._running.get(seq.slot) is not seq:
                 continue  # a sibling choice failed the request earlier in this step, or it was ended from outside
             try:
-                token = argmax[i] if seq.greedy else seq.choose(logits[i])
+                if isinstance(token, Exception):
+                    raise token
                 if seq.add(token, self.eos):
                     self._leave(seq)
             except Exception as err:
