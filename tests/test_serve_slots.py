@@ -83,6 +83,17 @@ def served(scheduler, prompts, max_tokens, **fields):
     return [[int(w[1:]) for w in t.split()] for t in texts]
 
 
+def served_all_queued(scheduler, prompts, max_tokens) -> list[list[int]]:
+    """As ``served``, with every request waiting before the (not yet started) loop's first turn; stops it."""
+    finished = submit_all(scheduler, prompts, max_tokens)
+    scheduler.start()
+    try:
+        texts, _ = finished()
+    finally:
+        scheduler.stop()
+    return [[int(w[1:]) for w in t.split()] for t in texts]
+
+
 def as_text_shows(tokens: list[int]) -> list[int]:
     """What ``collect`` reads back of a greedy run: up to EOS (w99, which stops it), without w1 (a special token
     of the word tokenizer, which the text leaves out)."""
@@ -330,14 +341,8 @@ def test_a_sampling_setting_that_fails_fails_its_requests_alone(monkeypatch):
     errors = []
     scheduler.submit(Request([5, 6], 6, lambda e: e.kind == "error" and errors.append(e.text),
                              params=SamplingParams(True, 0.9), seed=3))  # seeded: its first token is no EOS
-    finished = submit_all(scheduler, PROMPTS, 6)  # all waiting before the loop's first turn
-    scheduler.start()
-    try:
-        texts, _ = finished()
-    finally:
-        scheduler.stop()
+    assert served_all_queued(scheduler, PROMPTS, 6) == [as_text_shows(e) for e in expected]
     assert errors == ["RuntimeError: injected sampling fault"] and len(sampled_calls) == 2
-    assert [[int(w[1:]) for w in t.split()] for t in texts] == [as_text_shows(e) for e in expected]
 
 
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
@@ -432,16 +437,9 @@ def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
     prompts = [[5, 6], [7, 8], [9, 10]]
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 4) for p in prompts]
-    scheduler = make_scheduler(Recording(model, 4, 64, cuda_graph=False), max_queue=3,
-                          prefill_chunk=chunk)
-    finished = submit_all(scheduler, prompts, 4)  # all waiting before the loop's first turn
-    scheduler.start()
-    try:
-        texts, _ = finished()
-    finally:
-        scheduler.stop()
+    scheduler = make_scheduler(Recording(model, 4, 64, cuda_graph=False), max_queue=3, prefill_chunk=chunk)
+    assert served_all_queued(scheduler, prompts, 4) == [as_text_shows(e) for e in expected]
     assert batches[0] == first_batch
-    assert [[int(w[1:]) for w in t.split()] for t in texts] == [as_text_shows(e) for e in expected]
 
 
 @pytest.mark.parametrize("interval", [2, 3, 50])
