@@ -524,6 +524,8 @@ def test_ranking_finds_the_broken_layer_and_restoring_it_recovers_its_kl(teacher
     assert r["layers"][1]["kl"] < 0.2 * r["pure_kl"] < r["layers"][0]["kl"]
     # random ids in 16-token windows hold no repeated trigram: no repeats column, rather than a KL over nothing
     assert r["repeat_share"] == 0 and r["pure_kl_repeats"] is None and "kl_repeats" not in r["layers"][0]
+    with pytest.raises(ValueError, match="no held-out position repeats"):
+        chosen_layers(r, 1, "repeats")
     write_ranking(tmp_path / "new" / "ranking", r, 1)  # a folder not made yet (python -m llamba.distill.select --out)
     assert json.loads((tmp_path / "new" / "ranking.json").read_text())["chosen"] == [1]
     assert "| 1 | 1 |" in (tmp_path / "new" / "ranking.md").read_text()
@@ -538,7 +540,7 @@ def test_ranking_reads_the_kl_at_repeats_where_the_text_repeats(teacher3, tmp_pa
     import random
 
     from llamba.distill.data import prepare_data
-    from llamba.distill.select import rank_layers, write_ranking
+    from llamba.distill.select import chosen_layers, rank_layers, write_ranking
     from llamba.distill.testing import WORDS
 
     teacher, tok = teacher3
@@ -558,14 +560,22 @@ def test_ranking_reads_the_kl_at_repeats_where_the_text_repeats(teacher3, tmp_pa
         assert row["kl_repeats_drop"] == pytest.approx(r["pure_kl_repeats"] - row["kl_repeats"], rel=1e-12)
     write_ranking(tmp_path / "ranking", r, 1)
     assert "KL at repeats" in (tmp_path / "ranking.md").read_text()
+    # auto:K:repeats chooses from the repeats ranking (the broken layer 1 leads it too)
+    assert chosen_layers(r, 1, "repeats") == [r["ranking_by_repeats"][0]] == [1]
+    write_ranking(tmp_path / "by-repeats", r, 2, "repeats")
+    written = json.loads((tmp_path / "by-repeats.json").read_text())
+    assert written["by"] == "repeats" and written["chosen"] == sorted(r["ranking_by_repeats"][:2])
+    assert "by the KL at repeats" in (tmp_path / "by-repeats.md").read_text()
 
 
 def test_auto_spec_and_its_checks():
-    from llamba.distill.select import auto_count, check_auto
+    from llamba.distill.select import check_auto, parse_auto
 
-    assert auto_count("auto:4") == 4 and auto_count([1, 2]) is None and auto_count(None) is None
-    with pytest.raises(ValueError, match="auto:K"):
-        auto_count("automatic")
+    assert parse_auto("auto:4") == (4, "kl") and parse_auto("auto:2:repeats") == (2, "repeats")
+    assert parse_auto([1, 2]) is None and parse_auto(None) is None
+    for bad in ("automatic", "auto:4:ppl", "auto:"):
+        with pytest.raises(ValueError, match="auto:K"):
+            parse_auto(bad)
     assert "between 1 and" in check_auto(0, 30, (2, 3)) and "between 1 and" in check_auto(31, 30, (2, 3))
     assert "add stage 3" in check_auto(2, 30, (1, 2))
     assert check_auto(30, 30, (3,)) is None

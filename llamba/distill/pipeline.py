@@ -21,7 +21,7 @@ import torch
 from llamba.distill import distributed, train_state
 from llamba.distill.data import MANIFEST, check_tokenizer, find_sources, load_manifest, prepare_data, split_tokens
 from llamba.distill.recipes import stage_config
-from llamba.distill.select import auto_count
+from llamba.distill.select import parse_auto
 from llamba.distill.stages import STAGES
 from llamba.distill.trainer import Metrics, train_stage
 from llamba.model.config import DEFAULT_MIXER, check_mixer
@@ -146,16 +146,16 @@ def _student_problem(opts: Options) -> str | None:
 
 
 def _hybrid_problem(opts: Options) -> str | None:
-    from llamba.distill.select import auto_count, check_auto
+    from llamba.distill.select import check_auto
     from llamba.teacher import load_teacher_config
 
     layers = opts.recipe.get("attention_layers")
     if not layers:
         return None
     n_layer = load_teacher_config(opts.teacher).num_hidden_layers
-    k = auto_count(layers)
-    if k is not None:
-        return check_auto(k, n_layer, opts.stages)
+    auto = parse_auto(layers)
+    if auto is not None:
+        return check_auto(auto[0], n_layer, opts.stages)
     early = sorted(set(opts.stages) & {1, 2})
     if set(range(n_layer)) <= set(layers) and early:  # stages 1-2 train mixers only (stages.mixer_layer_indices)
         return (f"--attention-layers keeps all {n_layer} of the teacher's layers as attention, so stage(s) "
@@ -214,8 +214,9 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
         raise ValueError(f"{found / train_state.OPTIMIZER}: damaged ({bad}). {remedy}")
 
 
-def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, k: int, eval_args: dict, d, log):
-    """``auto:K``: the hybrid stage 3 trains, built once on rank 0 from the student that stands before stage 3 (and
+def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, auto: tuple[int, str], eval_args: dict,
+                       d, log):
+    """``auto:K`` (``auto`` = (K, ranked by)): the hybrid stage 3 trains, built once on rank 0 from the student that stands before stage 3 (and
     saved, so a resumed run trains the same one); every rank loads it."""
     from llamba.checkpoint import load_student, save_student
     from llamba.distill.select import SELECT_TOKENS, select_attention_layers
@@ -223,9 +224,9 @@ def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, k: 
     hybrid_dir = opts.out / "select" / "final"
     if not distributed.broadcast_object((hybrid_dir / "config.json").exists(), d):
         if d.main:
-            hybrid, _ = select_attention_layers(teacher, student, data_dir, k, opts.out / "select",
+            hybrid, _ = select_attention_layers(teacher, student, data_dir, auto[0], opts.out / "select",
                                                 {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", SELECT_TOKENS)},
-                                                log)
+                                                log, by=auto[1])
             save_student(hybrid, tokenizer, hybrid_dir)
         distributed.barrier(d)
     else:
@@ -343,8 +344,8 @@ def run(opts: Options) -> dict | None:
     # Each resume decision is rank 0's view of the disk, taken before rank 0 writes: a rank that looked later could
     # see rank 0's fresh files, take the other branch and pair its collectives with the wrong ones (a hang).
     # auto:K: the student is pure until the layers are chosen, just before stage 3
-    auto_k = auto_count(recipe.get("attention_layers"))
-    init_layers = () if auto_k is not None else recipe.get("attention_layers") or ()
+    auto = parse_auto(recipe.get("attention_layers"))  # (K, ranked by)
+    init_layers = () if auto is not None else recipe.get("attention_layers") or ()
     init_dir = opts.out / "init"
     if distributed.broadcast_object((init_dir / "config.json").exists(), d):
         student = load_student(init_dir, dtype=torch.float32, device=d.device)
@@ -389,8 +390,8 @@ def run(opts: Options) -> dict | None:
             log(f"stage {stage}: starting from {start_from}")
         elif stage > 1:
             log(f"stage {stage}: no earlier stage in {opts.out} and no --student: starting from the initialised student")
-        if stage == 3 and auto_k is not None:
-            student = _hybrid_for_stage3(opts, student, teacher, tokenizer, data_dir, auto_k, eval_args, d, log)
+        if stage == 3 and auto is not None:
+            student = _hybrid_for_stage3(opts, student, teacher, tokenizer, data_dir, auto, eval_args, d, log)
         cfg = stage_config(recipe, stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         if d.main:

@@ -90,7 +90,9 @@ def write_summary(out_dir: Path, summary: dict) -> tuple[Path, Path]:
     md += [f"Device: {summary['device']} x {summary['world_size']}; recipe `{summary['recipe']}`; "
            f"date {summary['date']}; data `{summary['data']}`.", ""]
     if summary.get("attention_layers"):
-        how = "chosen by KL-guided ranking (select/ranking.md)" if summary.get("selection") else "given"
+        selection = summary.get("selection")
+        by = " at repeats" if selection and selection.get("by") == "repeats" else ""
+        how = f"chosen by KL-guided ranking{by} (select/ranking.md)" if selection else "given"
         md += [f"Hybrid: layers {summary['attention_layers']} keep the teacher's attention ({how}).", ""]
     md += ["| stage | tokens | steps | wall (s) | tokens/s | first loss | last loss |", "|---|---|---|---|---|---|---|"]
     for k, s in sorted(summary["stages"].items()):

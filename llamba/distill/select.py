@@ -3,7 +3,9 @@
 Each layer of a distilled pure student is restored, one at a time, to the teacher's own layer, and the student's
 KL(teacher || student) is measured on held-out text; the K layers whose restoration lowers it most keep attention
 (KL-guided layer selection, arXiv 2512.20569). Those are the layers where a recurrent mixer falls shortest of the
-attention it replaced, which even spacing cannot know.
+attention it replaced, which even spacing cannot know. ``auto:K:repeats`` ranks by the KL drop at repeats instead:
+the positions that complete a trigram seen earlier in their document (``llamba.metrics.repeat_positions``), where
+the model copies from its context, the recall that LAMBADA asks for and recurrent students lose first.
 
 The pipeline ranks after stage 2, on the stage-2 student. Stage 2 trains every layer on the teacher's own input
 (teacher forcing), so its mixers are what a hybrid's stage 2 would have trained (the layers are coupled only
@@ -22,17 +24,20 @@ import torch
 from llamba.convert import RESTORE_PARTS, restore_teacher_layers
 from llamba.distill.report import evaluate
 
-AUTO = re.compile(r"auto:(\d+)")
+AUTO = re.compile(r"auto:(\d+)(?::(kl|repeats))?")
+RANKINGS = {"kl": "ranking", "repeats": "ranking_by_repeats"}  # auto:K:<by> -> the ranking it chooses from
 SELECT_TOKENS = 131072  # held-out tokens per layer's evaluation (recipe field select_tokens)
 
 
-def auto_count(spec) -> int | None:
-    """K of an ``"auto:K"`` attention-layers setting; None for an explicit list (or none)."""
+def parse_auto(spec) -> tuple[int, str] | None:
+    """(K, what it ranks by) of an ``"auto:K"`` or ``"auto:K:repeats"`` attention-layers setting; None for an
+    explicit list (or none)."""
     if isinstance(spec, str):
         match = AUTO.fullmatch(spec.strip())
         if match is None:
-            raise ValueError(f"attention layers {spec!r}: give layer indices (e.g. 5,14) or auto:K (e.g. auto:4)")
-        return int(match.group(1))
+            raise ValueError(f"attention layers {spec!r}: give layer indices (e.g. 5,14), auto:K (e.g. auto:4: the K "
+                             "layers that recover the most KL) or auto:K:repeats (the most KL at repeats)")
+        return int(match.group(1)), match.group(2) or "kl"
     return None
 
 
@@ -80,22 +85,27 @@ def rank_layers(teacher, student, data_dir, seq_len: int, eval_tokens: int, micr
             if repeats else None}
 
 
-def chosen_layers(ranking: dict, k: int) -> list[int]:
-    return sorted(ranking["ranking"][:k])
+def chosen_layers(ranking: dict, k: int, by: str = "kl") -> list[int]:
+    order = ranking[RANKINGS[by]]
+    if order is None:
+        raise ValueError("auto:K:repeats: no held-out position repeats a trigram of its document, so there is no KL "
+                         "at repeats to rank by; use auto:K")
+    return sorted(order[:k])
 
 
-def write_ranking(path: Path, ranking: dict, k: int | None = None) -> None:
+def write_ranking(path: Path, ranking: dict, k: int | None = None, by: str = "kl") -> None:
     """``path``.json and a markdown table (.md) beside it, in a folder made if missing (a ranking takes minutes of
     GPU time; it must not be lost to an output folder that does not exist yet)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({**ranking, "k": k, "chosen": chosen_layers(ranking, k) if k
-                                                     else None}, indent=1))
+    chosen = chosen_layers(ranking, k, by) if k else None
+    path.with_suffix(".json").write_text(json.dumps({**ranking, "k": k, "by": by, "chosen": chosen}, indent=1))
     what = "one layer's attention" if ranking.get("restored") == "attention" else "one layer"
     md = [f"# Layer ranking: KL(teacher || student) with {what} restored to the teacher's", "",
           f"{ranking['tokens']:,} held-out tokens; pure student KL {ranking['pure_kl']:.4f} nats/token, perplexity "
           f"{ranking['pure_ppl']:.2f} (teacher {ranking['teacher_ppl']:.2f})."]
     if k:
-        md += ["", f"Chosen for attention (K = {k}): {chosen_layers(ranking, k)}"]
+        md += ["", f"Chosen for attention (K = {k}, by {'the KL at repeats' if by == 'repeats' else 'the KL'}): "
+               f"{chosen}"]
     repeats = "kl_repeats" in ranking["layers"][0]  # not where no position repeats, nor in older rankings
     if repeats:
         md += ["", f"KL at repeats: over the {ranking['repeat_share']:.1%} of positions that complete a trigram seen "
@@ -111,16 +121,18 @@ def write_ranking(path: Path, ranking: dict, k: int | None = None) -> None:
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
-def select_attention_layers(teacher, student, data_dir, k: int, out_dir: Path, eval_args: dict, log):
-    """Rank ``student``'s layers, restore the top ``k`` to attention and return the hybrid; the ranking is written
-    to ``out_dir``/ranking.{json,md}."""
+def select_attention_layers(teacher, student, data_dir, k: int, out_dir: Path, eval_args: dict, log,
+                            by: str = "kl"):
+    """Rank ``student``'s layers, restore the top ``k`` (by the KL drop, or by its drop at repeats) to attention and
+    return the hybrid; the ranking is written to ``out_dir``/ranking.{json,md}."""
     log(f"selecting {k} attention layers: restoring each of {student.config.n_layer} layers in turn "
         f"({eval_args['eval_tokens']:,} held-out tokens each)")
     ranking = rank_layers(teacher, student, data_dir, log=log, **eval_args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_ranking(out_dir / "ranking", ranking, k)
-    layers = chosen_layers(ranking, k)
-    log(f"attention layers chosen: {layers} (ranking {ranking['ranking'][:max(k, 8)]}...)")
+    layers = chosen_layers(ranking, k, by)
+    write_ranking(out_dir / "ranking", ranking, k, by)
+    log(f"attention layers chosen by {'the KL at repeats' if by == 'repeats' else 'the KL'}: {layers} "
+        f"(ranking {ranking[RANKINGS[by]][:max(k, 8)]}...)")
     return restore_teacher_layers(student, teacher, layers), ranking
 
 

@@ -14,6 +14,8 @@
 #   H2  --attention-layers 23,24 (K = 2: the ranking's top two)
 #   H6  --attention-layers 3,20,21,23,24,26 (K = 6: the ranking's top six; LAMBADA rose ~0.08 per doubling of the
 #       K = 4 hybrid's tokens, so 0.90 at K = 4 wants ~2x the budget: does K = 6 get there at the same budget?)
+#   H4R --attention-layers auto:4:repeats (the four layers whose attention recovers the most KL where the text repeats
+#       itself, ranked on this run's stage-2 student: copying is LAMBADA's skill; H4's layers came from the overall KL)
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of them (ARC-Easy, PIQA,
 # HellaSwag, LAMBADA; held-out perplexity / KL are in each run's summary), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -31,6 +33,7 @@ declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gatel
                   [P6]="--stage2-tokens 4e6 --stage3-tokens 2e6" [H4]="--attention-layers 20,23,24,26"
                   [H4F]="--attention-layers 20,23,24,26 --inherited-lr-scale 0.1"
                   [H4Z]="--attention-layers 20,23,24,26 --freeze-attention" [H2]="--attention-layers 23,24"
+                  [H4R]="--attention-layers auto:4:repeats"
                   [H6]="--attention-layers 3,20,21,23,24,26")
 NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="H4 H4F H4Z H2 H6" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
