@@ -58,7 +58,8 @@ def register(parser) -> None:
                         "(default) or gateloop (needs an even d_state; docs/gateloop.md)")
     parser.add_argument("--attention-layers", help="hybrid student: these layers (e.g. 5,14) keep the teacher's "
                         "attention (recipe field attention_layers; stages 1-2 skip them); auto:K chooses K by "
-                        "measurement before stage 3 (each layer restored in turn, ranked by the KL it recovers)")
+                        "measurement before stage 3 (each layer restored in turn, ranked by the KL it recovers); "
+                        "auto:K:repeats ranks by the KL it recovers where the text repeats itself (copying)")
     parser.add_argument("--temperature", type=float_above(0), help="stage 3 distillation temperature")
     parser.add_argument("--mixer-only", action="store_true", help="stage 2 trains only the mixers")
     parser.add_argument("--stage2-align", choices=("block", "attention"),
