@@ -26,7 +26,8 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from conftest import make_tiny_student, make_word_tokenizer  # noqa: E402
-from llamba.serve.app import LocalEngine, create_app  # noqa: E402
+from llamba.serve.app import create_app  # noqa: E402
+from llamba.serve.local import LocalEngine  # noqa: E402
 from llamba.serve.scheduler import Scheduler  # noqa: E402
 from llamba.serve.server import BackgroundProcesses, BackgroundServer  # noqa: E402
 from llamba.serve.text import eos_ids  # noqa: E402

@@ -467,7 +467,8 @@ def test_stream_interval_sends_the_same_text_in_fewer_events(interval):
 
 
 def test_stream_interval_must_be_positive():
-    from llamba.serve.app import LocalEngine, create_app
+    from llamba.serve.app import create_app
+    from llamba.serve.local import LocalEngine
     from llamba.serve.slots import LlambaSlots
 
     scheduler = make_scheduler(LlambaSlots(make_tiny_student(tied=False), 1, 16, cuda_graph=False))

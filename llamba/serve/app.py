@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API over an engine (the ``Scheduler`` in this process: ``LocalEngine``; or in the
-model's process: ``llamba.serve.remote.RemoteEngine``): it only translates. A request body is parsed here (strict
+"""The OpenAI-compatible HTTP API over an engine (the scheduler in this process: ``llamba.serve.local.LocalEngine``;
+or in the model's process: ``llamba.serve.remote.RemoteEngine``): it only translates. A request body is parsed here (strict
 UTF-8, JSON, then a pydantic model that refuses unknown fields), checked against the model's context and submitted;
 the engine's token events become text (``llamba.serve.text``) and then an OpenAI response, or server-sent events
 when ``stream`` is true. Every refusal is an OpenAI error object ``{"error": {"message", "type", "param",
@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
-import threading
 import time
 import uuid
 from typing import Callable, Literal
@@ -24,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamba.generation.prompts import chat_text, check_prompt_text
 from llamba.generation.sampling import InvalidSamplingParam, SamplingParams
-from llamba.serve.scheduler import Event, QueueFull, Request, Scheduler
+from llamba.serve.scheduler import QueueFull
 from llamba.serve.text import RequestText
 
 
@@ -127,63 +125,6 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-class _Outbox:
-    """Events from the scheduler's thread to the event loop, which owns the requests' text and queues. Each
-    ``call_soon_threadsafe`` writes to the loop's wake-up pipe, so one per event cost more than the rest of a
-    token's path at a few hundred streams; here a burst (a decode step's events for every stream) wakes the loop
-    once, and the loop hands the whole burst out."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._items: list[tuple[Callable[[Event], None], Event]] = []
-        self._lock = threading.Lock()
-
-    def put(self, sink: Callable[[Event], None], event: Event) -> None:  # the scheduler's thread
-        with self._lock:
-            self._items.append((sink, event))
-            if len(self._items) > 1:
-                return  # a hand-out is already on its way and will take this one too
-        self.loop.call_soon_threadsafe(self._hand_out)
-
-    def _hand_out(self) -> None:  # the loop's thread
-        with self._lock:
-            items, self._items = self._items, []
-        for sink, event in items:
-            sink(event)
-
-
-class LocalEngine:
-    """The scheduler in this process, on its own thread; its events reach the event loop through an ``_Outbox``.
-    The app's other engine, in the model's process, is ``llamba.serve.remote.RemoteEngine``; both offer
-    ``submit`` (returns the request's ``cancel(index=None)``, raises ``QueueFull``), ``stats``, ``start``, ``stop``,
-    ``n_slots`` and ``vocab_size``."""
-
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
-        self.n_slots, self.vocab_size = scheduler.n_slots, scheduler.vocab_size
-        self._outbox: _Outbox | None = None
-
-    async def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams, n: int, seed: int | None,
-                     on_event: Callable[[Event], None]) -> Callable[..., None]:
-        loop = asyncio.get_running_loop()
-        if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = _Outbox(loop)
-        outbox = self._outbox
-        request = Request(prompt, max_tokens, lambda event: outbox.put(on_event, event), params, n, seed)
-        self.scheduler.submit(request)
-        return lambda index=None: self.scheduler.cancel(request, index)
-
-    async def stats(self) -> dict:
-        return self.scheduler.stats()
-
-    async def start(self) -> None:
-        self.scheduler.start()
-
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.scheduler.stop)
-        print(f"llamba serve: stopped after {self.scheduler.steps} decode steps", file=sys.stderr, flush=True)
-
-
 class Api:
     """Request checking and response shaping for one served model."""
 

@@ -7,7 +7,7 @@ token is a tuple, not an event loop hand-off, a detokenization and a socket writ
 
 - ``EngineHost`` (model's process): the listener; each connection's requests go to the scheduler, and a turn's
   events go back as one message per connection (the scheduler's ``on_turn_end``).
-- ``RemoteEngine`` (HTTP process): the app's engine (as ``app.LocalEngine`` is in one process): ``submit`` waits
+- ``RemoteEngine`` (HTTP process): the app's engine (as ``local.LocalEngine`` is in one process): ``submit`` waits
   for the scheduler's answer (a full queue is a 429), ``cancel`` ends a request or one choice, ``stats`` asks.
 - ``ApiProcesses``: starts the N HTTP processes (spawned: no CUDA state is forked) and stops them.
 

@@ -73,8 +73,9 @@ def build_scheduler(served: Served, max_queue: int, prefill_chunk: int, on_turn_
 
 
 def build_app(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int, stream_interval: int = 1):
-    """The app with the scheduler in its own process (``LocalEngine``): one process serves HTTP and the model."""
-    from llamba.serve.app import LocalEngine, create_app
+    """The app with the scheduler in the same process (``LocalEngine``): one process serves HTTP and the model."""
+    from llamba.serve.app import create_app
+    from llamba.serve.local import LocalEngine
 
     engine = LocalEngine(build_scheduler(served, max_queue, prefill_chunk))
     return create_app(engine, served.tokenizer, served.name, served.max_context, default_max_tokens,
