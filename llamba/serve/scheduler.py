@@ -5,8 +5,9 @@ are free, and leave it when they finish, are cancelled or fail.
 Each turn of the loop prefills at most ``prefill_chunk`` prompt tokens (a piece of the oldest joining prompt, then
 of the next ones: short prompts join several a turn) and then runs one decode step for every sequence in the batch,
 so a long prompt delays the others by one piece per token, never by its whole prefill. Tokens are chosen by the
-one sampler of every generation path (``llamba.generation.sampling``), row by row with each request's own params
-and its own ``torch.Generator``: a seeded request samples the same tokens whoever its batch neighbours are.
+one sampler of every generation path (``llamba.generation.sampling``; ``select``): the rows of one sampling setting
+together, each drawing from its request's own ``torch.Generator``, so a seeded request samples the same tokens
+whoever its batch neighbours are.
 Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: each new token,
 then each choice's finish. The scheduler deals in token ids only: text, stop strings and the stream interval are the
 HTTP side's (``llamba.serve.text``), which may run in other processes (``llamba.serve.remote``) and ends a choice
