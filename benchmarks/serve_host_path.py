@@ -75,7 +75,10 @@ def cpu_seconds(server) -> tuple[float, float]:
     return time.process_time(), http
 
 
-def measure(tokenizer, step_s: float, interval: int, api_processes: int, args, pool) -> dict:
+UVICORN = {"auto": {}, "asyncio": {"loop": "asyncio", "http": "h11"}}  # auto: uvloop + httptools when installed
+
+
+def measure(tokenizer, step_s: float, interval: int, api_processes: int, uvicorn: str, args, pool) -> dict:
     from llamba.serve.server import Served, background_server
 
     c = args.concurrency
@@ -86,7 +89,7 @@ def measure(tokenizer, step_s: float, interval: int, api_processes: int, args, p
     served = Served(slots, tokenizer, "wait", slots.max_context)
     with background_server(served, max_queue=c * args.requests_per_client, prefill_chunk=args.prefill_chunk,
                            default_max_tokens=args.new_tokens, stream_interval=interval,
-                           api_processes=api_processes) as server:
+                           api_processes=api_processes, uvicorn_options=UVICORN[uvicorn]) as server:
         clients = {"pool": pool, "processes": args.client_processes}
         asyncio.run(load_level(server.url, "wait", min(16, c), 1, args.prompt_tokens, args.new_tokens,
                                slots.vocab_size, **clients))  # warm-up, as llamba bench serve's
@@ -96,7 +99,7 @@ def measure(tokenizer, step_s: float, interval: int, api_processes: int, args, p
         after = cpu_seconds(server)
     assert level["failed"] == 0, level["errors"]
     model_s, http_s = after[0] - cpu[0], after[1] - cpu[1]
-    return {"step_ms": step_s * 1e3, "interval": interval, "api": api_processes, "tok_s": level["output_tokens_per_s"],
+    return {"step_ms": step_s * 1e3, "interval": interval, "api": api_processes, "uvicorn": uvicorn, "tok_s": level["output_tokens_per_s"],
             "cpu_us_per_token": (model_s + http_s) / level["output_tokens"] * 1e6,
             "model_us_per_token": model_s / level["output_tokens"] * 1e6,
             "rows_per_step": (slots.rows - rows) / max(1, slots.steps - steps),
@@ -111,6 +114,8 @@ def main() -> None:
     ap.add_argument("--stream-intervals", default="1,4")
     ap.add_argument("--api-processes", default="0,2", help="layouts: HTTP processes beside the model's (0: none)")
     ap.add_argument("--client-processes", type=int, default=1, help="load-generator processes")
+    ap.add_argument("--uvicorn", default="auto", help="uvicorn's event loop and HTTP parser, a list: auto (uvloop and "
+                    "httptools when installed: uvicorn[standard]) and/or asyncio (asyncio and h11)")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -127,36 +132,43 @@ def main() -> None:
     steps = [float(s) / 1e3 for s in args.step_ms.split(",")]
     intervals = [int(k) for k in args.stream_intervals.split(",")]
     layouts = [int(n) for n in args.api_processes.split(",")]
+    kinds = args.uvicorn.split(",")
+    if not set(kinds) <= set(UVICORN):
+        ap.error(f"--uvicorn: choose from {', '.join(UVICORN)}")
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.client_processes, mp_context=spawn) as pool:
-        rows = [measure(tokenizer, s, k, n, args, pool) for n in layouts for k in intervals for s in steps]
+        rows = [measure(tokenizer, s, k, n, u, args, pool) for u in kinds for n in layouts for k in intervals
+                for s in steps]
     print(f"concurrency {args.concurrency} ({args.client_processes} load-generator processes), "
           f"{args.requests_per_client} requests per client, prompt "
           f"{args.prompt_tokens}, {args.new_tokens} new tokens, prefill chunk {args.prefill_chunk}, logits over "
           f"{args.logits_width} ids")
-    print("| HTTP processes | step ms | stream interval | output tok/s | server CPU us/token | of it the model's "
-          "process | busy rows/step | ITL p50 ms | ITL p99 ms | tok/s vs GPU-bound |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| uvicorn | HTTP processes | step ms | stream interval | output tok/s | server CPU us/token | of it the "
+          "model's process | busy rows/step | ITL p50 ms | ITL p99 ms | tok/s vs GPU-bound |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         gpu_bound = args.concurrency / (r["step_ms"] / 1e3)  # every slot busy, the host free: one token per step
-        print(f"| {r['api']} | {r['step_ms']:.0f} | {r['interval']} | {r['tok_s']:.0f} | {r['cpu_us_per_token']:.1f} | "
-              f"{r['model_us_per_token']:.1f} | "
-              f"{r['rows_per_step']:.0f} | {r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | "
-              f"{r['tok_s'] / gpu_bound:.2f} |")
-    def tok_s(n, k, s):
-        return next(r["tok_s"] for r in rows if r["api"] == n and r["interval"] == k and r["step_ms"] == s * 1e3)
+        print(f"| {r['uvicorn']} | {r['api']} | {r['step_ms']:.0f} | {r['interval']} | {r['tok_s']:.0f} | "
+              f"{r['cpu_us_per_token']:.1f} | {r['model_us_per_token']:.1f} | {r['rows_per_step']:.0f} | "
+              f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {r['tok_s'] / gpu_bound:.2f} |")
 
-    for n in layouts:
-        for k in intervals:
-            if len(steps) == 2:
-                a, b = tok_s(n, k, steps[0]), tok_s(n, k, steps[1])
-                print(f"{n} HTTP processes, stream interval {k}: served tok/s at {steps[0] * 1e3:.0f} ms / at "
-                      f"{steps[1] * 1e3:.0f} ms = {a / b:.2f} (the steps alone: {steps[1] / steps[0]:.2f})")
-            if n != layouts[0]:
-                print(f"{n} HTTP processes against {layouts[0]}, stream interval {k}: "
-                      + ", ".join(f"{tok_s(n, k, s) / tok_s(layouts[0], k, s):.2f}x at {s * 1e3:.0f} ms"
-                                  for s in steps))
+    def tok_s(u, n, k, s):
+        return next(r["tok_s"] for r in rows
+                    if r["uvicorn"] == u and r["api"] == n and r["interval"] == k and r["step_ms"] == s * 1e3)
 
+    for u in kinds:
+        for n in layouts:
+            for k in intervals:
+                where = f"uvicorn {u}, {n} HTTP processes, stream interval {k}"
+                if len(steps) == 2:
+                    a, b = tok_s(u, n, k, steps[0]), tok_s(u, n, k, steps[1])
+                    print(f"{where}: served tok/s at {steps[0] * 1e3:.0f} ms / at {steps[1] * 1e3:.0f} ms = "
+                          f"{a / b:.2f} (the steps alone: {steps[1] / steps[0]:.2f})")
+                rivals = [(f"{layouts[0]} HTTP processes", u, layouts[0])] if n != layouts[0] else []
+                rivals += [(f"uvicorn {kinds[0]}", kinds[0], n)] if u != kinds[0] else []
+                for label, ru, rn in rivals:
+                    print(f"{where} against {label}: " + ", ".join(
+                        f"{tok_s(u, n, k, s) / tok_s(ru, rn, k, s):.2f}x at {s * 1e3:.0f} ms" for s in steps))
 
 if __name__ == "__main__":
     main()

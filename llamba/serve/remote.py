@@ -278,7 +278,8 @@ class RemoteEngine:
         self._sinks.clear()
 
 
-def _api_process(sock, engine_args: tuple, app_args: dict, log_level: str, shutdown_timeout: float) -> None:
+def _api_process(sock, engine_args: tuple, app_args: dict, log_level: str, shutdown_timeout: float,
+                 uvicorn_options: dict) -> None:
     """An HTTP process: the app over a ``RemoteEngine``, under uvicorn on the inherited listening socket. SIGTERM is
     uvicorn's graceful shutdown; the model's process ends what outlasts it."""
     import uvicorn
@@ -286,7 +287,8 @@ def _api_process(sock, engine_args: tuple, app_args: dict, log_level: str, shutd
     from llamba.serve.app import create_app
 
     app = create_app(RemoteEngine(*engine_args), **app_args)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, backlog=4096)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout, backlog=4096,
+                            **uvicorn_options)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -298,12 +300,12 @@ class ApiProcesses:
     RESTARTS_PER_MINUTE = 5  # more means something kills every new one: stop instead of looping
 
     def __init__(self, host: EngineHost, sock, n: int, app_args: dict, log_level: str = "warning",
-                 shutdown_timeout: float = 30.0):
+                 shutdown_timeout: float = 30.0, uvicorn_options: dict | None = None):
         if n < 1:
             raise ValueError(f"--api-processes must be at least 1, got {n}")
         engine_args = (host.address, host.authkey, host.scheduler.n_slots, host.scheduler.vocab_size)
         self.host = host
-        self._args = (sock, engine_args, app_args, log_level, shutdown_timeout)
+        self._args = (sock, engine_args, app_args, log_level, shutdown_timeout, uvicorn_options or {})
         self.processes = [self._new(i) for i in range(n)]
         self._restarts: list[float] = []
 

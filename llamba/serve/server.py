@@ -99,13 +99,17 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def background_server(served: Served, max_queue: int, prefill_chunk: int, default_max_tokens: int,
-                      stream_interval: int = 1, api_processes: int = 0):
+                      stream_interval: int = 1, api_processes: int = 0, uvicorn_options: dict | None = None):
     """``llamba serve`` on a free loopback port for benchmarks: in this process (a thread), or with the scheduler
-    here and HTTP in ``api_processes`` processes. Use as ``with background_server(...) as server: server.url``."""
+    here and HTTP in ``api_processes`` processes. ``uvicorn_options``: more ``uvicorn.Config`` settings (the
+    host-path benchmark compares ``loop``/``http`` implementations). Use as ``with background_server(...) as
+    server: server.url``."""
     if api_processes:
         return BackgroundProcesses(build_scheduler(served, max_queue, prefill_chunk), api_processes,
-                                   app_args(served, default_max_tokens, stream_interval))
-    return BackgroundServer(build_app(served, max_queue, prefill_chunk, default_max_tokens, stream_interval))
+                                   app_args(served, default_max_tokens, stream_interval),
+                                   uvicorn_options=uvicorn_options)
+    return BackgroundServer(build_app(served, max_queue, prefill_chunk, default_max_tokens, stream_interval),
+                            uvicorn_options=uvicorn_options)
 
 
 # seconds uvicorn waits past --shutdown-timeout for the streams the scheduler has just ended to close
@@ -165,8 +169,10 @@ class BackgroundProcesses:
     """``scheduler`` in this process and HTTP in ``n`` processes on ``host``:<a free port>, for loopback benchmarks
     and tests: ``with BackgroundProcesses(scheduler, 2, app_args(...)) as server: server.url``."""
 
-    def __init__(self, scheduler, n: int, args: dict, host: str = "127.0.0.1", shutdown_timeout: float = 5.0):
+    def __init__(self, scheduler, n: int, args: dict, host: str = "127.0.0.1", shutdown_timeout: float = 5.0,
+                 uvicorn_options: dict | None = None):
         self.scheduler, self.n, self.args, self.shutdown_timeout = scheduler, n, args, shutdown_timeout
+        self.uvicorn_options = uvicorn_options
         self.sock = listening_socket(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
 
@@ -177,7 +183,7 @@ class BackgroundProcesses:
         self.scheduler.start()
         try:
             self.processes = ApiProcesses(self.engine, self.sock, self.n, self.args, "warning",
-                                          self.shutdown_timeout).start()
+                                          self.shutdown_timeout, self.uvicorn_options).start()
         except BaseException:
             self._close()
             raise
@@ -202,13 +208,14 @@ class BackgroundServer:
     """The app on ``host``:<a free port> in a daemon thread, for loopback benchmarks and tests:
     ``with BackgroundServer(app) as server: server.url``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", shutdown_timeout: float = 5.0):
+    def __init__(self, app, host: str = "127.0.0.1", shutdown_timeout: float = 5.0,
+                 uvicorn_options: dict | None = None):
         import uvicorn
 
         self.sock = listening_socket(host, 0)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,
-                                backlog=4096)
+                                backlog=4096, **(uvicorn_options or {}))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

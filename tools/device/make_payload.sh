@@ -46,7 +46,8 @@ rm .gpu/pay/*.gguf
 # serve_bench.sh: what `llamba serve` needs that the GPU image lacks (fastapi, uvicorn, pydantic and their needs)
 mkdir -p .gpu/tok/whl && python3 -m pip download $(echo "$P" | sed 's|-d .gpu/pay/whl|-d .gpu/tok/whl|') \
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 pydantic_core==2.46.4 uvicorn==0.55.0 typing-inspection==0.4.2 \
-  annotated-types==0.7.0 typing_extensions==4.16.0 opentelemetry-api==1.45.3 importlib_metadata==8.7.1
+  annotated-types==0.7.0 typing_extensions==4.16.0 opentelemetry-api==1.45.3 importlib_metadata==8.7.1 \
+  uvloop==0.23.0 httptools==0.9.0
 cp ~/.cache/llamba/smollm2-135m/hf/{config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja,generation_config.json} \
   .gpu/tok/ 2>/dev/null || echo "no converted teacher folder for .gpu/tok (serve_bench.sh): run llamba generate once"
 ls -la .gpu/p1 .gpu/p2 .gpu/p3
