@@ -1,6 +1,11 @@
 """A request's text, from the scheduler's token events: incremental detokenization, stop strings and the stream
 interval. This is the HTTP side's work and runs on its event loop's thread (in the model's process, or in each of
 ``llamba serve --api-processes``), so that a decode step costs the model's process one token id per sequence.
+
+Detokenization reads every token (a stop string may end on any) and sends every ``interval`` tokens. With a fast
+tokenizer it is ``tokenizers``' own ``DecodeStream`` (one Rust step a token, ~1 us); ``Redecode`` is its plain
+twin, the same algorithm through the tokenizer's ``decode`` (two decodes a token, ~7 us on SmolLM2's tokenizer), used
+where a tokenizer has no ``tokenizers`` backend and in the tests that hold the two equal.
 """
 
 from __future__ import annotations
@@ -8,6 +13,11 @@ from __future__ import annotations
 from typing import Callable
 
 from llamba.serve.scheduler import Event
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
 
 PROMPT_TAIL = 6  # prompt tokens decoded ahead of the new ones, so the first new token's text keeps its spacing
 
@@ -18,30 +28,68 @@ def eos_ids(tokenizer) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos or ())
 
 
+class Redecode:
+    """Incremental detokenization by decoding from a few tokens back: the text the tokens since the last read
+    added, kept back while it ends in U+FFFD (an unfinished UTF-8 character the next tokens complete). Starts
+    after ``prefix``, the prompt's tail, so that the first new token keeps its leading space."""
+
+    def __init__(self, tokenizer, prefix: list[int]):
+        self.tokenizer, self.ids = tokenizer, list(prefix)
+        self.prefix_at, self.read_at = 0, len(self.ids)
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+            return after[len(before):]
+        return ""
+
+
+class Stream:
+    """The same, by ``tokenizers.decoders.DecodeStream`` over the tokenizer's ``tokenizers`` backend."""
+
+    def __init__(self, backend, prefix: list[int]):
+        self.backend, self.stream = backend, DecodeStream(skip_special_tokens=True)
+        for token in prefix:  # stepped, not DecodeStream(ids=...): that start dropped the first new text
+            self.stream.step(backend, token)
+
+    def step(self, token: int) -> str:
+        return self.stream.step(self.backend, token) or ""
+
+
+def incremental_decoder(tokenizer, prefix: list[int]):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if DecodeStream is not None and backend is not None:
+        return Stream(backend, prefix)
+    return Redecode(tokenizer, prefix)
+
+
 class _ChoiceText:
     """One choice's text so far, and how much of it has been sent."""
 
-    def __init__(self, index: int, tokenizer, prompt: list[int], stop: list[str], interval: int, put):
-        self.index, self.tokenizer, self.stop, self.interval, self.put = index, tokenizer, stop, interval, put
-        self.ids = prompt[-PROMPT_TAIL:]  # the prompt's tail, then the new tokens: what the text decodes
-        self.prefix_at, self.read_at = 0, len(self.ids)
+    def __init__(self, index: int, tokenizer, prompt: list[int], stop: list[str], interval: int, put,
+                 decoder=incremental_decoder):
+        self.index, self.stop, self.interval, self.put = index, stop, interval, put
+        self.decoder = decoder(tokenizer, prompt[-PROMPT_TAIL:])
         self.text, self.sent, self.tokens, self.done = "", 0, 0, False
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
 
     def add(self, token: int) -> bool:
-        """Record ``token``; send the text it completes every ``interval`` tokens (every token when there are stop
-        strings). Returns whether the text reached a stop string (the choice has then finished)."""
+        """Record ``token``; send the text so far every ``interval`` tokens (a stop string is looked for at every
+        token). Returns whether the text reached a stop string (the choice has then finished)."""
         self.tokens += 1
-        self.ids.append(token)
-        if not (self.stop or self.tokens % self.interval == 0):
-            return False  # read and sent with the interval's last token
-        self._read()
-        if self.stop:
-            look_from = max(0, self.sent - self.hold)
+        piece = self.decoder.step(token)
+        self.text += piece
+        if self.stop and piece:
+            look_from = max(0, len(self.text) - len(piece) - self.hold)
             hits = [i for i in (self.text.find(s, look_from) for s in self.stop) if i >= 0]
             if hits:
                 self.finish("stop", self.tokens, min(hits))
                 return True
+        if self.tokens % self.interval:
+            return False  # sent with the interval's last token
         safe = len(self.text) - self.hold  # hold back what could be the start of a stop string
         if safe > self.sent:
             self.put(Event("text", self.index, text=self.text[self.sent:safe]))
@@ -50,23 +98,11 @@ class _ChoiceText:
 
     def finish(self, reason: str, tokens: int, end: int | None = None) -> None:
         """Send the text up to ``end`` (all of it by default) and the choice's finish."""
-        if end is None:
-            self._read()
-            end = len(self.text)
+        end = len(self.text) if end is None else end
         if end > self.sent:
             self.put(Event("text", self.index, text=self.text[self.sent:end]))
         self.put(Event("finish", self.index, reason=reason, tokens=tokens))
         self.done = True
-
-    def _read(self) -> None:
-        """Incremental detokenization: decode from a few tokens back and keep what the tokens since the last read
-        added; a text that ends in U+FFFD is an unfinished UTF-8 character, kept for when the next tokens complete
-        it."""
-        before = self.tokenizer.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self.prefix_at, self.read_at = self.read_at, len(self.ids)
 
 
 class RequestText:
@@ -76,9 +112,9 @@ class RequestText:
     dropped."""
 
     def __init__(self, tokenizer, prompt: list[int], n: int, stop: list[str], interval: int,
-                 put: Callable[[Event], None], end_choice: Callable[[int], None]):
+                 put: Callable[[Event], None], end_choice: Callable[[int], None], decoder=incremental_decoder):
         self.put, self.end_choice = put, end_choice
-        self.choices = [_ChoiceText(i, tokenizer, prompt, stop, interval, put) for i in range(n)]
+        self.choices = [_ChoiceText(i, tokenizer, prompt, stop, interval, put, decoder) for i in range(n)]
         self.failed = False
 
     def on_event(self, event: Event) -> None:
