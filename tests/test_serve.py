@@ -95,6 +95,7 @@ class FaultySlots(LlambaSlots):
 
 
 LAYOUTS = {"one-process": 0, "api-processes": 2}  # HTTP processes beside the model's
+LONG = {"model": MODEL, "prompt": "w7", "max_tokens": 200, "temperature": 0}  # no EOS in 200 greedy tokens (checked)
 
 
 def start_server(n_slots=8, max_queue=64, prefill_chunk=8, delay=0.0, api_processes=0):
@@ -346,10 +347,11 @@ def open_stream(url: str, body: dict) -> socket.socket:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
-    # 20 ms a step: 200 tokens take 4 s
-    _, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=LAYOUTS[layout])
+    # 20 ms a step: 200 tokens take 4 s, unless the server frees the slot
+    model, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=LAYOUTS[layout])
+    assert len(alone(model, [7], 200)) == 200  # the long request runs its 200 tokens (no EOS on the way)
     with background as server:
-        long = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "temperature": 0}
+        long = LONG
         a, b = open_stream(server.url, long), open_stream(server.url, long)
         assert get(server, "/health")["busy_slots"] == 2
         queued = concurrent.futures.ThreadPoolExecutor(1).submit(
@@ -368,7 +370,7 @@ def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
         b.close()
         wait_for(lambda: get(server, "/health")["busy_slots"] == 0, "the second stream's slot to be freed", 2.0)
 
-        # a client of a non-streaming request that leaves is noticed too (polled every 0.5 s)
+        # a client of a non-streaming request that leaves is noticed too (its disconnect message)
         u = urlparse(server.url)
         sock = socket.create_connection((u.hostname, u.port), timeout=10)
         data = json.dumps(long).encode()
@@ -384,10 +386,10 @@ def test_disconnect_frees_the_slot_and_the_queue_bound_gives_429(layout):
 def test_an_http_process_that_dies_frees_its_requests_slots_and_is_replaced():
     """--api-processes: an HTTP process killed mid-stream closes its link, and the model's process cancels its
     requests at once (their slots do not wait out their 200 tokens); a new HTTP process replaces it."""
-    _, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=1)
+    model, background = start_server(n_slots=2, max_queue=1, delay=0.02, api_processes=1)
+    assert len(alone(model, [7], 200)) == 200  # the stream would hold its slot for 4 s
     with background as server:
-        long = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 200, "temperature": 0}
-        a = open_stream(server.url, long)
+        a = open_stream(server.url, LONG)
         assert server.scheduler.stats()["busy_slots"] == 1
         dead = server.processes.processes[0]
         dead.kill()

@@ -125,6 +125,12 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
+async def _left(http: HttpRequest) -> None:
+    """Returns when the client has gone (its request's body already read, the next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 class Api:
     """Request checking and response shaping for one served model."""
 
@@ -217,24 +223,20 @@ class Api:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(cancel, events, len(prompt), body.n, rid, chat, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # the answer, or the client leaving first (its connection's next message is the disconnect, the body having
+        # been read): then the slots are freed at once, not when the answer is done
+        collect, gone = asyncio.ensure_future(self._collect(events, body.n)), asyncio.ensure_future(_left(http))
         try:
-            texts, reasons, tokens = [""] * body.n, [None] * body.n, 0
-            while any(r is None for r in reasons):
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():  # nobody is waiting for the answer: free the slots
-                        return JSONResponse(error_body("client disconnected", "client_error"), status_code=499)
-                    continue
-                if event.kind == "error":
-                    return ApiError(500, f"generation failed: {event.text}", None, "generation_failed",
-                                    "server_error").response()
-                if event.kind == "text":
-                    texts[event.index] += event.text
-                else:
-                    reasons[event.index], tokens = event.reason, tokens + event.tokens
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            gone.cancel()
+            collect.cancel()
             cancel()  # a no-op once it finished
+        if not collect.done() or collect.cancelled():
+            return JSONResponse(error_body("client disconnected", "client_error"), status_code=499)
+        texts, reasons, tokens, error = collect.result()
+        if error is not None:
+            return ApiError(500, f"generation failed: {error}", None, "generation_failed", "server_error").response()
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))]
@@ -244,6 +246,20 @@ class Api:
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": choices,
                              "usage": self._usage(len(prompt), tokens)})
+
+    @staticmethod
+    async def _collect(events: asyncio.Queue, n: int) -> tuple[list[str], list, int, str | None]:
+        """A non-streaming answer's ``n`` texts, finish reasons and token count, or the error that ended it."""
+        texts, reasons, tokens = [""] * n, [None] * n, 0
+        while any(r is None for r in reasons):
+            event = await events.get()
+            if event.kind == "error":
+                return texts, reasons, tokens, event.text
+            if event.kind == "text":
+                texts[event.index] += event.text
+            else:
+                reasons[event.index], tokens = event.reason, tokens + event.tokens
+        return texts, reasons, tokens, None
 
     @staticmethod
     def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
