@@ -29,7 +29,7 @@ from conftest import make_tiny_student, make_word_tokenizer  # noqa: E402
 from llamba.serve.app import create_app  # noqa: E402
 from llamba.serve.local import LocalEngine  # noqa: E402
 from llamba.serve.scheduler import Scheduler  # noqa: E402
-from llamba.serve.server import BackgroundProcesses, BackgroundServer  # noqa: E402
+from llamba.serve.server import BackgroundServer, ProcessServer  # noqa: E402
 from llamba.serve.text import eos_ids  # noqa: E402
 from llamba.serve.slots import LlambaSlots  # noqa: E402
 
@@ -106,7 +106,7 @@ def start_server(n_slots=8, max_queue=64, prefill_chunk=8, delay=0.0, api_proces
     scheduler = Scheduler(slots, eos_ids(tokenizer), max_queue=max_queue, prefill_chunk=prefill_chunk)
     app_args = {"tokenizer": tokenizer, "model_name": MODEL, "max_context": CONTEXT, "default_max_tokens": 16}
     if api_processes:
-        return model, BackgroundProcesses(scheduler, api_processes, app_args)
+        return model, ProcessServer(scheduler, api_processes, app_args)
     return model, BackgroundServer(create_app(LocalEngine(scheduler), **app_args))
 
 
@@ -410,10 +410,11 @@ def test_http_processes_that_keep_dying_stop_the_supervisor(monkeypatch):
     monkeypatch.setattr(ApiProcesses, "RESTARTS_PER_MINUTE", 0)
     _, background = start_server(api_processes=1)
     with background as server:
-        server._stop.set()  # the context's own supervisor steps aside; this test runs one
+        server.stop.set()  # the context's own supervisor steps aside; this test runs one
         server._supervisor.join()
         server.processes.processes[0].kill()
-        assert server.processes.supervise(threading.Event(), every=0.05) is False
+        stop = threading.Event()
+        assert server.processes.supervise(stop, every=0.05) is False and stop.is_set()
 
 
 # -- the command, and SIGTERM ---------------------------------------------------------------------------------------

@@ -328,8 +328,8 @@ class ApiProcesses:
         return self
 
     def supervise(self, stop: threading.Event, every: float = 0.5) -> bool:
-        """Until ``stop`` is set, replace HTTP processes that exit. Returns False if they die faster than
-        ``RESTARTS_PER_MINUTE`` (the caller then stops the server), True once ``stop`` is set."""
+        """Until ``stop`` is set, replace HTTP processes that exit. If they die faster than ``RESTARTS_PER_MINUTE``,
+        sets ``stop`` itself (the server then stops) and returns False; True once ``stop`` was set from outside."""
         while not stop.wait(every):
             for i, process in enumerate(self.processes):
                 if process.is_alive() or stop.is_set():
@@ -339,6 +339,7 @@ class ApiProcesses:
                 if len(self._restarts) > self.RESTARTS_PER_MINUTE:
                     print(f"llamba serve: HTTP processes exited {len(self._restarts)} times in a minute; stopping",
                           file=sys.stderr, flush=True)
+                    stop.set()
                     return False
                 print(f"llamba serve: {process.name} exited (code {process.exitcode}); starting another",
                       file=sys.stderr, flush=True)

@@ -105,9 +105,8 @@ def background_server(served: Served, max_queue: int, prefill_chunk: int, defaul
     host-path benchmark compares ``loop``/``http`` implementations). Use as ``with background_server(...) as
     server: server.url``."""
     if api_processes:
-        return BackgroundProcesses(build_scheduler(served, max_queue, prefill_chunk), api_processes,
-                                   app_args(served, default_max_tokens, stream_interval),
-                                   uvicorn_options=uvicorn_options)
+        return ProcessServer(build_scheduler(served, max_queue, prefill_chunk), api_processes,
+                             app_args(served, default_max_tokens, stream_interval), uvicorn_options=uvicorn_options)
     return BackgroundServer(build_app(served, max_queue, prefill_chunk, default_max_tokens, stream_interval),
                             uvicorn_options=uvicorn_options)
 
@@ -139,61 +138,55 @@ def run_foreground(app, host: str, port: int, shutdown_timeout: float) -> None:
 
 
 def run_foreground_processes(scheduler, args: dict, n: int, host: str, port: int, shutdown_timeout: float) -> None:
-    """The scheduler in this process, HTTP in ``n`` processes (``remote.ApiProcesses``, replaced if one exits) on one
-    socket. On SIGTERM or Ctrl-C the HTTP processes stop accepting and let open requests finish for up to ``shutdown_timeout`` seconds;
+    """The scheduler in this process, HTTP in ``n`` processes on one socket (``ProcessServer``). On SIGTERM or
+    Ctrl-C the HTTP processes stop accepting and let open requests finish for up to ``shutdown_timeout`` seconds;
     then the scheduler ends what is left with an error event, as ``run_foreground`` does."""
-    from llamba.serve.remote import ApiProcesses, EngineHost
-
-    stop = threading.Event()
+    server = ProcessServer(scheduler, n, args, host, port, shutdown_timeout + CLOSE_MARGIN, log_level="info")
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    engine, sock = EngineHost(scheduler), listening_socket(host, port)
-    scheduler.start()
-    processes = ApiProcesses(engine, sock, n, args, "info", shutdown_timeout + CLOSE_MARGIN).start()
-    try:
-        processes.supervise(stop)  # until SIGTERM / Ctrl-C; an HTTP process that exits is replaced
-        processes.terminate()
+        signal.signal(sig, lambda *_: server.stop.set())
+    with server:
+        while not server.stop.wait(0.5):  # until a signal, or HTTP processes that die faster than they are replaced
+            pass
+        server.processes.terminate()
         timer = threading.Timer(shutdown_timeout, scheduler.stop)
         timer.daemon = True
         timer.start()
-        processes.join(shutdown_timeout + 2 * CLOSE_MARGIN)
-    finally:
-        processes.stop(CLOSE_MARGIN)
-        scheduler.stop()
-        engine.close()
-        sock.close()
+        server.processes.join(shutdown_timeout + 2 * CLOSE_MARGIN)
+        server.processes.stop(CLOSE_MARGIN)  # one that outlasted its grace is killed
     print(f"llamba serve: stopped after {scheduler.steps} decode steps", flush=True)
 
 
-class BackgroundProcesses:
-    """``scheduler`` in this process and HTTP in ``n`` processes on ``host``:<a free port>, for loopback benchmarks
-    and tests: ``with BackgroundProcesses(scheduler, 2, app_args(...)) as server: server.url``."""
+class ProcessServer:
+    """``scheduler`` in this process and HTTP in ``n`` processes (``remote.ApiProcesses``, replaced if one exits)
+    on ``host``:``port`` (0: a free one; ``url`` says which): ``llamba serve --api-processes`` and the loopback
+    benchmarks and tests, ``with ProcessServer(scheduler, 2, app_args(...)) as server: server.url``. ``stop`` is
+    set to end it (the supervisor sets it when it gives up)."""
 
-    def __init__(self, scheduler, n: int, args: dict, host: str = "127.0.0.1", shutdown_timeout: float = 5.0,
-                 uvicorn_options: dict | None = None):
+    def __init__(self, scheduler, n: int, args: dict, host: str = "127.0.0.1", port: int = 0,
+                 shutdown_timeout: float = 5.0, uvicorn_options: dict | None = None, log_level: str = "warning"):
         self.scheduler, self.n, self.args, self.shutdown_timeout = scheduler, n, args, shutdown_timeout
-        self.uvicorn_options = uvicorn_options
-        self.sock = listening_socket(host, 0)
+        self.uvicorn_options, self.log_level = uvicorn_options, log_level
+        self.sock = listening_socket(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
 
-    def __enter__(self) -> "BackgroundProcesses":
+    def __enter__(self) -> "ProcessServer":
         from llamba.serve.remote import ApiProcesses, EngineHost
 
         self.engine = EngineHost(self.scheduler)
         self.scheduler.start()
         try:
-            self.processes = ApiProcesses(self.engine, self.sock, self.n, self.args, "warning",
+            self.processes = ApiProcesses(self.engine, self.sock, self.n, self.args, self.log_level,
                                           self.shutdown_timeout, self.uvicorn_options).start()
         except BaseException:
             self._close()
             raise
-        self._stop = threading.Event()
-        self._supervisor = threading.Thread(target=self.processes.supervise, args=(self._stop,), daemon=True)
+        self._supervisor = threading.Thread(target=self.processes.supervise, args=(self.stop,), daemon=True)
         self._supervisor.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
+        self.stop.set()
         self._supervisor.join()
         self.processes.stop(self.shutdown_timeout + CLOSE_MARGIN)
         self._close()
