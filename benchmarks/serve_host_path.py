@@ -1,11 +1,12 @@
 """What `llamba serve` costs the host per token, apart from the model: the real scheduler, app, HTTP server and
 tokenizer over a slot model whose decode step is a fixed wait (a GPU step's time, in which the host is free, as
 while it waits on the device) and whose logits come from a small bank, with the load generator of `llamba bench
-serve` in processes of its own (`--client-processes`). Configurations run side by side in one process and the ratios are printed.
+serve` in processes of its own (`--client-processes`). Configurations run side by side in one process and the
+ratios are printed.
 
     python benchmarks/serve_host_path.py [--tokenizer smollm2-135m] [--concurrency 256] [--step-ms 2,6]
-        [--stream-intervals 1,4] [--api-processes 0,2] [--requests-per-client 4] [--new-tokens 64]
-        [--prompt-tokens 128]
+        [--stream-intervals 1,4] [--api-processes 0,2] [--uvicorn auto,asyncio] [--client-processes 1]
+        [--requests-per-client 4] [--new-tokens 64] [--prompt-tokens 128]
 
 The two step times stand for the student's and the teacher's decode step at batch 256 and a 2048-token context on
 an H200 (128k and 42k tokens/s in results/bench-h200.md: ~2 and ~6 ms): their served tokens/s ratio is what the
@@ -30,7 +31,7 @@ import time
 
 import torch
 
-from llamba.bench.serve import load_level
+from llamba.bench.serve import load_level, warm_up
 
 
 class WaitSlots:
@@ -91,15 +92,15 @@ def measure(tokenizer, step_s: float, interval: int, api_processes: int, uvicorn
                            default_max_tokens=args.new_tokens, stream_interval=interval,
                            api_processes=api_processes, uvicorn_options=UVICORN[uvicorn]) as server:
         clients = {"pool": pool, "processes": args.client_processes}
-        asyncio.run(load_level(server.url, "wait", min(16, c), 1, args.prompt_tokens, args.new_tokens,
-                               slots.vocab_size, **clients))  # warm-up, as llamba bench serve's
+        asyncio.run(warm_up(server.url, "wait", c, args.prompt_tokens, args.new_tokens, slots.vocab_size, **clients))
         steps, rows, cpu = slots.steps, slots.rows, cpu_seconds(server)
         level = asyncio.run(load_level(server.url, "wait", c, args.requests_per_client, args.prompt_tokens,
                                        args.new_tokens, slots.vocab_size, seed=c, **clients))
         after = cpu_seconds(server)
     assert level["failed"] == 0, level["errors"]
     model_s, http_s = after[0] - cpu[0], after[1] - cpu[1]
-    return {"step_ms": step_s * 1e3, "interval": interval, "api": api_processes, "uvicorn": uvicorn, "tok_s": level["output_tokens_per_s"],
+    return {"step_ms": step_s * 1e3, "interval": interval, "api": api_processes, "uvicorn": uvicorn,
+            "tok_s": level["output_tokens_per_s"],
             "cpu_us_per_token": (model_s + http_s) / level["output_tokens"] * 1e6,
             "model_us_per_token": model_s / level["output_tokens"] * 1e6,
             "rows_per_step": (slots.rows - rows) / max(1, slots.steps - steps),

@@ -97,6 +97,13 @@ async def _run_clients(url: str, model: str, clients: int, requests_per_client: 
     return {"results": results, "errors": errors, "start": start, "end": time.perf_counter()}
 
 
+async def warm_up(url: str, model: str, concurrency: int, prompt_tokens: int, new_tokens: int, vocab: int,
+                  **clients) -> None:
+    """Before the levels: the first steps pay for lazy initialisation (and on CUDA, kernel compilation); a few
+    clients at once, since a fresh HTTP process's first concurrent requests ran at a third of its later rate."""
+    await load_level(url, model, min(16, concurrency), 1, prompt_tokens, new_tokens, vocab, **clients)
+
+
 def _client_process(*args) -> dict:  # a load-generator process's share of a level
     raise_open_files(4 * args[2] + 256)
     return asyncio.run(_run_clients(*args))
@@ -145,9 +152,10 @@ def raise_open_files(needed: int) -> None:
 
 
 def bench_system(label: str, model_path: str, args, pool=None) -> dict:
-    """One system's levels, the clients in ``args.client_processes`` processes of ``pool``. A failure (loading it, or a level whose every request failed) ends this system's run
-    with an ``error``; the levels it measured are kept and the next system still runs (a GPU run once lost a
-    student's four minutes of levels to the teacher's failure after them)."""
+    """One system's levels, the clients in ``args.client_processes`` processes of ``pool``. A failure (loading it,
+    or a level whose every request failed) ends this system's run with an ``error``; the levels it measured are kept
+    and the next system still runs (a GPU run once lost a student's four minutes of levels to the teacher's failure
+    after them)."""
     from llamba.serve.server import background_server, load_served
 
     top = max(args.concurrency)
@@ -159,11 +167,9 @@ def bench_system(label: str, model_path: str, args, pool=None) -> dict:
         with background_server(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
                                default_max_tokens=args.new_tokens, stream_interval=args.stream_interval,
                                api_processes=args.api_processes) as server:
-            # warm-up: the first steps pay for lazy initialisation (and on CUDA, kernel compilation); a few clients
-            # at once, since a fresh HTTP process's first concurrent requests ran at a third of its later rate
             clients = {"pool": pool, "processes": args.client_processes}
-            asyncio.run(load_level(server.url, label, min(16, top), 1, args.prompt_tokens, args.new_tokens,
-                                   served.slots.vocab_size, **clients))
+            asyncio.run(warm_up(server.url, label, top, args.prompt_tokens, args.new_tokens, served.slots.vocab_size,
+                                **clients))
             for c in args.concurrency:
                 level = asyncio.run(load_level(server.url, label, c, args.requests_per_client, args.prompt_tokens,
                                                args.new_tokens, served.slots.vocab_size, seed=c, **clients))

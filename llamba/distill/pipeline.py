@@ -216,16 +216,16 @@ def _check_stage_checkpoint(stage: int, stage_dir: Path) -> None:
 
 def _hybrid_for_stage3(opts: Options, student, teacher, tokenizer, data_dir, auto: tuple[int, str], eval_args: dict,
                        d, log):
-    """``auto:K`` (``auto`` = (K, ranked by)): the hybrid stage 3 trains, built once on rank 0 from the student that stands before stage 3 (and
-    saved, so a resumed run trains the same one); every rank loads it."""
+    """``auto:K`` (``auto`` = (K, ranked by)): the hybrid stage 3 trains, built once on rank 0 from the student that
+    stands before stage 3 (and saved, so a resumed run trains the same one); every rank loads it."""
     from llamba.checkpoint import load_student, save_student
     from llamba.distill.select import SELECT_TOKENS, select_attention_layers
 
     hybrid_dir = opts.out / "select" / "final"
     if not distributed.broadcast_object((hybrid_dir / "config.json").exists(), d):
         if d.main:
-            hybrid, _ = select_attention_layers(teacher, student, data_dir, auto[0], opts.out / "select",
-                                                {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", SELECT_TOKENS)},
+            select_args = {**eval_args, "eval_tokens": opts.recipe.get("select_tokens", SELECT_TOKENS)}
+            hybrid, _ = select_attention_layers(teacher, student, data_dir, auto[0], opts.out / "select", select_args,
                                                 log, by=auto[1])
             save_student(hybrid, tokenizer, hybrid_dir)
         distributed.barrier(d)

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API over an engine (the scheduler in this process: ``llamba.serve.local.LocalEngine``;
-or in the model's process: ``llamba.serve.remote.RemoteEngine``): it only translates. A request body is parsed here (strict
-UTF-8, JSON, then a pydantic model that refuses unknown fields), checked against the model's context and submitted;
-the engine's token events become text (``llamba.serve.text``) and then an OpenAI response, or server-sent events
-when ``stream`` is true. Every refusal is an OpenAI error object ``{"error": {"message", "type", "param",
+or in the model's process: ``llamba.serve.remote.RemoteEngine``): it only translates. A request body is parsed here
+(strict UTF-8, JSON, then a pydantic model that refuses unknown fields), checked against the model's context and
+submitted; the engine's token events become text (``llamba.serve.text``) and then an OpenAI response, or server-sent
+events when ``stream`` is true. Every refusal is an OpenAI error object ``{"error": {"message", "type", "param",
 "code"}}`` with a 4xx status; a request that fails while generating gets a 500 (or an error event mid-stream).
 """
 
