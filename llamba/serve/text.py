@@ -69,10 +69,9 @@ def incremental_decoder(tokenizer, prefix: list[int]):
 class _ChoiceText:
     """One choice's text so far, and how much of it has been sent."""
 
-    def __init__(self, index: int, tokenizer, prompt: list[int], stop: list[str], interval: int, put,
-                 decoder=incremental_decoder):
+    def __init__(self, index: int, tokenizer, prompt: list[int], stop: list[str], interval: int, put):
         self.index, self.stop, self.interval, self.put = index, stop, interval, put
-        self.decoder = decoder(tokenizer, prompt[-PROMPT_TAIL:])
+        self.decoder = incremental_decoder(tokenizer, prompt[-PROMPT_TAIL:])
         self.text, self.sent, self.tokens, self.done = "", 0, 0, False
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
 
@@ -112,9 +111,9 @@ class RequestText:
     dropped."""
 
     def __init__(self, tokenizer, prompt: list[int], n: int, stop: list[str], interval: int,
-                 put: Callable[[Event], None], end_choice: Callable[[int], None], decoder=incremental_decoder):
+                 put: Callable[[Event], None], end_choice: Callable[[int], None]):
         self.put, self.end_choice = put, end_choice
-        self.choices = [_ChoiceText(i, tokenizer, prompt, stop, interval, put, decoder) for i in range(n)]
+        self.choices = [_ChoiceText(i, tokenizer, prompt, stop, interval, put) for i in range(n)]
         self.failed = False
 
     def on_event(self, event: Event) -> None:
