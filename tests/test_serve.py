@@ -258,6 +258,31 @@ def test_seeded_sampling_does_not_depend_on_neighbours(server):
     assert two.choices[1].text != by_itself
 
 
+def test_a_stop_string_in_tokens_that_come_before_the_engine_answers_ends_its_choice():
+    """A remote engine's first tokens can reach the HTTP process before its "accepted": a stop string they complete
+    ends the choice there, and the scheduler is told once ``submit`` has the request's cancel."""
+    import asyncio
+
+    from llamba.serve.app import Api, CompletionBody
+    from llamba.serve.scheduler import Event
+
+    cancelled = []
+
+    class EarlyEngine:
+        n_slots, vocab_size = 2, 100
+
+        async def submit(self, prompt, max_tokens, params, n, seed, on_event):
+            on_event(Event("token", 0, 9))  # " w9": the stop string, before the answer
+            return lambda index=None: cancelled.append(index)
+
+    api = Api(EarlyEngine(), tiny_tokenizer(), MODEL, CONTEXT, 16)
+    body = CompletionBody(model=MODEL, prompt="w5", max_tokens=3, stop=["w9"], temperature=0.0)
+    _, events = asyncio.run(api.submit(body, [5]))
+    assert cancelled == [0]
+    sent = [events.get_nowait() for _ in range(events.qsize())]
+    assert (sent[-1].kind, sent[-1].reason) == ("finish", "stop")
+
+
 # -- bad input ----------------------------------------------------------------------------------------------------
 GOOD = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 3, "temperature": 0}
 BAD_INPUTS = [  # (path, body, status, param)

@@ -206,12 +206,23 @@ class Api:
             raise ApiError(400, f"n={body.n} choices need as many batch slots; this server has "
                                 f"{self.engine.n_slots} (llamba serve --max-batch)", "n", "invalid_value")
         events: asyncio.Queue = asyncio.Queue()
-        text = RequestText(self.tokenizer, prompt, body.n, stop, self.stream_interval, events.put_nowait,
-                           end_choice=lambda index: cancel(index))
+        cancel = None
+        early: list[int] = []  # choices a stop string ended before the engine answered (a remote one's tokens
+        # can arrive before its "accepted")
+
+        def end_choice(index: int) -> None:
+            if cancel is None:
+                early.append(index)
+            else:
+                cancel(index)
+
+        text = RequestText(self.tokenizer, prompt, body.n, stop, self.stream_interval, events.put_nowait, end_choice)
         try:
             cancel = await self.engine.submit(prompt, max_tokens, params, body.n, body.seed, text.on_event)
         except QueueFull as err:
             raise ApiError(429, str(err), None, "queue_full", "rate_limit_exceeded") from None
+        for index in early:
+            cancel(index)
         return cancel, events
 
     # -- responses ------------------------------------------------------------------------------------------------
