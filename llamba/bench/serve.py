@@ -100,7 +100,7 @@ async def _run_clients(url: str, model: str, clients: int, requests_per_client: 
 async def warm_up(url: str, model: str, concurrency: int, prompt_tokens: int, new_tokens: int, vocab: int,
                   **clients) -> None:
     """Before the levels: the first steps pay for lazy initialisation (and on CUDA, kernel compilation); a few
-    clients at once, since a fresh HTTP process's first concurrent requests ran at a third of its later rate."""
+    clients at once, since a fresh HTTP process's first concurrent requests run slower than its later ones."""
     await load_level(url, model, min(16, concurrency), 1, prompt_tokens, new_tokens, vocab, **clients)
 
 

@@ -3,9 +3,10 @@ interval. This is the HTTP side's work and runs on its event loop's thread (in t
 ``llamba serve --api-processes``), so that a decode step costs the model's process one token id per sequence.
 
 Detokenization reads every token (a stop string may end on any) and sends every ``interval`` tokens. With a fast
-tokenizer it is ``tokenizers``' own ``DecodeStream`` (one Rust step a token, ~1 us); ``Redecode`` is its plain
-twin, the same algorithm through the tokenizer's ``decode`` (two decodes a token, ~7 us on SmolLM2's tokenizer), used
-where a tokenizer has no ``tokenizers`` backend and in the tests that hold the two equal.
+tokenizer it is ``tokenizers``' own ``DecodeStream`` (one Rust step a token); ``Redecode`` is its plain twin, the
+same algorithm through the tokenizer's ``decode`` (two decodes a token: 7x slower on SmolLM2's tokenizer,
+``benchmarks/detokenize.py``), used where a tokenizer has no ``tokenizers`` backend and in the tests that hold the
+two equal.
 """
 
 from __future__ import annotations
