@@ -16,6 +16,9 @@
 #       K = 4 hybrid's tokens, so 0.90 at K = 4 wants ~2x the budget: does K = 6 get there at the same budget?)
 #   H4R --attention-layers auto:4:repeats (the four layers whose attention recovers the most KL where the text repeats
 #       itself, ranked on this run's stage-2 student: copying is LAMBADA's skill; H4's layers came from the overall KL)
+#   H4S H4 with --stage2-tokens 4e6 --stage3-tokens 4e6 (the token split: P6's -18% KL on the pure student at 6M)
+#   H4G H4 on the books alone (/root/data/gutenberg: the prepared mix's Gutenberg shards, without the Linux and Python
+#       documentation, ~17% of its tokens): which data wins, never measured before
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of them (ARC-Easy, PIQA,
 # HellaSwag, LAMBADA; held-out perplexity / KL are in each run's summary), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -34,10 +37,27 @@ declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gatel
                   [H4F]="--attention-layers 20,23,24,26 --inherited-lr-scale 0.1"
                   [H4Z]="--attention-layers 20,23,24,26 --freeze-attention" [H2]="--attention-layers 23,24"
                   [H4R]="--attention-layers auto:4:repeats"
+                  [H4S]="--attention-layers 20,23,24,26 --stage2-tokens 4e6 --stage3-tokens 4e6"
+                  [H4G]="--attention-layers 20,23,24,26 --data /root/data/gutenberg"
                   [H6]="--attention-layers 3,20,21,23,24,26")
 NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="H4 H4F H4Z H2 H6" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
 mkdir -p $R
+# H4G's data: the prepared mix's Gutenberg shards (linked) under a manifest that lists only them (the held-out split,
+# gutenberg-val, is the same)
+[ -d /root/data/gutenberg ] || python3 - /root/data/full /root/data/gutenberg <<'PY'
+import json, sys
+from pathlib import Path
+full, out = Path(sys.argv[1]), Path(sys.argv[2])
+manifest = json.loads((full / "manifest.json").read_text())
+manifest["shards"] = [s for s in manifest["shards"] if "gutenberg" in Path(s["source"]).name]
+manifest["sources"] = {k: v for k, v in manifest["sources"].items() if "gutenberg" in Path(k).name}
+out.mkdir(parents=True)
+for shard in manifest["shards"]:
+    (out / shard["file"]).symlink_to(full / shard["file"])
+(out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+print(f"{out}: {sum(s['tokens'] for s in manifest['shards'] if s['split'] == 'train'):,} train tokens (books only)")
+PY
 case "${1:-}" in
 train)
   for name in $NAMES; do
