@@ -23,6 +23,7 @@ from llamba.distill.data import MANIFEST, check_tokenizer, find_sources, load_ma
 from llamba.distill.recipes import stage_config
 from llamba.distill.select import parse_auto
 from llamba.distill.stages import STAGES
+from llamba.distill.teacher_samples import sample_teacher_corpus
 from llamba.distill.trainer import Metrics, train_stage
 from llamba.model.config import DEFAULT_MIXER, check_mixer
 
@@ -242,37 +243,6 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return True
     except Exception:
         return False
-
-
-@torch.no_grad()
-def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: int, device, log,
-                          batch: int | None = None, length: int = 256) -> Path:
-    """Data-free fallback: documents sampled from the teacher itself (seeded; cached as jsonl, extended on demand).
-    ``batch``: rows sampled at once (default 256 on CUDA, where a decode step of a few rows leaves the GPU idle and
-    a 100M-token budget would take hours; 16 on a CPU)."""
-    batch = batch or (256 if torch.device(device).type == "cuda" else 16)
-    have = 0
-    if path.exists():
-        have = sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
-    if have >= n_tokens:
-        return path
-    log(f"data: no --data and no FineWeb-Edu (hub unreachable): sampling ~{n_tokens - have:,} tokens from the teacher "
-        f"itself (data-free distillation, seed {seed}) into {path}")
-    generator = torch.Generator(device="cpu").manual_seed(seed + have)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    with open(path, "a") as f:
-        while have < n_tokens:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            rows = max(1, min(batch, -(-(n_tokens - have) // (length // 2))))
-            ids = torch.full((rows, 1), start, device=device)
-            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=length, do_sample=True,
-                                   temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.eos_token_id)
-            for row in out[:, 1:]:
-                text = tokenizer.decode(row, skip_special_tokens=True)  # stops at EOS; padding after it drops
-                n = len(tokenizer(text, add_special_tokens=False).input_ids) + 1
-                f.write(json.dumps({"text": text, "tokens": n, "source": "teacher-samples"}) + "\n")
-                have += n
-    return path
 
 
 def resolve_data(opts: Options, tokenizer, teacher_loader, d, log) -> Path:

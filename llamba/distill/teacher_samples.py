@@ -1,0 +1,94 @@
+"""Text sampled from the teacher itself: the data-free path of ``llamba distill`` (no ``--data`` and no hub).
+
+Each batch of documents starts from BOS in every row and is sampled at temperature 1 over the whole vocabulary, so
+the corpus follows the teacher's own distribution. The rows decode together through the server's teacher cache
+(``llamba.serve.slots.TeacherSlots``: a static KV cache, one captured CUDA graph per step on a GPU) instead of
+``transformers``' ``generate``; ``plain_documents`` is the obviously-correct twin (a full forward over the whole
+prefix for every token) that the tests hold it to, token for token under the same random draws.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits) (temperature 1, no truncation), drawn with ``generator``."""
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)[:, 0]
+
+
+def _until_eos(rows: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """Each row's tokens up to (not including) its first EOS."""
+    docs = []
+    for row in rows.tolist():
+        docs.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return docs
+
+
+@torch.inference_mode()
+def sample_documents(slots, start_id: int, eos_id: int, length: int, generator: torch.Generator) -> list[list[int]]:
+    """``slots.n_slots`` documents of at most ``length`` tokens, each from ``start_id``, through ``slots`` (a
+    ``TeacherSlots`` holding at least ``length`` positions). Rows go on past their EOS (a fixed-shape step is
+    cheaper than a ragged one) and are cut there; the batch stops once every row has ended."""
+    rows = list(range(slots.n_slots))
+    slots.begin()
+    logits = slots.prefill(torch.tensor([start_id])).expand(len(rows), -1)
+    slots.join(rows)
+    out = torch.empty(len(rows), length, dtype=torch.long)
+    ended = torch.zeros(len(rows), dtype=torch.bool)
+    for t in range(length):
+        tokens = sample_next(logits, generator).cpu()
+        out[:, t] = tokens
+        ended |= tokens == eos_id
+        if t + 1 == length or bool(ended.all()):
+            return _until_eos(out[:, : t + 1], eos_id)
+        logits = slots.decode(rows, tokens.tolist())
+    return _until_eos(out, eos_id)
+
+
+@torch.no_grad()
+def plain_documents(teacher, rows: int, start_id: int, eos_id: int, length: int,
+                    generator: torch.Generator) -> list[list[int]]:
+    """``sample_documents``' twin: the teacher's full forward over every prefix, no cache, the same draws."""
+    device = next(teacher.parameters()).device
+    ids = torch.full((rows, 1), start_id, device=device)
+    for t in range(length):
+        tokens = sample_next(teacher(ids).logits[:, -1], generator)
+        ids = torch.cat([ids, tokens[:, None].to(device)], dim=1)
+        if bool((ids[:, 1:] == eos_id).any(dim=1).all()):
+            break
+    return _until_eos(ids[:, 1:].cpu(), eos_id)
+
+
+def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: int, device, log,
+                          batch: int | None = None, length: int = 256) -> Path:
+    """About ``n_tokens`` tokens of documents sampled from the teacher into ``path`` (JSON lines; seeded; a file
+    already there is extended, not redone). ``batch``: rows sampled at once (default 256 on CUDA, where a step of a
+    few rows leaves the GPU idle; 16 on a CPU)."""
+    from llamba.serve.slots import TeacherSlots
+
+    batch = batch or (256 if torch.device(device).type == "cuda" else 16)
+    have = 0
+    if path.exists():
+        have = sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
+    if have >= n_tokens:
+        return path
+    log(f"data: no --data and no FineWeb-Edu (hub unreachable): sampling ~{n_tokens - have:,} tokens from the teacher "
+        f"itself (data-free distillation, seed {seed}) into {path}")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    slots = TeacherSlots(teacher, batch, length + 1)
+    generator = torch.Generator(device=slots.device).manual_seed(seed + have)  # a resumed file draws anew
+    with open(path, "a") as f:
+        while have < n_tokens:
+            for ids in sample_documents(slots, start, eos, length, generator):
+                if not ids:  # EOS first: nothing to learn from
+                    continue
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                n = len(ids) + 1  # and the EOS that ends it in the prepared shards
+                f.write(json.dumps({"text": text, "tokens": n, "source": "teacher-samples"}) + "\n")
+                have += n
+    return path
