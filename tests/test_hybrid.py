@@ -273,6 +273,11 @@ def test_distill_flag_sets_the_recipe_field():
     assert "attention_layers" not in cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke"]))
     assert cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke", "--attention-layers", "auto:4"]))[
         "attention_layers"] == "auto:4"
+    assert cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke", "--attention-layers",
+                                               "auto:4:repeats"]))["attention_layers"] == "auto:4:repeats"
+    # a typo in the ranking is named as one, not answered with the layer-list syntax alone
+    with pytest.raises(ValueError, match="auto:K:repeats"):
+        cli.build_recipe(parser.parse_args(["--out", "x", "--recipe", "smoke", "--attention-layers", "auto:4:repeat"]))
 
 
 # -- (e) the clear errors -------------------------------------------------------------------------------------------

@@ -125,10 +125,12 @@ def build_recipe(args) -> dict:
 
         check_mixer(recipe.get("mixer"), recipe["d_state"])  # a typo or an odd d_state fails before any work
     if args.attention_layers is not None:
-        from llamba.distill.select import AUTO
+        from llamba.distill.select import parse_auto
 
         spec = args.attention_layers.strip()
-        recipe["attention_layers"] = spec if AUTO.fullmatch(spec) else parse_attention_layers(spec)
+        # auto:K[:kl|repeats] is checked (and its typos named) by parse_auto, a list by parse_attention_layers
+        auto = spec.startswith("auto") and parse_auto(spec)
+        recipe["attention_layers"] = spec if auto else parse_attention_layers(spec)
     if args.temperature is not None:
         recipe["stages"][3]["temperature"] = args.temperature
     if args.mixer_only:

@@ -36,7 +36,8 @@ def parse_auto(spec) -> tuple[int, str] | None:
         match = AUTO.fullmatch(spec.strip())
         if match is None:
             raise ValueError(f"attention layers {spec!r}: give layer indices (e.g. 5,14), auto:K (e.g. auto:4: the K "
-                             "layers that recover the most KL) or auto:K:repeats (the most KL at repeats)")
+                             "layers that recover the most KL), auto:K:kl (the same) or auto:K:repeats (the most KL at "
+                             "repeats)")
         return int(match.group(1)), match.group(2) or "kl"
     return None
 
