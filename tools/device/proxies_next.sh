@@ -72,18 +72,16 @@ train)
   done
   ;;
 eval)
-  # the students in two processes side by side, without the teacher (its rows are the same on every GPU of a kind:
-  # results/eval-smollm2-135m-gpu.json) and without `ppl` (the trainer's summary scores the same held-out text):
-  # teacher and four students in one process outran 420 s on 2026-12-07 and, writing only at its end, left nothing.
+  # each student in a process of its own, side by side, without the teacher (its rows are the same on every GPU of
+  # a kind: results/eval-smollm2-135m-gpu.json) and without `ppl` (the trainer's summary scores the same held-out
+  # text): teacher and four students in one process outran 420 s on 2026-12-07 and, writing only at its end, left
+  # nothing; on 2026-12-07 (seventh round) two students in one process took ~200 s, one beside it 158 s.
   # A run whose stage 3 is done counts even if its own closing evaluation (summary.json) was cut short.
   done_runs=(); for name in $NAMES; do [ -f $R/$name/stage3/final/config.json ] && done_runs+=($name); done
-  half=$(( (${#done_runs[@]} + 1) / 2 ))
-  for group in "${done_runs[*]:0:$half}" "${done_runs[*]:$half}"; do
-    [ -n "$group" ] || continue
-    tag=${group// /-}
-    timeout -s KILL ${2:-540} python3 -m llamba.cli eval --models $(for n in $group; do echo $R/$n/stage3/final; done) \
+  for name in "${done_runs[@]}"; do
+    timeout -s KILL ${2:-540} python3 -m llamba.cli eval --models $R/$name/stage3/final \
       --tasks ${TASKS:-arc_easy piqa lambada_openai hellaswag} --data-dir /root/data/eval --batch-size 128 \
-      --device cuda --dtype bfloat16 --out $R/eval-$tag > $R/eval-$tag.log 2>&1 &
+      --device cuda --dtype bfloat16 --out $R/eval-$name > $R/eval-$name.log 2>&1 &
   done
   wait
   for f in $R/eval-*/eval.md; do [ -f $f ] && sed -n '/^| task/,$p' $f; done
