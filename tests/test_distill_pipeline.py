@@ -159,6 +159,28 @@ def test_no_data_falls_back_to_teacher_samples(setup, monkeypatch, tmp_path):
     assert split_tokens(m, "train") + split_tokens(m, "val") >= 1024 + 512 and split_tokens(m, "val") > 0
 
 
+def test_teacher_samples_command_writes_extends_and_feeds_distill(setup, tmp_path):
+    """`python -m llamba.distill.teacher_samples`: a seeded corpus file, extended (not redone) to a larger --tokens,
+    that `llamba distill --data` reads like any other source."""
+    from llamba.distill import teacher_samples
+    from llamba.distill.data import load_manifest, split_tokens
+
+    _, _, teacher, _ = setup
+    out = tmp_path / "samples.jsonl"
+    args = ["--teacher", str(teacher), "--out", str(out), "--rows", "4", "--length", "24", "--device", "cpu"]
+    assert teacher_samples.main([*args, "--tokens", "200"]) == 0
+    first = out.read_text().splitlines()
+    assert sum(json.loads(line)["tokens"] for line in first) >= 200
+    teacher_samples.main([*args, "--tokens", "500"])
+    more = out.read_text().splitlines()
+    assert more[: len(first)] == first and sum(json.loads(line)["tokens"] for line in more) >= 500
+    r = tiny_recipe()
+    r["val_tokens"] = 64
+    run(Options(teacher=str(teacher), out=tmp_path / "run", recipe=r, data=str(out), prepare_only=True,
+                max_tokens=256))
+    assert split_tokens(load_manifest(tmp_path / "run" / "data"), "train") >= 256
+
+
 def test_calibrated_attention_init_runs_through_the_pipeline(setup, tmp_path):
     """`--init attention-calibrated` (recipe field init) builds its student from the teacher and distils from it."""
     _, corpus, teacher, _ = setup

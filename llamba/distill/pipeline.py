@@ -265,6 +265,8 @@ def resolve_data(opts: Options, tokenizer, teacher_loader, d, log) -> Path:
             sources = {"train": [FINEWEB], "val": []}
         else:
             teacher, _ = teacher_loader()
+            log("data: no --data and no FineWeb-Edu (the hub does not answer): distilling on text sampled from the "
+                "teacher itself")
             samples = opts.out / "teacher-samples.jsonl"
             sample_teacher_corpus(teacher, tokenizer, budget + 2 * val_tokens, samples, opts.recipe["seed"], d.device, log)
             sources = {"train": [str(samples)], "val": []}

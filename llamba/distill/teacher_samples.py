@@ -1,4 +1,7 @@
-"""Text sampled from the teacher itself: the data-free path of ``llamba distill`` (no ``--data`` and no hub).
+"""Text sampled from the teacher itself: the data-free path of ``llamba distill`` (no ``--data`` and no hub), and a
+corpus file of its own to mix into other data (a file in a ``--data`` folder is one source among the others):
+
+    python -m llamba.distill.teacher_samples --teacher smollm2-135m --tokens 1e7 --out corpus/teacher-samples.jsonl
 
 Each batch of documents starts from BOS in every row and is sampled at temperature 1 over the whole vocabulary, so
 the corpus follows the teacher's own distribution. The rows decode together through the server's teacher cache
@@ -76,8 +79,7 @@ def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: i
         have = sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
     if have >= n_tokens:
         return path
-    log(f"data: no --data and no FineWeb-Edu (hub unreachable): sampling ~{n_tokens - have:,} tokens from the teacher "
-        f"itself (data-free distillation, seed {seed}) into {path}")
+    log(f"data: sampling ~{n_tokens - have:,} tokens from the teacher itself (seed {seed}) into {path}")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     slots = TeacherSlots(teacher, batch, length + 1)
@@ -92,3 +94,46 @@ def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: i
                 f.write(json.dumps({"text": text, "tokens": n, "source": "teacher-samples"}) + "\n")
                 have += n
     return path
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    import time
+
+    from llamba.cli.common import int_at_least
+
+    ap = argparse.ArgumentParser(prog="python -m llamba.distill.teacher_samples",
+                                 description="Sample a corpus from a teacher (JSON lines, seeded; an existing file is "
+                                 "extended to --tokens, not redone).")
+    ap.add_argument("--teacher", required=True, help="a known name (smollm2-135m), a HF Llama folder or a .gguf")
+    ap.add_argument("--tokens", type=int_at_least(1), required=True, help="about this many tokens (e.g. 1e7)")
+    ap.add_argument("--out", required=True, help="the .jsonl file to write or extend")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", type=int_at_least(1), default=None, help="documents sampled at once (default 256 on "
+                    "CUDA, 16 on a CPU)")
+    ap.add_argument("--length", type=int_at_least(1), default=256, help="tokens per document at most")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    args = ap.parse_args(argv)
+    from llamba.teacher import load_teacher
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    teacher, tokenizer = load_teacher(args.teacher, dtype=dtype, device=device)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def tokens_in_file() -> int:
+        return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines()) if path.exists() else 0
+
+    had, start = tokens_in_file(), time.perf_counter()
+    sample_teacher_corpus(teacher, tokenizer, args.tokens, path, args.seed, device,
+                          lambda msg: print(msg, file=sys.stderr), batch=args.rows, length=args.length)
+    seconds, have = time.perf_counter() - start, tokens_in_file()
+    print(f"{path}: {have:,} tokens (+{have - had:,} in {seconds:.0f} s: {(have - had) / seconds:,.0f} tokens/s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

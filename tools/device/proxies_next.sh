@@ -19,6 +19,8 @@
 #   H4S H4 with --stage2-tokens 4e6 --stage3-tokens 4e6 (the token split: P6's -18% KL on the pure student at 6M)
 #   H4G H4 on the books alone (/root/data/gutenberg: the prepared mix's Gutenberg shards, without the Linux and Python
 #       documentation, ~17% of its tokens): which data wins, never measured before
+#   H4T H4 on the mix with text sampled from the teacher added (/root/data/mix-teacher: TSAMPLES tokens, default 12e6,
+#       ~20% of the result); the sampling runs first, on the GPU, alone (its rate: benchmarks/teacher_sampling.py)
 # all at once on the one GPU (together about the solo rate: ~8 minutes), then `llamba eval` of them (ARC-Easy, PIQA,
 # HellaSwag, LAMBADA; held-out perplexity / KL are in each run's summary), everything back in $OUT/proxies.tar.
 # Usage: proxies_next.sh train SECONDS | eval SECONDS     (train is resumable: a second call continues)
@@ -39,6 +41,7 @@ declare -A FLAGS=([P0]="" [P1]="--init attention-calibrated" [P2]="--mixer gatel
                   [H4R]="--attention-layers auto:4:repeats"
                   [H4S]="--attention-layers 20,23,24,26 --stage2-tokens 4e6 --stage3-tokens 4e6"
                   [H4G]="--attention-layers 20,23,24,26 --data /root/data/gutenberg"
+                  [H4T]="--attention-layers 20,23,24,26 --data /root/data/mix-teacher"
                   [H6]="--attention-layers 3,20,21,23,24,26")
 NAMES=${NAMES:-"P0 P1 P2 P3 P4 P5 P6"}  # a subset or the hybrids: NAMES="H4 H4F H4Z H2 H6" proxies_next.sh ...
 cd /root/repo || { echo "run full_run.sh unpack first"; exit 2; }
@@ -58,6 +61,38 @@ for shard in manifest["shards"]:
 (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 print(f"{out}: {sum(s['tokens'] for s in manifest['shards'] if s['split'] == 'train'):,} train tokens (books only)")
 PY
+# H4T's data: the teacher's samples prepared on their own, then their training shards listed beside the mix's
+if [[ " $NAMES " == *" H4T "* ]] && [ ! -d /root/data/mix-teacher ] && [ "${1:-}" = train ]; then
+  python3 -m llamba.distill.teacher_samples --teacher smollm2-135m --tokens ${TSAMPLES:-12e6} \
+    --out /root/data/teacher-samples.jsonl 2>&1 | tail -2
+  python3 -m llamba.cli distill --teacher smollm2-135m --prepare-only --data /root/data/teacher-samples.jsonl \
+    --max-tokens ${TSAMPLES:-12e6} --out /root/data/tsamp 2>&1 | grep "^\[distill\] data" | tail -2
+  python3 - /root/data/full /root/data/tsamp/data /root/data/mix-teacher <<'PY'
+import json, sys
+from pathlib import Path
+import numpy as np
+full, samples, out = (Path(p) for p in sys.argv[1:])
+manifest = json.loads((full / "manifest.json").read_text())
+extra = json.loads((samples / "manifest.json").read_text())
+out.mkdir(parents=True)
+for shard in manifest["shards"]:
+    (out / shard["file"]).symlink_to(full / shard["file"])
+added = [s for s in extra["shards"] if s["split"] == "train"]
+# the mix's shards end documents with the EOS they were prepared with (2), this machine's tokenizer may name another
+# (1: check_tokenizer.py says so): the samples' document ends are rewritten to the mix's, which the trainer reads
+eos, their_eos = manifest["tokenizer"]["eos_token_id"], extra["tokenizer"]["eos_token_id"]
+for shard in added:
+    ids = np.fromfile(samples / shard["file"], dtype=extra["dtype"])
+    ids[ids == their_eos] = eos  # decoded without special tokens, the samples hold their_eos only at document ends
+    ids.astype(manifest["dtype"]).tofile(out / shard["file"])
+print(f"teacher samples: EOS {their_eos} -> {eos}" if eos != their_eos else f"teacher samples: EOS {eos}, as the mix")
+manifest["shards"] += added
+manifest["sources"].update({k: v for k, v in extra["sources"].items()})
+(out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+n, t = sum(s["tokens"] for s in added), sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+print(f"{out}: {t:,} train tokens, {n:,} ({n / t:.0%}) sampled from the teacher")
+PY
+fi
 case "${1:-}" in
 train)
   for name in $NAMES; do
