@@ -47,7 +47,8 @@ def sample_documents(slots, start_id: int, eos_id: int, length: int, generator: 
         out[:, t] = tokens
         ended |= tokens == eos_id
         if t + 1 == length or bool(ended.all()):
-            return _until_eos(out[:, : t + 1], eos_id)
+            out = out[:, : t + 1]
+            break
         logits = slots.decode(rows, tokens.tolist())
     return _until_eos(out, eos_id)
 
@@ -66,6 +67,13 @@ def plain_documents(teacher, rows: int, start_id: int, eos_id: int, length: int,
     return _until_eos(ids[:, 1:].cpu(), eos_id)
 
 
+def corpus_tokens(path: Path) -> int:
+    """The tokens a samples file records (0 where there is none yet)."""
+    if not path.exists():
+        return 0
+    return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
+
+
 def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: int, device, log,
                           batch: int | None = None, length: int = 256) -> Path:
     """About ``n_tokens`` tokens of documents sampled from the teacher into ``path`` (JSON lines; seeded; a file
@@ -74,9 +82,7 @@ def sample_teacher_corpus(teacher, tokenizer, n_tokens: int, path: Path, seed: i
     from llamba.serve.slots import TeacherSlots
 
     batch = batch or (256 if torch.device(device).type == "cuda" else 16)
-    have = 0
-    if path.exists():
-        have = sum(json.loads(line)["tokens"] for line in path.read_text().splitlines())
+    have = corpus_tokens(path)
     if have >= n_tokens:
         return path
     log(f"data: sampling ~{n_tokens - have:,} tokens from the teacher itself (seed {seed}) into {path}")
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     import sys
     import time
 
-    from llamba.cli.common import int_at_least
+    from llamba.cli.common import add_model_args, int_at_least, resolve_device, resolve_dtype
 
     ap = argparse.ArgumentParser(prog="python -m llamba.distill.teacher_samples",
                                  description="Sample a corpus from a teacher (JSON lines, seeded; an existing file is "
@@ -113,23 +119,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int_at_least(1), default=None, help="documents sampled at once (default 256 on "
                     "CUDA, 16 on a CPU)")
     ap.add_argument("--length", type=int_at_least(1), default=256, help="tokens per document at most")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    add_model_args(ap)
     args = ap.parse_args(argv)
     from llamba.teacher import load_teacher
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    teacher, tokenizer = load_teacher(args.teacher, dtype=dtype, device=device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    teacher, tokenizer = load_teacher(args.teacher, dtype=resolve_dtype(args.dtype, device), device=device)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def tokens_in_file() -> int:
-        return sum(json.loads(line)["tokens"] for line in path.read_text().splitlines()) if path.exists() else 0
-
-    had, start = tokens_in_file(), time.perf_counter()
+    had, start = corpus_tokens(path), time.perf_counter()
     sample_teacher_corpus(teacher, tokenizer, args.tokens, path, args.seed, device,
                           lambda msg: print(msg, file=sys.stderr), batch=args.rows, length=args.length)
-    seconds, have = time.perf_counter() - start, tokens_in_file()
+    seconds, have = time.perf_counter() - start, corpus_tokens(path)
     print(f"{path}: {have:,} tokens (+{have - had:,} in {seconds:.0f} s: {(have - had) / seconds:,.0f} tokens/s)",
           file=sys.stderr)
     return 0
