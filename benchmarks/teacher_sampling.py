@@ -18,18 +18,20 @@ import torch
 
 
 def build_teacher(name: str | None, layers: int | None, device: str, dtype: torch.dtype):
+    """(teacher, start id, EOS id): a named teacher with its tokenizer's ids, else random weights with SmolLM2's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name:
         from llamba.teacher import load_teacher
 
-        teacher, _ = load_teacher(name, dtype=dtype, device=device)
-        return teacher.eval()
+        teacher, tokenizer = load_teacher(name, dtype=dtype, device=device)
+        eos = tokenizer.eos_token_id
+        return teacher.eval(), tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos, eos
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers or 30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                       tie_word_embeddings=True)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), 1, 2
 
 
 def timed(fn, device: str) -> float:
@@ -56,19 +58,20 @@ def main() -> None:
     from llamba.serve.slots import TeacherSlots
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    teacher = build_teacher(args.teacher, args.layers, args.device, dtype)
-    start, eos = 1, 2
+    teacher, start, eos = build_teacher(args.teacher, args.layers, args.device, dtype)
     slots = TeacherSlots(teacher, args.rows, args.length + 1)
     generator = torch.Generator(device=args.device).manual_seed(0)
     tokens = {"slots": 0, "generate": 0}
 
+    # both sides count each row's sampled tokens up to and with its EOS, at most --length
     def ours():
-        tokens["slots"] += sum(len(d) + 1 for d in sample_documents(slots, start, eos, args.length, generator))
+        docs = sample_documents(slots, start, eos, args.length, generator)
+        tokens["slots"] += sum(min(len(d) + 1, args.length) for d in docs)
 
     def theirs():
         ids = torch.full((args.rows, 1), start, device=args.device)
         out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.length, do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eos)
+                               temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eos, eos_token_id=eos)
         tokens["generate"] += int(((out[:, 1:] != eos).cumprod(1).sum(1) + 1).clamp(max=args.length).sum())
 
     with torch.inference_mode():
