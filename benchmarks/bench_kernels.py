@@ -11,7 +11,7 @@ import sys
 import torch
 
 from llamba.bench import report
-from llamba.bench.gpu import measure_hardware
+from llamba.bench.measure import measure_hardware
 from llamba.bench.kernels import run_all, to_markdown
 
 

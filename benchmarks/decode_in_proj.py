@@ -18,7 +18,7 @@ import sys
 import torch
 
 from llamba.bench import report
-from llamba.bench.gpu import _cuda_time, _free, _prompts, build_models
+from llamba.bench.measure import build_models, cuda_time, free_memory, random_prompts
 from llamba.generation import engine
 from llamba.generation.sampling import SamplingParams
 
@@ -30,9 +30,9 @@ def step_ms(student, batch: int, route: str, ids: torch.Tensor, steps: int) -> t
     dec = engine.Decoder(student, batch, SamplingParams(), (), 0, steps + 8, use_graph=True, compile=True, in_proj=route)
     dec.start(ids, None, 64)
     logits = dec.decode_logits(dec.tok).float()
-    ms = _cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False) / steps * 1e3
+    ms = cuda_time(lambda: [dec.advance() for _ in range(steps)], warm=False) / steps * 1e3
     del dec
-    _free()
+    free_memory()
     return ms, logits
 
 
@@ -49,7 +49,7 @@ def main() -> int:
     rows = []
     with torch.no_grad():
         for batch in (int(b) for b in args.batches.split(",")):
-            ids = _prompts(batch, 64, student.config.vocab_size)
+            ids = random_prompts(batch, 64, student.config.vocab_size)
             best, logits = {r: float("inf") for r in ROUTES}, {}
             for _ in range(args.rounds):
                 for route in ROUTES:

@@ -17,7 +17,7 @@ from unittest.mock import patch
 import torch
 
 from llamba.bench import report
-from llamba.bench.gpu import _cuda_time, _free, _prompts, build_models
+from llamba.bench.measure import build_models, cuda_time, free_memory, random_prompts
 from llamba.bench.llama_static import StaticLlama
 from llamba.model import mixer
 from llamba.ops.ssd import skip_and_gate, ssd_scan
@@ -46,7 +46,7 @@ def main() -> int:
     rows = []
     for T in (int(c) for c in args.contexts.split(",")):
         batch = max(1, args.tokens // T)
-        ids = _prompts(batch, T, student.config.vocab_size)
+        ids = random_prompts(batch, T, student.config.vocab_size)
         cache = student.allocate_cache(batch)
         static_teacher = StaticLlama(teacher, batch, T)
 
@@ -61,9 +61,9 @@ def main() -> int:
         with torch.no_grad():
             best = {"fused": float("inf"), "unfused": float("inf"), "teacher": float("inf")}
             for _ in range(args.rounds):  # turns, each keeps its best: a busy host slows whichever round it hits
-                best["fused"] = min(best["fused"], _cuda_time(prefill, repeats=3))
-                best["unfused"] = min(best["unfused"], _cuda_time(prefill_unfused, repeats=3))
-                best["teacher"] = min(best["teacher"], _cuda_time(lambda: static_teacher.prefill(ids), repeats=3))
+                best["fused"] = min(best["fused"], cuda_time(prefill, repeats=3))
+                best["unfused"] = min(best["unfused"], cuda_time(prefill_unfused, repeats=3))
+                best["teacher"] = min(best["teacher"], cuda_time(lambda: static_teacher.prefill(ids), repeats=3))
             # after the timing: the float32 reference's large temporaries would fragment the allocator's pool
             fused_logits, unfused_logits = prefill().double(), prefill_unfused().double()
             ref_logits = reference(input_ids=ids, logits_to_keep=1).logits.double()
@@ -76,7 +76,7 @@ def main() -> int:
                         for name, logits in (("fused", fused_logits), ("unfused", unfused_logits))}})
         print(json.dumps(rows[-1]), flush=True)
         del cache, static_teacher
-        _free()
+        free_memory()
     result = {**report.provenance(), "models": source, "rows": rows}
     table = ["| context x batch | fused tok/s | unfused tok/s | fused / unfused | teacher tok/s | fused / teacher | "
              "unfused / teacher | logits vs float32, fused / unfused |", "|---|---|---|---|---|---|---|---|"]

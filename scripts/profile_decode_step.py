@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 
 from llamba.bench import report
-from llamba.bench.gpu import _cuda_time, _free, _prompts, build_models
+from llamba.bench.measure import build_models, cuda_time, free_memory, random_prompts
 from llamba.bench.kernels import cuda_profile
 from llamba.bench.llama_static import StaticLlama
 from llamba.generation.engine import Decoder
@@ -33,12 +33,12 @@ def kernels_per_step(step, steps: int = 10) -> tuple[float, float, Counter]:
 def make(model: str, teacher, student, batch: int, prompt: int, graph: bool):
     if model == "student":
         dec = Decoder(student, batch, SamplingParams(), (), 0, 64, use_graph=graph, compile=True)
-        dec.start(_prompts(batch, prompt, student.config.vocab_size), None, 64)
+        dec.start(random_prompts(batch, prompt, student.config.vocab_size), None, 64)
         return dec
     st = StaticLlama(teacher, batch, prompt + 64, compile=True)
     if graph:
         st.capture()
-    st.start(_prompts(batch, prompt, teacher.config.vocab_size), 64)
+    st.start(random_prompts(batch, prompt, teacher.config.vocab_size), 64)
     return st
 
 
@@ -60,9 +60,9 @@ def main() -> int:
                 count, kernel_ms, by_name = kernels_per_step(eager.step)
                 del eager
                 replayed = make(model, teacher, student, batch, args.prompt, graph=True)
-                graph_ms = _cuda_time(lambda: [replayed.advance() for _ in range(40)], warm=False) / 40 * 1e3
+                graph_ms = cuda_time(lambda: [replayed.advance() for _ in range(40)], warm=False) / 40 * 1e3
                 del replayed
-                _free()
+                free_memory()
                 rows.append({"model": model, "batch": batch, "prompt": args.prompt, "kernels_per_step": count,
                              "kernel_ms": kernel_ms, "graph_step_ms": graph_ms,
                              "top_kernels_us": dict(by_name.most_common(args.top))})

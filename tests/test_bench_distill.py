@@ -64,7 +64,7 @@ def test_teacher_shapes_are_the_published_models():
     of its model's size (meta tensors: no memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llamba.bench.gpu import TEACHER_SHAPES
+    from llamba.bench.measure import TEACHER_SHAPES
     from llamba.cli.bench import DISTILL_SHAPES
 
     assert tuple(TEACHER_SHAPES) == DISTILL_SHAPES

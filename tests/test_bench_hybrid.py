@@ -1,4 +1,4 @@
-"""`llamba bench`'s hybrid study (llamba.bench.gpu.hybrid_study) as a smoke test on the CPU: a tiny Llama teacher,
+"""`llamba bench`'s hybrid study (llamba.bench.variants.hybrid_study) as a smoke test on the CPU: a tiny Llama teacher,
 its hybrids through the same engine and report code the GPU run uses (eager, host-timed, no peak memory)."""
 
 from __future__ import annotations
@@ -8,18 +8,18 @@ import argparse
 import pytest
 import torch
 
-from llamba.bench import gpu
+from llamba.bench import gpu, variants
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_attention_layers_for():
-    assert gpu.attention_layers_for(30, 2) == [10, 20]
-    assert gpu.attention_layers_for(30, 4) == [6, 12, 18, 24]
-    assert gpu.attention_layers_for(3, 3) == [0, 1, 2]
-    assert all(len(set(gpu.attention_layers_for(n, k))) == k for n in range(1, 33) for k in range(1, n + 1))
+    assert variants.attention_layers_for(30, 2) == [10, 20]
+    assert variants.attention_layers_for(30, 4) == [6, 12, 18, 24]
+    assert variants.attention_layers_for(3, 3) == [0, 1, 2]
+    assert all(len(set(variants.attention_layers_for(n, k))) == k for n in range(1, 33) for k in range(1, n + 1))
     with pytest.raises(ValueError, match="1..30"):
-        gpu.attention_layers_for(30, 31)
+        variants.attention_layers_for(30, 31)
 
 
 def _bench_args(argv):
@@ -37,9 +37,9 @@ def test_hybrids_take_a_k_or_exactly_the_given_layers():
     assert _bench_args(["--hybrids"]).hybrids == []
     specs = _bench_args(["--hybrids", "2", "20,23,24,26", "26,20, 23,24", "7,"]).hybrids
     assert specs == [2, [20, 23, 24, 26], [20, 23, 24, 26], [7]]
-    assert [gpu.hybrid_layers(s, 30) for s in specs] == [[10, 20], [20, 23, 24, 26], [20, 23, 24, 26], [7]]
-    assert gpu.hybrid_layers(4, 30) == [6, 12, 18, 24]  # K=4 spaced evenly is another hybrid than the chosen one
-    assert gpu.hybrid_label({"k": 4, "attention_layers": [20, 23, 24, 26]}) == "K=4 (20,23,24,26)"
+    assert [variants.hybrid_layers(s, 30) for s in specs] == [[10, 20], [20, 23, 24, 26], [20, 23, 24, 26], [7]]
+    assert variants.hybrid_layers(4, 30) == [6, 12, 18, 24]  # K=4 spaced evenly is another hybrid than the chosen one
+    assert variants.hybrid_label({"k": 4, "attention_layers": [20, 23, 24, 26]}) == "K=4 (20,23,24,26)"
 
 
 @pytest.mark.parametrize("item, message", [
@@ -57,14 +57,14 @@ def test_hybrid_layers_past_the_teacher_fail_before_any_gpu_work(monkeypatch, sp
     """The range needs the teacher's layer count: run_benchmark reads it from the config and refuses the list
     before it measures the hardware (the first GPU work)."""
     with pytest.raises(ValueError, match=message):
-        gpu.hybrid_layers(spec, 30)
+        variants.hybrid_layers(spec, 30)
 
     def no_gpu():
         raise AssertionError("GPU work before the --hybrids check")
 
     monkeypatch.setattr(gpu, "measure_hardware", no_gpu)
     args = argparse.Namespace(teacher=None, model=None, hybrids=[2, spec])
-    assert gpu.teacher_layer_count(None) == 30
+    assert variants.teacher_layer_count(None) == 30
     with pytest.raises(ValueError, match=message):
         gpu.run_benchmark(args)
 
@@ -87,7 +87,7 @@ def test_hybrids_table_reads_the_bars_as_ratios_to_the_teacher():
 
     hybrids = [hybrid([10, 20], {64: 30000.0, 256: 110000.0}, 600),
                hybrid([20, 23, 24, 26], {64: 25000.0, 256: 90000.0}, 504)]
-    md = "\n".join(gpu.hybrids_markdown(hybrids, decode, largest))
+    md = "\n".join(variants.hybrids_markdown(hybrids, decode, largest))
     assert "bar: K=4 >= 2x" in md and "bar: K=4 >= 4x" in md and "largest batch in 16.0 GiB" in md
     assert "| teacher | 40,000 | 1.00x | 120 | 1.00x |" in md
     assert "| pure student | 130,000 | 3.25x | 1,200 | 10.00x |" in md
@@ -96,7 +96,7 @@ def test_hybrids_table_reads_the_bars_as_ratios_to_the_teacher():
     # each decode row against the teacher's at its own prompt and batch
     assert "| K=4 (20,23,24,26) | 2048 | 64 | 25,000 | 1.25x |" in md
     # a missing teacher measurement gives no ratio rather than a made-up one
-    md = "\n".join(gpu.hybrids_markdown(hybrids, decode[1:], {"budget_gib": 16.0}))
+    md = "\n".join(variants.hybrids_markdown(hybrids, decode[1:], {"budget_gib": 16.0}))
     assert "| hybrid K=4 (20,23,24,26) | 90,000 | - | 504 | - |" in md
 
 
@@ -111,16 +111,16 @@ def test_hybrid_study_runs_on_the_cpu():
                               sweep_new_tokens=3, no_compile=True, memory_budget_gib=16.0)
     hw = {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}
     logged = []
-    out = gpu.hybrid_study(teacher, hw, 2, args, log=lambda *a: logged.append(a))
-    assert out["k"] == 2 and out["attention_layers"] == gpu.attention_layers_for(4, 2)
+    out = variants.hybrid_study(teacher, hw, 2, args, log=lambda *a: logged.append(a))
+    assert out["k"] == 2 and out["attention_layers"] == variants.attention_layers_for(4, 2)
     assert [d["batch"] for d in out["decode"]] == [1, 2] and all(d["decode_tok_s"] > 0 for d in out["decode"])
     assert all(d["prompt"] == 8 and d["floor_tok_s"] > 0 for d in out["decode"])
     assert [c["context"] for c in out["context_sweep"]] == [8, 16] and all(c["tok_s"] > 0 for c in out["context_sweep"])
     assert "largest_batch" not in out  # needs CUDA's peak memory
-    md = "\n".join(gpu.hybrids_markdown([out]))
+    md = "\n".join(variants.hybrids_markdown([out]))
     assert "Hybrid students" in md and "| K=2 (1,2) | 8 | 2 |" in md
     assert logged and logged[0][:2] == ("hybrid K=2 (1,2)", out["decode"][0])
-    chosen = gpu.hybrid_study(teacher, hw, [3, 0], args, log=lambda *a: None)
+    chosen = variants.hybrid_study(teacher, hw, [3, 0], args, log=lambda *a: None)
     assert chosen["k"] == 2 and chosen["attention_layers"] == [0, 3]
 
 
@@ -135,10 +135,10 @@ def test_mixer_study_sets_gateloop_beside_the_discrete_mamba2_student():
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True)).eval()
     args = argparse.Namespace(prompts=[8], new_tokens=4, hybrid_batches=[1, 2], contexts=[8], sweep_new_tokens=3,
                               no_compile=True, memory_budget_gib=16.0)
-    out = gpu.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=print)
+    out = variants.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=print)
     assert out["mixer"] == "gateloop" and all(d["decode_tok_s"] > 0 for d in out["decode"])
     pure = [{"model": "student", "prompt": 8, "batch": 2, "decode_tok_s": out["decode"][1]["decode_tok_s"] / 2}]
-    md = "\n".join(gpu.mixers_markdown([out], pure))
+    md = "\n".join(variants.mixers_markdown([out], pure))
     assert "| gateloop | 8 | 2 |" in md and "| 2.000 |" in md and "| gateloop | 8 | 1 |" in md
 
 
@@ -156,13 +156,13 @@ def test_variants_run_where_the_teacher_is_in_its_dtype(monkeypatch, device):
         seen.append((p.device.type, p.dtype))
         return {"prefill_s": 1.0, "decode_tok_s": 1.0, "step_ms": 1.0, "peak_gib": None, "state_bytes_per_seq": 1}
 
-    monkeypatch.setattr(gpu, "student_decode", fake_decode)
+    monkeypatch.setattr(variants, "student_decode", fake_decode)
     teacher = LlamaForCausalLM(LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True))
     teacher = teacher.to(device=device, dtype=torch.float64).eval()
     args = argparse.Namespace(prompts=[8], new_tokens=4, hybrid_batches=[1], contexts=[], sweep_new_tokens=3,
                               no_compile=True, memory_budget_gib=16.0)
-    gpu.hybrid_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, 1, args, log=lambda *a: None)
-    gpu.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=lambda *a: None)
+    variants.hybrid_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, 1, args, log=lambda *a: None)
+    variants.mixer_study(teacher, {"bandwidth_gbs": 100.0, "matmul_tflops": 1.0}, "gateloop", args, log=lambda *a: None)
     assert seen and set(seen) == {(device, torch.float64)}

@@ -160,7 +160,7 @@ def run(recipe_name: str, variants: list[str], steps: int, out: str | None, devi
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamba.bench import report
-    from llamba.bench.gpu import TEACHER_SHAPES, measure_hardware
+    from llamba.bench.measure import TEACHER_SHAPES, measure_hardware
     from llamba.convert import student_from_teacher
     from llamba.distill.recipes import load_recipe
 

@@ -9,7 +9,7 @@ from llamba.cli.common import float_above, int_at_least, int_list, parse_attenti
 
 _ints = int_list(1)
 _k = int_at_least(1)
-# llamba.bench.gpu.TEACHER_SHAPES' keys, here so that --help imports no torch (a test keeps the two equal)
+# llamba.bench.measure.TEACHER_SHAPES' keys, here so that --help imports no torch (a test keeps the two equal)
 DISTILL_SHAPES = ("smollm2-135m", "llama-3.2-1b")
 
 
@@ -27,7 +27,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 def hybrid_spec(text: str) -> int | list[int]:
     """A --hybrids item: '4' -> 4 (K attention layers spaced evenly), '20,23,24,26' -> [20, 23, 24, 26] (exactly
     those layers, as --attention-layers writes them; one layer alone is '20,'). Indices past the teacher's layers
-    are refused once its config is read (llamba.bench.gpu.hybrid_layers), still before any GPU work."""
+    are refused once its config is read (llamba.bench.variants.hybrid_layers), still before any GPU work."""
     try:
         layers = parse_attention_layers(text) if "," in text else None
         return layers or _k(text)  # ',' alone names no layer: read as a (bad) K
@@ -126,7 +126,7 @@ def run_distill(args) -> int:
     unknown = sorted(set(args.variants or []) - set(names))
     if unknown:
         raise ValueError(f"--variants {' '.join(unknown)}: choose from {', '.join(names)}")
-    from llamba.bench.gpu import device_slug
+    from llamba.bench.measure import device_slug
 
     default_out = f"results/bench-distill-{device_slug()}" + ("" if args.shape == "smollm2-135m" else f"-{args.shape}")
     distill.run(args.recipe, args.variants or names, args.steps, args.out or default_out, shape=args.shape)
@@ -147,7 +147,7 @@ def run_serve(args) -> int:
 
         args.prefill_chunk = default_prefill_chunk(device.type)
     if args.out is None:
-        from llamba.bench.gpu import device_slug
+        from llamba.bench.measure import device_slug
 
         args.out = f"results/serve-{device_slug() if device.type == 'cuda' else 'cpu'}"
     result = serve.main(args)

@@ -48,7 +48,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamba.bench.distill import random_data
-    from llamba.bench.gpu import SMOLLM2_135M
+    from llamba.bench.measure import SMOLLM2_135M
     from llamba.convert import student_from_teacher
     from llamba.distill.data import PackedTokens, Sampler
     from llamba.distill.recipes import load_recipe, stage_config
