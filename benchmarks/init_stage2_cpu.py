@@ -1,4 +1,4 @@
-"""A CPU proxy of stage 2 for each mixer init: one block of the real teacher's student, trained alone on the
+"""A CPU proxy of stage 2 for each mixer and init: one block of the real teacher's student, trained alone on the
 teacher's own input to that layer against the teacher layer's output (the hidden-state alignment of stage 2,
 block form, lr 1e-3 as the recipe), for a few hundred steps; held-out alignment error every few steps.
 
@@ -7,6 +7,7 @@ alone is stage 2 for that layer. This says how fast each init *aligns*; what the
 GPU proxies' question.
 
     python benchmarks/init_stage2_cpu.py --layers 5 15 25 --steps 300 --out results/init-stage2-cpu
+    python benchmarks/init_stage2_cpu.py --mixers discrete_mamba2 gateloop --inits attention   # issue 22's proxy
 """
 
 import argparse
@@ -18,6 +19,7 @@ import torch
 
 from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
+from llamba.model.config import MIXERS
 from llamba.distill.data import Batch
 from llamba.distill.stages import hidden_loss, teacher_targets
 from llamba.quant.perplexity import corpus_tokens
@@ -76,6 +78,8 @@ if __name__ == "__main__":
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps (the recipe's)")
     p.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    p.add_argument("--mixers", nargs="+", default=["discrete_mamba2"], choices=MIXERS)
+    p.add_argument("--seed", type=int, default=0, help="draws the rows an init leaves random")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -90,23 +94,26 @@ if __name__ == "__main__":
     val = layer_pairs(teacher, val_ids.view(4, 4, 256), args.layers)
     print(f"teacher pairs in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
-    for init in args.inits:
-        torch.manual_seed(0)
-        student = student_from_teacher(teacher, d_state=64, init=init)
-        for i in args.layers:
-            t0 = time.perf_counter()
-            curve = train_block(student.backbone.layers[i], train[i], val[i], args.steps, args.lr, args.every,
-                                args.warmup)
-            rows.append({"init": init, "layer": i, "curve": curve, "seconds": time.perf_counter() - t0})
-            print(f"{init} layer {i}: " + " ".join(f"{c['val_loss']:.2f}" for c in curve), flush=True)
-    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "layers": args.layers,
+    for mixer in args.mixers:
+        for init in args.inits:
+            torch.manual_seed(args.seed)
+            student = student_from_teacher(teacher, d_state=64, init=init, mixer=mixer)
+            for i in args.layers:
+                t0 = time.perf_counter()
+                curve = train_block(student.backbone.layers[i], train[i], val[i], args.steps, args.lr, args.every,
+                                    args.warmup)
+                rows.append({"mixer": mixer, "init": init, "layer": i, "curve": curve,
+                             "seconds": time.perf_counter() - t0})
+                print(f"{mixer} {init} layer {i}: " + " ".join(f"{c['val_loss']:.2f}" for c in curve), flush=True)
+    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "seed": args.seed, "layers": args.layers,
               "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_tokens_per_step": n, "rows": rows}
     if args.out:
         steps = [c["step"] for c in rows[0]["curve"]]
-        table = ["| init | layer | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
-        table += [f"| {r['init']} | {r['layer']} | " + " | ".join(f"{c['val_loss']:.2f}" for c in r["curve"]) + " |"
-                  for r in rows]
-        write(args.out, result, f"Stage 2 on one layer, by init: {args.teacher}", ["\n".join(table)], notes=(
+        table = ["| mixer | init | layer | " + " | ".join(f"step {s}" for s in steps) + " |",
+                 "|---|---|---|" + "---|" * len(steps)]
+        table += [f"| {r['mixer']} | {r['init']} | {r['layer']} | "
+                  + " | ".join(f"{c['val_loss']:.2f}" for c in r["curve"]) + " |" for r in rows]
+        write(args.out, result, f"Stage 2 on one layer, by mixer and init: {args.teacher}", ["\n".join(table)], notes=(
             f"held-out alignment error (mean L2 norm per token of block output - teacher layer output) on {4 * n:,} "
             f"tokens of `gutenberg-val`, every {args.every} steps of {n:,} tokens (lr {args.lr}, warmup "
             f"{args.warmup:.0%} of the steps, then flat, decay over the last 20%: the recipe's schedule); "
