@@ -19,9 +19,9 @@ import torch
 
 from llamba.bench.report import provenance, write
 from llamba.convert import INITS, student_from_teacher
-from llamba.model.config import MIXERS
 from llamba.distill.data import Batch
 from llamba.distill.stages import hidden_loss, teacher_targets
+from llamba.model.config import MIXERS
 from llamba.quant.perplexity import corpus_tokens
 from llamba.teacher import load_teacher
 
@@ -105,8 +105,8 @@ if __name__ == "__main__":
                 rows.append({"mixer": mixer, "init": init, "layer": i, "curve": curve,
                              "seconds": time.perf_counter() - t0})
                 print(f"{mixer} {init} layer {i}: " + " ".join(f"{c['val_loss']:.2f}" for c in curve), flush=True)
-    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "seed": args.seed, "layers": args.layers,
-              "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_tokens_per_step": n, "rows": rows}
+    result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "seed": args.seed,
+              "layers": args.layers, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_tokens_per_step": n, "rows": rows}
     if args.out:
         steps = [c["step"] for c in rows[0]["curve"]]
         table = ["| mixer | init | layer | " + " | ".join(f"step {s}" for s in steps) + " |",
