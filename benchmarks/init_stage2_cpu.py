@@ -106,7 +106,8 @@ if __name__ == "__main__":
                              "seconds": time.perf_counter() - t0})
                 print(f"{mixer} {init} layer {i}: " + " ".join(f"{c['val_loss']:.2f}" for c in curve), flush=True)
     result = {**provenance(), "threads": args.threads, "teacher": args.teacher, "seed": args.seed,
-              "layers": args.layers, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "train_tokens_per_step": n, "rows": rows}
+              "layers": args.layers, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
+              "train_tokens_per_step": n, "rows": rows}
     if args.out:
         steps = [c["step"] for c in rows[0]["curve"]]
         table = ["| mixer | init | layer | " + " | ".join(f"step {s}" for s in steps) + " |",
