@@ -17,7 +17,10 @@ its number of attention layers, or by the layers themselves) or a mixer name (``
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
+import sys
 from pathlib import Path
 
 BAR_TASKS = ("arc_easy acc", "piqa acc", "hellaswag acc_norm", "lambada_openai acc")
@@ -121,9 +124,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = bench.get("device", "GPU")
-    out.with_suffix(".json").write_text(json.dumps({"bench": args.bench, "batch": args.batch, "prompt": args.prompt,
-                                                    "device": device, "points": rows}, indent=1))
+    command = shlex.join(["python", "-m", "llamba.bench.tradeoff", *(sys.argv[1:] if argv is None else argv)])
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "date": date, "bench": args.bench,
+                                                    "batch": args.batch, "prompt": args.prompt, "device": device,
+                                                    "points": rows}, indent=1))
     md = [f"# Quality against decode throughput ({device}, batch {args.batch}, prompt {args.prompt})", "",
+          f"- command: `{command}`", f"- date: {date}; speed from `{args.bench}` ({bench.get('date', 'undated')})",
+          "",
           "| model | mean retention | ARC-E / PIQA / HellaSwag / LAMBADA | decode tok/s | vs teacher |",
           "|---|---|---|---|---|"]
     base = rows[0]["decode_tok_s"]
