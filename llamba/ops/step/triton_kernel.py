@@ -134,10 +134,12 @@ def _mixer_step_kernel(
             sp = ssm_ptr + b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
             pn_mask = p_mask[:, None] & n_mask[None, :]
             state = tl.load(sp, mask=pn_mask, other=0.0) * a + x[:, None] * B[None, :]
+            if ROTATE:  # the second half of the state dimension, loaded before the first half's store: a load
+                # after a store to the same tensor waits for it (they may alias), which serialised the halves
+                state2 = tl.load(sp + half, mask=pn_mask, other=0.0) * a + x[:, None] * B2[None, :]
             tl.store(sp, state, mask=pn_mask)
             y = tl.sum(state * C[None, :], axis=1)
-            if ROTATE:  # the second half of the state dimension
-                state2 = tl.load(sp + half, mask=pn_mask, other=0.0) * a + x[:, None] * B2[None, :]
+            if ROTATE:
                 tl.store(sp + half, state2, mask=pn_mask)
                 y += tl.sum(state2 * C2[None, :], axis=1)
             y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + D * x
