@@ -272,26 +272,36 @@ def test_triton_decode_step_matches_float64(shape, dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (2, 9, 3, 64, 128), (2, 2, 2, 32, 16)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_triton_gateloop_decode_step_matches_float64(shape, dtype):
+@pytest.mark.parametrize("theta_from_u", [False, True], ids=["theta", "theta-from-u"])
+def test_triton_gateloop_decode_step_matches_float64(shape, dtype, theta_from_u):
     """The fused step of a GateLoop mixer: the phase advanced and wrapped in place, B and C rotated by it after the
-    conv, the state read as its two halves; against the PyTorch step in float64 (phases past pi wrap)."""
+    conv, the state read as its two halves; against the PyTorch step in float64 (phases past pi wrap). theta given,
+    or computed in the kernel from the normed input and phase_proj's rows (what the model's step passes)."""
     from llamba.ops.step.triton_kernel import mixer_step_triton
 
     b, H, G, P, N = shape
     dev = DEV
     xBC, z, A_log, conv_state, ssm_state, w, bias, D, z_bias = _decode_step_inputs(shape, dtype)
-    theta = torch.randn(b, G, N // 2, device=dev) * 2
+    if theta_from_u:  # d_model 200: two of the kernel's K tiles and a ragged end
+        u = torch.randn(b, 200, device=dev).to(dtype)
+        t_w = (torch.randn(G * N // 2, 200, device=dev) / 8).to(dtype)
+        t_b = torch.randn(G * N // 2, device=dev).to(dtype)
+        theta, ref_theta = (u, t_w, t_b), (u.double(), t_w.double(), t_b.double())
+    else:
+        theta = torch.randn(b, G, N // 2, device=dev) * 2
+        ref_theta = theta.double()
     phase = (torch.rand(b, G, N // 2, device=dev) * 2 - 1) * 3.14159
     ref_phase, ref_ss, ref_cs = phase.double(), ssm_state.double(), conv_state.double()
     ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), ref_cs, ref_ss, w.double(), bias.double(),
-                           D.double(), z_bias.double(), G, phase=(theta.double(), ref_phase))
+                           D.double(), z_bias.double(), G, phase=(ref_theta, ref_phase))
     got_phase, ss, cs = phase.clone(), ssm_state.clone(), conv_state.clone()
     out = mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(theta, got_phase))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(out, ref) < tol and rel(ss, ref_ss) < tol and rel(cs, ref_cs) == 0
     assert (got_phase.double() - ref_phase).abs().max() < 1e-5 and got_phase.abs().max() <= 3.1416
+    bad = (theta[0], theta[1][:-1], theta[2]) if theta_from_u else theta[:, :, :-1]
     with pytest.raises(ValueError, match="one angle per group and state pair"):
-        mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(theta[:, :, :-1], got_phase))
+        mixer_step_triton(xBC, z, A_log, cs, ss, w, bias, D, z_bias, G, phase=(bad, got_phase))
 
 
 ROTATE_CASES = [  # batch, length, G, N, with seq_idx, with an initial phase

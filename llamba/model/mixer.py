@@ -92,6 +92,11 @@ class DiscreteMamba2(nn.Module):
         """The per-token phase increments theta (batch, L, G, N/2) of a rotating mixer; None: no rotation."""
         return None
 
+    def step_theta(self, u: torch.Tensor):
+        """One token's theta for the decode step, u (batch, d_model): None (no rotation), theta (batch, G, N/2), or
+        what computes it, (u, weight, bias), which the fused step turns into theta itself (``projected_rows``)."""
+        return None
+
     def matrix_parameters(self):
         """The parameters that shape ``mixing_matrix`` (what MOHAWK stage 1 trains)."""
         yield from self.in_proj.parameters()
@@ -183,8 +188,7 @@ class DiscreteMamba2(nn.Module):
         ``in_proj`` (``llamba.model.functional.StepOptions``) picks how in_proj runs; all routes are the same
         product, in different GEMMs (see ``split_in_proj``)."""
         xBC, z, A_log = self._step_projection(u[:, 0], in_proj)
-        theta = self.phase(u)
-        return self.out_proj(self._mix_step(xBC, z, A_log, cache, None if theta is None else theta[:, 0])[:, None])
+        return self.out_proj(self._mix_step(xBC, z, A_log, cache, self.step_theta(u[:, 0]))[:, None])
 
     def _step_projection(self, u: torch.Tensor, route: str):
         """in_proj of u (batch, d_model) as (xBC, z, A_log); with ``route`` "kernel", A_log is given as (u, its
@@ -203,7 +207,8 @@ class DiscreteMamba2(nn.Module):
 
     def _mix_step(self, xBC, z, A_log, cache: LlambaCache, theta: torch.Tensor | None = None) -> torch.Tensor:
         """The fused decode step (Triton on CUDA, else its PyTorch twin) on this layer's states: (batch, d_inner).
-        ``theta`` (batch, G, N/2): a rotating mixer's phase increment, its phase state in ``cache`` turned in place."""
+        ``theta`` (batch, G, N/2) or its projection (``step_theta``): a rotating mixer's phase increment, its phase
+        state in ``cache`` turned in place."""
         conv = self.conv1d
         phase = None if theta is None else (theta, cache.phase_states[self.layer_idx])
         return mixer_step(xBC, z, A_log, cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx],
@@ -273,6 +278,14 @@ class GateLoopMamba2(DiscreteMamba2):
             with torch.autocast(u.device.type, enabled=False):
                 theta = F.linear(u.to(dtype), p.weight.to(dtype), p.bias.to(dtype))
         return theta.view(*u.shape[:-1], self.n_qk_heads, self.d_state // 2)
+
+    def step_theta(self, u: torch.Tensor):
+        p = self.phase_proj
+        if not isinstance(p, nn.Linear):  # a quantized stand-in computes its own rows
+            return self.phase(u[:, None])[:, 0]
+        # the fused decode kernel computes theta from these in float32, as phase() does: no cast of the weight, no
+        # separate GEMM each step (four small kernels a layer, a third of a batch-1 step on an H100)
+        return u, p.weight, p.bias
 
     def matrix_parameters(self):
         yield from super().matrix_parameters()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from llamba.ops.step.naive import a_log_rows, mixer_step_torch
+from llamba.ops.step.naive import projected_rows, mixer_step_torch
 
 
 def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads, phase=None):
@@ -24,4 +24,4 @@ def mixer_step(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, 
                             phase)
 
 
-__all__ = ["a_log_rows", "mixer_step", "mixer_step_torch"]
+__all__ = ["projected_rows", "mixer_step", "mixer_step_torch"]

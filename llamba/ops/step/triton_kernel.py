@@ -81,11 +81,13 @@ def _rotated_pair(lo, hi, cos, sin, dtype):
 @triton.jit
 def _mixer_step_kernel(
     xbc_ptr, z_ptr, alog_ptr, u_ptr, aw_ptr, ab_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
-    theta_ptr, phase_ptr,
-    G, HPG, P, N, d_inner, K,
-    s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob, s_tb, s_tg, s_fb, s_fg,
+    theta_ptr, phase_ptr, tu_ptr, tw_ptr, tbias_ptr,
+    G, HPG, P, N, d_inner, K, KT,
+    s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob, s_tb, s_tg, s_fb, s_fg, s_tub, s_tw,
     HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, A_FROM_U: tl.constexpr, HAS_A_BIAS: tl.constexpr,
-    ROTATE: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+    ROTATE: tl.constexpr, THETA_FROM_U: tl.constexpr, HAS_T_BIAS: tl.constexpr,
+    BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, BKT: tl.constexpr,
+    NKT: tl.constexpr,
 ):
     b, g = tl.program_id(0), tl.program_id(1)
     A_logs = _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS,
@@ -102,9 +104,22 @@ def _mixer_step_kernel(
                            s_cc, HAS_CONV_BIAS)
         C2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + half + n, n_mask, s_xb,
                             s_cb, s_cc, HAS_CONV_BIAS)
+        if THETA_FROM_U:  # theta = u_b . phase_proj rows of this group's pairs (+ bias), float32
+            rows = g * half + n
+            acc = tl.zeros([BN, BKT], dtype=tl.float32)
+            for i in tl.static_range(NKT):
+                k = i * BKT + tl.arange(0, BKT)
+                u = tl.load(tu_ptr + b * s_tub + k, mask=k < KT, other=0.0).to(tl.float32)
+                w = tl.load(tw_ptr + rows[:, None] * s_tw + k[None, :], mask=n_mask[:, None] & (k[None, :] < KT),
+                            other=0.0)
+                acc += u[None, :] * w.to(tl.float32)
+            theta = tl.sum(acc, axis=1)
+            if HAS_T_BIAS:
+                theta += tl.load(tbias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            theta = tl.load(theta_ptr + b * s_tb + g * s_tg + n, mask=n_mask, other=0.0)
         fp = phase_ptr + b * s_fb + g * s_fg + n
-        phi = tl.load(fp, mask=n_mask, other=0.0) + tl.load(theta_ptr + b * s_tb + g * s_tg + n, mask=n_mask,
-                                                             other=0.0)
+        phi = tl.load(fp, mask=n_mask, other=0.0) + theta
         phi = phi + 3.141592653589793  # wrapped to [-pi, pi) as torch.remainder(phi + pi, 2 pi) - pi
         phi = phi - 6.283185307179586 * tl.floor(phi / 6.283185307179586) - 3.141592653589793
         tl.store(fp, phi, mask=n_mask)
@@ -155,7 +170,8 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     """Same contract as ``llamba.ops.step.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
     or (u (b, d_model), weight (H, d_model), bias (H,) or None) to compute it here as u @ weight.T + bias;
     conv_state (b, conv_dim, 3) and ssm_state (b, H, P, N) float32 updated in place; ``phase``: a GateLoop
-    mixer's (theta (b, G, N/2), phase state (b, G, N/2) float32, updated in place). Returns (b, d_inner)."""
+    mixer's (theta (b, G, N/2), or (u, weight (G * N/2, d_model), bias or None) to compute it here in float32 as
+    u @ weight.T + bias; phase state (b, G, N/2) float32, updated in place). Returns (b, d_inner)."""
     batch, n_heads, head_dim, d_state = ssm_state.shape
     d_inner = n_heads * head_dim
     if conv_weight.shape[-1] != 4 or conv_state.shape[-1] != 3:
@@ -177,18 +193,33 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         A_log = u  # stands in for the pointer the kernel then never reads
     else:
         u = a_weight = a_bias = A_log  # likewise
+    theta_from_u = phase is not None and isinstance(phase[0], tuple)
+    tu = tw = t_bias = ssm_state  # stand in for pointers the kernel then never reads
     if phase is not None:
         theta, phase_state = phase
         want = (batch, n_qk_heads, d_state // 2)
-        if d_state % 2 or tuple(theta.shape) != want or tuple(phase_state.shape) != want:
-            raise ValueError(f"phase: theta {tuple(theta.shape)} and phase state {tuple(phase_state.shape)} must be "
-                             f"{want} (one angle per group and state pair; d_state even)")
+        if theta_from_u:  # theta's projection (u, weight, bias), computed in the kernel
+            tu, tw, t_bias = theta
+            rows = n_qk_heads * (d_state // 2)
+            if tw.shape != (rows, tu.shape[-1]) or (t_bias is not None and t_bias.shape != (rows,)):
+                raise ValueError(f"theta's projection: u {tuple(tu.shape)}, weight {tuple(tw.shape)}, bias "
+                                 f"{None if t_bias is None else tuple(t_bias.shape)}; want a ({rows}, d_model) "
+                                 "weight (one angle per group and state pair)")
+            tu, tw = (t if t.stride(-1) == 1 else t.contiguous() for t in (tu, tw))
+            theta = tu  # stands in for the theta pointer, never read
+        elif d_state % 2 or tuple(theta.shape) != want:
+            raise ValueError(f"phase: theta {tuple(theta.shape)} must be {want} (one angle per group and state "
+                             "pair; d_state even)")
+        if d_state % 2 or tuple(phase_state.shape) != want:
+            raise ValueError(f"phase: the phase state {tuple(phase_state.shape)} must be {want} (one angle per group "
+                             "and state pair; d_state even)")
         if phase_state.dtype != torch.float32 or phase_state.stride(-1) != 1:
             raise ValueError("the phase state must be float32 and contiguous in its last dimension")
-        theta = theta.to(torch.float32)
-        theta = theta if theta.stride(-1) == 1 else theta.contiguous()
+        if not theta_from_u:
+            theta = theta.to(torch.float32)
+            theta = theta if theta.stride(-1) == 1 else theta.contiguous()
     else:
-        theta = phase_state = ssm_state  # stand in for pointers the kernel then never reads
+        theta = phase_state = ssm_state  # likewise
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
@@ -197,15 +228,19 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     K = u.shape[-1] if a_from_u else 1
     BH = triton.next_power_of_2(n_heads // n_qk_heads)
     BK = min(triton.next_power_of_2(K), max(16, 4096 // BH))  # a (BH, BK) float32 tile: 32 registers a thread
+    KT = tu.shape[-1] if theta_from_u else 1
+    BKT = min(triton.next_power_of_2(KT), max(16, 4096 // BN))  # theta's (BN, BKT) tile, likewise
     _mixer_step_kernel[(batch, n_qk_heads)](
         xBC, z, A_log, u, a_weight, a_bias if a_bias is not None else a_weight, conv_state, ssm_state, weight,
         conv_bias if conv_bias is not None else weight, D, z_bias if z_bias is not None else D, out,
-        theta, phase_state,
-        n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K,
+        theta, phase_state, tu, tw, t_bias if t_bias is not None else tw,
+        n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K, KT,
         xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
-        theta.stride(0), theta.stride(1), phase_state.stride(0), phase_state.stride(1),
+        theta.stride(0), theta.stride(1) if theta.dim() > 1 else 0, phase_state.stride(0), phase_state.stride(1),
+        tu.stride(0), tw.stride(0),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
-        HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, BP=BP, BN=BN, BH=BH, BK=BK,
-        NK=triton.cdiv(K, BK), num_warps=4)
+        HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, THETA_FROM_U=theta_from_u,
+        HAS_T_BIAS=theta_from_u and t_bias is not None, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), BKT=BKT,
+        NKT=triton.cdiv(KT, BKT), num_warps=4)
     return out
