@@ -205,7 +205,7 @@ class DiscreteMamba2(nn.Module):
                     (u, weight[main:], None if bias is None else bias[main:]))
         raise ValueError(f"in_proj route {route!r}: choose 'one', 'split' or 'kernel'")
 
-    def _mix_step(self, xBC, z, A_log, cache: LlambaCache, theta: torch.Tensor | None = None) -> torch.Tensor:
+    def _mix_step(self, xBC, z, A_log, cache: LlambaCache, theta=None) -> torch.Tensor:
         """The fused decode step (Triton on CUDA, else its PyTorch twin) on this layer's states: (batch, d_inner).
         ``theta`` (batch, G, N/2) or its projection (``step_theta``): a rotating mixer's phase increment, its phase
         state in ``cache`` turned in place."""
@@ -283,8 +283,8 @@ class GateLoopMamba2(DiscreteMamba2):
         p = self.phase_proj
         if not isinstance(p, nn.Linear):  # a quantized stand-in computes its own rows
             return self.phase(u[:, None])[:, 0]
-        # the fused decode kernel computes theta from these in float32, as phase() does: no cast of the weight, no
-        # separate GEMM each step (four small kernels a layer, a third of a batch-1 step on an H100)
+        # the fused decode kernel computes theta from these in float32, as phase() does: no cast of the weight and
+        # no separate GEMM each step (four small kernels a layer; docs/gateloop.md, "Where it runs")
         return u, p.weight, p.bias
 
     def matrix_parameters(self):

@@ -49,6 +49,23 @@ def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_
 
 
 @triton.jit
+def _projected_rows(u_ptr, w_ptr, bias_ptr, b, rows, row_mask, K, s_ub, s_w, HAS_BIAS: tl.constexpr,
+                    BR: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+    """float32 (BR,): the dots of the normed input row u_b (K wide) with the weight ``rows``, plus their bias: the
+    kernel's side of ``llamba.ops.step.naive.projected_rows`` (A_log, a GateLoop mixer's theta)."""
+    acc = tl.zeros([BR, BK], dtype=tl.float32)
+    for i in tl.static_range(NK):
+        k = i * BK + tl.arange(0, BK)
+        u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rows[:, None] * s_w + k[None, :], mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
+        acc += u[None, :] * w.to(tl.float32)
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
 def _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U: tl.constexpr,
                  HAS_A_BIAS: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
     """A_log of group g's heads for batch row b, float32 (BH,): loaded, or (A_FROM_U) the dots of the normed input
@@ -57,16 +74,7 @@ def _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw
     hh = tl.arange(0, BH)
     heads = g * HPG + hh
     if A_FROM_U:
-        acc = tl.zeros([BH, BK], dtype=tl.float32)
-        for i in tl.static_range(NK):
-            k = i * BK + tl.arange(0, BK)
-            u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
-            w = tl.load(aw_ptr + heads[:, None] * s_aw + k[None, :], mask=(hh[:, None] < HPG) & (k[None, :] < K),
-                        other=0.0)
-            acc += u[None, :] * w.to(tl.float32)
-        A_log = tl.sum(acc, axis=1)
-        if HAS_A_BIAS:
-            A_log += tl.load(ab_ptr + heads, mask=hh < HPG, other=0.0).to(tl.float32)
+        A_log = _projected_rows(u_ptr, aw_ptr, ab_ptr, b, heads, hh < HPG, K, s_ub, s_aw, HAS_A_BIAS, BH, BK, NK)
     else:
         A_log = tl.load(alog_ptr + b * s_ab + heads, mask=hh < HPG, other=0.0).to(tl.float32)
     return A_log
@@ -104,18 +112,9 @@ def _mixer_step_kernel(
                            s_cc, HAS_CONV_BIAS)
         C2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + half + n, n_mask, s_xb,
                             s_cb, s_cc, HAS_CONV_BIAS)
-        if THETA_FROM_U:  # theta = u_b . phase_proj rows of this group's pairs (+ bias), float32
-            rows = g * half + n
-            acc = tl.zeros([BN, BKT], dtype=tl.float32)
-            for i in tl.static_range(NKT):
-                k = i * BKT + tl.arange(0, BKT)
-                u = tl.load(tu_ptr + b * s_tub + k, mask=k < KT, other=0.0).to(tl.float32)
-                w = tl.load(tw_ptr + rows[:, None] * s_tw + k[None, :], mask=n_mask[:, None] & (k[None, :] < KT),
-                            other=0.0)
-                acc += u[None, :] * w.to(tl.float32)
-            theta = tl.sum(acc, axis=1)
-            if HAS_T_BIAS:
-                theta += tl.load(tbias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+        if THETA_FROM_U:  # theta from u_b and phase_proj's rows of this group's pairs
+            theta = _projected_rows(tu_ptr, tw_ptr, tbias_ptr, b, g * half + n, n_mask, KT, s_tub, s_tw, HAS_T_BIAS,
+                                    BN, BKT, NKT)
         else:
             theta = tl.load(theta_ptr + b * s_tb + g * s_tg + n, mask=n_mask, other=0.0)
         fp = phase_ptr + b * s_fb + g * s_fg + n
@@ -165,6 +164,17 @@ def _mixer_step_kernel(
             tl.store(out_ptr + b * s_ob + ch, y.to(out_ptr.dtype.element_ty), mask=p_mask)
 
 
+def _projection(proj, n_rows: int, what: str, why: str):
+    """(u (b, d_model), weight (n_rows, d_model), bias (n_rows,) or None), checked, u and weight contiguous in their
+    last dimension: rows the kernel computes itself (``_projected_rows``)."""
+    u, weight, bias = proj
+    if weight.shape != (n_rows, u.shape[-1]) or (bias is not None and bias.shape != (n_rows,)):
+        raise ValueError(f"{what}: u {tuple(u.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)}; want a ({n_rows}, d_model) weight{why}")
+    u, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, weight))
+    return u, weight, bias
+
+
 def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bias, D, z_bias, n_qk_heads,
                       phase=None):
     """Same contract as ``llamba.ops.step.mixer_step_torch``: xBC (b, conv_dim), z (b, d_inner); A_log (b, H),
@@ -185,11 +195,7 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
                          "kernel's int32 offsets reach: decode in smaller batches")
     a_from_u = isinstance(A_log, tuple)
     if a_from_u:
-        u, a_weight, a_bias = A_log
-        if a_weight.shape != (n_heads, u.shape[-1]) or (a_bias is not None and a_bias.shape != (n_heads,)):
-            raise ValueError(f"A_log's projection: u {tuple(u.shape)}, weight {tuple(a_weight.shape)}, bias "
-                             f"{None if a_bias is None else tuple(a_bias.shape)}; want a ({n_heads}, d_model) weight")
-        u, a_weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, a_weight))
+        u, a_weight, a_bias = _projection(A_log, n_heads, "A_log's projection", "")
         A_log = u  # stands in for the pointer the kernel then never reads
     else:
         u = a_weight = a_bias = A_log  # likewise
@@ -199,15 +205,10 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         theta, phase_state = phase
         want = (batch, n_qk_heads, d_state // 2)
         if theta_from_u:  # theta's projection (u, weight, bias), computed in the kernel
-            tu, tw, t_bias = theta
-            rows = n_qk_heads * (d_state // 2)
-            if tw.shape != (rows, tu.shape[-1]) or (t_bias is not None and t_bias.shape != (rows,)):
-                raise ValueError(f"theta's projection: u {tuple(tu.shape)}, weight {tuple(tw.shape)}, bias "
-                                 f"{None if t_bias is None else tuple(t_bias.shape)}; want a ({rows}, d_model) "
-                                 "weight (one angle per group and state pair)")
-            tu, tw = (t if t.stride(-1) == 1 else t.contiguous() for t in (tu, tw))
+            tu, tw, t_bias = _projection(theta, n_qk_heads * (d_state // 2), "theta's projection",
+                                         " (one angle per group and state pair)")
             theta = tu  # stands in for the theta pointer, never read
-        elif d_state % 2 or tuple(theta.shape) != want:
+        elif tuple(theta.shape) != want:
             raise ValueError(f"phase: theta {tuple(theta.shape)} must be {want} (one angle per group and state "
                              "pair; d_state even)")
         if d_state % 2 or tuple(phase_state.shape) != want:
@@ -237,7 +238,7 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K, KT,
         xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
-        theta.stride(0), theta.stride(1) if theta.dim() > 1 else 0, phase_state.stride(0), phase_state.stride(1),
+        theta.stride(0), theta.stride(1), phase_state.stride(0), phase_state.stride(1),
         tu.stride(0), tw.stride(0),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
         HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, THETA_FROM_U=theta_from_u,
