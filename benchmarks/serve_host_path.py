@@ -44,15 +44,16 @@ class WaitSlots:
         self.bank = bank
         self.batches = [bank[(torch.arange(n_slots) + k) % 64].clone() for k in range(5)]
         self.steps = self.rows = self.prefills = 0
+        self.prefill_rows = 1
 
-    def begin(self) -> None:
+    def begin(self, rows: int = 1) -> None:
         pass
 
-    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self.prefills += 1
-        return self.bank[self.prefills % 64]
+        return self.bank[self.prefills % 64][None]
 
-    def join(self, slots) -> None:
+    def join(self, slots, row: int = 0) -> None:
         pass
 
     def decode(self, slots, tokens) -> torch.Tensor:

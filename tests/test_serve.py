@@ -84,10 +84,10 @@ class FaultySlots(LlambaSlots):
 
     delay = 0.0
 
-    def prefill(self, piece):
-        if 99 in piece.tolist():
+    def prefill(self, ids, mask=None):
+        if bool((ids == 99).any()):
             raise RuntimeError("injected prefill fault")
-        return super().prefill(piece)
+        return super().prefill(ids, mask)
 
     def decode(self, slots, tokens):
         time.sleep(self.delay)
@@ -98,9 +98,9 @@ LAYOUTS = {"one-process": 0, "api-processes": 2}  # HTTP processes beside the mo
 LONG = {"model": MODEL, "prompt": "w7", "max_tokens": 200, "temperature": 0}  # no EOS in 200 greedy tokens (checked)
 
 
-def start_server(n_slots=8, max_queue=64, prefill_chunk=8, delay=0.0, api_processes=0):
+def start_server(n_slots=8, max_queue=64, prefill_chunk=16, delay=0.0, api_processes=0):
     model = tiny_model()
-    slots = FaultySlots(model, n_slots, CONTEXT)
+    slots = FaultySlots(model, n_slots, CONTEXT, prefill_rows=4)  # a faulty prompt may share a batch with others
     slots.delay = delay
     tokenizer = tiny_tokenizer()
     scheduler = Scheduler(slots, eos_ids(tokenizer), max_queue=max_queue, prefill_chunk=prefill_chunk)

@@ -24,6 +24,10 @@ def greedy_alone(logits_of, prompt: list[int], max_tokens: int) -> list[int]:
     return out
 
 
+# how waiting prompts prefill: one at a time in pieces of 4 tokens, or up to 4 together (left-padded) in one piece
+PREFILL = {"alone": {"prefill_rows": 1, "prefill_chunk": 4}, "together": {"prefill_rows": 4, "prefill_chunk": 64}}
+
+
 def collect(slots, prompts, max_tokens, prefill_chunk=4):
     """Each request's generated tokens (parsed from the word tokenizer's text), all submitted at once."""
     scheduler = make_scheduler(slots, max_queue=len(prompts), prefill_chunk=prefill_chunk).start()
@@ -120,12 +124,14 @@ def teacher_alone(teacher) -> list[list[int]]:
     return expected
 
 
-def test_teacher_slots_give_each_request_its_tokens_alone():
+@pytest.mark.parametrize("prefill", list(PREFILL))
+def test_teacher_slots_give_each_request_its_tokens_alone(prefill):
     from llamba.serve.slots import TeacherSlots
 
     teacher = tiny_teacher()
     # 3 slots for 5 requests: later ones join rows that others left, at other positions
-    got = collect(TeacherSlots(teacher, 3, 64, cuda_graph=False), PROMPTS, 8)
+    rows, chunk = PREFILL[prefill].values()
+    got = collect(TeacherSlots(teacher, 3, 64, cuda_graph=False, prefill_rows=rows), PROMPTS, 8, chunk)
     assert got == teacher_alone(teacher)
 
 
@@ -144,7 +150,7 @@ def test_teacher_slots_fixed_shape_step_gives_each_request_its_tokens_alone():
             return Eager()
 
     teacher = tiny_teacher()
-    assert collect(Replayed(teacher, 3, 64, cuda_graph=True), PROMPTS, 8) == teacher_alone(teacher)
+    assert collect(Replayed(teacher, 3, 64, cuda_graph=True, prefill_rows=4), PROMPTS, 8, 64) == teacher_alone(teacher)
 
 
 @pytest.mark.gpu
@@ -189,8 +195,8 @@ def test_teacher_slots_in_bf16_on_cuda_follow_the_models_own_forward(shape, grap
     ids = list(prompt)
     with torch.inference_mode():
         slots.begin()
-        logits = slots.prefill(torch.tensor(ids))
-        slots.join([2])
+        logits = slots.prefill(torch.tensor([ids]))[0]
+        slots.join([2], 0)
         for _ in range(6):
             want = ref(torch.tensor([ids], device="cuda")).logits[0, -1]
             assert torch.isfinite(logits).all()
@@ -236,8 +242,9 @@ def test_cpu_runtime_slots_give_each_request_its_tokens_alone():
     assert got == expected
 
 
+@pytest.mark.parametrize("prefill", list(PREFILL))
 @pytest.mark.parametrize("attention_layers", [[1], [0, 1]], ids=["hybrid", "all-attention"])
-def test_hybrid_student_slots_write_each_request_at_its_own_position(attention_layers):
+def test_hybrid_student_slots_write_each_request_at_its_own_position(attention_layers, prefill):
     """A hybrid's KV layers in the slot cache: requests join at different times, so the rows of one decode step
     sit at different positions; each writes and attends at its own, and gets its tokens alone."""
     from llamba.model import LlambaConfig, LlambaForCausalLM
@@ -255,11 +262,13 @@ def test_hybrid_student_slots_write_each_request_at_its_own_position(attention_l
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 8) for p in PROMPTS]
     assert len({tuple(e) for e in expected}) == len(PROMPTS)
-    got = collect(LlambaSlots(model, 3, 64, cuda_graph=False), PROMPTS, 8)  # 3 slots, 5 requests: they queue
+    rows, chunk = PREFILL[prefill].values()  # 3 slots, 5 requests: they queue
+    got = collect(LlambaSlots(model, 3, 64, cuda_graph=False, prefill_rows=rows), PROMPTS, 8, chunk)
     assert got == [as_text_shows(e) for e in expected]
 
 
-def test_gateloop_student_slots_carry_the_phase_into_the_slot():
+@pytest.mark.parametrize("prefill", list(PREFILL))
+def test_gateloop_student_slots_carry_the_phase_into_the_slot(prefill):
     """A GateLoop student's state means nothing without its cumulative phase: a request joining its slot takes
     both, so each request still gets its tokens alone."""
     from llamba.model import LlambaConfig, LlambaForCausalLM
@@ -274,7 +283,8 @@ def test_gateloop_student_slots_carry_the_phase_into_the_slot():
             p.add_(0.3 * torch.randn_like(p))
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 8) for p in PROMPTS]
-    got = collect(LlambaSlots(model, 3, 64, cuda_graph=False), PROMPTS, 8)
+    rows, chunk = PREFILL[prefill].values()
+    got = collect(LlambaSlots(model, 3, 64, cuda_graph=False, prefill_rows=rows), PROMPTS, 8, chunk)
     assert got == [as_text_shows(e) for e in expected]
 
 
@@ -297,11 +307,11 @@ def test_a_join_that_fails_gives_its_slots_back():
     class FailingJoin(LlambaSlots):
         fail_next = True
 
-        def join(self, slots):
+        def join(self, slots, row=0):
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError("injected join fault")
-            super().join(slots)
+            super().join(slots, row)
 
     model = make_tiny_student(tied=False).double()
     with torch.inference_mode():
@@ -315,6 +325,34 @@ def test_a_join_that_fails_gives_its_slots_back():
         assert served(scheduler, PROMPTS, 6) == [as_text_shows(e) for e in expected]
     finally:
         scheduler.stop()
+
+
+def test_a_prompt_that_fails_its_batchs_prefill_fails_alone():
+    """Three waiting prompts prefill as one batch, and the batch fails for one of them (its prefill raises on token
+    98): each prompt is prefilled again on its own, that one fails, and the other two get their tokens alone."""
+    from llamba.serve.slots import LlambaSlots
+
+    shapes = []
+
+    class Faulty(LlambaSlots):
+        def prefill(self, ids, mask=None):
+            shapes.append(tuple(ids.shape))
+            if bool((ids == 98).any()):
+                raise RuntimeError("injected prefill fault")
+            return super().prefill(ids, mask)
+
+    model = make_tiny_student(tied=False).double()
+    good = [[5, 6, 7], [8, 9]]
+    with torch.inference_mode():
+        expected = [as_text_shows(greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6))
+                    for p in good]
+    scheduler = make_scheduler(Faulty(model, 4, 64, cuda_graph=False, prefill_rows=4), max_queue=3,
+                               prefill_chunk=64)
+    errors = []
+    scheduler.submit(Request([4, 98, 6], 6, lambda e: e.kind == "error" and errors.append(e.text)))
+    assert served_all_queued(scheduler, good, 6) == expected
+    assert errors == ["RuntimeError: injected prefill fault"]
+    assert shapes == [(3, 3), (1, 3), (1, 3), (1, 2)]
 
 
 def test_a_sampling_setting_that_fails_fails_its_requests_alone(monkeypatch):
@@ -353,9 +391,9 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     calls: list[str] = []
 
     class Recording(LlambaSlots):
-        def prefill(self, piece):
+        def prefill(self, ids, mask=None):
             calls.append("prefill")
-            return super().prefill(piece)
+            return super().prefill(ids, mask)
 
         def decode(self, slots, tokens):
             calls.append("decode")
@@ -419,11 +457,13 @@ def test_cpu_runtime_slots_serve_a_quantized_gateloop_hybrid_past_its_default_kv
     assert collect(QuantSlots(decoder, 2, 96), prompts, 8) == [as_text_shows(e) for e in expected]
 
 
+@pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("chunk,first_batch", [(2, 1), (6, 3), (5, 2)])
-def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
+def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch, rows):
     """A turn prefills up to ``prefill_chunk`` prompt tokens, across prompts: three waiting 2-token prompts all join
     before the first decode step with a budget of 6, two with 5 (the third's first piece fills the rest, and it
-    joins after that step), one at a time with 2; each request still gets its tokens alone."""
+    joins after that step), one at a time with 2; each request still gets its tokens alone. The same whether they
+    prefill one by one or together (``rows``)."""
     from llamba.serve.slots import LlambaSlots
 
     batches: list[int] = []
@@ -437,9 +477,45 @@ def test_short_prompts_share_a_turns_prefill_budget(chunk, first_batch):
     prompts = [[5, 6], [7, 8], [9, 10]]
     with torch.inference_mode():
         expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 4) for p in prompts]
-    scheduler = make_scheduler(Recording(model, 4, 64, cuda_graph=False), max_queue=3, prefill_chunk=chunk)
+    slots = Recording(model, 4, 64, cuda_graph=False, prefill_rows=rows)
+    scheduler = make_scheduler(slots, max_queue=3, prefill_chunk=chunk)
     assert served_all_queued(scheduler, prompts, 4) == [as_text_shows(e) for e in expected]
     assert batches[0] == first_batch
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher"])
+def test_waiting_prompts_that_fit_the_budget_prefill_as_one_padded_batch(kind):
+    """Five waiting prompts of 3, 11, 7, 1 and 10 tokens, four prefill rows, 64 tokens a turn: the first four form
+    one batch padded to 11 tokens (44 <= 64, 22 of them padding, no more than their own 22), the fifth prefills
+    alone in what is left of the turn, and all five decode from the first step, each with its tokens alone."""
+    from llamba.serve.slots import LlambaSlots, TeacherSlots
+
+    calls: list[tuple] = []
+
+    def recording(base):
+        class Recording(base):
+            def prefill(self, ids, mask=None):
+                calls.append(("prefill", tuple(ids.shape), None if mask is None else mask.sum(1).tolist()))
+                return super().prefill(ids, mask)
+
+            def decode(self, slots, tokens):
+                calls.append(("decode", len(slots)))
+                return super().decode(slots, tokens)
+        return Recording
+
+    if kind == "student":
+        model = make_tiny_student(tied=False).double()
+        slots = recording(LlambaSlots)(model, 8, 64, cuda_graph=False, prefill_rows=4)
+        with torch.inference_mode():
+            expected = [as_text_shows(greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6))
+                        for p in PROMPTS]
+    else:
+        teacher = tiny_teacher()
+        slots = recording(TeacherSlots)(teacher, 8, 64, cuda_graph=False, prefill_rows=4)
+        expected = [e[:6] for e in teacher_alone(teacher)]
+    scheduler = make_scheduler(slots, max_queue=5, prefill_chunk=64)
+    assert served_all_queued(scheduler, PROMPTS, 6) == expected
+    assert calls[:3] == [("prefill", (4, 11), [3, 11, 7, 1]), ("prefill", (1, 10), None), ("decode", 5)]
 
 
 @pytest.mark.parametrize("interval", [2, 3, 50])

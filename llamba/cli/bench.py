@@ -82,7 +82,9 @@ def register(parser) -> None:
     srv.add_argument("--requests-per-client", type=int_at_least(1), default=2)
     srv.add_argument("--max-batch", type=int_at_least(1), default=None, help="server slots (default: the top concurrency)")
     srv.add_argument("--prefill-chunk", type=int_at_least(1), default=None,
-                     help="as llamba serve's (default 2048 on CUDA, 256 on a CPU)")
+                     help="as llamba serve's (default 8192 on CUDA, 256 on a CPU)")
+    srv.add_argument("--prefill-rows", type=int_at_least(1), default=None,
+                     help="as llamba serve's (default 16 on CUDA, 4 on a CPU)")
     srv.add_argument("--stream-interval", type=int_at_least(1), default=1, help="as llamba serve's")
     srv.add_argument("--api-processes", type=int_at_least(0), default=0, help="as llamba serve's")
     srv.add_argument("--client-processes", type=int_at_least(1), default=max(1, min(8, (os.cpu_count() or 4) // 4)),
@@ -146,6 +148,10 @@ def run_serve(args) -> int:
         from llamba.serve.server import default_prefill_chunk
 
         args.prefill_chunk = default_prefill_chunk(device.type)
+    if args.prefill_rows is None:
+        from llamba.serve.server import default_prefill_rows
+
+        args.prefill_rows = default_prefill_rows(device.type)
     if args.out is None:
         from llamba.bench.measure import device_slug
 

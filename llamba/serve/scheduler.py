@@ -2,9 +2,11 @@
 background thread. Requests wait in a bounded queue, join the running batch at a token boundary when enough slots
 are free, and leave it when they finish, are cancelled or fail.
 
-Each turn of the loop prefills at most ``prefill_chunk`` prompt tokens (a piece of the oldest joining prompt, then
-of the next ones: short prompts join several a turn) and then runs one decode step for every sequence in the batch,
-so a long prompt delays the others by one piece per token, never by its whole prefill. Tokens are chosen by the
+Each turn of the loop prefills at most ``prefill_chunk`` prompt tokens and then runs one decode step for every
+sequence in the batch, so a long prompt delays the others by one piece per token, never by its whole prefill.
+Waiting prompts that fit the turn's budget together prefill as one left-padded batch (up to the slot model's
+``prefill_rows``): a GPU prefills a batch of prompts in about the time of one, whose kernel launches bound it; a
+prompt longer than the budget prefills alone, a piece a turn. Tokens are chosen by the
 one sampler of every generation path (``llamba.generation.sampling``; ``select``): the rows of one sampling setting
 together, each drawing from its request's own ``torch.Generator``, so a seeded request samples the same tokens
 whoever its batch neighbours are.
@@ -134,6 +136,27 @@ def select(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]
     return [failed.get(i, token) for i, token in enumerate(tokens)]
 
 
+@dataclass(eq=False)
+class _Group:
+    """Prompts prefilled together: their tokens left-padded to the longest (``mask`` 0 on padding, None without
+    any), and how many of those columns are in so far."""
+
+    requests: list[Request]
+    ids: torch.Tensor  # (rows, longest)
+    mask: torch.Tensor | None
+    done: int = 0
+
+    @classmethod
+    def of(cls, requests: list[Request]) -> "_Group":
+        longest = max(len(r.prompt) for r in requests)
+        ids = torch.zeros(len(requests), longest, dtype=torch.long)
+        mask = torch.zeros(len(requests), longest, dtype=torch.long)
+        for row, r in enumerate(requests):
+            ids[row, longest - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[row, longest - len(r.prompt):] = 1
+        return cls(requests, ids, None if bool(mask.all()) else mask)
+
+
 class Scheduler:
     """The step loop over a slot model. ``submit`` (any thread) queues a request or raises ``QueueFull``;
     ``cancel`` frees its slots (or one choice's) at the next token boundary; ``stop`` ends the loop, failing what is
@@ -149,7 +172,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._free = list(range(slots.n_slots))  # a heap: the lowest free slot first keeps the batch compact
         self._running: dict[int, _Sequence] = {}  # by slot
-        self._joining: tuple[Request, int] | None = None  # the request being prefilled, its tokens prefilled so far
+        self._joining: _Group | None = None  # the prompts being prefilled
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llamba-scheduler", daemon=True)
         self.steps = 0  # decode steps run (the server's /health reports it)
@@ -226,15 +249,16 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         with self._wake:
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-        if self._joining is not None and self._joining[0].cancelled:
+        # only a prompt prefilled alone outlives a turn (a group of several is all in within the turn it starts)
+        if self._joining is not None and self._joining.requests[0].cancelled:
             self._joining = None
         for seq in [s for s in self._running.values() if s.ended]:
             self._leave(seq)
 
     def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens this turn: pieces of the joining prompt, then of the next ones, so
-        that short prompts join several a turn. One join a turn left a batch of 256 streams of 64 tokens (4 of
-        them ending each step) at ~60 busy rows on average (docs/serving.md)."""
+        """Up to ``prefill_chunk`` prompt tokens this turn: pieces of the joining prompt, then groups of the next
+        ones, so that short prompts join many a turn. One join a turn left a batch of 256 streams of 64 tokens (4
+        of them ending each step) at ~60 busy rows on average (docs/serving.md)."""
         budget = self.prefill_chunk
         while budget > 0:
             used = self._prefill_piece(budget)
@@ -242,42 +266,80 @@ class Scheduler:
                 return
             budget -= used
 
-    def _prefill_piece(self, limit: int) -> int:
-        """Up to ``limit`` tokens of the joining prompt; once it is all in, its choices join the batch. Returns the
-        prompt tokens run (0: nothing could start, for want of a waiting request or of free slots)."""
-        if self._joining is None:
-            with self._wake:
-                if not self._waiting or len(self._free) < self._waiting[0].n:
-                    return 0
-                request = self._waiting.popleft()
-            self._joining = (request, 0)
-            self.slots.begin()
-        request, done = self._joining
-        piece = torch.tensor(request.prompt[done:done + limit])
-        try:
-            logits = self.slots.prefill(piece)
-            done += piece.numel()
-            if done < len(request.prompt):
-                self._joining = (request, done)
-                return piece.numel()
-            self._joining = None
-            seqs = self._join(request)
-            for seq, token in zip(seqs, select(seqs, logits.expand(len(seqs), -1))):
-                if isinstance(token, Exception):
-                    raise token
-                if seq.add(token, self.eos):
-                    self._leave(seq)
-        except Exception as err:  # this request's fault (a bad token id ...): it fails alone
-            self._joining = None
-            self._fail(request, err)
-        return piece.numel()
+    def _next_group(self, budget: int) -> _Group | None:
+        """The oldest waiting request that has slots enough, and after it the waiting ones that join its batch: up to
+        ``prefill_rows`` prompts whose padded batch fits ``budget`` (so that it is prefilled in this turn), whose
+        padding is no more than their own tokens, and that still fit ``max_context`` once padded (a hybrid student's
+        KV cache holds the padding too). None: nothing can start."""
+        with self._wake:
+            if not self._waiting or len(self._free) < self._waiting[0].n:
+                return None
+            chosen = [self._waiting[0]]
+            rows_left, slots_left = self.slots.prefill_rows - 1, len(self._free) - chosen[0].n
+            longest, real = len(chosen[0].prompt), len(chosen[0].prompt)
+            for request in list(self._waiting)[1:]:
+                if rows_left == 0:
+                    break
+                size, width = len(request.prompt), max(longest, len(request.prompt))
+                rows = len(chosen) + 1
+                if (request.n <= slots_left and rows * width <= budget and rows * width - real - size <= real + size
+                        and all(width + r.max_tokens <= self.slots.max_context for r in [*chosen, request])):
+                    chosen.append(request)
+                    rows_left, slots_left = rows_left - 1, slots_left - request.n
+                    longest, real = width, real + size
+            for request in chosen:
+                self._waiting.remove(request)
+        return _Group.of(chosen)
 
-    def _join(self, request: Request) -> list[_Sequence]:
-        """Take ``request.n`` free slots and start its choices in them. Until they run, a failure here (the slot
-        model's join, a bad token id in the prompt) gives the slots back itself: ``_fail`` frees running ones only."""
+    def _prefill_piece(self, limit: int) -> int:
+        """Up to ``limit`` tokens (padding included) of the joining group; once its prompts are in, their choices
+        join the batch. Returns the tokens run (0: nothing could start, for want of a waiting request or of free
+        slots)."""
+        if self._joining is None:
+            group = self._next_group(limit)
+            if group is None:
+                return 0
+            self._joining = group
+            self.slots.begin(len(group.requests))
+        group = self._joining
+        rows = len(group.requests)
+        end = min(group.ids.shape[1], group.done + max(1, limit // rows))
+        try:
+            logits = self.slots.prefill(group.ids[:, group.done:end],
+                                        None if group.mask is None else group.mask[:, group.done:end])
+        except Exception as err:  # a request's fault (a bad token id ...): it fails alone
+            self._joining = None
+            if rows == 1:
+                self._fail(group.requests[0], err)
+            else:  # which one? each again on its own, in this turn (they fit its budget together)
+                for request in group.requests:
+                    self._joining = _Group.of([request])
+                    self.slots.begin(1)
+                    self._prefill_piece(limit)
+            return rows * (end - group.done)
+        used, group.done = rows * (end - group.done), end
+        if end < group.ids.shape[1]:
+            return used
+        self._joining = None
+        for row, request in enumerate(group.requests):
+            try:
+                seqs = self._join(request, row)
+                for seq, token in zip(seqs, select(seqs, logits[row].expand(len(seqs), -1))):
+                    if isinstance(token, Exception):
+                        raise token
+                    if seq.add(token, self.eos):
+                        self._leave(seq)
+            except Exception as err:  # this request's fault: it fails alone
+                self._fail(request, err)
+        return used
+
+    def _join(self, request: Request, row: int) -> list[_Sequence]:
+        """Take ``request.n`` free slots and start its choices in them from staging row ``row``. Until they run, a
+        failure here (the slot model's join, a bad token id in the prompt) gives the slots back itself: ``_fail``
+        frees running ones only."""
         slots = [heapq.heappop(self._free) for _ in range(request.n)]
         try:
-            self.slots.join(slots)
+            self.slots.join(slots, row)
             seqs = [_Sequence(request, i, slot, self.slots.vocab_size) for i, slot in enumerate(slots)]
         except Exception:
             for slot in slots:
@@ -325,7 +387,7 @@ class Scheduler:
     def _fail_all(self, why: str) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), collections.deque()
-        joining = [self._joining[0]] if self._joining else []
+        joining = self._joining.requests if self._joining else []
         self._joining = None
         running = list({id(s.request): s.request for s in self._running.values()}.values())
         for request in [*waiting, *joining, *running]:

@@ -23,9 +23,11 @@ class Served:
 
 
 def load_served(model: str, n_slots: int, max_context: int, device_name: str = "auto", dtype_name: str = "auto",
-                quant: str | None = None, threads: int | None = None, name: str | None = None) -> Served:
+                quant: str | None = None, threads: int | None = None, name: str | None = None,
+                prefill_rows: int | None = None) -> Served:
     """A student checkpoint, a quantized artifact (or a student with ``quant``: the CPU runtime) or a teacher,
-    loaded as ``llamba generate`` loads them, in a slot cache of ``n_slots`` rows."""
+    loaded as ``llamba generate`` loads them, in a slot cache of ``n_slots`` rows; up to ``prefill_rows`` prompts
+    prefill together (default: ``default_prefill_rows``; the CPU runtime prefills one at a time)."""
     import torch
 
     from llamba.cli.common import resolve_device, resolve_dtype
@@ -33,6 +35,7 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
     from llamba.serve.slots import LlambaSlots, QuantSlots, TeacherSlots
 
     device = resolve_device(device_name)
+    prefill_rows = prefill_rows or default_prefill_rows(device.type)
     if threads:
         torch.set_num_threads(threads)
     if wants_quant_runtime(model, quant):
@@ -48,9 +51,9 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
 
         net, tokenizer = load_model(model, dtype=resolve_dtype(dtype_name, device), device=device)
         if isinstance(net, LlambaForCausalLM):
-            slots = LlambaSlots(net, n_slots, max_context)
+            slots = LlambaSlots(net, n_slots, max_context, prefill_rows=prefill_rows)
         else:
-            slots = TeacherSlots(net, n_slots, max_context)
+            slots = TeacherSlots(net, n_slots, max_context, prefill_rows=prefill_rows)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; the server needs one (write the student with `llamba "
                          "convert`, or copy the teacher's tokenizer.json next to it)")
@@ -58,10 +61,16 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
 
 
 def default_prefill_chunk(device_type: str) -> int:
-    """Prompt tokens prefilled between two decode steps when none are given. A GPU prefills 2,048 tokens of one
-    prompt in a few decode steps' time (~300-500k tokens/s from the host: results/bench-h100.md), so a long prompt
-    joins in one turn and the batch refills as fast as requests leave; a CPU would stall every stream for seconds."""
-    return 2048 if device_type == "cuda" else 256
+    """Prompt tokens prefilled between two decode steps when none are given. A GPU prefills 8,192 tokens of a batch
+    of prompts in a few decode steps' time (a prompt alone is bound by its kernel launches: ~60k tokens/s in the
+    server on an H100, docs/serving.md), so waiting prompts join within a few turns and the batch refills as fast as
+    requests leave; a CPU would stall every stream for seconds."""
+    return 8192 if device_type == "cuda" else 256
+
+
+def default_prefill_rows(device_type: str) -> int:
+    """Prompts prefilled together (staging rows; a teacher's hold ``max_context`` keys each) when none are given."""
+    return 16 if device_type == "cuda" else 4
 
 
 def build_scheduler(served: Served, max_queue: int, prefill_chunk: int, on_turn_end=None):

@@ -1,11 +1,14 @@
 """Slot models: a served model's cache preallocated for ``n_slots`` sequences, that requests join and leave one at a
 time while the others keep decoding. Every kind of model the server runs has the same four calls:
 
-- ``begin()``, then ``prefill(piece)`` for each piece of one prompt: fills a *staging* cache (one row) and returns
-  the last position's logits. Staging keeps a half-prefilled prompt out of the slot rows, so that decode steps can
-  run between its pieces (every decode step advances every slot row of the batch it runs over).
-- ``join(slots)``: copies the staged state into those slot rows (several for ``n`` > 1 choices of one prompt): the
-  join at a token boundary. It overwrites whatever a slot held, which is the state reset.
+- ``begin(rows)``, then ``prefill(ids, mask)`` for each piece of up to ``prefill_rows`` prompts prefilled together:
+  ids (rows, width) left-padded where mask (rows, width) is 0 (None: no padding), into a *staging* cache of those
+  rows; returns each row's last-position logits (rows, vocab). Staging keeps a half-prefilled prompt out of the slot
+  rows, so that decode steps can run between its pieces (every decode step advances every slot row of the batch it
+  runs over). Prompts prefilled together cost about one prompt's kernel launches, which is what a GPU's prefill of
+  one prompt at a time is bound by (docs/serving.md).
+- ``join(slots, row)``: copies staging row ``row`` into those slot rows (several for ``n`` > 1 choices of one
+  prompt): the join at a token boundary. It overwrites whatever a slot held, which is the state reset.
 - ``decode(slots, tokens)``: one token for each of ``slots``; returns their next-token logits (len(slots), vocab).
 - ``release(slot)``: the slot is free again.
 
@@ -27,31 +30,36 @@ class LlambaSlots:
     over rows [0, highest busy slot] only (slots are handed out lowest first, so that is the busy ones and a few
     holes); on CUDA, with ``cuda_graph``, over all rows as one captured graph of fixed shape. A hybrid's KV layers
     join the slots: each row writes its keys at its own device-side position, so requests that joined at
-    different times share a step; the KV cache holds ``max_context`` positions per slot."""
+    different times share a step; the KV cache holds ``max_context`` positions per slot (a left-padded prompt's
+    padding included: the scheduler pads only prompts that still fit). Prompts prefill together through the
+    model's own ``prefill`` (left padding masked, as ``generate`` runs a batch) into a staging cache of
+    ``prefill_rows`` rows."""
 
-    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1):
         self.model = model.eval()
-        self.n_slots, self.max_context = n_slots, max_context
+        self.n_slots, self.max_context, self.prefill_rows = n_slots, max_context, prefill_rows
         self.vocab_size = model.config.vocab_size
         self.device = model.backbone.embedding.weight.device
         self.cache = model.allocate_cache(n_slots, max_length=max_context)
-        self.staging = model.allocate_cache(1, max_length=max_context)
+        self.staging = model.allocate_cache(prefill_rows, max_length=max_context)
+        self._staged = self.staging  # the staging rows of the prompts being prefilled (``begin``)
         self._busy = torch.zeros(n_slots, dtype=torch.bool)
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph = _DecodeGraph(self) if use_graph else None
 
-    def begin(self) -> None:
-        self.staging.reset()
+    def begin(self, rows: int = 1) -> None:
+        self._staged = self.staging.rows(slice(0, rows))  # a view: its count starts at 0, its rows are reset
+        self._staged.reset()
 
     @torch.inference_mode()
-    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
-        out = self.model(piece.to(self.device)[None], past_key_values=self.staging, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = mask.to(self.device) if mask is not None else None
+        return self.model.prefill(ids.to(self.device), self._staged, mask).float()
 
     @torch.inference_mode()
-    def join(self, slots: list[int]) -> None:
+    def join(self, slots: list[int], row: int = 0) -> None:
         for slot in slots:
-            self.cache.load_row(slot, self.staging)
+            self.cache.load_row(slot, self._staged, source_row=row)
             self._busy[slot] = True
 
     @torch.inference_mode()
@@ -100,19 +108,22 @@ class QuantSlots:
     def __init__(self, decoder, n_slots: int, max_context: int):
         self.decoder = decoder
         self.n_slots, self.max_context = n_slots, max_context
+        self.prefill_rows = 1  # the runtime prefills one prompt at a time
         self.vocab_size = decoder.config.vocab_size
         # a hybrid's KV layers hold max_context positions per slot, as LlambaSlots' do (the app admits a request
         # whose prompt and max_tokens fit in max_context)
         self.caches = [decoder.new_cache(max_context) for _ in range(n_slots)]
         self.staging = decoder.new_cache(max_context)
 
-    def begin(self) -> None:
+    def begin(self, rows: int = 1) -> None:
+        if rows != 1:
+            raise ValueError(f"the CPU runtime prefills one prompt at a time, not {rows}")
         self.staging.reset()
 
-    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
-        return self.decoder.prefill(piece, cache=self.staging).clone()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.prefill(ids[0], cache=self.staging).clone()[None]  # one row, never padded
 
-    def join(self, slots: list[int]) -> None:
+    def join(self, slots: list[int], row: int = 0) -> None:
         for slot in slots:
             cache = self.caches[slot]
             cache.load_row(0, self.staging)
@@ -137,9 +148,13 @@ class TeacherSlots:
     On CUDA (``cuda_graph``, default there) a decode step is one captured graph of fixed shape, as the student's
     (``_DecodeGraph``) and the GPU benchmark's teacher are: all ``n_slots`` rows over all ``max_context`` keys,
     masked by each row's position, with no host read in it. Without it a step runs the busy rows over the longest
-    row's keys only, which costs a host read of the positions per step but less attention on short rows."""
+    row's keys only, which costs a host read of the positions per step but less attention on short rows.
 
-    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None):
+    Prompts prefill together in ``prefill_rows`` staging rows after the slots', left-padded as the student's are;
+    a row keeps its keys from position 0 (RoPE counts real tokens only) and padding's keys go to one spare column
+    past ``max_context``, which no step reads."""
+
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from llamba.teacher import check_llama_family
@@ -148,26 +163,29 @@ class TeacherSlots:
         self._rope = apply_rotary_pos_emb
         cfg = model.config
         self.model = model.eval()
-        self.n_slots = n_slots
+        self.n_slots, self.prefill_rows = n_slots, prefill_rows
         self.max_context = min(max_context, getattr(cfg, "max_position_embeddings", max_context))
         self.vocab_size = cfg.vocab_size
         self.n_q, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
         p = next(model.parameters())
         self.device = p.device
-        shape = (cfg.num_hidden_layers, n_slots + 1, self.n_kv, self.max_context, self.head_dim)  # last row: staging
+        # rows: the slots, then the staging rows; columns: max_context positions, then padding's spare column
+        shape = (cfg.num_hidden_layers, n_slots + prefill_rows, self.n_kv, self.max_context + 1, self.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.pos = torch.zeros(n_slots + 1, dtype=torch.long, device=p.device)  # next write position per row
-        self.staging = n_slots
+        self.pos = torch.zeros(n_slots + prefill_rows, dtype=torch.long, device=p.device)  # next position per row
+        self.staging = slice(n_slots, n_slots + 1)  # the staging rows in use (``begin``)
         self.tok = torch.zeros(n_slots, 1, dtype=torch.long, device=p.device)  # the fixed-shape step's input
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graph = self._capture() if use_graph else None
 
     def _forward(self, ids: torch.Tensor, rows: slice, positions: torch.Tensor, keys: int,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """ids (b, L) at ``positions`` (b, L) for the cache rows ``rows`` (b of them); attends over the first ``keys``
-        cached positions under ``mask`` (b, 1, L, keys); returns the last position's logits (b, vocab)."""
+                 mask: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (b, L) at ``positions`` (b, L) for the cache rows ``rows`` (b of them), their keys written at
+        ``write`` (b, L; default ``positions``); attends over the first ``keys`` cached positions under ``mask``
+        (b, 1, L, keys); returns the last position's logits (b, vocab)."""
+        write = positions if write is None else write
         m = self.model.model
         b, L = ids.shape
         row_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
@@ -181,36 +199,43 @@ class TeacherSlots:
             v = attn.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = self._rope(q, k, cos, sin)
             # (row, position) index pairs: each row writes at its own positions
-            self.k[i][row_index, :, positions] = k.transpose(1, 2)
-            self.v[i][row_index, :, positions] = v.transpose(1, 2)
+            self.k[i][row_index, :, write] = k.transpose(1, 2)
+            self.v[i][row_index, :, write] = v.transpose(1, 2)
             # a slice of rows reads the cache in place (an index list would copy it every step)
             o = cache_attention(q, self.k[i, rows, :, :keys], self.v[i, rows, :, :keys], mask, attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(b, L, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.model.lm_head(m.norm(h[:, -1])).float()
 
-    def begin(self) -> None:
+    def begin(self, rows: int = 1) -> None:
+        self.staging = slice(self.n_slots, self.n_slots + rows)
         self.pos[self.staging] = 0
 
     @torch.inference_mode()
-    def prefill(self, piece: torch.Tensor) -> torch.Tensor:
-        start, L = int(self.pos[self.staging]), piece.shape[0]
-        if start + L > self.max_context:
-            raise ValueError(f"the prompt needs {start + L} positions; the KV cache holds {self.max_context}")
-        positions = torch.arange(start, start + L, device=self.device)
-        keys = torch.arange(start + L, device=self.device)
-        mask = (keys[None, :] <= positions[:, None])[None, None]
-        rows = slice(self.staging, self.staging + 1)
-        logits = self._forward(piece.to(self.device)[None], rows, positions[None], start + L, mask)
-        self.pos[self.staging] = start + L
-        return logits[0]
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        ids = ids.to(self.device)
+        real = mask.to(self.device).bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        start = self.pos[self.staging]
+        positions = start[:, None] + real.long().cumsum(1) - 1  # each real token's position in its own row
+        end = start + real.sum(1)
+        longest = int(end.max())
+        if longest > self.max_context:
+            raise ValueError(f"the prompt needs {longest} positions; the KV cache holds {self.max_context}")
+        write = torch.where(real, positions, self.max_context)  # padding writes the spare column
+        positions = positions.clamp(min=0)  # a padded query attends to position 0 (finite; never read)
+        keys = torch.arange(longest, device=self.device)
+        attend = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (b, 1, L, keys): causal in each row
+        logits = self._forward(ids, self.staging, positions, longest, attend, write)
+        self.pos[self.staging] = end
+        return logits
 
     @torch.inference_mode()
-    def join(self, slots: list[int]) -> None:
-        n = int(self.pos[self.staging])
+    def join(self, slots: list[int], row: int = 0) -> None:
+        source = self.staging.start + row
+        n = int(self.pos[source])
         for slot in slots:
-            self.k[:, slot, :, :n].copy_(self.k[:, self.staging, :, :n])
-            self.v[:, slot, :, :n].copy_(self.v[:, self.staging, :, :n])
+            self.k[:, slot, :, :n].copy_(self.k[:, source, :, :n])
+            self.v[:, slot, :, :n].copy_(self.v[:, source, :, :n])
             self.pos[slot] = n
 
     def _step_all_rows(self) -> torch.Tensor:
