@@ -270,13 +270,16 @@ def test_triton_decode_step_matches_float64(shape, dtype):
 
 @triton_kernel
 @pytest.mark.triton
-@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (2, 9, 3, 64, 128), (2, 2, 2, 32, 16)])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 64, 64), (2, 6, 3, 96, 64), (2, 9, 3, 64, 128), (2, 2, 2, 32, 16),
+                                   (67, 2, 2, 32, 16)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("theta_from_u", [False, True], ids=["theta", "theta-from-u"])
 def test_triton_gateloop_decode_step_matches_float64(shape, dtype, theta_from_u):
     """The fused step of a GateLoop mixer: the phase advanced and wrapped in place, B and C rotated by it after the
-    conv, the state read as its two halves; against the PyTorch step in float64 (phases past pi wrap). theta given,
-    or computed in the kernel from the normed input and phase_proj's rows (what the model's step passes)."""
+    conv (as halves) and read back whole; against the PyTorch step in float64 (phases past pi wrap). theta given,
+    or computed in the kernel from the normed input and phase_proj's rows (what the model's step passes): unrolled
+    in wide tiles while the grid is smaller than the GPU (132 SMs without one), in a loop of narrow ones once it
+    is not (batch 67 x 2 groups)."""
     from llamba.ops.step.triton_kernel import mixer_step_triton
 
     b, H, G, P, N = shape

@@ -113,12 +113,16 @@ def launch_all(length: int = 128, sm_count: int | None = None) -> None:
                               torch.randn(batch, conv_dim, 3, dtype=bf16), torch.randn(batch, H, P, N),
                               torch.randn(conv_dim, 1, 4, dtype=bf16), torch.randn(conv_dim, dtype=bf16),
                               torch.randn(H, dtype=bf16), torch.randn(H * P, dtype=bf16), H)
-        # a GateLoop mixer's step: the phase turned and B, C rotated in the kernel; theta given, and theta computed
-        # in the kernel from the normed input with A_log (the engine's route on CUDA)
+    # a GateLoop mixer's step: the phase turned and B, C rotated in the kernel; theta given, and theta computed in
+    # the kernel from the normed input with A_log (the engine's route on CUDA), whose tiles depend on whether the
+    # grid fills the GPU: batch 1 (it does not) and the table's first batch
+    for batch in (1, DECODE_BATCHES[0]):
+        conv_dim = H * P + 2 * H * N
         u = torch.randn(batch, d_model, dtype=bf16)
-        for A_log, theta in ((torch.randn(batch, H, dtype=bf16), torch.randn(batch, H, N // 2)),
-                             ((u, torch.randn(H, d_model, dtype=bf16), None),
-                              (u, torch.randn(H * N // 2, d_model, dtype=bf16), torch.randn(H * N // 2, dtype=bf16)))):
+        thetas = [(torch.randn(batch, H, dtype=bf16), torch.randn(batch, H, N // 2))] if batch > 1 else []
+        for A_log, theta in thetas + [((u, torch.randn(H, d_model, dtype=bf16), None),
+                                       (u, torch.randn(H * N // 2, d_model, dtype=bf16),
+                                        torch.randn(H * N // 2, dtype=bf16)))]:
             mixer_step_triton(torch.randn(batch, conv_dim, dtype=bf16), torch.randn(batch, H * P, dtype=bf16), A_log,
                               torch.randn(batch, conv_dim, 3, dtype=bf16), torch.randn(batch, H, P, N),
                               torch.randn(conv_dim, 1, 4, dtype=bf16), torch.randn(conv_dim, dtype=bf16),

@@ -10,11 +10,14 @@ rows of their own GEMM they leave cuBLAS a tiny, slow product, and as part of th
 is not a multiple of 8 (see ``llamba.model.mixer.split_in_proj``).
 
 A GateLoop mixer (``ROTATE``) also advances its cumulative phase by theta and rotates B and C by it after the conv
-(state pair j is dims j and j + N/2, as in ``llamba.ops.gateloop``): the kernel then works on the two halves of
-the state dimension as separate tiles, so the rotation needs no shuffle between lanes.
+(state pair j is dims j and j + N/2, as in ``llamba.ops.gateloop``): the conv and the rotation work on the two
+halves of B and C as separate vectors, so the rotation needs no shuffle between lanes, and the rotated vectors go
+through a small scratch row so that the state update is Discrete Mamba-2's, on whole state rows.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -50,19 +53,30 @@ def _conv_channels(xbc_ptr, cs_ptr, w_ptr, bias_ptr, b, ch, mask, s_xb, s_cb, s_
 
 @triton.jit
 def _projected_rows(u_ptr, w_ptr, bias_ptr, b, rows, row_mask, K, s_ub, s_w, HAS_BIAS: tl.constexpr,
-                    BR: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr):
+                    BR: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, UNROLL: tl.constexpr = True):
     """float32 (BR,): the dots of the normed input row u_b (K wide) with the weight ``rows``, plus their bias: the
-    kernel's side of ``llamba.ops.step.naive.projected_rows`` (A_log, a GateLoop mixer's theta)."""
+    kernel's side of ``llamba.ops.step.naive.projected_rows`` (A_log, a GateLoop mixer's theta). ``UNROLL``: the
+    K loop unrolled, so its loads are all in flight at once (a few programs, each latency-bound); else a loop (a
+    grid that fills the GPU, where the registers unrolled loads hold bound how many programs an SM runs)."""
     acc = tl.zeros([BR, BK], dtype=tl.float32)
-    for i in tl.static_range(NK):
-        k = i * BK + tl.arange(0, BK)
-        u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows[:, None] * s_w + k[None, :], mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
-        acc += u[None, :] * w.to(tl.float32)
+    if UNROLL:
+        for i in tl.static_range(NK):
+            acc += _rows_times_u(u_ptr, w_ptr, b, rows, row_mask, i * BK + tl.arange(0, BK), K, s_ub, s_w)
+    else:
+        for i in range(NK):
+            acc += _rows_times_u(u_ptr, w_ptr, b, rows, row_mask, i * BK + tl.arange(0, BK), K, s_ub, s_w)
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     return out
+
+
+@triton.jit
+def _rows_times_u(u_ptr, w_ptr, b, rows, row_mask, k, K, s_ub, s_w):
+    """float32 (rows, k): the weight ``rows`` times u_b, elementwise, over columns k (summed by the caller)."""
+    u = tl.load(u_ptr + b * s_ub + k, mask=k < K, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + rows[:, None] * s_w + k[None, :], mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
+    return u[None, :] * w.to(tl.float32)
 
 
 @triton.jit
@@ -89,51 +103,60 @@ def _rotated_pair(lo, hi, cos, sin, dtype):
 @triton.jit
 def _mixer_step_kernel(
     xbc_ptr, z_ptr, alog_ptr, u_ptr, aw_ptr, ab_ptr, conv_ptr, ssm_ptr, w_ptr, cbias_ptr, d_ptr, zbias_ptr, out_ptr,
-    theta_ptr, phase_ptr, tu_ptr, tw_ptr, tbias_ptr,
+    theta_ptr, phase_ptr, tu_ptr, tw_ptr, tbias_ptr, scratch_ptr,
     G, HPG, P, N, d_inner, K, KT,
     s_xb, s_zb, s_ab, s_ub, s_aw, s_cb, s_cc, s_sb, s_sh, s_sp, s_ob, s_tb, s_tg, s_fb, s_fg, s_tub, s_tw,
     HAS_CONV_BIAS: tl.constexpr, HAS_Z_BIAS: tl.constexpr, A_FROM_U: tl.constexpr, HAS_A_BIAS: tl.constexpr,
-    ROTATE: tl.constexpr, THETA_FROM_U: tl.constexpr, HAS_T_BIAS: tl.constexpr,
+    ROTATE: tl.constexpr, THETA_FROM_U: tl.constexpr, HAS_T_BIAS: tl.constexpr, T_UNROLL: tl.constexpr,
     BP: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, BKT: tl.constexpr,
     NKT: tl.constexpr,
 ):
     b, g = tl.program_id(0), tl.program_id(1)
     A_logs = _group_a_log(alog_ptr, u_ptr, aw_ptr, ab_ptr, b, g, HPG, K, s_ab, s_ub, s_aw, A_FROM_U, HAS_A_BIAS,
                           BH, BK, NK)
-    if ROTATE:  # BN covers half of N: n indexes state pairs, the state is read as its two halves
+    n = tl.arange(0, BN)
+    n_mask = n < N
+    if ROTATE:  # B and C turned by the phase: pair j is dims j and j + N/2, so the conv runs on the halves
         half = N // 2
-        n = tl.arange(0, BN)
-        n_mask = n < half
-        B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
+        j = tl.arange(0, BN // 2)
+        j_mask = j < half
+        B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + j, j_mask, s_xb, s_cb, s_cc,
                            HAS_CONV_BIAS)
-        B2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + half + n, n_mask, s_xb, s_cb,
+        B2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + half + j, j_mask, s_xb, s_cb,
                             s_cc, HAS_CONV_BIAS)
-        C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb,
+        C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + j, j_mask, s_xb, s_cb,
                            s_cc, HAS_CONV_BIAS)
-        C2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + half + n, n_mask, s_xb,
+        C2 = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + half + j, j_mask, s_xb,
                             s_cb, s_cc, HAS_CONV_BIAS)
         if THETA_FROM_U:  # theta from u_b and phase_proj's rows of this group's pairs
-            theta = _projected_rows(tu_ptr, tw_ptr, tbias_ptr, b, g * half + n, n_mask, KT, s_tub, s_tw, HAS_T_BIAS,
-                                    BN, BKT, NKT)
+            theta = _projected_rows(tu_ptr, tw_ptr, tbias_ptr, b, g * half + j, j_mask, KT, s_tub, s_tw, HAS_T_BIAS,
+                                    BN // 2, BKT, NKT, T_UNROLL)
         else:
-            theta = tl.load(theta_ptr + b * s_tb + g * s_tg + n, mask=n_mask, other=0.0)
-        fp = phase_ptr + b * s_fb + g * s_fg + n
-        phi = tl.load(fp, mask=n_mask, other=0.0) + theta
+            theta = tl.load(theta_ptr + b * s_tb + g * s_tg + j, mask=j_mask, other=0.0)
+        fp = phase_ptr + b * s_fb + g * s_fg + j
+        phi = tl.load(fp, mask=j_mask, other=0.0) + theta
         phi = phi + 3.141592653589793  # wrapped to [-pi, pi) as torch.remainder(phi + pi, 2 pi) - pi
         phi = phi - 6.283185307179586 * tl.floor(phi / 6.283185307179586) - 3.141592653589793
-        tl.store(fp, phi, mask=n_mask)
+        tl.store(fp, phi, mask=j_mask)
         cos, sin = tl.cos(phi), tl.sin(phi)
         B, B2 = _rotated_pair(B, B2, cos, sin, xbc_ptr.dtype.element_ty)
         C, C2 = _rotated_pair(C, C2, cos, sin, xbc_ptr.dtype.element_ty)
+        # Through a scratch row and back as whole vectors: the head loop below then holds B and C as Discrete
+        # Mamba-2's does, one (BP, N) state tile at a time. Held as four half vectors through the loop, they
+        # took the kernel from 80 to 158 registers a thread (half the programs an SM runs at once).
+        row = scratch_ptr + (b * G + g) * 2 * N
+        tl.store(row + j, B, mask=j_mask)
+        tl.store(row + half + j, B2, mask=j_mask)
+        tl.store(row + N + j, C, mask=j_mask)
+        tl.store(row + N + half + j, C2, mask=j_mask)
+        tl.debug_barrier()  # the whole program's stores before any thread's loads
+        B = tl.load(row + n, mask=n_mask, other=0.0)
+        C = tl.load(row + N + n, mask=n_mask, other=0.0)
     else:
-        half = 0
-        n = tl.arange(0, BN)
-        n_mask = n < N
         B = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + g * N + n, n_mask, s_xb, s_cb, s_cc,
                            HAS_CONV_BIAS)
         C = _conv_channels(xbc_ptr, conv_ptr, w_ptr, cbias_ptr, b, d_inner + (G + g) * N + n, n_mask, s_xb, s_cb,
                            s_cc, HAS_CONV_BIAS)
-        B2, C2 = B, C  # unused
     for hh in range(HPG):
         h = g * HPG + hh
         A_log = tl.sum(tl.where(tl.arange(0, BH) == hh, A_logs, 0.0), axis=0)
@@ -148,20 +171,24 @@ def _mixer_step_kernel(
             sp = ssm_ptr + b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
             pn_mask = p_mask[:, None] & n_mask[None, :]
             state = tl.load(sp, mask=pn_mask, other=0.0) * a + x[:, None] * B[None, :]
-            if ROTATE:  # the second half of the state dimension, loaded before the first half's store: a load
-                # after a store to the same tensor waits for it (they may alias), which serialised the halves
-                state2 = tl.load(sp + half, mask=pn_mask, other=0.0) * a + x[:, None] * B2[None, :]
             tl.store(sp, state, mask=pn_mask)
             y = tl.sum(state * C[None, :], axis=1)
-            if ROTATE:
-                tl.store(sp + half, state2, mask=pn_mask)
-                y += tl.sum(state2 * C2[None, :], axis=1)
             y = y.to(out_ptr.dtype.element_ty).to(tl.float32) + D * x
             z = tl.load(z_ptr + b * s_zb + ch, mask=p_mask, other=0.0).to(tl.float32)
             if HAS_Z_BIAS:
                 z += tl.load(zbias_ptr + ch, mask=p_mask, other=0.0).to(tl.float32)
             y = y * (z / (1.0 + tl.exp(-z)))
             tl.store(out_ptr + b * s_ob + ch, y.to(out_ptr.dtype.element_ty), mask=p_mask)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """The GPU's SM count; an H100's (132) where there is none (the interpreter, the register report)."""
+    return _cuda_sm_count(device.index or torch.cuda.current_device()) if device.type == "cuda" else 132
 
 
 def _projection(proj, n_rows: int, what: str, why: str):
@@ -224,17 +251,23 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
-    BN = max(16, triton.next_power_of_2(d_state // 2 if phase is not None else d_state))
+    BN = max(32, triton.next_power_of_2(d_state))
     BP = min(32, triton.next_power_of_2(head_dim))
     K = u.shape[-1] if a_from_u else 1
     BH = triton.next_power_of_2(n_heads // n_qk_heads)
     BK = min(triton.next_power_of_2(K), max(16, 4096 // BH))  # a (BH, BK) float32 tile: 32 registers a thread
     KT = tu.shape[-1] if theta_from_u else 1
-    BKT = min(triton.next_power_of_2(KT), max(16, 4096 // BN))  # theta's (BN, BKT) tile, likewise
+    # theta's (BN / 2, BKT) tile: wide and unrolled while the grid leaves SMs idle, narrow in a loop once it fills
+    # them (unrolled, 128 wide, it held 168 registers a thread against Discrete Mamba-2's 80; narrow: 72)
+    t_unroll = batch * n_qk_heads < _sm_count(xBC.device)
+    BKT = min(triton.next_power_of_2(KT), max(16, (8192 if t_unroll else 2048) // BN))
     _mixer_step_kernel[(batch, n_qk_heads)](
         xBC, z, A_log, u, a_weight, a_bias if a_bias is not None else a_weight, conv_state, ssm_state, weight,
         conv_bias if conv_bias is not None else weight, D, z_bias if z_bias is not None else D, out,
         theta, phase_state, tu, tw, t_bias if t_bias is not None else tw,
+        # the rotated B and C of each (row, group), float32: see the kernel
+        torch.empty(batch * n_qk_heads * 2 * d_state if phase is not None else 1, device=xBC.device,
+                    dtype=torch.float32),
         n_qk_heads, n_heads // n_qk_heads, head_dim, d_state, d_inner, K, KT,
         xBC.stride(0), z.stride(0), A_log.stride(0), u.stride(0), a_weight.stride(0), conv_state.stride(0),
         conv_state.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), out.stride(0),
@@ -242,6 +275,6 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         tu.stride(0), tw.stride(0),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
         HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, THETA_FROM_U=theta_from_u,
-        HAS_T_BIAS=theta_from_u and t_bias is not None, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), BKT=BKT,
+        HAS_T_BIAS=theta_from_u and t_bias is not None, T_UNROLL=t_unroll, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), BKT=BKT,
         NKT=triton.cdiv(KT, BKT), num_warps=4)
     return out
