@@ -383,6 +383,34 @@ def test_a_sampling_setting_that_fails_fails_its_requests_alone(monkeypatch):
     assert errors == ["RuntimeError: injected sampling fault"] and len(sampled_calls) == 2
 
 
+def test_a_row_of_non_finite_logits_fails_its_request_alone():
+    """A decode step whose logits for one sequence hold a NaN (here: injected for the request whose prompt starts
+    with 4, at its third step): that request fails, saying so, instead of streaming what an argmax of NaN picks;
+    the others in the same steps get exactly their tokens."""
+    from llamba.serve.slots import LlambaSlots
+
+    class NanRow(LlambaSlots):
+        steps = 0
+
+        def decode(self, slots, tokens):
+            logits = super().decode(slots, tokens).clone()
+            self.steps += 1
+            if self.steps == 3:
+                logits[slots.index(self.nan_slot), 7] = float("nan")
+            return logits
+
+    model = make_tiny_student(tied=False).double()
+    with torch.inference_mode():
+        expected = [greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], p, 6) for p in PROMPTS]
+    slots = NanRow(model, 8, 64, cuda_graph=False, prefill_rows=8)
+    slots.nan_slot = 0  # the first request prefilled: the one submitted first
+    scheduler = make_scheduler(slots, max_queue=8, prefill_chunk=64)
+    errors = []
+    scheduler.submit(Request([4, 5], 6, lambda e: e.kind == "error" and errors.append(e.text)))
+    assert served_all_queued(scheduler, PROMPTS, 6) == [as_text_shows(e) for e in expected]
+    assert errors == ["FloatingPointError: the model's logits for this sequence are not finite (NaN or inf)"]
+
+
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     """Chunked prefill: while a 40-token prompt joins in pieces of 4, the request already running gets a decode step
     after every piece (it is never stalled for the whole prefill), and both get their tokens alone."""

@@ -65,7 +65,7 @@ async def stream_one(host: str, port: int, body: dict) -> dict:
     writer.close()
     if not (done and finish):
         raise RuntimeError("a stream ended before its finish_reason and [DONE]")
-    if not times:  # e.g. a model whose every token is a special one (or NaN logits, whose argmax is token 0)
+    if not times:  # a model whose every token is a special one (NaN logits fail the request in the server)
         raise RuntimeError(f"a stream ended without any text ({tokens} tokens, finish_reason {finish!r})")
     return {"ttft": times[0] - sent, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
             "finish": finish}

@@ -110,7 +110,7 @@ def select(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]
     one sampling setting go through the sampler together, each drawing from its own generator (so a seeded request
     gets the same tokens whoever shares its batch); a batch of one setting (all greedy, say) uses ``logits`` as they
     are (a gather of the rows first cost more than the argmax on a CPU). A setting whose selection fails gives its
-    rows the error instead of a token: those requests fail, the others go on."""
+    rows the error instead of a token, as does a row of non-finite logits: those requests fail, the others go on."""
     device = logits.device
     groups: dict[SamplingParams, list[int]] = {}
     for i, seq in enumerate(seqs):
@@ -129,7 +129,13 @@ def select(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]
                 picks[index] = select_tokens(logits[index], seen, params, generators)
         except Exception as err:
             failed.update((i, err) for i in rows)
-    tokens = picks.tolist()
+    # a row whose logits hold a NaN or inf has no next token: its request fails with that said, instead of
+    # streaming whatever an argmax of NaN picks (token 0: a special token, no text, to the end of max_tokens)
+    picks = torch.where(torch.isfinite(logits).all(-1), picks, -1)
+    tokens = picks.tolist()  # the one host read
+    for i, token in enumerate(tokens):
+        if token < 0 and i not in failed:
+            failed[i] = FloatingPointError("the model's logits for this sequence are not finite (NaN or inf)")
     for i, seq in enumerate(seqs):
         if seq.seen is not None and i not in failed:
             seq.seen[0, tokens[i]] = True
