@@ -37,9 +37,9 @@ def sample_documents(slots, start_id: int, eos_id: int, length: int, generator: 
     ``TeacherSlots`` holding at least ``length`` positions). Rows go on past their EOS (a fixed-shape step is
     cheaper than a ragged one) and are cut there; the batch stops once every row has ended."""
     rows = list(range(slots.n_slots))
-    slots.begin()
-    logits = slots.prefill(torch.tensor([start_id])).expand(len(rows), -1)
-    slots.join(rows)
+    slots.begin(1)
+    logits = slots.prefill(torch.tensor([[start_id]]))[0].expand(len(rows), -1)
+    slots.join(rows, 0)
     out = torch.empty(len(rows), length, dtype=torch.long)
     ended = torch.zeros(len(rows), dtype=torch.bool)
     for t in range(length):
