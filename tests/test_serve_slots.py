@@ -155,12 +155,14 @@ def test_teacher_slots_fixed_shape_step_gives_each_request_its_tokens_alone():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_teacher_slots_cuda_graph_matches_the_plain_step():
+@pytest.mark.parametrize("prefill", list(PREFILL))
+def test_teacher_slots_cuda_graph_matches_the_plain_step(prefill):
     from llamba.serve.slots import TeacherSlots
 
     teacher = tiny_teacher().float().cuda()
-    plain = collect(TeacherSlots(teacher, 4, 64, cuda_graph=False), PROMPTS, 8)
-    graphed = collect(TeacherSlots(teacher, 4, 64, cuda_graph=True), PROMPTS, 8)
+    rows, chunk = PREFILL[prefill].values()
+    plain = collect(TeacherSlots(teacher, 4, 64, cuda_graph=False, prefill_rows=rows), PROMPTS, 8, chunk)
+    graphed = collect(TeacherSlots(teacher, 4, 64, cuda_graph=True, prefill_rows=rows), PROMPTS, 8, chunk)
     assert graphed == plain
 
 
@@ -290,12 +292,14 @@ def test_gateloop_student_slots_carry_the_phase_into_the_slot(prefill):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_matches_the_plain_step():
+@pytest.mark.parametrize("prefill", list(PREFILL))
+def test_cuda_graph_decode_matches_the_plain_step(prefill):
     from llamba.serve.slots import LlambaSlots
 
     model = make_tiny_student(tied=False).cuda()
-    plain = collect(LlambaSlots(model, 4, 64, cuda_graph=False), PROMPTS, 8)
-    graphed = collect(LlambaSlots(model, 4, 64, cuda_graph=True), PROMPTS, 8)
+    rows, chunk = PREFILL[prefill].values()
+    plain = collect(LlambaSlots(model, 4, 64, cuda_graph=False, prefill_rows=rows), PROMPTS, 8, chunk)
+    graphed = collect(LlambaSlots(model, 4, 64, cuda_graph=True, prefill_rows=rows), PROMPTS, 8, chunk)
     assert graphed == plain
 
 
