@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# One device call of measurements with no payload (the teacher's shapes with random weights), each step bounded:
-# the CUDA tests of what changed (the fused decode step, GateLoop, the server's slots), GateLoop's decode against
-# Discrete Mamba-2, and on an H200 issue 19's stage-1 / stage-2 throughput lines. Writes under $OUT.
+# One device call of measurements with no payload (the teacher's shapes with random weights), each step bounded
+# (seconds in the variables below), in the order of STEPS (default: all of them, which needs more than one call):
+#   tests     the CUDA tests of what changed: the fused decode step (GateLoop's too), the server's slots
+#   serve     issue 24's bars: serve_bench.sh at the levels of results/serve-h100.md but 1,024 (carry .gpu/tok)
+#   gateloop  GateLoop's decode against Discrete Mamba-2 (issue 22)
+#   distill   on an H200 only: issue 19's stage-1 / stage-2 throughput lines
+# Writes under $OUT. Usage: STEPS="tests serve gateloop" bash tools/device/measure_round.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 SLUG=$(echo "$GPU" | grep -qi h200 && echo h200 || echo h100)
-echo "$GPU ($SLUG)"
-timeout -s KILL ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "decode_step" \
-  2>&1 | tail -3
-timeout -s KILL ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_serve_slots.py tests/test_gateloop.py \
-  2>&1 | tail -3
-timeout -s KILL ${BENCH_S:-200} python3 -m llamba.cli bench --skip-kernels --batches 1,64,256 --prompts 2048 \
-  --hf-configs 2048x1 --hybrids --mixers gateloop --hybrid-batches 1,64,256 --contexts 1024,32768 \
-  --out $OUT/bench-$SLUG-gateloop 2>&1 | grep -v "it/s\]" | tail -25
-if [ "$SLUG" = h200 ]; then
-  timeout -s KILL ${DISTILL_S:-220} python3 -m llamba.cli bench distill --variants stage1-compile \
-    stage2-compile-teacher --out $OUT/bench-distill-stages12-h200 2>&1 | grep -v "it/s\]" | tail -12
-fi
+echo "$GPU ($SLUG), $(date -u +%FT%TZ)"
+for step in ${STEPS:-tests serve gateloop distill}; do
+  echo "== $step ($SECONDS s)"
+  case $step in
+  tests)
+    timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
+      -k "decode_step" 2>&1 | tail -2
+    timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/test_serve_slots.py \
+      2>&1 | tail -2 ;;
+  serve)
+    SECONDS_LIMIT=${SERVE_S:-330} timeout -s KILL $(( ${SERVE_S:-330} + 60 )) bash tools/device/serve_bench.sh \
+      --prompt-tokens 1024 --new-tokens 2048 --requests-per-client 1 --concurrency 1,16,64,256 --max-batch 256 \
+      --stream-interval 4 --api-processes 4 --client-processes 4 2>&1 | tail -22 ;;
+  gateloop)
+    timeout -s KILL ${BENCH_S:-150} python3 -m llamba.cli bench --skip-kernels --batches 1,64,256 --prompts 2048 \
+      --hf-configs 2048x1 --hybrids --mixers gateloop --hybrid-batches 1,64,256 --contexts 1024,32768 \
+      --out $OUT/bench-$SLUG-gateloop 2>&1 | grep -v "it/s\]" | tail -25 ;;
+  distill)
+    [ "$SLUG" = h200 ] && timeout -s KILL ${DISTILL_S:-200} python3 -m llamba.cli bench distill --variants \
+      stage1-compile stage2-compile-teacher --out $OUT/bench-distill-stages12-h200 2>&1 | grep -v "it/s\]" \
+      | tail -12 ;;
+  esac
+done
+echo "== done ($SECONDS s)"
