@@ -72,3 +72,24 @@ def test_the_text_does_not_depend_on_the_stream_interval(smollm2_tokenizer):
             texts[k] = "".join(e.text for e in events if e.kind == "text")
             assert sum(e.kind == "text" for e in events) <= -(-len(new) // k) + 1
         assert len(set(texts.values())) == 1, texts
+
+
+def test_a_choice_that_ends_inside_a_character_sends_what_decoding_all_its_tokens_gives(smollm2_tokenizer):
+    """Tokens whose text is an unfinished UTF-8 character are held back until a later token completes it; a choice
+    that ends first still sends them, as U+FFFD, so its text is what decoding all its tokens gives: a greedy loop
+    on such a token (a random-weight teacher's request on an H100 streamed 2,048 of them and no text at all) and a
+    real text cut inside a character both end with their bytes shown."""
+    tok = smollm2_tokenizer
+    real = tok(MULTIBYTE)["input_ids"]
+    emoji = next(i for i in range(1, len(real)) if tok.decode(real[:i]).endswith("\ufffd"))  # a cut in a character
+    loop = next(t for t in range(len(tok)) if tok.decode([t]).endswith("\ufffd") and tok.decode([t]).strip("\ufffd"))
+    for prompt, new in (([5, 6, 7], [loop] * 6), (real[:3], real[3:emoji])):
+        events = []
+        text = RequestText(tok, prompt, 1, [], 4, events.append, end_choice=lambda i: None)
+        for t in new:
+            text.choices[0].add(t)
+        text.choices[0].finish("length", len(new))
+        sent = "".join(e.text for e in events if e.kind == "text")
+        whole = tok.decode(prompt + new, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+        assert sent == whole and sent.endswith("\ufffd"), (sent, whole)
+        assert [e.kind for e in events][-1] == "finish"

@@ -72,16 +72,21 @@ class _ChoiceText:
 
     def __init__(self, index: int, tokenizer, prompt: list[int], stop: list[str], interval: int, put):
         self.index, self.stop, self.interval, self.put = index, stop, interval, put
-        self.decoder = incremental_decoder(tokenizer, prompt[-PROMPT_TAIL:])
+        self.tokenizer, self.ids = tokenizer, list(prompt[-PROMPT_TAIL:])
+        self.decoder = incremental_decoder(tokenizer, self.ids)
         self.text, self.sent, self.tokens, self.done = "", 0, 0, False
+        self.read_to = len(self.ids)  # the ids whose text is all in self.text (the decoder holds back the rest)
         self.hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
 
     def add(self, token: int) -> bool:
         """Record ``token``; send the text so far every ``interval`` tokens (a stop string is looked for at every
         token). Returns whether the text reached a stop string (the choice has then finished)."""
         self.tokens += 1
+        self.ids.append(token)
         piece = self.decoder.step(token)
         self.text += piece
+        if piece:
+            self.read_to = len(self.ids)
         if self.stop and piece:
             look_from = max(0, len(self.text) - len(piece) - self.hold)
             hits = [i for i in (self.text.find(s, look_from) for s in self.stop) if i >= 0]
@@ -96,8 +101,24 @@ class _ChoiceText:
             self.sent = safe
         return False
 
+    def held_back(self) -> str:
+        """The text of the tokens the incremental decoder still holds: an unfinished UTF-8 character that no later
+        token completed, as U+FFFD, which is what decoding all the tokens gives. Without it a choice whose last
+        tokens are such pieces loses them, and one made only of them (a random-weight model looping on a byte
+        token) streams no text at all. Decoded from a few tokens back, as ``Redecode`` does."""
+        if self.read_to == len(self.ids):
+            return ""
+        context = self.ids[max(0, self.read_to - 4):self.read_to]
+        before = self.tokenizer.decode(context, skip_special_tokens=True)
+        after = self.tokenizer.decode(context + self.ids[self.read_to:], skip_special_tokens=True)
+        self.read_to = len(self.ids)
+        return after[len(before):] if after.startswith(before) else ""
+
     def finish(self, reason: str, tokens: int, end: int | None = None) -> None:
-        """Send the text up to ``end`` (all of it by default) and the choice's finish."""
+        """Send the text up to ``end`` (all of it by default, what the decoder held back included) and the
+        choice's finish."""
+        if end is None:
+            self.text += self.held_back()
         end = len(self.text) if end is None else end
         if end > self.sent:
             self.put(Event("text", self.index, text=self.text[self.sent:end]))
