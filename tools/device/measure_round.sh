@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # One device call of measurements with no payload (the teacher's shapes with random weights), each step bounded
 # (seconds in the variables below), in the order of STEPS (default: all of them, which needs more than one call):
-#   tests     the CUDA tests of what changed: the fused decode step (GateLoop's too), the server's slots
+#   kernels   the CUDA tests of the fused decode step (GateLoop's too)
+#   slots     the CUDA tests of the server's slots
 #   serve     issue 24's bars: serve_bench.sh at the levels of results/serve-h100.md but 1,024 (carry .gpu/tok)
 #   gateloop  GateLoop's decode against Discrete Mamba-2 (issue 22)
 #   distill   on an H200 only: issue 19's stage-1 / stage-2 throughput lines
-# Writes under $OUT. Usage: STEPS="tests serve gateloop" bash tools/device/measure_round.sh
+# Writes under $OUT. Usage: STEPS="kernels serve gateloop" bash tools/device/measure_round.sh
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 SLUG=$(echo "$GPU" | grep -qi h200 && echo h200 || echo h100)
 echo "$GPU ($SLUG), $(date -u +%FT%TZ)"
-for step in ${STEPS:-tests serve gateloop distill}; do
+for step in ${STEPS:-kernels slots serve gateloop distill}; do
   echo "== $step ($SECONDS s)"
   case $step in
-  tests)
+  kernels)
     timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
-      -k "decode_step" 2>&1 | tail -2
+      -k "decode_step" 2>&1 | tail -2 ;;
+  slots)
     timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/test_serve_slots.py \
       2>&1 | tail -2 ;;
   serve)
