@@ -23,8 +23,8 @@ for step in ${STEPS:-kernels slots serve gateloop distill}; do
       2>&1 | tail -2 ;;
   serve)
     SECONDS_LIMIT=${SERVE_S:-330} timeout -s KILL $(( ${SERVE_S:-330} + 60 )) bash tools/device/serve_bench.sh \
-      --prompt-tokens 1024 --new-tokens 2048 --requests-per-client 1 --concurrency 1,16,64,256 --max-batch 256 \
-      --stream-interval 4 --api-processes 4 --client-processes 4 2>&1 | tail -22 ;;
+      --prompt-tokens 1024 --new-tokens 2048 --requests-per-client 1 --concurrency ${SERVE_LEVELS:-1,16,64,256} \
+      --max-batch 256 --stream-interval 4 --api-processes 4 --client-processes 4 2>&1 | tail -22 ;;
   gateloop)
     timeout -s KILL ${BENCH_S:-150} python3 -m llamba.cli bench --skip-kernels --batches 1,64,256 --prompts 2048 \
       --hf-configs 2048x1 --hybrids --mixers gateloop --hybrid-batches 1,64,256 --contexts 1024,32768 \
