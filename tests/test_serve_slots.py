@@ -415,6 +415,50 @@ def test_a_row_of_non_finite_logits_fails_its_request_alone():
     assert errors == ["FloatingPointError: the model's logits for this sequence are not finite (NaN or inf)"]
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "cpu-order"])
+def test_a_steps_tokens_are_sent_while_the_next_step_runs(overlap):
+    """With ``overlap`` (the default on CUDA) the host's share of a step overlaps the device's: each decode step is
+    launched before the tokens of the step before are sent (on a GPU the launch returns at once, and the tokens'
+    events, detokenized or handed to the HTTP processes, are sent while it runs); the last token and the finish go
+    out once nothing runs. Without it (a CPU, whose step is done when its call returns) each token goes out as soon
+    as it is read."""
+    from llamba.serve.slots import LlambaSlots
+
+    calls: list[str] = []
+
+    class Recording(LlambaSlots):
+        def decode(self, slots, tokens):
+            calls.append("decode")
+            return super().decode(slots, tokens)
+
+    model = make_tiny_student(tied=False).double()
+    with torch.inference_mode():
+        expected = greedy_alone(lambda ids: model(torch.tensor([ids])).logits[0, -1], [5, 6], 4)
+    assert 99 not in expected
+    scheduler = make_scheduler(Recording(model, 2, 64, cuda_graph=False), max_queue=1, prefill_chunk=64,
+                               overlap=overlap)
+    got, done = [], threading.Event()
+
+    def emit(event):
+        calls.append(event.kind)
+        got.append(event.token)
+        if event.kind == "finish":
+            done.set()
+
+    scheduler.submit(Request([5, 6], 4, emit))
+    scheduler.start()
+    try:
+        assert done.wait(30)
+    finally:
+        scheduler.stop()
+    assert got[:4] == expected
+    # token 1 comes from the prefill; step k makes token k + 1 (and with overlap is launched before token k is sent)
+    if overlap:
+        assert calls == ["decode", "token", "decode", "token", "decode", "token", "token", "finish"]
+    else:
+        assert calls == ["token", "decode", "token", "decode", "token", "decode", "token", "finish"]
+
+
 def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     """Chunked prefill: while a 40-token prompt joins in pieces of 4, the request already running gets a decode step
     after every piece (it is never stalled for the whole prefill), and both get their tokens alone."""

@@ -90,19 +90,17 @@ class _Sequence:
             self.generator = torch.Generator(device).manual_seed(self.seed)
         return self
 
-    def add(self, token: int, eos: set[int]) -> bool:
-        """Record ``token`` and send it on (an end-of-sequence token is not sent: it has no text); returns whether
-        the choice has finished."""
+    def add(self, token: int, eos: set[int]) -> tuple[list[Event], bool]:
+        """Record ``token``; returns the events that send it on (an end-of-sequence token is not sent: it has no
+        text) and whether the choice has finished."""
         self.tokens.append(token)
-        emit = self.request.emit
         if token in eos:
-            emit(Event("finish", self.index, reason="stop", tokens=len(self.tokens)))
-            return True
-        emit(Event("token", self.index, token))
+            return [Event("finish", self.index, reason="stop", tokens=len(self.tokens))], True
+        events = [Event("token", self.index, token)]
         if len(self.tokens) >= self.request.max_tokens:
-            emit(Event("finish", self.index, reason="length", tokens=len(self.tokens)))
-            return True
-        return False
+            events.append(Event("finish", self.index, reason="length", tokens=len(self.tokens)))
+            return events, True
+        return events, False
 
 
 def select(seqs: list[_Sequence], logits: torch.Tensor) -> list[int | Exception]:
@@ -169,8 +167,13 @@ class Scheduler:
     left. ``eos``: the token ids that finish a choice ("stop")."""
 
     def __init__(self, slots, eos: Iterable[int], max_queue: int = 64, prefill_chunk: int = 256,
-                 idle_wait: float = 0.05, on_turn_end: Callable[[], None] | None = None):
+                 idle_wait: float = 0.05, on_turn_end: Callable[[], None] | None = None, overlap: bool | None = None):
         self.slots, self.eos = slots, set(eos)
+        # send a step's events while the device runs the next step (``_decode_step``): on by default where the
+        # slot model's steps run asynchronously (CUDA); on a CPU a step is done when its call returns, so there
+        # is nothing to overlap and each token goes out as soon as it is read
+        device = getattr(slots, "device", None)
+        self.overlap = overlap if overlap is not None else getattr(device, "type", "cpu") == "cuda"
         self.max_queue, self.prefill_chunk, self.idle_wait = max_queue, prefill_chunk, idle_wait
         # called on the loop's thread after each turn's events (``llamba.serve.remote`` sends them on in one message)
         self.on_turn_end = on_turn_end
@@ -178,6 +181,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._free = list(range(slots.n_slots))  # a heap: the lowest free slot first keeps the batch compact
         self._running: dict[int, _Sequence] = {}  # by slot
+        # events made by the last decode step (and the prefills since), sent while the device runs the next one
+        self._unsent: list[tuple[Request, Event]] = []
         self._joining: _Group | None = None  # the prompts being prefilled
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llamba-scheduler", daemon=True)
@@ -238,16 +243,19 @@ class Scheduler:
                 with self._wake:
                     if self._stopping:
                         break
-                    if not (self._waiting or self._running or self._joining):
+                    if not (self._waiting or self._running or self._joining or self._unsent):
                         self._wake.wait(self.idle_wait)
                         continue
                 self._drop_cancelled()
                 self._prefill()
+                if not self.overlap:
+                    self._send()
                 if self._running:
-                    self._decode_step()
-                if self.on_turn_end is not None:
-                    self.on_turn_end()
+                    self._decode_step()  # with overlap: sends the events before it while the device runs it
+                if not (self.overlap and self._running):
+                    self._send()  # (with overlap and a next step, its launch sends them)
         finally:
+            self._send()
             self._fail_all("the server is shutting down")
             if self.on_turn_end is not None:
                 self.on_turn_end()
@@ -333,8 +341,7 @@ class Scheduler:
                 for seq, token in zip(seqs, select(seqs, logits[row].expand(len(seqs), -1))):
                     if isinstance(token, Exception):
                         raise token
-                    if seq.add(token, self.eos):
-                        self._leave(seq)
+                    self._take(seq, token)
             except Exception as err:  # this request's fault: it fails alone
                 self._fail(request, err)
         return used
@@ -356,24 +363,53 @@ class Scheduler:
         return seqs
 
     def _decode_step(self) -> None:
+        """One token for every running sequence. With ``overlap`` the step is launched first, the events of the
+        step before (and of the prefills since) are sent while the device runs it, and only then are its tokens
+        read: on a GPU the host's share of a step (each token's event, detokenized here or handed to the HTTP
+        processes) then overlaps the device's instead of following it. Which sequences run is decided before the
+        launch, from tokens already read, so no row computes a token that is thrown away; a token reaches its
+        client about a launch later than it could."""
         seqs = list(self._running.values())
         try:
             logits = self.slots.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs])
         except Exception as err:  # the batch's step failed: no row of it has a next token
+            self._send()
             for request in {id(s.request): s.request for s in seqs}.values():
                 self._fail(request, err)
             return
         self.steps += 1
+        if self.overlap:
+            self._send()
         for seq, token in zip(seqs, select(seqs, logits)):
             if seq.ended or self._running.get(seq.slot) is not seq:
                 continue  # a sibling choice failed the request earlier in this step, or it was ended from outside
             try:
                 if isinstance(token, Exception):
                     raise token
-                if seq.add(token, self.eos):
-                    self._leave(seq)
+                self._take(seq, token)
             except Exception as err:
                 self._fail(seq.request, err)
+
+    def _take(self, seq: _Sequence, token: int) -> None:
+        """Record ``token`` for ``seq`` and queue its events; a finished sequence leaves its slot at once."""
+        events, finished = seq.add(token, self.eos)
+        self._unsent.extend((seq.request, event) for event in events)
+        if finished:
+            self._leave(seq)
+
+    def _send(self) -> None:
+        """Emit the queued events, then hand the turn's events on (``on_turn_end``). An emit that raises fails its
+        request alone."""
+        unsent, self._unsent = self._unsent, []
+        for request, event in unsent:
+            if request.cancelled and event.kind == "token":
+                continue  # failed or cancelled since: its client gets no more tokens
+            try:
+                request.emit(event)
+            except Exception as err:
+                self._fail(request, err)
+        if self.on_turn_end is not None:
+            self.on_turn_end()
 
     def _leave(self, seq: _Sequence) -> None:
         if self._running.get(seq.slot) is seq:
@@ -384,6 +420,14 @@ class Scheduler:
     def _fail(self, request: Request, err: Exception) -> None:
         for seq in [s for s in self._running.values() if s.request is request]:
             self._leave(seq)
+        if any(r is request for r, _ in self._unsent):  # its tokens so far go out before the error
+            mine = [(r, e) for r, e in self._unsent if r is request]
+            self._unsent = [(r, e) for r, e in self._unsent if r is not request]
+            for _, event in mine:
+                try:
+                    request.emit(event)
+                except Exception:
+                    break  # its client is gone already
         request.cancelled = True
         try:
             request.emit(Event("error", text=f"{type(err).__name__}: {err}"))
