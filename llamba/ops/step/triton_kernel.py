@@ -275,6 +275,7 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
         tu.stride(0), tw.stride(0),
         HAS_CONV_BIAS=conv_bias is not None, HAS_Z_BIAS=z_bias is not None, A_FROM_U=a_from_u,
         HAS_A_BIAS=a_from_u and a_bias is not None, ROTATE=phase is not None, THETA_FROM_U=theta_from_u,
-        HAS_T_BIAS=theta_from_u and t_bias is not None, T_UNROLL=t_unroll, BP=BP, BN=BN, BH=BH, BK=BK, NK=triton.cdiv(K, BK), BKT=BKT,
+        HAS_T_BIAS=theta_from_u and t_bias is not None, T_UNROLL=t_unroll, BP=BP, BN=BN, BH=BH, BK=BK,
+        NK=triton.cdiv(K, BK), BKT=BKT,
         NKT=triton.cdiv(KT, BKT), num_warps=4)
     return out
