@@ -1,4 +1,4 @@
-"""The student's decode step with in_proj run three ways, side by side in one process (``_in_proj_route`` in
+"""The student's decode step with in_proj run three ways, side by side in one process (``in_proj_route`` in
 llamba/generation/engine.py picks among them from these numbers):
 
     one     one GEMM over all of in_proj's rows: its width (here 2313) is not a multiple of 8

@@ -73,7 +73,7 @@ def test_engine_prefill_matches_model_forward(compile, default_init_student, lef
 
 
 @pytest.mark.parametrize("route", ["split", "kernel"])
-def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch, default_init_student, left_padded):
+def test_enginein_proj_routes_match_one_gemm(route, monkeypatch, default_init_student, left_padded):
     """The decode step's other ways to run in_proj (an aligned GEMM plus a tiny one for A_log, or A_log computed
     by the fused step from the normed input) give the one-GEMM step's logits and tokens."""
     from llamba.generation import engine
@@ -82,7 +82,7 @@ def test_engine_in_proj_routes_match_one_gemm(route, monkeypatch, default_init_s
     ids, mask = left_padded()
     logits, tokens = {}, {}
     for r in ("one", route):
-        monkeypatch.setattr(engine, "_in_proj_route", lambda batch, device, r=r: r)
+        monkeypatch.setattr(engine, "in_proj_route", lambda batch, device, r=r: r)
         dec = engine.Decoder(model, 3, SamplingParams(), (), 0, 8, use_graph=False)
         with torch.no_grad():
             dec.start(ids, mask, prefill_rows=2)

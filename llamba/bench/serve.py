@@ -162,7 +162,8 @@ def bench_system(label: str, model_path: str, args, pool=None) -> dict:
     system = {"model": model_path, "slots": args.max_batch or top, "levels": []}
     try:
         served = load_served(model_path, system["slots"], args.prompt_tokens + args.new_tokens, args.device, "auto",
-                             threads=args.threads, name=label, prefill_rows=args.prefill_rows)
+                             threads=args.threads, name=label, prefill_rows=args.prefill_rows,
+                             compile=False if args.no_compile else None)
         system["kind"] = type(served.slots).__name__
         with background_server(served, max_queue=top * args.requests_per_client, prefill_chunk=args.prefill_chunk,
                                default_max_tokens=args.new_tokens, stream_interval=args.stream_interval,
@@ -250,7 +251,7 @@ def main(args) -> dict:
         pool.shutdown(cancel_futures=True)
     result = {**report.provenance(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "requests_per_client": args.requests_per_client, "prefill_chunk": args.prefill_chunk,
-              "prefill_rows": args.prefill_rows,
+              "prefill_rows": args.prefill_rows, "no_compile": args.no_compile,
               "stream_interval": args.stream_interval, "api_processes": args.api_processes,
               "client_processes": args.client_processes,
               "systems": systems, "bars": bars(systems)}

@@ -24,6 +24,9 @@ def register(parser) -> None:
     parser.add_argument("--prefill-rows", type=int_at_least(1), default=None,
                         help="prompts prefilled together, left-padded, when they fit --prefill-chunk (default 16 on "
                              "CUDA, 4 on a CPU; the CPU runtime prefills one at a time)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not torch.compile the dense pieces (norms, residuals, SwiGLU) of a float model's "
+                             "steps and prefills on CUDA (compiling adds ~a minute to the start)")
     parser.add_argument("--stream-interval", type=int_at_least(1), default=1,
                         help="new tokens per streamed event (default 1; more spends less host time per token under "
                              "load; requests with stop strings still check every token)")
@@ -48,7 +51,7 @@ def run(args) -> int:
     device = resolve_device(args.device)  # before loading: a bad --device is refused at once
     slots = args.max_batch or (64 if device.type == "cuda" else 8)
     served = load_served(args.model, slots, args.max_context, args.device, args.dtype, args.quant, args.threads,
-                         args.served_model_name, args.prefill_rows)
+                         args.served_model_name, args.prefill_rows, False if args.no_compile else None)
     queue = args.max_queue if args.max_queue is not None else 4 * slots
     prefill_chunk = args.prefill_chunk or default_prefill_chunk(device.type)
     where = (f"llamba serve: {served.name} on http://{args.host}:{args.port}/v1 ({slots} slots, queue {queue}, "

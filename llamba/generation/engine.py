@@ -8,7 +8,7 @@ itself, so the loop never waits on the GPU except every ``check_every`` tokens, 
 have finished and checks stop strings on the host. Off CUDA the same step runs eagerly.
 
 What the engine decides is how the model runs: the dense pieces eager or compiled (``llamba.model.functional``)
-and the mixers' in_proj route (``_in_proj_route``), handed to the model as ``StepOptions``.
+and the mixers' in_proj route (``in_proj_route``), handed to the model as ``StepOptions``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class GenerationOutput:
     lengths: torch.Tensor     # (batch,) new tokens per row, the EOS or stop string's last token included
 
 
-def _in_proj_route(batch_size: int, device: torch.device) -> str:
+def in_proj_route(batch_size: int, device: torch.device) -> str:
     """How a decode step runs in_proj, whose last rows (A_log, one per head) seldom leave its width a multiple of
     8 (see ``split_in_proj``): "one" GEMM; "split", an aligned GEMM and a tiny one for A_log; or "kernel", the
     aligned GEMM with A_log computed inside the fused decode kernel."""
@@ -69,7 +69,7 @@ class Decoder:
     """Static buffers and (on CUDA) the captured decode step for one batch size and sampling setting.
 
     ``max_length``: the positions a hybrid's KV cache holds (prompt + new tokens; required for a hybrid, ignored
-    otherwise). ``in_proj``: the mixers' in_proj route (default: ``_in_proj_route`` for this batch and device)."""
+    otherwise). ``in_proj``: the mixers' in_proj route (default: ``in_proj_route`` for this batch and device)."""
 
     def __init__(self, model, batch_size: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
                  capacity: int, use_graph: bool, compile: bool = False, max_length: int | None = None,
@@ -90,7 +90,7 @@ class Decoder:
                      if params.repetition_penalty != 1.0 else None)
         self.graph = None
         self.pieces = pieces_for(compile)
-        self.options = StepOptions(self.pieces, in_proj or _in_proj_route(batch_size, device))
+        self.options = StepOptions(self.pieces, in_proj or in_proj_route(batch_size, device))
         if use_graph:
             _check_graph_safe(model)
             self._capture()

@@ -24,10 +24,11 @@ class Served:
 
 def load_served(model: str, n_slots: int, max_context: int, device_name: str = "auto", dtype_name: str = "auto",
                 quant: str | None = None, threads: int | None = None, name: str | None = None,
-                prefill_rows: int | None = None) -> Served:
+                prefill_rows: int | None = None, compile: bool | None = None) -> Served:
     """A student checkpoint, a quantized artifact (or a student with ``quant``: the CPU runtime) or a teacher,
     loaded as ``llamba generate`` loads them, in a slot cache of ``n_slots`` rows; up to ``prefill_rows`` prompts
-    prefill together (default: ``default_prefill_rows``; the CPU runtime prefills one at a time)."""
+    prefill together (default: ``default_prefill_rows``; the CPU runtime prefills one at a time); ``compile``: the
+    dense pieces of a float model's steps and prefills compiled (default: on CUDA)."""
     import torch
 
     from llamba.cli.common import resolve_device, resolve_dtype
@@ -51,9 +52,9 @@ def load_served(model: str, n_slots: int, max_context: int, device_name: str = "
 
         net, tokenizer = load_model(model, dtype=resolve_dtype(dtype_name, device), device=device)
         if isinstance(net, LlambaForCausalLM):
-            slots = LlambaSlots(net, n_slots, max_context, prefill_rows=prefill_rows)
+            slots = LlambaSlots(net, n_slots, max_context, prefill_rows=prefill_rows, compile=compile)
         else:
-            slots = TeacherSlots(net, n_slots, max_context, prefill_rows=prefill_rows)
+            slots = TeacherSlots(net, n_slots, max_context, prefill_rows=prefill_rows, compile=compile)
     if tokenizer is None:
         raise ValueError(f"{model} has no tokenizer files; the server needs one (write the student with `llamba "
                          "convert`, or copy the teacher's tokenizer.json next to it)")

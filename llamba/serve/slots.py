@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from llamba.generation.engine import capture_graph
-from llamba.model.functional import cache_attention
+from llamba.generation.engine import capture_graph, in_proj_route
+from llamba.model import functional as fn
+from llamba.model.functional import StepOptions, cache_attention, pieces_for
 
 
 
@@ -33,13 +34,18 @@ class LlambaSlots:
     different times share a step; the KV cache holds ``max_context`` positions per slot (a left-padded prompt's
     padding included: the scheduler pads only prompts that still fit). Prompts prefill together through the
     model's own ``prefill`` (left padding masked, as ``generate`` runs a batch) into a staging cache of
-    ``prefill_rows`` rows."""
+    ``prefill_rows`` rows. Steps and prefills run as the generation engine runs them: the norms, residuals and
+    SwiGLU through ``llamba.model.functional``'s pieces, compiled with ``compile`` (default on CUDA, as ``llamba
+    bench`` times the student), and in_proj by the engine's route for this batch."""
 
-    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1):
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1,
+                 compile: bool | None = None):
         self.model = model.eval()
         self.n_slots, self.max_context, self.prefill_rows = n_slots, max_context, prefill_rows
         self.vocab_size = model.config.vocab_size
         self.device = model.backbone.embedding.weight.device
+        self.options = StepOptions(pieces_for(self.device.type == "cuda" if compile is None else compile),
+                                   in_proj_route(n_slots, self.device))
         self.cache = model.allocate_cache(n_slots, max_length=max_context)
         self.staging = model.allocate_cache(prefill_rows, max_length=max_context)
         self._staged = self.staging  # the staging rows of the prompts being prefilled (``begin``)
@@ -54,7 +60,7 @@ class LlambaSlots:
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = mask.to(self.device) if mask is not None else None
-        return self.model.prefill(ids.to(self.device), self._staged, mask).float()
+        return self.model.prefill(ids.to(self.device), self._staged, mask, self.options.pieces).float()
 
     @torch.inference_mode()
     def join(self, slots: list[int], row: int = 0) -> None:
@@ -70,7 +76,7 @@ class LlambaSlots:
         rows = max(slots) + 1
         tok = torch.zeros(rows, dtype=torch.long, device=self.device)
         tok[index] = torch.tensor(tokens, device=self.device)
-        return self.model.step(tok, self.cache.rows(slice(0, rows), seen_tokens=1))[index].float()
+        return self.model.step(tok, self.cache.rows(slice(0, rows), seen_tokens=1), self.options)[index].float()
 
     def release(self, slot: int) -> None:
         self._busy[slot] = False
@@ -86,7 +92,7 @@ class _DecodeGraph:
         view = slots.cache.rows(slice(0, slots.n_slots), seen_tokens=1)
 
         def step():  # the captured call's logits are the graph's static output
-            self.logits = slots.model.step(self.tok[:, 0], view)
+            self.logits = slots.model.step(self.tok[:, 0], view, slots.options)
 
         with torch.inference_mode():
             self.graph = capture_graph(step, warmups=2)
@@ -152,9 +158,11 @@ class TeacherSlots:
 
     Prompts prefill together in ``prefill_rows`` staging rows after the slots', left-padded as the student's are;
     a row keeps its keys from position 0 (RoPE counts real tokens only) and padding's keys go to one spare column
-    past ``max_context``, which no step reads."""
+    past ``max_context``, which no step reads. The norms, residuals and SwiGLU run through the same pieces as the
+    student's (``llamba.model.functional``, compiled with ``compile``, default on CUDA), so both are served alike."""
 
-    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1):
+    def __init__(self, model, n_slots: int, max_context: int, cuda_graph: bool | None = None, prefill_rows: int = 1,
+                 compile: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         from llamba.teacher import check_llama_family
@@ -170,6 +178,7 @@ class TeacherSlots:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
         p = next(model.parameters())
         self.device = p.device
+        self.pieces = pieces_for(self.device.type == "cuda" if compile is None else compile)
         # rows: the slots, then the staging rows; columns: max_context positions, then padding's spare column
         shape = (cfg.num_hidden_layers, n_slots + prefill_rows, self.n_kv, self.max_context + 1, self.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
@@ -186,14 +195,14 @@ class TeacherSlots:
         ``write`` (b, L; default ``positions``); attends over the first ``keys`` cached positions under ``mask``
         (b, 1, L, keys); returns the last position's logits (b, vocab)."""
         write = positions if write is None else write
-        m = self.model.model
+        m, pieces = self.model.model, self.pieces
         b, L = ids.shape
         row_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None]
         h = m.embed_tokens(ids)
         cos, sin = m.rotary_emb(h, positions)
         for i, layer in enumerate(m.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            attn, norm = layer.self_attn, layer.input_layernorm
+            x = pieces.rms_norm(h, norm.weight, norm.variance_epsilon)
             q = attn.q_proj(x).view(b, L, self.n_q, self.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(b, L, self.n_kv, self.head_dim).transpose(1, 2)
@@ -203,9 +212,12 @@ class TeacherSlots:
             self.v[i][row_index, :, write] = v.transpose(1, 2)
             # a slice of rows reads the cache in place (an index list would copy it every step)
             o = cache_attention(q, self.k[i, rows, :, :keys], self.v[i, rows, :, :keys], mask, attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, L, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(m.norm(h[:, -1])).float()
+            post = layer.post_attention_layernorm
+            h = pieces.block_tail(h, attn.o_proj(o.transpose(1, 2).reshape(b, L, -1)),
+                                  *fn.tail_weights(post, layer.mlp, post.variance_epsilon))
+        head = self.model.lm_head
+        return pieces.logits_head(h, m.norm.weight, m.norm.variance_epsilon, head.weight, head.bias,
+                                  self.vocab_size).float()
 
     def begin(self, rows: int = 1) -> None:
         self.staging = slice(self.n_slots, self.n_slots + rows)
