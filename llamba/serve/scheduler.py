@@ -6,12 +6,12 @@ Each turn of the loop prefills at most ``prefill_chunk`` prompt tokens and then 
 sequence in the batch, so a long prompt delays the others by one piece per token, never by its whole prefill.
 Waiting prompts that fit the turn's budget together prefill as one left-padded batch (up to the slot model's
 ``prefill_rows``): a GPU prefills a batch of prompts in about the time of one, whose kernel launches bound it; a
-prompt longer than the budget prefills alone, a piece a turn. Tokens are chosen by the
-one sampler of every generation path (``llamba.generation.sampling``; ``select``): the rows of one sampling setting
-together, each drawing from its request's own ``torch.Generator``, so a seeded request samples the same tokens
-whoever its batch neighbours are.
+prompt longer than the budget prefills alone, a piece a turn. Tokens are chosen by the one sampler of every
+generation path (``llamba.generation.sampling``; ``select``): the rows of one sampling setting together, each
+drawing from its request's own ``torch.Generator``, so a seeded request samples the same tokens whoever its batch
+neighbours are.
 Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: each new token,
-then each choice's finish. The scheduler deals in token ids only: text, stop strings and the stream interval are the
+then each choice's finish. On a GPU (``overlap``) a step's events are sent while the device runs the next step. The scheduler deals in token ids only: text, stop strings and the stream interval are the
 HTTP side's (``llamba.serve.text``), which may run in other processes (``llamba.serve.remote``) and ends a choice
 whose text reached a stop string with ``cancel(request, index)``.
 """
