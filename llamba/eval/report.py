@@ -70,7 +70,7 @@ def write_report(out_dir: str | Path, models: list[str], rows: dict[str, dict[st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "eval.md", "json": out / "eval.json", "png": out / "eval.png"}
-    lines = [f"# llamba eval\n", *[f"- {k}: {v}" for k, v in meta.items()], "", markdown_table(models, rows)]
+    lines = ["# llamba eval\n", *[f"- {k}: {v}" for k, v in meta.items()], "", markdown_table(models, rows)]
     paths["md"].write_text("\n".join(lines))
     paths["json"].write_text(json.dumps({"meta": meta, "models": models, "rows": rows,
                                          "mean": {m: mean_row(rows.get(m, {})) for m in models},
