@@ -1,13 +1,14 @@
-"""How large one Triton launch may be. Triton computes a kernel's element offsets in int32, so a launch may not
-address 2**31 elements or more of any tensor: past that the offsets wrap and the kernel reads and writes out of
-bounds (an illegal memory access, or worse, silently wrong values). A prefill of Llamba-8B with 64 prompts of 8k
-tokens is already past it. And CUDA caps a grid's second and third dimensions at 65535 programs, which the scan's
-batch x heads axis passes from 7282 prompts of the SmolLM2 student. The Triton host functions therefore run such
-inputs in pieces: whole rows of the batch while they fit (rows are independent), else one row at a time over spans
-of tokens, carrying the state from one span to the next (exact)."""
+"""How large one Triton launch may be (and, ``cuda_sm_count``, how many programs fill a GPU). Triton computes a kernel's
+element offsets in int32, so a launch may not address 2**31 elements or more of any tensor: past that the offsets
+wrap and the kernel reads and writes out of bounds (an illegal memory access, or worse, silently wrong values). A
+prefill of Llamba-8B with 64 prompts of 8k tokens is already past it. And CUDA caps a grid's second and third
+dimensions at 65535 programs, which the scan's batch x heads axis passes from 7282 prompts of the SmolLM2 student.
+The Triton host functions therefore run such inputs in pieces: whole rows of the batch while they fit (rows are
+independent), else one row at a time over spans of tokens, carrying the state from one span to the next (exact)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,12 @@ import torch
 
 INDEX_LIMIT = 2**31  # elements one launch may address in a tensor
 GRID_LIMIT = 65535  # programs along a grid's second or third dimension
+
+
+@functools.cache
+def cuda_sm_count(device_index: int) -> int:
+    """The streaming multiprocessors of a CUDA device: how many programs a launch needs to fill it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def span(t: torch.Tensor, rows: int | None = None, tokens: int | None = None) -> int:

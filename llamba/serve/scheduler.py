@@ -11,9 +11,10 @@ generation path (``llamba.generation.sampling``; ``select``): the rows of one sa
 drawing from its request's own ``torch.Generator``, so a seeded request samples the same tokens whoever its batch
 neighbours are.
 Everything a request produces reaches its ``emit`` callback as ``Event``s, from the loop's thread: each new token,
-then each choice's finish. On a GPU (``overlap``) a step's events are sent while the device runs the next step. The scheduler deals in token ids only: text, stop strings and the stream interval are the
-HTTP side's (``llamba.serve.text``), which may run in other processes (``llamba.serve.remote``) and ends a choice
-whose text reached a stop string with ``cancel(request, index)``.
+then each choice's finish; on a GPU (``overlap``) a step's events are sent while the device runs the next step.
+The scheduler deals in token ids only: text, stop strings and the stream interval are the HTTP side's
+(``llamba.serve.text``), which may run in other processes (``llamba.serve.remote``) and ends a choice whose text
+reached a stop string with ``cancel(request, index)``.
 """
 
 from __future__ import annotations
@@ -420,10 +421,10 @@ class Scheduler:
     def _fail(self, request: Request, err: Exception) -> None:
         for seq in [s for s in self._running.values() if s.request is request]:
             self._leave(seq)
-        if any(r is request for r, _ in self._unsent):  # its tokens so far go out before the error
-            mine = [(r, e) for r, e in self._unsent if r is request]
-            self._unsent = [(r, e) for r, e in self._unsent if r is not request]
-            for _, event in mine:
+        mine = [event for r, event in self._unsent if r is request]
+        if mine:  # its tokens so far go out before the error
+            self._unsent = [(r, event) for r, event in self._unsent if r is not request]
+            for event in mine:
                 try:
                     request.emit(event)
                 except Exception:

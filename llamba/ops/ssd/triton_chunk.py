@@ -430,11 +430,6 @@ def _fused_tiles(P: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
     return BP, BN
 
 
-@functools.cache
-def _cuda_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @dataclass(frozen=True)
 class Dispatch:
     """How the scan chooses its kernels. The default reads the device; a benchmark forces one forward route
@@ -455,7 +450,7 @@ class Dispatch:
         """Streaming multiprocessors to fill; 1 for the CPU interpreter, where any tiling works."""
         if self.sm_count is not None:
             return self.sm_count
-        return _cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
+        return indexing.cuda_sm_count(device.index or 0) if device.type == "cuda" else 1
 
     def fused_forward(self, batch_heads: int, P: int, device: torch.device) -> bool:
         """The one-pass forward reads its inputs once but runs every chunk of a sequence in turn: it wins once

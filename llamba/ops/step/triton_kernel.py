@@ -17,8 +17,6 @@ through a small scratch row so that the state update is Discrete Mamba-2's, on w
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -181,14 +179,9 @@ def _mixer_step_kernel(
             tl.store(out_ptr + b * s_ob + ch, y.to(out_ptr.dtype.element_ty), mask=p_mask)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
     """The GPU's SM count; an H100's (132) where there is none (the interpreter, the register report)."""
-    return _cuda_sm_count(device.index or torch.cuda.current_device()) if device.type == "cuda" else 132
+    return indexing.cuda_sm_count(device.index or torch.cuda.current_device()) if device.type == "cuda" else 132
 
 
 def _projection(proj, n_rows: int, what: str, why: str):
@@ -251,7 +244,7 @@ def mixer_step_triton(xBC, z, A_log, conv_state, ssm_state, conv_weight, conv_bi
     weight = conv_weight.reshape(-1, 4)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     out = torch.empty(batch, d_inner, device=xBC.device, dtype=xBC.dtype)
-    BN = max(32, triton.next_power_of_2(d_state))
+    BN = max(32 if phase is not None else 16, triton.next_power_of_2(d_state))  # (a rotating mixer's halves: 16+)
     BP = min(32, triton.next_power_of_2(head_dim))
     K = u.shape[-1] if a_from_u else 1
     BH = triton.next_power_of_2(n_heads // n_qk_heads)
