@@ -3,7 +3,8 @@
 # (seconds in the variables below), in the order of STEPS (default: all of them, which needs more than one call):
 #   kernels   the CUDA tests of the fused decode step (GateLoop's too)
 #   slots     the CUDA tests of the server's slots
-#   serve     issue 24's bars: serve_bench.sh at the levels of results/serve-h100.md but 1,024 (carry .gpu/tok)
+#   serve     issue 24's bars: serve_bench.sh with the flags of results/serve-h100.md at SERVE_LEVELS (default
+#             1,16,64,256: all but 1,024; carry .gpu/tok)
 #   gateloop  GateLoop's decode against Discrete Mamba-2 (issue 22)
 #   distill   on an H200 only: issue 19's stage-1 / stage-2 throughput lines
 # Writes under $OUT. Usage: STEPS="kernels serve gateloop" bash tools/device/measure_round.sh
