@@ -387,10 +387,11 @@ def test_a_sampling_setting_that_fails_fails_its_requests_alone(monkeypatch):
     assert errors == ["RuntimeError: injected sampling fault"] and len(sampled_calls) == 2
 
 
-def test_a_row_of_non_finite_logits_fails_its_request_alone():
-    """A decode step whose logits for one sequence hold a NaN (here: injected for the request whose prompt starts
-    with 4, at its third step): that request fails, saying so, instead of streaming what an argmax of NaN picks;
-    the others in the same steps get exactly their tokens."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_a_row_of_non_finite_logits_fails_its_request_alone(bad):
+    """A decode step whose logits for one sequence hold a NaN or an infinity (here: injected for the request whose
+    prompt starts with 4, at its third step): that request fails, saying so, instead of streaming what an argmax of
+    NaN picks; the others in the same steps get exactly their tokens."""
     from llamba.serve.slots import LlambaSlots
 
     class NanRow(LlambaSlots):
@@ -400,7 +401,7 @@ def test_a_row_of_non_finite_logits_fails_its_request_alone():
             logits = super().decode(slots, tokens).clone()
             self.steps += 1
             if self.steps == 3:
-                logits[slots.index(self.nan_slot), 7] = float("nan")
+                logits[slots.index(self.nan_slot), 7] = bad
             return logits
 
     model = make_tiny_student(tied=False).double()
