@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_hybrid_student, make_tiny_llamba, make_tiny_student
-from llamba.quant import kernels, load_for_cpu, quantize_student
+from conftest import make_hybrid_student, make_tiny_llamba, make_tiny_student, needs_cpu_kernels
+from llamba.quant import load_for_cpu, quantize_student
 from llamba.quant.awq import apply_scales, block_sites, fake_quantize, search_scale
 
 
@@ -90,7 +90,7 @@ def _logit_error(model, reference, ids):
         return (model(ids).logits - reference).pow(2).mean().item()
 
 
-@pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler for the CPU kernels")
+@needs_cpu_kernels
 def test_calibrated_int4_is_closer_to_the_float_student():
     g = torch.Generator().manual_seed(5)
     calibration, held_out = torch.randint(0, 100, (2048,), generator=g), torch.randint(0, 100, (1, 256), generator=g)
@@ -120,7 +120,7 @@ def test_rotating_mixers_are_refused_by_the_sites():
         block_sites(LlambaForCausalLM(cfg).backbone.layers[0], 0)
 
 
-@pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler for the CPU kernels")
+@needs_cpu_kernels
 def test_hybrid_student_calibrates_and_quantizes():
     model = make_hybrid_student(attention_layers=(1,))
     reference = make_hybrid_student(attention_layers=(1,))
@@ -162,7 +162,7 @@ def test_quantize_cli_calibration(tmp_path, tiny_student_folder, capsys):
     assert "--calibration-tokens" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler for the CPU kernels")
+@needs_cpu_kernels
 def test_bias_correction_lowers_the_error_further_and_round_trips(tmp_path):
     from llamba.quant.artifact import load_artifact, save_artifact
     from llamba.quant.modules import block_linear_bits, quantize_model

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import (check_cpu_runtime_steps_are_the_forward, check_cpu_runtime_tokens_are_generates,
-                      make_word_tokenizer)
+                      make_word_tokenizer, needs_cpu_kernels)
 from llamba.model import LlambaConfig, LlambaForCausalLM
-from llamba.quant import kernels, quantize_student
+from llamba.quant import quantize_student
 from llamba.quant.runtime import CpuDecoder, _segments
 
-pytestmark = [pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}"),
+pytestmark = [needs_cpu_kernels,
               pytest.mark.usefixtures("one_cpu_thread")]
 VOCAB = 100  # make_word_tokenizer's
 

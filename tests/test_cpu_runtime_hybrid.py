@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import check_cpu_runtime_steps_are_the_forward, check_cpu_runtime_tokens_are_generates
-from llamba.quant import kernels, quantize_student
+from conftest import (check_cpu_runtime_steps_are_the_forward, check_cpu_runtime_tokens_are_generates,
+                      needs_cpu_kernels)
+from llamba.quant import quantize_student
 from llamba.quant.runtime import CpuDecoder, _segments
 
-pytestmark = [pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}"),
+pytestmark = [needs_cpu_kernels,
               pytest.mark.usefixtures("one_cpu_thread")]
 LAYOUTS = [(1,), (0, 2), (0,), (2,), (0, 1, 2)]
 

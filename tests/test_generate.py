@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import needs_cpu_kernels
 from llamba.cli import main
 from llamba.generation.sampling import SamplingParams
 from llamba.model import LlambaCache
-from llamba.quant import kernels, load_for_cpu
+from llamba.quant import load_for_cpu
 
-needs_compiler = pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}")
 
 
 def generated(capsys, folder, *options: str, prompt: str = "w5 w7 w9", new: int = 12) -> str:
@@ -26,7 +26,7 @@ def generated(capsys, folder, *options: str, prompt: str = "w5 w7 w9", new: int 
     return capsys.readouterr().out.strip()
 
 
-@needs_compiler
+@needs_cpu_kernels
 def test_quantized_top_k_1_is_greedy(tiny_student_folder, capsys):
     greedy = generated(capsys, tiny_student_folder, "--quant", "int8")
     sampled = generated(capsys, tiny_student_folder, "--quant", "int8", "--temperature", "1")
@@ -34,7 +34,7 @@ def test_quantized_top_k_1_is_greedy(tiny_student_folder, capsys):
     assert generated(capsys, tiny_student_folder, "--quant", "int8", "--temperature", "1", "--top-k", "1") == greedy
 
 
-@needs_compiler
+@needs_cpu_kernels
 def test_quantized_path_stops_at_a_stop_string(tiny_student_folder, capsys):
     free = generated(capsys, tiny_student_folder, "--quant", "int8", "--temperature", "1").split()
     assert len(free) == 12 and free[4] not in free[:4], free  # the stop must come at free[4]
@@ -43,7 +43,7 @@ def test_quantized_path_stops_at_a_stop_string(tiny_student_folder, capsys):
     assert text.split() == free[:5]  # up to the token that completes the stop string, as the CUDA engine stops
 
 
-@needs_compiler
+@needs_cpu_kernels
 @pytest.mark.parametrize("base,option", [
     (["--temperature", "1"], ["--top-k", "3"]), (["--temperature", "1"], ["--top-p", "0.3"]),
     (["--temperature", "1"], ["--min-p", "0.5"]), ([], ["--repetition-penalty", "3"])])
@@ -56,7 +56,7 @@ def test_each_option_acts_on_the_quantized_path_as_on_the_float_path(tiny_studen
     assert generated(capsys, tiny_student_folder, "--quant", "none", *base, *option) == with_option
 
 
-@needs_compiler
+@needs_cpu_kernels
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_cpu_runtime_samples_as_transformers_generate_on_the_same_quantized_weights(tiny_student_folder, quant,
                                                                                    monkeypatch):
@@ -113,7 +113,7 @@ def test_cuda_path_decodes_as_the_cpu_float_path(tiny_student_folder, capsys):
     assert generated(capsys, tiny_student_folder, *cuda, "--temperature", "1", "--stop", free[4]).split() == free[:5]
 
 
-@needs_compiler
+@needs_cpu_kernels
 def test_a_float_student_on_the_cpu_runs_the_cpu_runtime(tiny_student_folder, capsys):
     """Without --quant a float student on the CPU decodes through the runtime (unquantized: transformers' tokens)."""
     reference = generated(capsys, tiny_student_folder, "--transformers")
@@ -123,7 +123,7 @@ def test_a_float_student_on_the_cpu_runs_the_cpu_runtime(tiny_student_folder, ca
     assert "CPU runtime" in out.err and out.out.strip() == reference
 
 
-@needs_compiler
+@needs_cpu_kernels
 def test_the_folder_llamba_quantize_writes_is_a_model(tiny_student_folder, tmp_path, capsys):
     out = tmp_path / "int8"
     assert main(["quantize", str(tiny_student_folder), "--bits", "8", "--out", str(out)]) == 0

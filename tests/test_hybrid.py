@@ -336,8 +336,8 @@ def test_engine_cpu_runtime_and_quantization_take_a_converted_hybrid(teacher2):
     ids = _ids(1, 9)
     ref = hybrid.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 9:].tolist()
     assert generate(hybrid, ids, max_new_tokens=8).new_tokens[0].tolist() == ref
-    if kernels.load_kernels() is None:
-        pytest.skip(f"no C compiler for the CPU runtime: {kernels.kernel_error()}")
+    if kernels.find_compiler() is None:
+        pytest.skip("no C compiler (set CC) for the CPU runtime")
     assert CpuDecoder(hybrid).generate(ids, 8) == ref
     assert quantize_student(hybrid, "int8")["quant"] == "int8"
     assert len(CpuDecoder(hybrid).generate(ids, 8)) == 8

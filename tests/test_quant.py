@@ -6,17 +6,20 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
+from conftest import needs_cpu_kernels
 from llamba.quant import kernels, load_for_cpu, quantize_student
 from llamba.quant.modules import QuantizedLinear
 from llamba.quant.reference import (
     dequantize, linear_reference, pack_int4, quantize_weight, unpack_int4)
 from llamba.quant.runtime import CpuDecoder
 
-pytestmark = pytest.mark.skipif(kernels.load_kernels() is None, reason=f"no C compiler: {kernels.kernel_error()}")
+pytestmark = needs_cpu_kernels
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -37,6 +40,20 @@ def test_int4_packing_roundtrip():
 def test_bad_group_size_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_weight(torch.randn(4, 96), 4, 64)
+
+
+def test_the_native_build_compiles_where_the_compiler_takes_march_native(tmp_path):
+    """The native build falls back to the portable flags when it fails to compile, so a native-only compile error
+    would pass every other test on the scalar path: on AVX2 CPUs one did (an F16C intrinsic without its header)."""
+    cc = kernels.find_compiler()
+    probe = subprocess.run([cc, "-march=native", "-x", "c", "-c", "-o", os.devnull, "-"], input="int x;",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{cc} refuses -march=native")
+    result = subprocess.run(kernels.build_command(cc, tmp_path / "native.so", native=True), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ctypes.CDLL(str(tmp_path / "native.so"))  # and it loads: no unresolved symbol
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])

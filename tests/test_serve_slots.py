@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_student, make_word_tokenizer
+from conftest import make_tiny_student, make_word_tokenizer, needs_cpu_kernels
 from llamba.serve.scheduler import Request, Scheduler
 from llamba.serve.text import RequestText, eos_ids
 
@@ -231,13 +231,11 @@ def test_sampled_requests_on_cuda_slots_run_and_repeat_with_their_seed(kind):
     alone = run(PROMPTS[:1])
     assert run(PROMPTS)[0] == alone[0] and run(PROMPTS[:1]) == alone
 
+@needs_cpu_kernels
 def test_cpu_runtime_slots_give_each_request_its_tokens_alone():
-    from llamba.quant.kernels import load_kernels
     from llamba.quant.runtime import CpuDecoder
     from llamba.serve.slots import QuantSlots
 
-    if load_kernels() is None:
-        pytest.skip("no C compiler for the CPU runtime")
     decoder = CpuDecoder(make_tiny_student(tied=False))
     expected = [decoder.generate(torch.tensor(p), 8) for p in PROMPTS]
     got = collect(QuantSlots(decoder, 2, 64), PROMPTS, 8)
@@ -504,18 +502,16 @@ def test_a_long_prompt_is_prefilled_between_the_others_decode_steps():
     assert all(calls[i + 1] == "decode" for i in pieces[:-1]), calls
 
 
+@needs_cpu_kernels
 def test_cpu_runtime_slots_serve_a_quantized_gateloop_hybrid_past_its_default_kv_length():
     """The CPU runtime's slots with everything at once: an int8 artifact of a GateLoop student with an attention
     layer, whose KV cache must hold the server's max_context (96 positions) and not the decoder's default (its
     attention's 32 max_position_embeddings): a 30-token prompt and 8 new tokens fit only in the former."""
     from llamba.model import LlambaConfig, LlambaForCausalLM
     from llamba.quant import quantize_student
-    from llamba.quant.kernels import load_kernels
     from llamba.quant.runtime import CpuDecoder
     from llamba.serve.slots import QuantSlots
 
-    if load_kernels() is None:
-        pytest.skip("no C compiler for the CPU runtime")
     torch.manual_seed(0)
     config = LlambaConfig(d_model=32, n_layer=3, vocab_size=100, mlp_cfg={"intermediate_size": 64},
                           ssm_cfg={"d_state": 8, "n_v_heads": 4, "n_qk_heads": 2, "chunk_size": 8, "mixer": "gateloop"},

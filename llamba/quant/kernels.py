@@ -41,16 +41,25 @@ class Model(ctypes.Structure):
                 ("final_norm", ctypes.c_void_p), ("head", Linear)]
 
 
+def find_compiler() -> str | None:
+    """The C compiler the kernels build with: ``$CC``, else cc, gcc or clang on the PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build_command(cc: str, out: Path, native: bool) -> list[str]:
+    """The compiler's command line. An undeclared function fails the build (and so falls back to the portable one)
+    instead of becoming a symbol that only ctypes' load reports: an F16C intrinsic without its header once did."""
+    return [cc, *(["-march=native"] if native else []), "-O3", "-fPIC", "-shared", "-fopenmp",
+            "-Werror=implicit-function-declaration", str(SOURCE), "-o", str(out), "-lm"]
+
+
 def _compile(out: Path, portable: bool) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    base = [cc, "-O3", "-fPIC", "-shared", "-fopenmp", str(SOURCE), "-o", str(out), "-lm"]
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    for extra in ([] if portable else ["-march=native"], []):  # some compilers / CPUs refuse -march=native
-        cmd = base[:1] + extra + base[1:]
-        cmd[cmd.index(str(out))] = str(tmp)
-        result = subprocess.run(cmd, capture_output=True, text=True)
+    for native in ([] if portable else [True]) + [False]:  # some compilers / CPUs refuse -march=native
+        result = subprocess.run(build_command(cc, tmp, native), capture_output=True, text=True)
         if result.returncode == 0:
             os.replace(tmp, out)  # atomic: parallel test workers may build at the same time
             return

@@ -14,7 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)  /* _cvtsh_ss is F16C's: AVX2 machines have it too */
 #include <immintrin.h>
 #endif
 
