@@ -102,8 +102,9 @@ def test_two_gloo_processes_match_one(tmp_path):
             assert torch.equal(a[k], b[k]), k
             continue
         moved += 1
-        # 3e-3: with torch 2.13 / transformers 5.24 the tied embedding ends 1.25e-3 of its travel apart (the same
-        # with the plain and the chunked stage-3 loss); a real fault (gradients summed, not averaged; a rank on
-        # other data) moves tensors by a large fraction of their travel.
-        assert (a[k] - b[k]).norm().item() < 3e-3 * travel, (k, (a[k] - b[k]).norm().item(), travel)
+        # 2e-2: how far rounding carries depends on the CPU's kernels: with torch 2.13 the worst tensor ended 1.25e-3
+        # of its travel apart on an AVX-512 host (transformers 5.24), 6.5e-3 on an AVX2-only one (5.25; most
+        # tensors 3e-4 to 4e-3); a real fault (a rank on other data, gradients not reduced) moves tensors by a large
+        # fraction of their travel.
+        assert (a[k] - b[k]).norm().item() < 2e-2 * travel, (k, (a[k] - b[k]).norm().item(), travel)
     assert moved > len(a) // 2
