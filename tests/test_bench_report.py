@@ -24,8 +24,12 @@ def test_kernel_table_shows_wall_and_gpu_time():
            "rel_diff_vs_fla": 4.8e-5, "ours_fwd_gpu_ms": 0.083, "fla_fwd_gpu_ms": 0.063, "fla_over_ours_gpu": 0.77,
            "ours_train_fwd_gpu_ms": 0.082, "ours_bwd_gpu_ms": 0.161, "bwd_over_fwd_gpu": 1.95,
            "bwd_over_train_fwd_gpu": 1.95, "ours_bwd_with_final_gpu_ms": 0.170}
-    lines = to_markdown({"scan": [row], "decode_step": [{"batch": 64, "ms": 0.0083, "floor_ms": 0.0069,
-                                                         "over_floor": 1.21, "launched_ms": 0.0426, "torch_ms": 0.778}]})
+    step = {"batch": 64, "ms": 0.0083, "floor_ms": 0.0069, "over_floor": 1.21, "launched_ms": 0.0426, "torch_ms": 0.778}
+    lines = to_markdown({"scan": [row], "decode_step": [step]})
+    assert not any("theta route" in line for line in lines)  # a run from before the GateLoop rows
+    gateloop = {"gateloop_from_u_ms": 0.0166, "gateloop_theta_ms": 0.0091, "gateloop_gemm_ms": 0.0249}
+    assert "| 64 | 0.0166 | 0.0091 | 0.0249 | 2.00 | 1.10 | 3.00 |" in to_markdown(
+        {"scan": [row], "decode_step": [{**step, **gateloop}]})
     assert "| B8 T2048 H9 D64 | 0.137 | 0.308 | 2.25 | 0.159 | 0.542 | 3.96 | 3.40 | 4.8e-05 |" in lines
     assert "| B8 T2048 H9 D64 | 0.083 | 0.063 | 0.77 | 0.082 | 0.161 | 1.95 | 1.95 | 0.170 |" in lines
     assert "| 64 | 0.0083 | 0.0069 | 1.21 | 0.0426 | 0.778 |" in lines

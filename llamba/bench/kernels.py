@@ -160,8 +160,12 @@ def bench_conv(bandwidth_gbs: float, device="cuda") -> list[dict]:
     return rows
 
 
-def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64, d_state=64, groups=9) -> list[dict]:
-    """The fused step at the student's shapes (per layer) and batch >= 64, against bytes / measured bandwidth."""
+def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64, d_state=64, groups=9,
+                      d_model=576) -> list[dict]:
+    """The fused step at the student's shapes (per layer) and batch >= 64, against bytes / measured bandwidth; and
+    a GateLoop mixer's step beside it by its theta's route: projected in the kernel from u (the model's step
+    today), given as a tensor (the kernel alone), or given from a float32 GEMM over the batch first (cast of u
+    and the GEMM included; the weight's float32 copy kept): which one a large batch should take (docs/gateloop.md)."""
     rows = []
     d_inner = heads * head_dim
     conv_dim = d_inner + 2 * groups * d_state
@@ -192,8 +196,41 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
         row["over_floor"] = row["ms"] / row["floor_ms"]
         torch_step = lambda: mixer_step_torch(*args)  # noqa: E731
         row["torch_ms"] = do_bench(torch_step, warmup=10, rep=50, return_mode="median")
+        row.update(_gateloop_step_routes(args, batch, d_model, device))
         rows.append(row)
     return rows
+
+
+def _gateloop_step_routes(args, batch: int, d_model: int, device) -> dict:
+    """One GateLoop step (the args of a Discrete Mamba-2 one plus a phase) by each theta route, CUDA-graph timed,
+    each checked against the float64 PyTorch step; and the ratio of each to the Discrete Mamba-2 step's time."""
+    xBC, z, A_log, conv_state, ssm_state, w, bias, D, z_bias, groups = args
+    half = ssm_state.shape[-1] // 2
+    u = torch.randn(batch, d_model, device=device, dtype=torch.bfloat16)
+    t_w = (torch.randn(groups * half, d_model, device=device) / d_model ** 0.5).to(torch.bfloat16)
+    t_b = torch.randn(groups * half, device=device).to(torch.bfloat16)
+    t_w32, t_b32 = t_w.float(), t_b.float()  # the GEMM route would keep this copy
+    phase_state = torch.rand(batch, groups, half, device=device) * 6.28 - 3.14
+    theta = F.linear(u.float(), t_w32, t_b32).view(batch, groups, half)
+    ref_ss, ref_cs, ref_phase = ssm_state.double(), conv_state.double(), phase_state.double()
+    ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), ref_cs, ref_ss, w.double(), bias.double(),
+                           D.double(), z_bias.double(), groups, phase=((u.double(), t_w.double(), t_b.double()),
+                                                                       ref_phase))
+    routes = {
+        "from_u": lambda: mixer_step_triton(*args, phase=((u, t_w, t_b), phase_state)),
+        "theta": lambda: mixer_step_triton(*args, phase=(theta, phase_state)),
+        "gemm": lambda: mixer_step_triton(*args, phase=(torch.addmm(t_b32, u.float(), t_w32.t()).view(
+            batch, groups, half), phase_state)),
+    }
+    row = {}
+    for name in routes:
+        s, c, p = ssm_state.clone(), conv_state.clone(), phase_state.clone()
+        out = mixer_step_triton(xBC, z, A_log, c, s, w, bias, D, z_bias, groups,
+                                phase=(theta if name != "from_u" else (u, t_w, t_b), p))
+        row[f"gateloop_{name}_rel_err"] = max(_rel(out, ref), _rel(s, ref_ss), _rel(p, ref_phase))
+    for name, fn in routes.items():
+        row[f"gateloop_{name}_ms"] = do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return row
 
 
 def bench_train_conv(device="cuda") -> list[dict]:
@@ -253,27 +290,39 @@ def bench_rotation(bandwidth_gbs: float, device="cuda") -> list[dict]:
     return rows
 
 
-def run_all(bandwidth_gbs: float) -> dict:
-    return {"scan": bench_scan(), "conv": bench_conv(bandwidth_gbs), "train_conv": bench_train_conv(),
-            "rotation": bench_rotation(bandwidth_gbs), "decode_step": bench_decode_step(bandwidth_gbs)}
+TABLES = ("scan", "conv", "train_conv", "rotation", "decode_step")
+
+
+def run_all(bandwidth_gbs: float, only: tuple[str, ...] = TABLES) -> dict:
+    """The kernel tables named in ``only`` (all of ``TABLES`` by default)."""
+    tables = {"scan": bench_scan, "conv": lambda: bench_conv(bandwidth_gbs), "train_conv": bench_train_conv,
+              "rotation": lambda: bench_rotation(bandwidth_gbs),
+              "decode_step": lambda: bench_decode_step(bandwidth_gbs)}
+    return {name: tables[name]() for name in only}
 
 
 def to_markdown(r: dict) -> list[str]:
-    lines = ["| shape | ours fwd ms | fla chunk_simple_gla fwd ms | fla / ours | ours training fwd ms | ours bwd ms | "
-             "bwd / fwd | bwd / training fwd | rel diff vs fla |", "|---|---|---|---|---|---|---|---|---|"]
-    for s in r["scan"]:
-        lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {s.get('fla_fwd_ms', float('nan')):.3f} | "
-                     f"{s.get('fla_over_ours', float('nan')):.2f} | {s['ours_train_fwd_ms']:.3f} | {s['ours_bwd_ms']:.3f} | "
-                     f"{s['bwd_over_fwd']:.2f} | {s['bwd_over_train_fwd']:.2f} | {s.get('rel_diff_vs_fla', float('nan')):.1e} |")
-    if "ours_fwd_gpu_ms" in r["scan"][0]:
-        lines += ["", "GPU time only, ms per call (the summed times of its kernels, from the profiler):", "",
-                  "| shape | ours fwd | fla fwd | fla / ours | ours training fwd | ours bwd | bwd / fwd | "
-                  "bwd / training fwd | bwd, final state in the loss |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = []
+    if r.get("scan"):
+        lines += ["| shape | ours fwd ms | fla chunk_simple_gla fwd ms | fla / ours | ours training fwd ms | "
+                  "ours bwd ms | bwd / fwd | bwd / training fwd | rel diff vs fla |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in r["scan"]:
-            lines.append(f"| {s['shape']} | {s['ours_fwd_gpu_ms']:.3f} | {s.get('fla_fwd_gpu_ms', float('nan')):.3f} "
-                         f"| {s.get('fla_over_ours_gpu', float('nan')):.2f} | {s['ours_train_fwd_gpu_ms']:.3f} | "
-                         f"{s['ours_bwd_gpu_ms']:.3f} | {s['bwd_over_fwd_gpu']:.2f} | "
-                         f"{s['bwd_over_train_fwd_gpu']:.2f} | {s.get('ours_bwd_with_final_gpu_ms', float('nan')):.3f} |")
+            lines.append(f"| {s['shape']} | {s['ours_fwd_ms']:.3f} | {s.get('fla_fwd_ms', float('nan')):.3f} | "
+                         f"{s.get('fla_over_ours', float('nan')):.2f} | {s['ours_train_fwd_ms']:.3f} | "
+                         f"{s['ours_bwd_ms']:.3f} | {s['bwd_over_fwd']:.2f} | {s['bwd_over_train_fwd']:.2f} | "
+                         f"{s.get('rel_diff_vs_fla', float('nan')):.1e} |")
+        if "ours_fwd_gpu_ms" in r["scan"][0]:
+            lines += ["", "GPU time only, ms per call (the summed times of its kernels, from the profiler):", "",
+                      "| shape | ours fwd | fla fwd | fla / ours | ours training fwd | ours bwd | bwd / fwd | "
+                      "bwd / training fwd | bwd, final state in the loss |", "|---|---|---|---|---|---|---|---|---|"]
+            for s in r["scan"]:
+                lines.append(f"| {s['shape']} | {s['ours_fwd_gpu_ms']:.3f} | "
+                             f"{s.get('fla_fwd_gpu_ms', float('nan')):.3f} | "
+                             f"{s.get('fla_over_ours_gpu', float('nan')):.2f} | {s['ours_train_fwd_gpu_ms']:.3f} | "
+                             f"{s['ours_bwd_gpu_ms']:.3f} | {s['bwd_over_fwd_gpu']:.2f} | "
+                             f"{s['bwd_over_train_fwd_gpu']:.2f} | "
+                             f"{s.get('ours_bwd_with_final_gpu_ms', float('nan')):.3f} |")
     if r.get("conv"):
         lines += ["", "| prefill conv (masked, bf16) | PyTorch path ms | fused kernel ms | speedup | fused / bytes floor |",
                   "|---|---|---|---|---|"]
@@ -291,9 +340,21 @@ def to_markdown(r: dict) -> list[str]:
         for c in r["rotation"]:
             lines.append(f"| {c['shape']} | {c['torch_ms']:.3f} | {c['triton_ms']:.3f} | {c['speedup']:.2f} | "
                          f"{c['triton_over_bytes_floor']:.2f} |")
+    if not r.get("decode_step"):
+        return lines
     lines += ["", "| decode step batch (H9 P64 N64) | ms (CUDA graph) | bytes floor ms | / floor | ms launched one by one "
               "| torch reference ms |", "|---|---|---|---|---|---|"]
     for s in r["decode_step"]:
         lines.append(f"| {s['batch']} | {s['ms']:.4f} | {s['floor_ms']:.4f} | {s['over_floor']:.2f} | "
                      f"{s['launched_ms']:.4f} | {s['torch_ms']:.3f} |")
+    if "gateloop_from_u_ms" in r["decode_step"][0]:
+        lines += ["", "GateLoop's step by its theta route, ms (CUDA graph) and over Discrete Mamba-2's step above: "
+                  "theta projected in the kernel from u (the model's route) / given (the kernel alone) / from a "
+                  "float32 GEMM first:", "",
+                  "| batch | from u | given | GEMM + kernel | from u / DM2 | given / DM2 | GEMM / DM2 |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in r["decode_step"]:
+            ms = [s[f"gateloop_{k}_ms"] for k in ("from_u", "theta", "gemm")]
+            lines.append(f"| {s['batch']} | " + " | ".join(f"{m:.4f}" for m in ms) + " | "
+                         + " | ".join(f"{m / s['ms']:.2f}" for m in ms) + " |")
     return lines

@@ -2,6 +2,8 @@
 # One device call of measurements with no payload (the teacher's shapes with random weights), each step bounded
 # (seconds in the variables below), in the order of STEPS (default: all of them, which needs more than one call):
 #   kernels   the CUDA tests of the fused decode step (GateLoop's too)
+#   steptable the decode-step kernel table with GateLoop's step by theta route (issue 22: which one a large batch
+#             should take; ~1 minute)
 #   slots     the CUDA tests of the server's slots
 #   serve     issue 24's bars: serve_bench.sh with the flags of results/serve-h100.md at SERVE_LEVELS (default
 #             1,16,64,256: all but 1,024; carry .gpu/tok)
@@ -19,6 +21,9 @@ for step in ${STEPS:-kernels slots serve gateloop distill}; do
   kernels)
     timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py \
       -k "decode_step" 2>&1 | tail -2 ;;
+  steptable)
+    timeout -s KILL ${TABLE_S:-150} python3 benchmarks/bench_kernels.py --only decode_step \
+      --out $OUT/decode-step-$SLUG 2>&1 | tail -14 ;;
   slots)
     timeout -s KILL ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/test_serve_slots.py \
       2>&1 | tail -2 ;;
