@@ -1,8 +1,8 @@
 """The compiled CPU decode kernels (``csrc/cpu_decode.c``): built on first use with the system C compiler (about a
 second), cached by source hash, loaded through ctypes. No torch headers, no ninja.
 
-``-march=native`` turns on the AVX-512 paths where the CPU has them (a portable scalar path otherwise). Without a
-compiler ``load_kernels()`` returns None and callers fall back to PyTorch ops (``llamba.quant.reference``).
+``-march=native`` turns on the AVX-512 or the AVX2 paths where the CPU has them (a portable scalar path otherwise).
+Without a compiler ``load_kernels()`` returns None and callers fall back to PyTorch ops (``llamba.quant.reference``).
 """
 
 from __future__ import annotations
@@ -46,20 +46,26 @@ def find_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def build_command(cc: str, out: Path, native: bool) -> list[str]:
+# The builds: "native" (the CPU's own vector path: what runs), "avx2" (the AVX2 path by itself, so that a machine with
+# AVX-512 tests it too) and "portable" (the scalar C path)
+BUILD_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "portable": []}
+
+
+def build_command(cc: str, out: Path, build: str = "native") -> list[str]:
     """The compiler's command line. An undeclared function fails the build (and so falls back to the portable one)
     instead of becoming a symbol that only ctypes' load reports: an F16C intrinsic without its header once did."""
-    return [cc, *(["-march=native"] if native else []), "-O3", "-fPIC", "-shared", "-fopenmp",
-            "-Werror=implicit-function-declaration", str(SOURCE), "-o", str(out), "-lm"]
+    return [cc, *BUILD_FLAGS[build], "-O3", "-fPIC", "-shared", "-fopenmp", "-Werror=implicit-function-declaration",
+            str(SOURCE), "-o", str(out), "-lm"]
 
 
-def _compile(out: Path, portable: bool) -> None:
+def _compile(out: Path, build: str) -> None:
     cc = find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    for native in ([] if portable else [True]) + [False]:  # some compilers / CPUs refuse -march=native
-        result = subprocess.run(build_command(cc, tmp, native), capture_output=True, text=True)
+    # some compilers / CPUs refuse -march=native: the portable build then
+    for attempt in [build] + (["portable"] if build == "native" else []):
+        result = subprocess.run(build_command(cc, tmp, attempt), capture_output=True, text=True)
         if result.returncode == 0:
             os.replace(tmp, out)  # atomic: parallel test workers may build at the same time
             return
@@ -67,16 +73,17 @@ def _compile(out: Path, portable: bool) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernels(portable: bool = False):
-    """The ctypes library, or None (``kernel_error()`` says why) when it cannot be built. ``portable``: without
-    ``-march=native``, i.e. the scalar C path (what a CPU without AVX-512 runs; the tests check it too)."""
+def load_kernels(build: str = "native"):
+    """The ctypes library, or None (``kernel_error()`` says why) when it cannot be built. ``build``: a key of
+    ``BUILD_FLAGS``; the runtime uses "native", the tests all three (``llamba_simd_bits()`` says which path a
+    library took: 512, 256 or 0)."""
     try:
         digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
         cache = Path(os.environ.get("LLAMBA_KERNEL_CACHE", Path.home() / ".cache" / "llamba" / "kernels"))
         cache.mkdir(parents=True, exist_ok=True)
-        lib_path = cache / f"cpu_decode-{digest}{'-portable' if portable else ''}.so"
+        lib_path = cache / f"cpu_decode-{digest}{'' if build == 'native' else '-' + build}.so"
         if not lib_path.exists():
-            _compile(lib_path, portable)
+            _compile(lib_path, build)
         lib = ctypes.CDLL(str(lib_path))
     except Exception as err:  # noqa: BLE001 - any build failure means "use the PyTorch fallback"
         _errors.append(f"{type(err).__name__}: {err}")
@@ -97,6 +104,7 @@ def load_kernels(portable: bool = False):
     lib.llamba_linear_rows.restype = None
     lib.llamba_workspace_floats.argtypes = [ctypes.POINTER(Model)]
     lib.llamba_workspace_floats.restype = ctypes.c_int64
+    lib.llamba_simd_bits.restype = ctypes.c_int
     lib.llamba_set_threads.argtypes = [ctypes.c_int]
     return lib
 
