@@ -72,7 +72,7 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-#ifdef LLAMBA_AVX2
+#if defined(__AVX512F__) || defined(LLAMBA_AVX2)
 static inline float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -274,6 +274,28 @@ static void rms_norm(const float* x, const float* w, float* out, int64_t d, floa
   for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
 }
 
+/* One state row of the recurrence, S = a S + x B, returning S . C (n floats; the vector paths want n % 8 == 0 and
+ * finish any rest in C). */
+static inline float state_row(float* S, float a, float x, const float* B, const float* C, int64_t n) {
+  float acc = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__) || defined(LLAMBA_AVX2)
+  const __m256 va = _mm256_set1_ps(a), vx = _mm256_set1_ps(x);
+  __m256 v = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 st = _mm256_fmadd_ps(va, _mm256_loadu_ps(S + i), _mm256_mul_ps(vx, _mm256_loadu_ps(B + i)));
+    _mm256_storeu_ps(S + i, st);
+    v = _mm256_fmadd_ps(st, _mm256_loadu_ps(C + i), v);
+  }
+  acc = sum8(v);
+#endif
+  for (; i < n; ++i) {
+    S[i] = a * S[i] + x * B[i];
+    acc += S[i] * C[i];
+  }
+  return acc;
+}
+
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
 
@@ -337,13 +359,8 @@ static void mixer_blocks(const Model* m, int64_t first, int64_t last, int64_t ba
         const float* Bg = B + (hh / heads_per_group) * N;
         const float* Cg = C + (hh / heads_per_group) * N;
         for (int64_t p = 0; p < P; ++p) {
-          float* Sp = St + (hh * P + p) * N;
           const float xv = x[hh * P + p];
-          float acc = 0.f;
-          for (int64_t n = 0; n < N; ++n) {
-            Sp[n] = a * Sp[n] + xv * Bg[n];
-            acc += Sp[n] * Cg[n];
-          }
+          const float acc = state_row(St + (hh * P + p) * N, a, xv, Bg, Cg, N);
           const int64_t i = hh * P + p;
           yb[i] = (acc + L->D[hh] * xv) * silu(z[i] + (L->z_bias ? L->z_bias[i] : 0.f));
         }
