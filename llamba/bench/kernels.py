@@ -202,8 +202,8 @@ def bench_decode_step(bandwidth_gbs: float, device="cuda", heads=9, head_dim=64,
 
 
 def _gateloop_step_routes(args, batch: int, d_model: int, device) -> dict:
-    """One GateLoop step (the args of a Discrete Mamba-2 one plus a phase) by each theta route, CUDA-graph timed,
-    each checked against the float64 PyTorch step; and the ratio of each to the Discrete Mamba-2 step's time."""
+    """One GateLoop step (the args of a Discrete Mamba-2 one plus a phase) by each theta route: each checked on
+    copies of the states against the float64 PyTorch step, then CUDA-graph timed."""
     xBC, z, A_log, conv_state, ssm_state, w, bias, D, z_bias, groups = args
     half = ssm_state.shape[-1] // 2
     u = torch.randn(batch, d_model, device=device, dtype=torch.bfloat16)
@@ -216,20 +216,20 @@ def _gateloop_step_routes(args, batch: int, d_model: int, device) -> dict:
     ref = mixer_step_torch(xBC.double(), z.double(), A_log.double(), ref_cs, ref_ss, w.double(), bias.double(),
                            D.double(), z_bias.double(), groups, phase=((u.double(), t_w.double(), t_b.double()),
                                                                        ref_phase))
-    routes = {
-        "from_u": lambda: mixer_step_triton(*args, phase=((u, t_w, t_b), phase_state)),
-        "theta": lambda: mixer_step_triton(*args, phase=(theta, phase_state)),
-        "gemm": lambda: mixer_step_triton(*args, phase=(torch.addmm(t_b32, u.float(), t_w32.t()).view(
-            batch, groups, half), phase_state)),
-    }
+    thetas = {"from_u": lambda: (u, t_w, t_b), "theta": lambda: theta,  # computed in the kernel / given
+              "gemm": lambda: torch.addmm(t_b32, u.float(), t_w32.t()).view(batch, groups, half)}
+
+    def step(name, conv, ssm, phase):
+        return mixer_step_triton(xBC, z, A_log, conv, ssm, w, bias, D, z_bias, groups, phase=(thetas[name](), phase))
+
     row = {}
-    for name in routes:
-        s, c, p = ssm_state.clone(), conv_state.clone(), phase_state.clone()
-        out = mixer_step_triton(xBC, z, A_log, c, s, w, bias, D, z_bias, groups,
-                                phase=(theta if name != "from_u" else (u, t_w, t_b), p))
+    for name in thetas:
+        c, s, p = conv_state.clone(), ssm_state.clone(), phase_state.clone()
+        out = step(name, c, s, p)
         row[f"gateloop_{name}_rel_err"] = max(_rel(out, ref), _rel(s, ref_ss), _rel(p, ref_phase))
-    for name, fn in routes.items():
-        row[f"gateloop_{name}_ms"] = do_bench_cudagraph(fn, rep=100, return_mode="median")
+    for name in thetas:
+        row[f"gateloop_{name}_ms"] = do_bench_cudagraph(lambda: step(name, conv_state, ssm_state, phase_state),
+                                                        rep=100, return_mode="median")
     return row
 
 

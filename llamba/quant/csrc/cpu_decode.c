@@ -274,8 +274,8 @@ static void rms_norm(const float* x, const float* w, float* out, int64_t d, floa
   for (int64_t i = 0; i < d; ++i) out[i] = w[i] * (x[i] * r);
 }
 
-/* One state row of the recurrence, S = a S + x B, returning S . C (n floats; the vector paths want n % 8 == 0 and
- * finish any rest in C). */
+/* One state row of the recurrence, S = a S + x B, returning S . C (n floats: the vector paths take 8 at a time,
+ * the rest in C). */
 static inline float state_row(float* S, float a, float x, const float* B, const float* C, int64_t n) {
   float acc = 0.f;
   int64_t i = 0;
